@@ -1,0 +1,206 @@
+"""Prefill + decode with a KV policy (gpt-fast style: `prefill` and `decode_one_token` are the
+units; the latter is what `torch.compile` compiles, `fullgraph=True`, CUDA graphs on CUDA).
+
+Sampling (temperature, top-k, top-p) and stopping run as tensor ops: no host sync per step
+(the loop checks "all sequences stopped" once every `SYNC_EVERY` steps).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from flexkv.cache import KVCache
+from flexkv.policies import make_policy
+
+SYNC_EVERY = 16
+
+
+@dataclass
+class GenerateOutput:
+    tokens: Tensor                 # [B, T + N] prompt then generated (eos-filled after a stop)
+    cache: KVCache
+    policy: object
+    prompt_len: int
+    new_tokens: int                # decode steps actually run (+1 for the prefill's token)
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def decode_tok_s(self) -> float:
+        steps = self.new_tokens - 1
+        return steps * self.tokens.shape[0] / self.decode_s if self.decode_s > 0 and steps else float("nan")
+
+
+# --------------------------------------------------------------------------- the compiled units
+def decode_one_token(model, token: Tensor, pos: Tensor) -> Tensor:
+    """token, pos: [B, 1] -> next-token logits [B, V]."""
+    return model.decode(token, pos)[:, -1]
+
+
+_COMPILED: dict[str, object] = {}
+
+
+def compiled_decode(device: torch.device):
+    mode = "reduce-overhead" if device.type == "cuda" else None
+    key = f"{device.type}:{mode}"
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(decode_one_token, fullgraph=True, mode=mode, dynamic=False)
+    return _COMPILED[key]
+
+
+def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
+           top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """logits [B, V] -> tokens [B] without host sync (Gumbel/exponential race for sampling)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, idx = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = (cum - sorted_logits.softmax(-1)) >= top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, idx, sorted_logits)
+    probs = logits.softmax(-1)
+    race = torch.empty_like(probs).exponential_(1, generator=generator)
+    return (probs / race).argmax(dim=-1)
+
+
+# --------------------------------------------------------------------------- validation
+def _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_k, top_p,
+              prefill_chunk, eos_token_id):
+    if not isinstance(input_ids, Tensor):
+        raise ValueError(f"input_ids must be a torch.LongTensor [B, T], got {type(input_ids).__name__}")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"input_ids must hold integer token ids (int64/int32), got {input_ids.dtype}")
+    if input_ids.dim() == 1:
+        input_ids = input_ids[None]
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be 1-D [T] or 2-D [B, T], got shape {tuple(input_ids.shape)}")
+    B, T = input_ids.shape
+    if B < 1 or T < 1:
+        raise ValueError(f"input_ids must be a non-empty prompt (B >= 1, T >= 1), got shape {(B, T)}")
+    dev = model.lm_head.weight.device
+    if input_ids.device != dev:
+        raise ValueError(f"input_ids is on {input_ids.device} but the model is on {dev}; "
+                         "move it with input_ids.to(model device)")
+    V = model.args.vocab_size
+    lo, hi = int(input_ids.min()), int(input_ids.max())
+    if lo < 0 or hi >= V:
+        raise ValueError(f"input_ids must be token ids in [0, {V - 1}], got values in [{lo}, {hi}]")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    ctx = model.args.max_position_embeddings
+    if T + max_new_tokens > ctx:
+        raise ValueError(f"prompt length + max_new_tokens must be <= the model's context {ctx}, "
+                         f"got {T} + {max_new_tokens} = {T + max_new_tokens}")
+    if temperature is None or temperature < 0:
+        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not (0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+    if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+        raise ValueError(f"prefill_chunk must be None or an int >= 1, got {prefill_chunk!r}")
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask must have the shape of input_ids {(B, T)}, "
+                             f"got {tuple(attention_mask.shape)}")
+        m = attention_mask.to(torch.long)
+        if bool(((m != 0) & (m != 1)).any()) or bool((m[:, 1:] < m[:, :-1]).any()):
+            raise ValueError("attention_mask must be 0/1 with left padding only (0s then 1s per row)")
+        if bool((m.sum(-1) == 0).any()):
+            raise ValueError("attention_mask: every row needs at least one real token")
+    return input_ids
+
+
+def positions(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """[B, T] original positions; left padding gets -1."""
+    B, T = input_ids.shape
+    if attention_mask is None:
+        return torch.arange(T, device=input_ids.device).expand(B, T).contiguous()
+    m = attention_mask.to(torch.long).to(input_ids.device)
+    return torch.where(m > 0, m.cumsum(-1) - 1, torch.full_like(m, -1))
+
+
+# --------------------------------------------------------------------------- generate
+@torch.no_grad()
+def prefill(model, input_ids: Tensor, pos: Tensor, chunk: int | None = None) -> Tensor:
+    """Run the prompt through the attached cache (one-shot or `chunk` tokens at a time, the
+    policy compressing after each chunk). Returns the last position's logits [B, V]."""
+    T = input_ids.shape[1]
+    chunk = chunk or T
+    for lc in model.cache.layers:
+        lc.n_prefilled = 0
+    logits = None
+    for s in range(0, T, chunk):
+        e = min(T, s + chunk)
+        for lc in model.cache.layers:
+            lc.last_chunk = e == T
+        logits = model.prefill(input_ids[:, s:e], pos[:, s:e])
+    return logits[:, -1]
+
+
+@torch.no_grad()
+def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", budget=None,
+             compile: bool = False, temperature: float = 0.0, top_k: int | None = None,
+             top_p: float | None = None, eos_token_id=None, prefill_chunk: int | None = None,
+             generator: torch.Generator | None = None, attention_mask: Tensor | None = None,
+             **policy_params) -> GenerateOutput:
+    """Greedy or sampled generation under a KV policy. See the README for the full contract."""
+    input_ids = _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
+                          top_p, prefill_chunk, eos_token_id)
+    pol = make_policy(policy, budget=budget, **policy_params)
+    B, T = input_ids.shape
+    pol.validate(T, max_new_tokens, model.args.num_hidden_layers)
+    dev = input_ids.device
+    eos = None
+    if eos_token_id is not None:
+        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        eos = torch.tensor(ids, device=dev)
+
+    cache = pol.build_cache(model, B, T, max_new_tokens)
+    model.setup_cache(cache, pol)
+    pos = positions(input_ids, attention_mask)
+    sync = dev.type == "cuda"
+
+    t0 = time.perf_counter()
+    logits = prefill(model, input_ids, pos, prefill_chunk)
+    tok = sample(logits, temperature, top_k, top_p, generator)
+    if sync:
+        torch.cuda.synchronize()
+    t1 = time.perf_counter()
+
+    out = torch.empty(B, T + max_new_tokens, dtype=input_ids.dtype, device=dev)
+    out[:, :T] = input_ids
+    out[:, T] = tok
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    fill = eos[0] if eos is not None else None
+    if eos is not None:
+        done = torch.isin(tok, eos)
+    step_fn = compiled_decode(dev) if compile else decode_one_token
+    cur = pos[:, -1:] + 1  # [B, 1]
+    n = 1
+    for i in range(1, max_new_tokens):
+        if eos is not None and i % SYNC_EVERY == 0 and bool(done.all()):
+            break
+        logits = step_fn(model, tok[:, None], cur)
+        nxt = sample(logits, temperature, top_k, top_p, generator)
+        if eos is not None:
+            nxt = torch.where(done, fill, nxt)
+            done = done | torch.isin(nxt, eos)
+        out[:, T + i] = nxt
+        tok, cur = nxt, cur + 1
+        n += 1
+    if sync:
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    if n < max_new_tokens:
+        out = out[:, :T + n]
+    return GenerateOutput(out, cache, pol, T, n, t1 - t0, t2 - t1)

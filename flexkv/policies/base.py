@@ -1,0 +1,212 @@
+"""The policy plumbing shared by every KV policy (kvpress-style base).
+
+A policy is a small dataclass of hyperparameters that declares the statistics it keeps in the
+cache (`stats`) and overrides a few pure tensor hooks:
+
+- `capacity(layer, prompt_len, max_new)`: static slots per layer (`budget + 1` for decode-time
+  eviction, `budget + max_new` for prefill-only selection, everything for `full`).
+- `prefill_scores(ctx)`: per-token statistics after a prefill chunk's attention.
+- `prefill_priority(ctx)`: which tokens survive prefill (higher = keep; `+inf` protected).
+- `decode_scores(ctx)` / `decode_victim_score(ctx)`: the per-step statistic update and the
+  eviction score (lowest is evicted; `+inf` protected; ties go to the lower position).
+
+The base does the rest: concatenating the cache with the new chunk, attention, the top-k store,
+writing the new token into a free slot, and evicting while `retained > budget`, all with tensor
+indices and no host sync.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from flexkv import attention
+from flexkv.cache import KVCache, LayerCache
+
+INF = float("inf")
+
+
+@dataclass
+class PrefillContext:
+    """What a policy sees after a prefill chunk's attention (one layer). N = cached + chunk."""
+    layer: int
+    q: Tensor            # [B, H, Tq, D] chunk queries
+    k: Tensor            # [B, Hkv, N, D] cached keys then the chunk's
+    v: Tensor            # [B, Hkv, N, D]
+    pos: Tensor          # [B, Hkv, N] original positions (-1 empty / padding)
+    q_pos: Tensor        # [B, Tq]
+    lse: Tensor | None   # [B, H, Tq] log-sum-exp of each query's scores (if needs_lse)
+    stats: dict          # name -> [B, Hkv, N], the cached statistics then zeros
+    window: int | None   # the model's sliding window
+    attn: object         # the model's Attention module (o_proj for output-aware scores)
+    last_chunk: bool     # True on the prompt's final chunk
+    budget: Tensor       # [B, Hkv] tokens to keep
+
+
+@dataclass
+class DecodeContext:
+    layer: int
+    lc: LayerCache
+    q: Tensor            # [B, H, 1, D]
+    o: Tensor            # [B, H, 1, D] attention output (before o_proj)
+    probs: Tensor | None  # [B, Hkv, G, S] attention probabilities (if needs_decode_probs)
+    slot: Tensor         # [B, Hkv] slot the new token was written to
+    q_pos: Tensor        # [B, 1] position of the new token
+    attn: object
+
+
+@dataclass
+class Policy:
+    budget: int | None = None
+
+    name: ClassVar[str] = "base"
+    stats: ClassVar[dict[str, torch.dtype]] = {}
+    needs_decode_probs: ClassVar[bool] = False
+    needs_lse: ClassVar[bool] = False
+    decode_evicts: ClassVar[bool] = True
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def param_names(cls) -> list[str]:
+        return [f.name for f in fields(cls) if f.init]
+
+    def validate(self, prompt_len: int, max_new_tokens: int, n_layers: int) -> None:
+        """Raise ValueError for a budget the policy cannot honour (before any work starts)."""
+        if self.budget is None:
+            raise ValueError(f"budget is required for policy {self.name!r} (an int >= 1)")
+        if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1:
+            raise ValueError(f"budget must be an int >= 1, got {self.budget!r}")
+        min_b = self.min_budget()
+        if self.budget < min_b:
+            raise ValueError(f"budget must be >= {min_b} for policy {self.name!r} "
+                             f"({self.protected_desc()}), got {self.budget}")
+
+    def min_budget(self) -> int:
+        return 1
+
+    def protected_desc(self) -> str:
+        return "no protected tokens"
+
+    def effective(self, prompt_len: int, max_new_tokens: int) -> bool:
+        """False when the budget holds everything: the policy then behaves exactly like full."""
+        return self.budget is not None and self.budget < prompt_len + max_new_tokens
+
+    def capacity(self, layer: int, prompt_len: int, max_new_tokens: int) -> int:
+        if not self.effective(prompt_len, max_new_tokens):
+            return prompt_len + max_new_tokens
+        if self.decode_evicts:
+            return self.budget + 1
+        return min(self.budget, prompt_len) + max_new_tokens
+
+    def layer_budget(self, layer: int, prompt_len: int, max_new_tokens: int, capacity: int):
+        """Tokens kept between decode steps: an int or a [B, Hkv] tensor."""
+        if not self.effective(prompt_len, max_new_tokens) or not self.decode_evicts:
+            return capacity
+        return capacity - 1
+
+    def build_cache(self, model, batch: int, prompt_len: int, max_new_tokens: int) -> KVCache:
+        a = model.args
+        dtype = model.lm_head.weight.dtype
+        device = model.lm_head.weight.device
+        layers = []
+        for l in range(a.num_hidden_layers):
+            cap = self.capacity(l, prompt_len, max_new_tokens)
+            layers.append(LayerCache(batch, a.num_key_value_heads, cap, a.head_dim, dtype=dtype,
+                                     device=device, stats=self.stats,
+                                     budget=self.layer_budget(l, prompt_len, max_new_tokens, cap)))
+        return KVCache(layers)
+
+    # ------------------------------------------------------------------ hooks
+    def prefill_scores(self, ctx: PrefillContext) -> dict[str, Tensor]:
+        return ctx.stats
+
+    def prefill_priority(self, ctx: PrefillContext) -> Tensor:
+        """Higher = keep. Default: most recent tokens."""
+        return ctx.pos.to(torch.float32)
+
+    def decode_scores(self, ctx: DecodeContext) -> None:
+        """Update the cached statistics in place after the step's attention."""
+
+    def decode_victim_score(self, ctx: DecodeContext) -> Tensor:
+        """[B, Hkv, S]; the lowest valid slot is evicted; +inf protects."""
+        return ctx.lc.pos.to(torch.float32)
+
+    def decode_after(self, ctx: DecodeContext) -> None:
+        """Runs after eviction (merging policies, modifiers)."""
+
+    def bias(self, lc: LayerCache) -> Tensor | None:
+        return None
+
+    # ------------------------------------------------------------------ prefill plumbing
+    def prefill_layer(self, attn, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor) -> Tensor:
+        lc: LayerCache = attn.kv_cache
+        B, n_kv, T, _ = k.shape
+        new_pos = q_pos[:, None, :].expand(B, n_kv, T)
+        first = getattr(lc, "n_prefilled", 0) == 0
+        zeros = {n: torch.zeros(B, n_kv, T, dtype=getattr(lc, n).dtype, device=k.device)
+                 for n in lc.stat_names}
+        if first:
+            K, V, P, stats = k, v, new_pos, zeros
+        else:
+            K = torch.cat([lc.k, k], dim=2)
+            V = torch.cat([lc.v, v], dim=2)
+            P = torch.cat([lc.pos, new_pos], dim=2)
+            stats = {n: torch.cat([getattr(lc, n), zeros[n]], dim=2) for n in lc.stat_names}
+        res = attention.prefill_attention(q, K, V, q_pos, P, window=attn.window,
+                                          return_lse=self.needs_lse)
+        o, lse = res if self.needs_lse else (res, None)
+        lc.n_prefilled = getattr(lc, "n_prefilled", 0) + T
+        ctx = PrefillContext(attn.layer_idx, q, K, V, P, q_pos, lse, stats, attn.window, attn,
+                             getattr(lc, "last_chunk", True), lc.budget)
+        ctx.stats = self.prefill_scores(ctx)
+        self.store(lc, ctx)
+        return o
+
+    def store(self, lc: LayerCache, ctx: PrefillContext) -> None:
+        """Keep the `budget` highest-priority valid tokens per head (a top-k, no host sync)."""
+        N = ctx.pos.shape[-1]
+        prio = self.prefill_priority(ctx).masked_fill(ctx.pos < 0, -INF)
+        # ties toward the higher position survive (so the lower one is evicted)
+        order = _stable_desc(prio, ctx.pos)
+        n = min(N, lc.capacity)
+        idx = order[..., :n]
+        rank = torch.arange(n, device=idx.device)
+        pos = ctx.pos.gather(2, idx)
+        pos = torch.where((rank < ctx.budget[..., None]) & (pos >= 0), pos, -1)
+        gidx = idx[..., None].expand(-1, -1, -1, ctx.k.shape[-1])
+        lc.load(ctx.k.gather(2, gidx), ctx.v.gather(2, gidx), pos,
+                {n_: s.gather(2, idx) for n_, s in ctx.stats.items()})
+
+    # ------------------------------------------------------------------ decode plumbing
+    def decode_layer(self, attn, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor) -> Tensor:
+        lc: LayerCache = attn.kv_cache
+        slot = lc.free_slot()
+        lc.write(slot, k, v, q_pos)
+        o, probs = attention.decode_attention(q, lc.k, lc.v, lc.pos, q_pos, window=attn.window,
+                                              bias=self.bias(lc), need_probs=self.needs_decode_probs)
+        ctx = DecodeContext(attn.layer_idx, lc, q, o, probs, slot, q_pos, attn)
+        self.decode_scores(ctx)
+        if self.decode_evicts:
+            victim = lowest(self.decode_victim_score(ctx), lc.pos)
+            lc.evict(victim, lc.retained() > lc.budget)
+        self.decode_after(ctx)
+        return o
+
+
+def _stable_desc(prio: Tensor, pos: Tensor) -> Tensor:
+    """Indices sorting `prio` descending, ties by higher position first. [B, Hkv, N]."""
+    by_pos = pos.argsort(dim=-1, descending=True, stable=True)
+    p = prio.gather(-1, by_pos)
+    o = p.argsort(dim=-1, descending=True, stable=True)
+    return by_pos.gather(-1, o)
+
+
+def lowest(score: Tensor, pos: Tensor) -> Tensor:
+    """argmin of `score` over valid slots, ties toward the lower position. [B, Hkv]."""
+    s = score.masked_fill(pos < 0, INF)
+    m = s.amin(dim=-1, keepdim=True)
+    cand = (s == m) & (pos >= 0)
+    big = torch.iinfo(pos.dtype).max
+    return torch.where(cand, pos, big).argmin(dim=-1)

@@ -1,0 +1,1 @@
+"""Eager reference implementations transcribing shared METHODS.md (see each module)."""

@@ -1,0 +1,214 @@
+"""A standalone LLaMA-family decoder (gpt-fast sized) on FlexAttention.
+
+Parameter names follow Hugging Face's `LlamaForCausalLM` so checkpoints load with a plain
+`load_state_dict`. Attention goes through `flexkv.attention`; the KV cache and the compression
+policy are attached by `flexkv.generate` (`Transformer.setup_cache`), never imported here.
+
+Three entry points:
+- `model(input_ids)`: plain causal forward, logits `[B, T, V]`.
+- `model.prefill(input_ids, pos)`: forward that writes (and compresses) the attached cache.
+- `model.decode(token, pos)`: one decode step over the attached cache.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flexkv import attention
+from flexkv.cache import KVCache
+
+
+@dataclass
+class ModelArgs:
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 32
+    head_dim: int | None = None
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    sliding_window: int | None = None  # Mistral: keys with q_pos - k_pos >= window are masked
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    extra: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelArgs":
+        names = set(cls.__dataclass_fields__) - {"extra"}
+        kw = {k: cfg[k] for k in names if k in cfg}
+        rope_params = cfg.get("rope_parameters") or {}  # transformers >= 5 nests rope settings
+        if "rope_theta" not in kw and "rope_theta" in rope_params:
+            kw["rope_theta"] = rope_params["rope_theta"]
+        scaling = kw.get("rope_scaling") or rope_params
+        rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
+        kw["rope_scaling"] = dict(scaling) if rope_type not in ("default", None) else None
+        return cls(**kw)
+
+
+def rope_inv_freq(args: ModelArgs) -> Tensor:
+    d = args.head_dim
+    inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
+    sc = args.rope_scaling
+    if sc is None:
+        return inv.float()
+    kind = sc.get("rope_type", sc.get("type"))
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, llama3)")
+    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
+    old_ctx = sc["original_max_position_embeddings"]
+    low_wl, high_wl = old_ctx / lo, old_ctx / hi
+    wavelen = 2 * math.pi / inv
+    scaled = torch.where(wavelen > low_wl, inv / factor, inv)
+    smooth = (old_ctx / wavelen - lo) / (hi - lo)
+    mid = (1 - smooth) * scaled / factor + smooth * scaled
+    is_mid = (wavelen >= high_wl) & (wavelen <= low_wl)
+    return torch.where(is_mid, mid, scaled).float()
+
+
+def apply_rope(x: Tensor, pos: Tensor, inv_freq: Tensor) -> Tensor:
+    """x: [B, H, T, D]; pos: [B, T] (int). Rotate-half convention (HF)."""
+    freqs = pos.clamp(min=0).to(torch.float32)[:, None, :, None] * inv_freq  # [B, 1, T, D/2]
+    cos, sin = freqs.cos(), freqs.sin()
+    x1, x2 = x.float().chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_head, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
+        self.window = args.sliding_window
+        d, hd = args.hidden_size, args.head_dim
+        self.q_proj = nn.Linear(d, self.n_head * hd, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        self.o_proj = nn.Linear(self.n_head * hd, d, bias=False)
+        self.kv_cache = None  # flexkv.cache.LayerCache, set by Transformer.setup_cache
+        self.policy = None
+
+    def _qkv(self, x: Tensor, pos: Tensor, inv_freq: Tensor):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        return apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq), v
+
+    def _out(self, o: Tensor) -> Tensor:  # o: [B, H, T, D]
+        B, _, T, _ = o.shape
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+
+    def forward(self, x: Tensor, pos: Tensor, inv_freq: Tensor, mode: str) -> Tensor:
+        """mode: "plain" (no cache), "prefill" (write/compress the cache), "decode" (one token)."""
+        q, k, v = self._qkv(x, pos, inv_freq)
+        if mode == "plain":
+            o = attention.prefill_attention(q, k, v, pos, pos, window=self.window)
+            return self._out(o)
+        if mode == "prefill":
+            o = self.policy.prefill_layer(self, q, k, v, pos)
+            return self._out(o)
+        o = self.policy.decode_layer(self, q, k, v, pos)
+        return self._out(o)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, args: ModelArgs, layer_idx: int):
+        super().__init__()
+        self.self_attn = Attention(args, layer_idx)
+        self.mlp = FeedForward(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: Tensor, pos: Tensor, inv_freq: Tensor, mode: str) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), pos, inv_freq, mode)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Backbone(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+
+class Transformer(nn.Module):
+    """LLaMA decoder. `pos` tensors hold each token's position; `-1` marks left padding."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.model = Backbone(args)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        if args.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.cache: KVCache | None = None
+
+    @property
+    def layers(self):
+        return self.model.layers
+
+    def setup_cache(self, cache: KVCache | None, policy=None) -> None:
+        """Attach a cache (a submodule, so its buffers have static addresses) and the policy."""
+        self.cache = cache
+        for i, layer in enumerate(self.layers):
+            layer.self_attn.kv_cache = None if cache is None else cache.layers[i]
+            layer.self_attn.policy = policy
+
+    def _run(self, input_ids: Tensor, pos: Tensor, mode: str) -> Tensor:
+        x = self.model.embed_tokens(input_ids)
+        for layer in self.layers:
+            x = layer(x, pos, self.inv_freq, mode)
+        return self.lm_head(self.model.norm(x))
+
+    def forward(self, input_ids: Tensor, pos: Tensor | None = None) -> Tensor:
+        if pos is None:
+            B, T = input_ids.shape
+            pos = torch.arange(T, device=input_ids.device).expand(B, T)
+        return self._run(input_ids, pos, "plain")
+
+    def prefill(self, input_ids: Tensor, pos: Tensor) -> Tensor:
+        return self._run(input_ids, pos, "prefill")
+
+    def decode(self, token: Tensor, pos: Tensor) -> Tensor:
+        """token: [B, 1]; pos: [B, 1]."""
+        return self._run(token, pos, "decode")
