@@ -13,12 +13,19 @@ all masking is expressed on positions, never on slot indices: slot order carries
 from __future__ import annotations
 
 import math
+import warnings
 
 import torch
 from torch import Tensor
 from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex_attention
 
+try:  # torch >= 2.9 returns the LSE through return_aux; return_lse is deprecated
+    from torch.nn.attention.flex_attention import AuxRequest as _AuxRequest
+except ImportError:  # pragma: no cover
+    _AuxRequest = None
+
 _NEG_INF = float("-inf")
+warnings.filterwarnings("ignore", message="flex_attention called without torch.compile")
 _compiled_flex = None
 
 
@@ -103,24 +110,33 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Ten
     group = H // n_kv
     mask = slot_mask(q_pos, k_pos, group, window)
     block_mask = create_block_mask(mask, B, H, Tq, k.shape[2], device=q.device)
-    out = _flex(q, k, v, block_mask=block_mask, enable_gqa=group > 1, return_lse=return_lse)
-    if return_lse:
-        o, lse = out
-        return o, lse
-    return out
+    if not return_lse:
+        return _flex(q, k, v, block_mask=block_mask, enable_gqa=group > 1)
+    if _AuxRequest is not None:
+        o, aux = _flex(q, k, v, block_mask=block_mask, enable_gqa=group > 1,
+                       return_aux=_AuxRequest(lse=True))
+        return o, aux.lse
+    return _flex(q, k, v, block_mask=block_mask, enable_gqa=group > 1, return_lse=True)
 
 
 # ---------------------------------------------------------------------------- decode
+def use_flex_decode(q: Tensor) -> bool:
+    """Flex for decode inside compiled code and on CUDA; outside a compiled region on CPU the
+    explicit path is used (eager flex re-traces its score_mod every call: ~100x slower there)."""
+    return q.is_cuda or torch.compiler.is_compiling()
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor,
                      window: int | None = None, bias: Tensor | None = None,
                      need_probs: bool = False):
     """q: [B, H, 1, D]; k, v: [B, Hkv, S, D]; k_pos: [B, Hkv, S]; q_pos: [B, 1].
     Returns (o [B, H, 1, D], probs [B, Hkv, G, S] or None)."""
     group = q.shape[1] // k.shape[1]
-    if not need_probs:
+    if not need_probs and use_flex_decode(q):
         score_mod = masked_decode_score(k_pos, q_pos, group, window, bias)
         return flex_attention(q, k, v, score_mod=score_mod, enable_gqa=group > 1), None
-    return explicit_decode_attention(q, k, v, k_pos, q_pos, window, bias)
+    o, probs = explicit_decode_attention(q, k, v, k_pos, q_pos, window, bias)
+    return o, (probs if need_probs else None)
 
 
 def explicit_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor,
@@ -130,7 +146,8 @@ def explicit_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_
     n_kv, S = k.shape[1], k.shape[2]
     group = H // n_kv
     qg = q.view(B, n_kv, group, D)
-    scores = torch.einsum("bkgd,bksd->bkgs", qg.float(), k.float()) / math.sqrt(D)  # [B,Hkv,G,S]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    scores = torch.einsum("bkgd,bksd->bkgs", qg.to(dt), k.to(dt)) / math.sqrt(D)  # [B,Hkv,G,S]
     ok = k_pos >= 0
     if window is not None:
         ok = ok & (q_pos[:, :1, None] - k_pos < window)
@@ -138,5 +155,5 @@ def explicit_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_
         scores = scores + bias[:, :, None, :]
     scores = scores.masked_fill(~ok[:, :, None, :], _NEG_INF)
     probs = torch.softmax(scores, dim=-1)
-    o = torch.einsum("bkgs,bksd->bkgd", probs, v.float()).to(q.dtype)
+    o = torch.einsum("bkgs,bksd->bkgd", probs, v.to(dt)).to(q.dtype)
     return o.reshape(B, H, 1, D), probs

@@ -144,6 +144,7 @@ def prefill(model, input_ids: Tensor, pos: Tensor, chunk: int | None = None) -> 
         for lc in model.cache.layers:
             lc.last_chunk = e == T
         logits = model.prefill(input_ids[:, s:e], pos[:, s:e])
+    model.cache_policy().finish_prefill(model.cache, model)
     return logits[:, -1]
 
 
@@ -152,13 +153,25 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
              compile: bool = False, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id=None, prefill_chunk: int | None = None,
              generator: torch.Generator | None = None, attention_mask: Tensor | None = None,
-             **policy_params) -> GenerateOutput:
-    """Greedy or sampled generation under a KV policy. See the README for the full contract."""
+             callback=None, reference: bool = False, **policy_params) -> GenerateOutput:
+    """Greedy or sampled generation under a KV policy. See the README for the full contract.
+
+    `callback(tokens)`, if given, is called with each new token tensor `[B]` (on the model's
+    device) right after it is sampled: first the prefill's token, then one per decode step (after
+    a sequence stops, its entries are eos-filled). It is for streaming: consuming the tensor on the
+    host (`.tolist()`) forces a device sync per step, a cost paid only when a callback is passed.
+    The timings then include the callback's time.
+    """
     input_ids = _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
                           top_p, prefill_chunk, eos_token_id)
     pol = make_policy(policy, budget=budget, **policy_params)
     B, T = input_ids.shape
     pol.validate(T, max_new_tokens, model.args.num_hidden_layers)
+    if reference:
+        if compile:
+            raise ValueError("compile must be False with reference=True (the references are eager)")
+        from flexkv.reference import reference_for
+        pol = reference_for(pol)
     dev = input_ids.device
     eos = None
     if eos_token_id is not None:
@@ -180,6 +193,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
     out = torch.empty(B, T + max_new_tokens, dtype=input_ids.dtype, device=dev)
     out[:, :T] = input_ids
     out[:, T] = tok
+    if callback is not None:
+        callback(tok)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     fill = eos[0] if eos is not None else None
     if eos is not None:
@@ -196,6 +211,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
             nxt = torch.where(done, fill, nxt)
             done = done | torch.isin(nxt, eos)
         out[:, T + i] = nxt
+        if callback is not None:
+            callback(nxt)
         tok, cur = nxt, cur + 1
         n += 1
     if sync:

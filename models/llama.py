@@ -188,16 +188,28 @@ class Transformer(nn.Module):
         return self.model.layers
 
     def setup_cache(self, cache: KVCache | None, policy=None) -> None:
-        """Attach a cache (a submodule, so its buffers have static addresses) and the policy."""
-        self.cache = cache
+        """Attach a cache (a submodule, so its buffers have static addresses) and the policy.
+        Reference caches (plain objects, flexkv.reference) are attached as plain attributes."""
+        self._modules.pop("cache", None)
+        self.__dict__.pop("cache", None)
+        if isinstance(cache, nn.Module) or cache is None:
+            self.cache = cache
+        else:
+            self.__dict__["cache"] = cache
         for i, layer in enumerate(self.layers):
-            layer.self_attn.kv_cache = None if cache is None else cache.layers[i]
+            # a plain reference: the cache is registered once, under `self.cache`
+            layer.self_attn.__dict__["kv_cache"] = None if cache is None else cache.layers[i]
             layer.self_attn.policy = policy
 
-    def _run(self, input_ids: Tensor, pos: Tensor, mode: str) -> Tensor:
+    def cache_policy(self):
+        return self.layers[0].self_attn.policy
+
+    def _run(self, input_ids: Tensor, pos: Tensor, mode: str, last_only: bool = False) -> Tensor:
         x = self.model.embed_tokens(input_ids)
         for layer in self.layers:
             x = layer(x, pos, self.inv_freq, mode)
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
     def forward(self, input_ids: Tensor, pos: Tensor | None = None) -> Tensor:
@@ -207,7 +219,8 @@ class Transformer(nn.Module):
         return self._run(input_ids, pos, "plain")
 
     def prefill(self, input_ids: Tensor, pos: Tensor) -> Tensor:
-        return self._run(input_ids, pos, "prefill")
+        """Logits of the chunk's last position only: [B, 1, V]."""
+        return self._run(input_ids, pos, "prefill", last_only=True)
 
     def decode(self, token: Tensor, pos: Tensor) -> Tensor:
         """token: [B, 1]; pos: [B, 1]."""

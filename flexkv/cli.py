@@ -1,0 +1,394 @@
+"""The `flexkv` command line: `generate`, `demo`, `bench quality|speed`.
+
+Run `flexkv <command> --help` for the options. Bad input ends with a one-line `error: ...` on
+stderr and exit status 2 (no traceback; set FLEXKV_DEBUG=1 to see one).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+DEMO_POLICIES = ("streaming", "h2o", "snapkv")   # shown by the demo when registered
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class CLIError(Exception):
+    """A user error found by the CLI itself (printed as `error: ...`, exit status 2)."""
+
+
+# --------------------------------------------------------------------------- helpers
+def _param(text: str):
+    """`name=value` -> (name, value) with value parsed as bool/None/int/float/str."""
+    name, sep, raw = text.partition("=")
+    name = name.strip()
+    if not sep or not name.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected name=value (e.g. recent=64), got {text!r}")
+    low = raw.strip().lower()
+    if low in ("true", "false"):
+        return name, low == "true"
+    if low in ("none", "null"):
+        return name, None
+    for conv in (int, float):
+        try:
+            return name, conv(raw)
+        except ValueError:
+            pass
+    return name, raw
+
+
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {v}")
+    return v
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise CLIError(f"--device must be a torch device like cpu, cuda or cuda:0, got {name!r}") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise CLIError(f"--device {name}: CUDA is not available on this machine (use --device cpu)")
+    return name
+
+
+def _dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def _check_policy(policy: str, budget, params: dict) -> None:
+    """Fail fast (before loading a model) on an unknown policy or parameter."""
+    from flexkv.policies import make_policy
+
+    make_policy(policy, budget=budget, **params)
+
+
+def _default_budget(policy: str, budget):
+    return None if policy == "full" else budget
+
+
+def _eos_ids(tokenizer, model) -> list[int]:
+    ids = set()
+    for e in (getattr(tokenizer, "eos_token_id", None), getattr(model.args, "eos_token_id", None)):
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    return sorted(ids)
+
+
+def _load(model_name: str, device: str, dtype: str):
+    import flexkv
+
+    t0 = time.perf_counter()
+    print(f"[flexkv] loading {model_name} ({device}, {dtype}) ...", file=sys.stderr, flush=True)
+    model, tok = flexkv.load_model(model_name, device=device, dtype=_dtype(dtype))
+    if tok is None:
+        raise CLIError(f"--model {model_name}: the checkpoint has no tokenizer "
+                       "(tokenizer.json or tokenizer.model)")
+    print(f"[flexkv] loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    return model, tok
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+class TextStreamer:
+    """Incremental detokenization for one sequence: each new token re-decodes the tokens since the
+    last line break and writes the new suffix (so multi-token characters and merges print right).
+    Tokens after an eos are ignored."""
+
+    def __init__(self, tokenizer, eos_ids=(), out=None):
+        self.tok = tokenizer
+        self.eos = set(eos_ids)
+        self.out = out or sys.stdout
+        self.ids: list[int] = []
+        self.printed = 0
+        self.stopped = False
+        self.count = 0
+
+    def __call__(self, tokens) -> None:
+        if self.stopped:
+            return
+        t = int(tokens.reshape(-1)[0])
+        if t in self.eos:
+            self.stopped = True
+            return
+        self.count += 1
+        self.ids.append(t)
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):        # an incomplete multi-byte character: wait for more
+            return
+        self.out.write(text[self.printed:])
+        self.out.flush()
+        if text.endswith("\n"):            # start afresh: keeps each decode short
+            self.ids, self.printed = [], 0
+        else:
+            self.printed = len(text)
+
+    def finish(self) -> None:
+        if self.ids:
+            text = self.tok.decode(self.ids, skip_special_tokens=True)
+            self.out.write(text[self.printed:])
+        self.out.write("\n")
+        self.out.flush()
+
+
+# --------------------------------------------------------------------------- generate
+def cmd_generate(args) -> int:
+    import torch
+
+    import flexkv
+
+    params = dict(args.param or [])
+    budget = args.budget
+    _check_policy(args.policy, budget, params)
+    if not args.prompt.strip():
+        raise CLIError("--prompt must be a non-empty text")
+    device = _device(args.device)
+    model, tok = _load(args.model, device, args.dtype)
+
+    if args.chat:
+        if not getattr(tok, "chat_template", None):
+            raise CLIError(f"--chat: the tokenizer of {args.model} has no chat template")
+        text = tok.apply_chat_template([{"role": "user", "content": args.prompt}], tokenize=False,
+                                       add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tok(args.prompt)["input_ids"]
+    input_ids = torch.tensor([ids], dtype=torch.long, device=device)
+    gen = None
+    if args.seed is not None:
+        gen = torch.Generator(device=device).manual_seed(args.seed)
+    eos = _eos_ids(tok, model)
+    streamer = TextStreamer(tok, eos)
+    out = flexkv.generate(model, input_ids, max_new_tokens=args.max_new_tokens, policy=args.policy,
+                          budget=budget, compile=args.compile, temperature=args.temperature,
+                          top_k=args.top_k, top_p=args.top_p, eos_token_id=eos or None,
+                          prefill_chunk=args.prefill_chunk, generator=gen, callback=streamer,
+                          **params)
+    streamer.finish()
+    retained = out.cache.retained().float().mean().item()
+    print(f"[flexkv] policy {args.policy}, budget {budget}: prompt {out.prompt_len} tokens, "
+          f"generated {streamer.count} tokens; prefill {out.prefill_s:.2f} s, "
+          f"decode {_fmt_rate(out.decode_tok_s)} tok/s; KV held {_mib(out.cache.kv_bytes())}, "
+          f"{retained:.0f} tokens/head retained", file=sys.stderr)
+    return 0
+
+
+def _fmt_rate(x: float) -> str:
+    return "n/a" if x is None or math.isnan(x) else f"{x:.1f}"
+
+
+# --------------------------------------------------------------------------- demo
+def _demo_policies(text: str | None) -> list[str]:
+    from flexkv.policies import available
+
+    if text is None:
+        names = set(available())
+        return ["full"] + [p for p in DEMO_POLICIES if p in names]
+    pols = [p.strip() for p in text.split(",") if p.strip()]
+    if not pols:
+        raise CLIError("--policies must list at least one policy, e.g. full,h2o")
+    return pols
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    cols = list(zip(header, *rows))
+    w = [max(len(c) for c in col) for col in cols]
+    line = lambda r: "  ".join(c.rjust(w[i]) if i else c.ljust(w[i]) for i, c in enumerate(r))
+    return "\n".join([line(header), "  ".join("-" * x for x in w)] + [line(r) for r in rows])
+
+
+def cmd_demo(args) -> int:
+    import torch
+
+    import flexkv
+    from flexkv.passkey import build_passkey_prompt, extract_answer, random_key
+
+    t_start = time.perf_counter()
+    pols = _demo_policies(args.policies)
+    for p in pols:
+        _check_policy(p, _default_budget(p, args.budget), {})
+    if not (0.0 <= args.depth <= 1.0):
+        raise CLIError(f"--depth must be in [0, 1], got {args.depth}")
+    device = _device(args.device)
+    compile_ = device.startswith("cuda") if args.compile is None else args.compile
+    model, tok = _load(args.model, device, args.dtype)
+
+    key = random_key(random.Random(args.seed))
+    chat = bool(getattr(tok, "chat_template", None))
+    input_ids, answer = build_passkey_prompt(tok, args.length, args.depth, key, chat=chat)
+    input_ids = input_ids.to(device)
+    T = input_ids.shape[1]
+    print(f"[flexkv] passkey prompt: {T} tokens, key hidden at depth {args.depth:g}"
+          f"{'' if chat else ' (no chat template: plain prompt)'}; compile={compile_}",
+          file=sys.stderr, flush=True)
+    eos = _eos_ids(tok, model)
+    rows = []
+    for p in pols:
+        budget = _default_budget(p, args.budget)
+        print(f"[flexkv] running {p} ...", file=sys.stderr, flush=True)
+        out = flexkv.generate(model, input_ids, max_new_tokens=args.max_new_tokens, policy=p,
+                              budget=budget, compile=compile_, eos_token_id=eos or None)
+        text = tok.decode(out.tokens[0, T:].tolist(), skip_special_tokens=True)
+        got = extract_answer(text)
+        retained = out.cache.retained().float().mean().item()
+        rows.append([p, "-" if budget is None else str(budget), got or repr(text.strip()[:12]),
+                     "yes" if got == answer else "no", str(T), _mib(out.cache.kv_bytes()),
+                     f"{retained:.0f}", f"{out.prefill_s:.2f}", _fmt_rate(out.decode_tok_s)])
+    print(f"passkey retrieval, {args.model}, {T}-token prompt, depth {args.depth:g}, "
+          f"device {device}, dtype {args.dtype}")
+    print(f"expected key: {answer}")
+    print(_table(rows, ["policy", "budget", "answer", "correct", "prompt tok", "KV held",
+                        "retained/head", "prefill s", "decode tok/s"]))
+    print(f"total {time.perf_counter() - t_start:.1f} s")
+    return 0
+
+
+# --------------------------------------------------------------------------- bench
+def bench_dir() -> Path | None:
+    """The source checkout's bench/ directory (next to the flexkv package), if present."""
+    d = Path(__file__).resolve().parent.parent / "bench"
+    return d if d.is_dir() else None
+
+
+def cmd_bench(args) -> int:
+    d = bench_dir()
+    path = d / f"{args.which}.py" if d else None
+    if path is None or not path.is_file():
+        raise CLIError(f"bench {args.which}: the benchmarks live in the source checkout's bench/ "
+                       f"directory (bench/{args.which}.py not found"
+                       f"{'' if d is None else ' in ' + str(d)}); run from a clone of the repo "
+                       "installed with `pip install -e .`")
+    if str(d) not in sys.path:
+        sys.path.insert(0, str(d))
+    spec = importlib.util.spec_from_file_location(f"flexkv_bench_{args.which}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod
+    spec.loader.exec_module(mod)
+    if not hasattr(mod, "main"):
+        raise CLIError(f"bench {args.which}: {path} has no main(argv)")
+    rc = mod.main(list(args.args))
+    return rc if isinstance(rc, int) else 0
+
+
+# --------------------------------------------------------------------------- parser
+def build_parser() -> argparse.ArgumentParser:
+    from flexkv import __version__
+
+    p = argparse.ArgumentParser(prog="flexkv", description="KV-cache compression for LLaMA/"
+                                "Mistral models: generate, run the passkey demo, run benchmarks.")
+    p.add_argument("--version", action="version", version=f"flexkv {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    def common(sp, model_default):
+        sp.add_argument("--model", default=model_default,
+                        help=f"known model name or local HF checkpoint dir (default: {model_default})")
+        sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if "
+                        "available, else cpu)")
+        sp.add_argument("--dtype", default="float32", choices=DTYPES)
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streamed to stdout",
+                       description="Generate from --prompt under a KV policy; the text streams to "
+                       "stdout, statistics go to stderr.")
+    common(g, DEFAULT_MODEL)
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the chat template")
+    g.add_argument("--policy", default="full", help="KV policy (flexkv.policies.available())")
+    g.add_argument("--budget", type=int, default=None, help="tokens kept per head (not for full)")
+    g.add_argument("--param", action="append", type=_param, metavar="NAME=VALUE",
+                   help="extra policy parameter, repeatable (e.g. --param recent=64)")
+    g.add_argument("--max-new-tokens", type=_positive_int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--top-k", type=int, default=None)
+    g.add_argument("--top-p", type=float, default=None)
+    g.add_argument("--seed", type=int, default=None, help="sampling seed")
+    g.add_argument("--prefill-chunk", type=int, default=None,
+                   help="prefill this many tokens at a time (compressing between chunks)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                   help="compile the decode step (slow first call; CUDA graphs on CUDA)")
+    g.set_defaults(func=cmd_generate)
+
+    d = sub.add_parser("demo", help="passkey retrieval under each policy, as a table",
+                       description="Hide a random 5-digit key in a long prompt and ask the default "
+                       "model for it under each policy; prints a table of answers, memory and speed.")
+    common(d, DEFAULT_MODEL)
+    d.add_argument("--policies", default=None,
+                   help="comma-separated (default: full plus those of streaming,h2o,snapkv "
+                   "that are registered)")
+    d.add_argument("--budget", type=_positive_int, default=256,
+                   help="budget for the compressing policies (default 256)")
+    d.add_argument("--length", type=_positive_int, default=4096, help="prompt tokens (default 4096)")
+    d.add_argument("--depth", type=float, default=0.5, help="needle depth in [0, 1] (default 0.5)")
+    d.add_argument("--max-new-tokens", type=_positive_int, default=8)
+    d.add_argument("--seed", type=int, default=0, help="seed of the random key (default 0)")
+    d.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step (default: on CUDA only)")
+    d.set_defaults(func=cmd_demo)
+
+    b = sub.add_parser("bench", help="run bench/quality.py or bench/speed.py (source checkout)",
+                       description="Dispatch to the benchmarks in the source checkout's bench/ "
+                       "directory; the remaining arguments go to the benchmark.")
+    b.add_argument("which", choices=["quality", "speed"])
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
+    b.set_defaults(func=cmd_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point of `flexkv` / `python -m flexkv`. Returns the exit status."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["bench"] and len(argv) > 2 and argv[1] in ("quality", "speed"):
+        # everything after the benchmark's name belongs to it (even --help)
+        args = argparse.Namespace(which=argv[1], args=argv[2:], func=cmd_bench)
+    else:
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit as e:       # argparse already printed usage + error (or --help)
+            return e.code if isinstance(e.code, int) else 2
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return 2
+    try:
+        return args.func(args)
+    except (CLIError, ValueError) as e:
+        if os.environ.get("FLEXKV_DEBUG"):
+            raise
+        sys.stdout.flush()
+        msg = " ".join(str(e).split()) or type(e).__name__
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except RuntimeError as e:         # e.g. a failed download of the default model
+        if os.environ.get("FLEXKV_DEBUG"):
+            raise
+        sys.stdout.flush()
+        print(f"error: {' '.join(str(e).split())} (FLEXKV_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

