@@ -28,6 +28,7 @@ class GenerateOutput:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     timings: dict = field(default_factory=dict)
+    logits: Tensor | None = None   # [B, N, V] with output_logits=True
 
     @property
     def decode_tok_s(self) -> float:
@@ -70,6 +71,11 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
     probs = logits.softmax(-1)
     race = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / race).argmax(dim=-1)
+
+
+def _keep(logits: Tensor) -> Tensor:
+    """A copy of step logits that survives the next CUDA-graph replay (fp32 or wider)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32), copy=True)
 
 
 # --------------------------------------------------------------------------- validation
@@ -153,7 +159,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
              compile: bool = False, temperature: float = 0.0, top_k: int | None = None,
              top_p: float | None = None, eos_token_id=None, prefill_chunk: int | None = None,
              generator: torch.Generator | None = None, attention_mask: Tensor | None = None,
-             callback=None, reference: bool = False, **policy_params) -> GenerateOutput:
+             callback=None, reference: bool = False, forced_tokens: Tensor | None = None,
+             output_logits: bool = False, **policy_params) -> GenerateOutput:
     """Greedy or sampled generation under a KV policy. See the README for the full contract.
 
     `callback(tokens)`, if given, is called with each new token tensor `[B]` (on the model's
@@ -161,11 +168,20 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
     a sequence stops, its entries are eos-filled). It is for streaming: consuming the tensor on the
     host (`.tolist()`) forces a device sync per step, a cost paid only when a callback is passed.
     The timings then include the callback's time.
+
+    `forced_tokens` [B, max_new_tokens] (teacher forcing, for streaming perplexity): the tokens
+    fed back are these instead of sampled ones. `output_logits=True` keeps the logits that
+    predicted each new token in `out.logits` [B, N, V] (fp32, or fp64 for fp64 models).
+    `reference=True` runs the policy's eager reference (flexkv.reference) instead.
     """
     input_ids = _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
                           top_p, prefill_chunk, eos_token_id)
     pol = make_policy(policy, budget=budget, **policy_params)
     B, T = input_ids.shape
+    if forced_tokens is not None and (forced_tokens.shape != (B, max_new_tokens)
+                                      or forced_tokens.device != input_ids.device):
+        raise ValueError(f"forced_tokens must be a [B, max_new_tokens] = {(B, max_new_tokens)} "
+                         f"tensor on {input_ids.device}, got {tuple(forced_tokens.shape)}")
     pol.validate(T, max_new_tokens, model.args.num_hidden_layers)
     if reference:
         if compile:
@@ -185,7 +201,10 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
 
     t0 = time.perf_counter()
     logits = prefill(model, input_ids, pos, prefill_chunk)
+    kept_logits = [_keep(logits)] if output_logits else None
     tok = sample(logits, temperature, top_k, top_p, generator)
+    if forced_tokens is not None:
+        tok = forced_tokens[:, 0]
     if sync:
         torch.cuda.synchronize()
     t1 = time.perf_counter()
@@ -207,6 +226,10 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
             break
         logits = step_fn(model, tok[:, None], cur)
         nxt = sample(logits, temperature, top_k, top_p, generator)
+        if forced_tokens is not None:
+            nxt = forced_tokens[:, i]
+        if output_logits:
+            kept_logits.append(_keep(logits))
         if eos is not None:
             nxt = torch.where(done, fill, nxt)
             done = done | torch.isin(nxt, eos)
@@ -220,4 +243,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
     t2 = time.perf_counter()
     if n < max_new_tokens:
         out = out[:, :T + n]
-    return GenerateOutput(out, cache, pol, T, n, t1 - t0, t2 - t1)
+    res = GenerateOutput(out, cache, pol, T, n, t1 - t0, t2 - t1)
+    if output_logits:
+        res.logits = torch.stack(kept_logits, dim=1)
+    return res

@@ -84,9 +84,13 @@ def test_chunked_prefill_equals_one_shot(model_and_dir, chunk):
 # --------------------------------------------------------------------------- compiled decode
 @pytest.mark.slow
 def test_compiled_decode_equals_eager_without_recompiles(tiny_llama):
-    """The only `compile=True` test: tiny model, batch 2, 60 tokens; one graph, no graph break,
-    and a second call (new prompt, same shapes, new cache) reuses it."""
+    """The only `compile=True` test: tiny model, batch 2, 60 tokens; the compiled decode step is
+    one graph with no graph break, and a second call (new prompt, same shapes, new cache and
+    policy object) reuses it."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
+
+    from flexkv.generate import decode_one_token
 
     n = 60
     ids1, ids2 = random_ids(2, 10, V, seed=31), random_ids(2, 10, V, seed=32)
@@ -96,16 +100,23 @@ def test_compiled_decode_equals_eager_without_recompiles(tiny_llama):
 
     torch._dynamo.reset()
     counters.clear()
+    # Eager FlexAttention (the prefill on CPU) runs through torch's own internal
+    # `torch.compile(backend="eager")` wrapper, which dynamo counts as a graph too: warm it up
+    # at the same shapes first, so the count below is the compiled decode step's alone.
+    _greedy(tiny_llama, ids1, 2)
+    base = counters["stats"]["unique_graphs"]
+
     out1 = _greedy(tiny_llama, ids1, n, compile=True)
     assert torch.equal(out1.tokens, eager1)
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == base + 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
+    assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1
 
     out2 = _greedy(tiny_llama, ids2, n, compile=True)
     assert torch.equal(out2.tokens, eager2)
-    assert counters["stats"]["unique_graphs"] == 1, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == base + 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert not counters["recompiles"], dict(counters["recompiles"])
+    assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1
 
 
 # --------------------------------------------------------------------------- left padding
