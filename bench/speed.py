@@ -1,0 +1,343 @@
+"""Decode/prefill speed of flexkv policies against Hugging Face transformers, in one run.
+
+    python bench/speed.py --preset gpu-8b         # H100: Llama-3.1-8B shape, random bf16 weights
+    python bench/speed.py --preset cpu            # CPU: the default model, flexkv compiled vs HF eager
+    flexkv bench speed --preset ...               # the same through the CLI
+
+Per row: decode ms/token and tokens/s, the bandwidth floor of that row (measured device copy
+bandwidth; bytes of weights + KV slots actually read per step), the fraction of the floor reached,
+prefill time (plain causal vs the policy's prefill, one-shot or chunked), peak memory, compile
+time, and recompiles during timing. Results: bench/results/speed/<preset>.{json,md}, stamped with
+device, torch, commit and wall time.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent
+RESULTS = ROOT / "results" / "speed"
+
+LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
+                  num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+                  head_dim=128, rms_norm_eps=1e-5, rope_theta=500000.0,
+                  max_position_embeddings=131072, tie_word_embeddings=False,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192})
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            max_position_embeddings=4096)
+
+PRESETS = {
+    "gpu-8b": dict(model="llama-3.1-8b-shape", device="cuda", dtype="bfloat16",
+                   prompts=[4096, 16384, 32768], budgets=[512, 2048], batches=[1, 8],
+                   policies=["full", "streaming", "h2o", "tova", "snapkv", "weightedkv", "h2o+vam"],
+                   hf=["eager", "static-compile"], new_tokens=128, chunk=2048),
+    "gpu-smollm": dict(model="smollm2-135m-instruct", device="cuda", dtype="bfloat16",
+                       prompts=[4096], budgets=[256, 1024], batches=[1, 8],
+                       policies=["full", "streaming", "h2o", "tova", "snapkv", "weightedkv", "h2o+vam"],
+                       hf=["eager", "static-compile"], new_tokens=128, chunk=1024),
+    "cpu": dict(model="smollm2-135m-instruct", device="cpu", dtype="float32",
+                prompts=[1024], budgets=[128], batches=[1],
+                policies=["full", "streaming", "h2o", "snapkv"], hf=["eager"], new_tokens=32,
+                chunk=256),
+    "tiny": dict(model="tiny", device="cpu", dtype="float32", prompts=[64], budgets=[16],
+                 batches=[1], policies=["full", "streaming", "h2o"], hf=["eager"], new_tokens=8,
+                 chunk=32),
+}
+
+
+@dataclass
+class Row:
+    impl: str
+    policy: str
+    prompt: int
+    budget: int | None
+    batch: int
+    decode_ms: float
+    tok_s: float
+    floor_ms: float
+    frac_floor: float
+    prefill_s: float
+    prefill_plain_s: float
+    prefill_chunked_s: float | None
+    peak_mem_gb: float | None
+    chunked_peak_mem_gb: float | None
+    compile_s: float | None
+    recompiles: int | None
+    kv_slots: int | None
+
+
+# ------------------------------------------------------------------------------ measurements
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, dtype) -> float:
+    """Bytes/s of a large device copy (read + write)."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)
+    x = torch.empty(n // 2, dtype=torch.float16, device=device)
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    sync(device)
+    reps = 20 if device.type == "cuda" else 5
+    t = time.perf_counter()
+    for _ in range(reps):
+        y.copy_(x)
+    sync(device)
+    return 2 * x.numel() * x.element_size() * reps / (time.perf_counter() - t)
+
+
+def weight_bytes(model) -> int:
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    # the embedding table is gathered (one row per token), not streamed, unless tied to lm_head
+    emb = model.model.embed_tokens.weight
+    if emb is not model.lm_head.weight:
+        total -= emb.numel() * emb.element_size()
+    return total
+
+
+def peak_reset(device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gb(device):
+    return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def n_graphs() -> int:
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from flexkv.generate import decode_one_token
+    return len(_debug_get_cache_entry_list(decode_one_token.__code__))
+
+
+# ------------------------------------------------------------------------------ models
+def build_models(spec, device, dtype, with_hf: bool):
+    from flexkv.models.llama import ModelArgs, Transformer
+
+    if spec in ("llama-3.1-8b-shape", "tiny"):
+        cfg = LLAMA31_8B if spec != "tiny" else TINY
+        args = ModelArgs(**cfg)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = Transformer(args).to(dtype)
+        for p in model.parameters():
+            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+        model.eval()
+        hf = None
+        if with_hf:
+            from transformers import LlamaConfig, LlamaForCausalLM
+            hf_cfg = dict(cfg)
+            hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).to(device=device, dtype=dtype).eval()
+            hf.load_state_dict(model.state_dict(), strict=False)
+        return model, hf
+    import flexkv
+    model, _ = flexkv.load_model(spec, device=device, dtype=dtype)
+    hf = None
+    if with_hf:
+        from transformers import AutoModelForCausalLM
+
+        from flexkv.models.provision import provision_default_model
+        path = provision_default_model() if spec == "smollm2-135m-instruct" else spec
+        hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    return model, hf
+
+
+# ------------------------------------------------------------------------------ runs
+@torch.no_grad()
+def plain_prefill_s(model, ids) -> float:
+    device = ids.device
+    pos = torch.arange(ids.shape[1], device=device).expand_as(ids)
+    model._run(ids, pos, "plain", last_only=True)  # warm-up (compiles flex on CUDA)
+    sync(device)
+    t = time.perf_counter()
+    model._run(ids, pos, "plain", last_only=True)
+    sync(device)
+    return time.perf_counter() - t
+
+
+def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw) -> Row:
+    import flexkv
+    device = ids.device
+    kw = {} if policy.startswith("full") else {"budget": budget}
+    B, T = ids.shape
+    t = time.perf_counter()
+    flexkv.generate(model, ids, max_new_tokens=3, policy=policy, compile=compile, **kw)
+    sync(device)
+    first = time.perf_counter() - t
+    graphs = n_graphs() if compile else None
+    peak_reset(device)
+    out = flexkv.generate(model, ids, max_new_tokens=new_tokens, policy=policy, compile=compile, **kw)
+    peak = peak_gb(device)
+    recompiles = (n_graphs() - graphs) if compile else None
+    steps = out.new_tokens - 1
+    decode_ms = 1e3 * out.decode_s / steps
+    compile_s = max(0.0, first - out.prefill_s - 2 * decode_ms / 1e3) if compile else None
+    peak_reset(device)
+    chunked = flexkv.generate(model, ids, max_new_tokens=2, policy=policy, prefill_chunk=chunk, **kw)
+    chunk_peak = peak_gb(device)
+    kv_read = out.cache.kv_bytes()  # every slot is read each step (static shapes)
+    floor_ms = 1e3 * (weight_bytes(model) + kv_read) / bw
+    return Row("flexkv" + ("+compile" if compile else ""), policy, T,
+               None if policy.startswith("full") else budget, B, decode_ms, 1e3 * B / decode_ms,
+               floor_ms, floor_ms / decode_ms, out.prefill_s, float("nan"), chunked.prefill_s,
+               peak, chunk_peak, compile_s, recompiles, out.cache.slots())
+
+
+@torch.no_grad()
+def run_hf(hf, ids, mode, new_tokens, bw) -> Row:
+    device = ids.device
+    B, T = ids.shape
+    kw = dict(do_sample=False, attention_mask=torch.ones_like(ids), pad_token_id=0)
+    if mode == "static-compile":
+        kw.update(cache_implementation="static")
+        hf.forward = torch.compile(hf.forward, mode="reduce-overhead", fullgraph=True)
+    t = time.perf_counter()
+    hf.generate(ids, max_new_tokens=3, min_new_tokens=3, **kw)  # warm-up / compile
+    sync(device)
+    first = time.perf_counter() - t
+
+    def timed(n):
+        sync(device)
+        t = time.perf_counter()
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        sync(device)
+        return time.perf_counter() - t
+
+    peak_reset(device)
+    t1 = timed(1)
+    tn = timed(new_tokens)
+    peak = peak_gb(device)
+    decode_ms = 1e3 * (tn - t1) / (new_tokens - 1)
+    a = hf.config
+    kv = 2 * a.num_hidden_layers * a.num_key_value_heads * (T + new_tokens // 2) * \
+        getattr(a, "head_dim", a.hidden_size // a.num_attention_heads) * B * \
+        next(hf.parameters()).element_size()
+    emb = hf.model.embed_tokens.weight
+    wb = sum(p.numel() * p.element_size() for p in hf.parameters())
+    if emb is not hf.lm_head.weight:
+        wb -= emb.numel() * emb.element_size()
+    floor_ms = 1e3 * (wb + kv) / bw
+    if mode == "static-compile":
+        hf.forward = hf.forward._orig_mod if hasattr(hf.forward, "_orig_mod") else hf.forward
+    return Row(f"transformers-{mode}", "full", T, None, B, decode_ms, 1e3 * B / decode_ms,
+               floor_ms, floor_ms / decode_ms, t1, float("nan"), None, peak, None,
+               max(0.0, first - t1) if mode == "static-compile" else None, None, None)
+
+
+# ------------------------------------------------------------------------------ report
+def stamp(argv, wall_s, device) -> dict:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
+                                capture_output=True).stdout.strip()
+    except OSError:
+        commit = "unknown"
+    dev = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    return dict(command="python bench/speed.py " + " ".join(argv), commit=commit, device=dev,
+                torch=torch.__version__, wall_s=round(wall_s, 1),
+                threads=torch.get_num_threads())
+
+
+def markdown(meta, rows, bw) -> str:
+    head = (f"# Speed: {meta['preset']}\n\n`{meta['command']}`  \ncommit {meta['commit']}, "
+            f"device {meta['device']}, torch {meta['torch']}, wall {meta['wall_s']} s, "
+            f"copy bandwidth {bw / 1e9:.1f} GB/s\n\n")
+    cols = ["impl", "policy", "prompt", "budget", "batch", "decode_ms", "tok_s", "floor_ms",
+            "frac_floor", "prefill_plain_s", "prefill_s", "prefill_chunked_s", "peak_mem_gb",
+            "chunked_peak_mem_gb", "compile_s", "recompiles"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        d = asdict(r)
+        cells = []
+        for c in cols:
+            v = d[c]
+            cells.append("-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return head + "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    ap = argparse.ArgumentParser(prog="flexkv bench speed", description=__doc__.split("\n")[0])
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    ap.add_argument("--policies", help="comma-separated subset of the preset's policies")
+    ap.add_argument("--prompts", help="comma-separated prompt lengths")
+    ap.add_argument("--budgets", help="comma-separated budgets")
+    ap.add_argument("--batches", help="comma-separated batch sizes")
+    ap.add_argument("--new-tokens", type=int)
+    ap.add_argument("--no-compile", action="store_true", help="eager flexkv (harness tests)")
+    ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    cfg = dict(PRESETS[args.preset])
+    for key in ("policies", "prompts", "budgets", "batches"):
+        val = getattr(args, key)
+        if val:
+            cfg[key] = [int(x) if key != "policies" else x for x in val.split(",")]
+    if args.new_tokens:
+        cfg["new_tokens"] = args.new_tokens
+    if cfg["new_tokens"] < 3:
+        ap.error("--new-tokens must be >= 3")
+    device = torch.device(cfg["device"])
+    if device.type == "cuda" and not torch.cuda.is_available():
+        ap.error(f"preset {args.preset!r} needs a CUDA GPU; use --preset cpu here")
+    dtype = getattr(torch, cfg["dtype"])
+    t0 = time.perf_counter()
+    with_hf = not args.no_hf and bool(cfg["hf"])
+    model, hf = build_models(cfg["model"], device, dtype, with_hf)
+    bw = copy_bandwidth(device, dtype)
+    rows: list[Row] = []
+    try:
+        from tqdm import tqdm
+    except ImportError:  # pragma: no cover
+        tqdm = lambda x, **k: x  # noqa: E731
+    combos = [(T, B) for T in cfg["prompts"] for B in cfg["batches"]]
+    for T, B in tqdm(combos, desc="prompt x batch"):
+        g = torch.Generator().manual_seed(T + B)
+        ids = torch.randint(0, model.args.vocab_size, (B, T), generator=g).to(device)
+        plain = plain_prefill_s(model, ids)
+        for pol in cfg["policies"]:
+            for budget in ([None] if pol.startswith("full") else cfg["budgets"]):
+                row = run_flexkv(model, ids, pol, budget, cfg["new_tokens"], cfg["chunk"],
+                                 not args.no_compile, bw)
+                row.prefill_plain_s = plain
+                rows.append(row)
+                print(f"  {row.impl} {pol} T={T} budget={budget} B={B}: "
+                      f"{row.decode_ms:.2f} ms/tok ({row.frac_floor:.0%} of floor)", flush=True)
+                gc.collect()
+        if hf is not None:
+            for mode in cfg["hf"]:
+                row = run_hf(hf, ids, mode, cfg["new_tokens"], bw)
+                row.prefill_plain_s = plain
+                rows.append(row)
+                print(f"  {row.impl} T={T} B={B}: {row.decode_ms:.2f} ms/tok", flush=True)
+    meta = stamp(argv, time.perf_counter() - t0, device)
+    meta.update(preset=args.preset, bandwidth_gb_s=bw / 1e9, config=cfg)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{args.preset}.json").write_text(
+        json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1))
+    md = markdown(meta, rows, bw)
+    (args.out / f"{args.preset}.md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
