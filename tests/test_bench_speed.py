@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import pathlib
+import sys
 
 import pytest
 
@@ -11,6 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 def load_speed():
     spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
     mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_speed"] = mod  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod
 
