@@ -100,19 +100,27 @@ def _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top
     lo, hi = int(input_ids.min()), int(input_ids.max())
     if lo < 0 or hi >= V:
         raise ValueError(f"input_ids must be token ids in [0, {V - 1}], got values in [{lo}, {hi}]")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
     ctx = model.args.max_position_embeddings
     if T + max_new_tokens > ctx:
-        raise ValueError(f"prompt length + max_new_tokens must be <= the model's context {ctx}, "
-                         f"got {T} + {max_new_tokens} = {T + max_new_tokens}")
-    if temperature is None or temperature < 0:
-        raise ValueError(f"temperature must be >= 0 (0 = greedy), got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"input_ids: prompt length + max_new_tokens must be <= the model's "
+                         f"context {ctx}, got {T} + {max_new_tokens} = {T + max_new_tokens}")
+    if not isinstance(temperature, (int, float)) or isinstance(temperature, bool) \
+            or not temperature >= 0 or temperature == float("inf"):
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+    if eos_token_id is not None:
+        ids = [eos_token_id] if _is_int(eos_token_id) else eos_token_id
+        if not isinstance(ids, (list, tuple)) or not ids or \
+                not all(_is_int(i) and 0 <= i < V for i in ids):
+            raise ValueError(f"eos_token_id must be None, an int or a non-empty list of ints in "
+                             f"[0, {V - 1}], got {eos_token_id!r}")
+    if top_k is not None and (not _is_int(top_k) or top_k < 1):
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
-    if top_p is not None and not (0.0 < top_p <= 1.0):
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
-    if prefill_chunk is not None and (not isinstance(prefill_chunk, int) or prefill_chunk < 1):
+    if prefill_chunk is not None and (not _is_int(prefill_chunk) or prefill_chunk < 1):
         raise ValueError(f"prefill_chunk must be None or an int >= 1, got {prefill_chunk!r}")
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
@@ -124,6 +132,10 @@ def _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top
         if bool((m.sum(-1) == 0).any()):
             raise ValueError("attention_mask: every row needs at least one real token")
     return input_ids
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def positions(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
@@ -183,6 +195,9 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
         raise ValueError(f"forced_tokens must be a [B, max_new_tokens] = {(B, max_new_tokens)} "
                          f"tensor on {input_ids.device}, got {tuple(forced_tokens.shape)}")
     pol.validate(T, max_new_tokens, model.args.num_hidden_layers)
+    ctx = model.args.max_position_embeddings
+    if getattr(pol, "budget", None) is not None and pol.budget > ctx:
+        raise ValueError(f"budget must be <= the model's context {ctx}, got {pol.budget}")
     if reference:
         if compile:
             raise ValueError("compile must be False with reference=True (the references are eager)")

@@ -193,3 +193,21 @@ def test_valid_left_padding_mask_is_accepted(tiny_llama, ids):
     mask[0, :3] = 0
     out = flexkv.generate(tiny_llama, ids, max_new_tokens=2, attention_mask=mask.bool())
     assert out.tokens.shape == (2, ids.shape[1] + 2)
+
+
+# --------------------------------------------------------------------------- more argument types
+@pytest.mark.parametrize("eos", [-1, V, "2", [], [3, V], 2.0, True])
+def test_bad_eos_token_id(tiny_llama, ids, eos):
+    _raises(tiny_llama, "eos_token_id", ids, eos_token_id=eos)
+
+
+@pytest.mark.parametrize("kw", [dict(max_new_tokens=True), dict(top_k=True),
+                                dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                dict(temperature="1"), dict(prefill_chunk=True)])
+def test_bools_nan_and_strings_rejected(tiny_llama, ids, kw):
+    _raises(tiny_llama, next(iter(kw)), ids, **kw)
+
+
+@pytest.mark.parametrize("policy", BUDGET_POLICIES)
+def test_budget_over_context(tiny_llama, ids, policy):
+    _raises(tiny_llama, "budget", ids, policy=policy, budget=CTX + 1)
