@@ -1,0 +1,69 @@
+"""`keydiff` (KeyDiff, Park et al. 2025): evict the keys most similar to the cache's mean direction.
+
+Query-agnostic (no attention statistics: works with any attention kernel). Per (layer, KV head),
+over the valid cached keys `k_i` (post-RoPE): anchor `a = mean_i k_i / ||k_i||` and
+`score_j = -cos(k_j, a)`; the most distinctive keys (lowest similarity to the anchor) are kept.
+Prefill: one-shot top-`budget` selection by `score` after the prompt (with `prefill_chunk`, after
+every chunk over cached + chunk keys: this is the paper's block-wise prefill, so there is no
+separate `block` parameter). Decode: the anchor is recomputed over the cached keys plus the new
+one, and the `argmin` of `score` outside the recent window is evicted.
+
+Parameters: `budget`; `window` (default 0) the most recent positions never evicted, `window <
+budget`. *(choice: default 0 = the paper's plain KeyDiff; its sliding-window variant is
+`window > 0`.)* *(choice: the recent window is also protected by the prefill selection, so the
+`window` newest prompt tokens always survive, as in h2o.)* Cosines use `||x|| >= 1e-12`.
+With `budget=1` (`window=0`) a decode step compares two keys that are, in exact arithmetic,
+equally similar to their mean: that tie is decided by rounding, not by position.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flexkv.policies.base import INF, DecodeContext, Policy, PrefillContext
+from flexkv.policies.registry import register
+from flexkv.policies.scores import last_position, recent_mask
+
+EPS = 1e-12
+
+
+def key_diff_score(k: Tensor, pos: Tensor) -> Tensor:
+    """k: [B, Hkv, N, D], pos: [B, Hkv, N] (-1 empty) -> [B, Hkv, N] = -cos(k_j, anchor), the
+    anchor being the mean of the valid keys' unit vectors (empty slots are left out)."""
+    dt = torch.promote_types(k.dtype, torch.float32)
+    valid = (pos >= 0)[..., None]                                         # [B, Hkv, N, 1]
+    unit = F.normalize(k.to(dt), dim=-1, eps=EPS).masked_fill(~valid, 0.0)  # [B, Hkv, N, D]
+    anchor = unit.sum(dim=2) / valid.sum(dim=2).clamp(min=1)              # [B, Hkv, D]
+    anchor = F.normalize(anchor, dim=-1, eps=EPS)
+    return -torch.einsum("bknd,bkd->bkn", unit, anchor)
+
+
+@register
+@dataclass
+class KeyDiff(Policy):
+    window: int = 0
+
+    name: ClassVar[str] = "keydiff"
+
+    def validate(self, prompt_len, max_new_tokens, n_layers):
+        if not isinstance(self.window, int) or isinstance(self.window, bool) or self.window < 0:
+            raise ValueError(f"window must be an int >= 0 (and < budget), got {self.window!r}")
+        super().validate(prompt_len, max_new_tokens, n_layers)
+
+    def min_budget(self) -> int:
+        return self.window + 1
+
+    def protected_desc(self) -> str:
+        return f"budget must exceed the recent window={self.window}"
+
+    def prefill_priority(self, ctx: PrefillContext) -> Tensor:
+        recent = recent_mask(ctx.pos, last_position(ctx.q_pos), self.window)
+        return torch.where(recent, INF, key_diff_score(ctx.k, ctx.pos))
+
+    def decode_victim_score(self, ctx: DecodeContext) -> Tensor:
+        recent = recent_mask(ctx.lc.pos, ctx.q_pos, self.window)
+        return torch.where(recent, INF, key_diff_score(ctx.lc.k, ctx.lc.pos))
