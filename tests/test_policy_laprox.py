@@ -1,0 +1,169 @@
+"""`laprox` (a reconstruction of LaProx): hand-computed examples, the efficient score against the
+explicit Frobenius norm, the model-wide total, and bad input."""
+from __future__ import annotations
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import flexkv
+from flexkv.cache import KVCache, LayerCache
+from flexkv.policies import LaProx, PrefillContext
+from flexkv.policies.laprox import output_error_norms, window_output_norm
+from helpers import random_ids
+
+F64 = torch.float64
+
+
+def _hand_context(policy):
+    """1 layer, 1 KV head, 2 query heads, D = d_model = 2, prompt positions 0..3, window w = 1.
+
+    The window query (position 3) of head 0 has q = (sqrt2, 0), of head 1 q = (0, sqrt2); key
+    j = (ln p0_j, ln p1_j), so the logits q.k / sqrt(2) are ln p0_j and ln p1_j and the softmax
+    gives exactly p0 = [.4, .1, .3, .2] and p1 = [.4, .3, .1, .2]."""
+    p0 = torch.tensor([0.4, 0.1, 0.3, 0.2], dtype=F64)
+    p1 = torch.tensor([0.4, 0.3, 0.1, 0.2], dtype=F64)
+    q = torch.zeros(1, 2, 4, 2, dtype=F64)
+    q[0, 0, 3] = torch.tensor([math.sqrt(2), 0.0], dtype=F64)
+    q[0, 1, 3] = torch.tensor([0.0, math.sqrt(2)], dtype=F64)
+    k = torch.stack([p0.log(), p1.log()], dim=-1)[None, None]           # [1, 1, 4, 2]
+    v = torch.tensor([[1.0, 0], [0, 1], [0, 2], [1, 1]], dtype=F64)[None, None]
+    # W_o^(0) = I, W_o^(1) = -I: o_proj.weight [d_model, H*D] = [I | -I]
+    weight = torch.tensor([[1.0, 0, -1, 0], [0, 1, 0, -1]], dtype=F64)
+    attn = SimpleNamespace(o_proj=SimpleNamespace(weight=weight), layer_idx=0, window=None)
+    pos = torch.arange(4)[None, None]
+    cap = policy.capacity(0, 4, 1)
+    lc = LayerCache(1, 1, cap, 2, dtype=F64, device="cpu", stats={"score": F64},
+                    budget=policy.layer_budget(0, 4, 1, cap))
+    ctx = PrefillContext(0, q, k, v, pos, pos[0], None, {"score": torch.zeros(1, 1, 4, dtype=F64)},
+                         None, attn, True, lc.budget)
+    return ctx, lc
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_hand_example_output_aware_selection(normalize):
+    # E_j = p0_j (v_j I) + p1_j (v_j (-I)) = (p0_j - p1_j) v_j, so s_j = |p0_j - p1_j| ||v_j||:
+    #   s_0 = 0 (both heads attend .4 and their outputs cancel), s_1 = .2 * 1, s_2 = .2 * 2,
+    #   s_3 = 0 (window: kept anyway).
+    # normalize: O[W] = sum_j (p0_j - p1_j) v_j = -.2 (0, 1) + .2 (0, 2) = (0, .2), ||O|| = .2.
+    # budget C = 2, w = 1: keep the global top L*Hkv*(C-w) = 1 of {0, 1, 2} -> token 2, plus 3.
+    # (mean attention, as SnapKV/H2O score it, would keep token 0: .4 in both heads.)
+    policy = LaProx(budget=2, window=1, normalize=normalize)
+    ctx, lc = _hand_context(policy)
+    ctx.stats = policy.prefill_scores(ctx)
+    expected = torch.tensor([0.0, 0.2, 0.4, 0.0], dtype=F64) / (0.2 if normalize else 1.0)
+    torch.testing.assert_close(ctx.stats["score"][0, 0], expected, atol=1e-12, rtol=0)
+    policy.store(lc, ctx)  # head_max = 4 * (2 - 1) >= 3 candidates: all stay until the end
+    assert sorted(p for p in lc.pos[0, 0].tolist() if p >= 0) == [0, 1, 2, 3]
+    policy.finish_prefill(KVCache([lc]), None)
+    assert sorted(p for p in lc.pos[0, 0].tolist() if p >= 0) == [2, 3]
+    assert lc.budget.tolist() == [[2 + 1]]  # retained + max_new_tokens (= 1) slots
+
+
+def _caches(scores, order=None):
+    """One LayerCache per layer from scores[l][g] = scores of positions 0..2 (position 3 = the
+    window, w = 1); slots shuffled by `order` (slot order carries no meaning)."""
+    layers = []
+    for per_head in scores:
+        lc = LayerCache(1, len(per_head), 6, 1, dtype=F64, device="cpu", stats={"score": F64},
+                        budget=4)  # 4 prefill slots + 2 new-token slots
+        for g, s in enumerate(per_head):
+            slots = order or list(range(4))
+            for p, slot in enumerate(slots):
+                lc.pos[0, g, slot] = p
+                lc.score[0, g, slot] = ([*s, 0.0])[p]
+        layers.append(lc)
+    return KVCache(layers)
+
+
+@pytest.mark.parametrize("case", [
+    # 3 layers, 1 KV head, C = 2 -> K = 3. Sorted (score, pos, layer) descending:
+    # (5,0,L0) (3,2,L2) (3,2,L1) | (3,2,L0) (3,1,L1) 0 ... : L0's position 2 loses the tie to the
+    # same score and position in higher layers; L1's position 1 loses on position.
+    dict(C=2, scores=[[[5, 0, 3]], [[0, 3, 3]], [[0, 0, 3]]], kept=[[[0, 3]], [[2, 3]], [[2, 3]]]),
+    # 2 layers, C = 3 -> K = 4: 5, 4 (L0) then the 3s: (3,2,L1) (3,2,L0) | (3,1,L1): uneven budgets.
+    dict(C=3, scores=[[[5, 4, 3]], [[1, 3, 3]]], kept=[[[0, 1, 2, 3]], [[2, 3]]]),
+    # 1 layer, 2 KV heads, C = 2 -> K = 2: (7,0,h0) (2,1,h1) | (2,1,h0): the lower head loses.
+    dict(C=2, scores=[[[7, 2, 0], [0, 2, 0]]], kept=[[[0, 3], [1, 3]]]),
+])
+@pytest.mark.parametrize("order", [None, [3, 5, 0, 2]])
+def test_hand_global_selection_and_ties(case, order):
+    cache = _caches(case["scores"], order)
+    LaProx(budget=case["C"], window=1).finish_prefill(cache, None)
+    for lc, kept in zip(cache.layers, case["kept"]):
+        got = [sorted(p for p in lc.pos[0, g].tolist() if p >= 0) for g in range(lc.pos.shape[1])]
+        assert got == kept
+        assert lc.budget[0].tolist() == [len(x) + 2 for x in kept]
+
+
+def test_efficient_score_equals_explicit_frobenius():
+    g = torch.Generator().manual_seed(0)
+    B, n_kv, G, W, N, D, d_model = 2, 2, 3, 5, 7, 4, 6
+    probs = torch.softmax(torch.randn(B, n_kv, G, W, N, generator=g, dtype=F64), dim=-1)
+    v = torch.randn(B, n_kv, N, D, generator=g, dtype=F64)
+    weight = torch.randn(d_model, n_kv * G * D, generator=g, dtype=F64)
+    w_o = [weight[:, h * D:(h + 1) * D].T for h in range(n_kv * G)]  # [D, d_model] each
+    fast = output_error_norms(probs, v, weight)
+    out = torch.zeros(B, W, d_model, dtype=F64)
+    for b in range(B):
+        for kv in range(n_kv):
+            for j in range(N):
+                err = sum(torch.outer(probs[b, kv, i, :, j], v[b, kv, j] @ w_o[kv * G + i])
+                          for i in range(G))
+                assert torch.allclose(fast[b, kv, j], torch.linalg.norm(err, "fro"), atol=1e-12)
+            for i in range(G):
+                out[b] += probs[b, kv, i] @ v[b, kv] @ w_o[kv * G + i]
+    torch.testing.assert_close(window_output_norm(probs, v, weight), out.flatten(1).norm(dim=-1))
+
+
+@pytest.mark.parametrize("T,C,w,f,chunk,pad,normalize", [
+    (40, 12, 4, 4, None, 0, False), (40, 12, 4, 1, 7, 0, True),
+    (33, 9, 3, 1.5, 5, 6, False), (24, 23, 8, 4, None, 0, False), (24, 5, 4, 4, 1, 3, True),
+])
+def test_model_wide_total_and_static_slots(tiny_llama, T, C, w, f, chunk, pad, normalize):
+    ids = random_ids(2, T, tiny_llama.args.vocab_size, seed=T)
+    mask = torch.ones(2, T, dtype=torch.long)
+    mask[1, :pad] = 0
+    L, n_kv, new = tiny_llama.args.num_hidden_layers, tiny_llama.args.num_key_value_heads, 6
+    per_head = []
+
+    def track(tok):
+        per_head.append(tiny_llama.cache.retained().clone())  # [L, B, Hkv]
+
+    out = flexkv.generate(tiny_llama, ids, max_new_tokens=new, policy="laprox", budget=C,
+                          window=w, max_head_factor=f, normalize=normalize, prefill_chunk=chunk,
+                          attention_mask=mask, callback=track)
+    head_max = int(f * (C - w))
+    for lc in out.cache.layers:
+        assert lc.capacity == min(T, min(T - w, head_max) + w) + new
+    for step, ret in enumerate(per_head):
+        # every row compresses to exactly L * Hkv * C (its prompt is longer than C), then appends
+        assert ret.sum(dim=(0, 2)).tolist() == [L * n_kv * C + step * L * n_kv] * 2
+        assert (ret - step <= min(head_max, T - w) + w).all()  # no head above its cap
+    budgets = torch.stack([lc.budget for lc in out.cache.layers])
+    assert torch.equal(budgets, per_head[0] + new)
+    if f > 1 and C < 20:  # (with f = 1 every head sits exactly at its cap C: uniform)
+        assert budgets.unique().numel() > 1, "budgets should vary by layer and head"
+    for lc in out.cache.layers:  # each head's window (and all appended tokens) kept
+        for b, last in enumerate([T - 1, T - 1 - pad]):
+            for g in range(n_kv):
+                kept = set(lc.pos[b, g].tolist())
+                assert set(range(last - w + 1, last + new)) <= kept
+
+
+@pytest.mark.parametrize("kw,match", [
+    (dict(budget=8, window=8), "budget.*window"), (dict(budget=8, window=12), "budget.*window"),
+    (dict(budget=8, window=0), "window"), (dict(budget=8, window=2.5), "window"),
+    (dict(budget=8, window=2, max_head_factor=0.5), "max_head_factor"),
+    (dict(budget=8, window=2, max_head_factor="4"), "max_head_factor"),
+    (dict(budget=8, window=2, max_head_factor=True), "max_head_factor"),
+    (dict(budget=8, window=2, normalize="yes"), "normalize"),
+    (dict(window=2), "budget"), (dict(budget=0, window=2), "budget"),
+])
+def test_bad_input(tiny_llama, kw, match):
+    before = tiny_llama.cache
+    with pytest.raises(ValueError, match=match):
+        flexkv.generate(tiny_llama, random_ids(1, 12, 101), max_new_tokens=2, policy="laprox", **kw)
+    assert tiny_llama.cache is before
