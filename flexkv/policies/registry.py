@@ -47,9 +47,11 @@ def make_policy(policy, budget=None, **params):
                              f"available modifiers: {sorted(_MODIFIERS)}")
     cls = _POLICIES[base]
     mod_params = {}
-    for m in mods:  # modifier parameters are routed by name
+    for m in mods:  # modifier parameters are routed by name; `<modifier>_<param>` is explicit
         for p in _MODIFIERS[m].param_names():
-            if p in params and p not in cls.param_names():
+            if f"{m}_{p}" in params:
+                mod_params.setdefault(m, {})[p] = params.pop(f"{m}_{p}")
+            elif p in params and p not in cls.param_names():
                 mod_params.setdefault(m, {})[p] = params.pop(p)
     kw = dict(params)
     if budget is not None or "budget" in cls.param_names():
