@@ -39,3 +39,115 @@ def _h2o(draw, T):
 
 PROTECTED["h2o"] = lambda kw, last: set(range(
     last - (kw["recent"] if kw["recent"] is not None else kw["budget"] // 2) + 1, last + 1))
+
+
+@case("tova")
+def _tova(draw, T):
+    return dict(budget=draw(st.integers(1, T - 1)))
+
+
+@case("keydiff")
+def _keydiff(draw, T):
+    # budget >= 2: with budget 1 a decode step scores 2 keys, which are always exactly equally
+    # similar to their mean (a tie in exact arithmetic that rounding decides)
+    budget = draw(st.integers(2, T - 1))
+    return dict(budget=budget, window=draw(st.integers(0, budget - 1)))
+
+
+PROTECTED["keydiff"] = lambda kw, last: set(range(last - kw["window"] + 1, last + 1))
+
+
+@case("laprox")
+def _laprox(draw, T):
+    window = draw(st.integers(1, max(1, min(6, T - 2))))
+    budget = draw(st.integers(window + 1, T - 1))
+    return dict(budget=budget, window=window, normalize=draw(st.booleans()),
+                max_head_factor=draw(st.sampled_from([1, 1.5, 4])))
+
+
+PROTECTED["laprox"] = lambda kw, last: set(range(last - kw["window"] + 1, last + 1))
+VARIABLE_BUDGET.add("laprox")
+
+
+@case("weightedkv")
+def _weightedkv(draw, T):
+    n_sink = draw(st.integers(0, min(2, T - 3)))
+    window = draw(st.integers(1, max(1, min(6, T - 2 - n_sink))))
+    return dict(budget=draw(st.integers(window + n_sink + 1, T - 1)), window=window,
+                n_sink=n_sink, bias=draw(st.sampled_from([None, "log_mass"])))
+
+
+PROTECTED["weightedkv"] = lambda kw, last: set(range(kw["n_sink"])) | set(
+    range(last - kw["window"] + 1, last + 1))
+
+
+@case("cam")
+def _cam(draw, T):
+    import torch
+
+    n_sink = draw(st.integers(0, min(4, T - 2)))
+    stochastic = draw(st.booleans())
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16))) if stochastic else None
+    return dict(budget=draw(st.integers(n_sink + 1, T - 1)), n_sink=n_sink,
+                merge_tokens=draw(st.integers(1, 6)), stochastic=stochastic, gate_generator=gen,
+                bias=draw(st.sampled_from([None, "log_mass"])))
+
+
+PROTECTED["cam"] = PROTECTED["streaming"]
+
+
+def _snapkv_family(draw, T):
+    budget = draw(st.integers(2, T - 1))
+    return dict(budget=budget, window=draw(st.integers(1, budget - 1)),
+                kernel=draw(st.sampled_from([1, 3, 5, 7])))
+
+
+@case("snapkv")
+def _snapkv(draw, T):
+    return _snapkv_family(draw, T)
+
+
+@case("pyramidkv")
+def _pyramidkv(draw, T):
+    return dict(_snapkv_family(draw, T), beta=draw(st.integers(1, 20)))
+
+
+@case("adakv")
+def _adakv(draw, T):
+    return dict(_snapkv_family(draw, T), alpha=draw(st.sampled_from([0.2, 0.0, 0.35, 0.5, 1.0])))
+
+
+for _name in ("snapkv", "pyramidkv", "adakv"):
+    PROTECTED[_name] = lambda kw, last: set(range(last - kw["window"] + 1, last + 1))
+# prefill-only policies append during decode (retained grows past `budget`; pyramidkv's layers
+# and adakv's heads differ too): checked against lc.budget (the static capacity) only
+VARIABLE_BUDGET.update({"snapkv", "pyramidkv", "adakv"})
+
+
+@case("kvmerger")
+def _kvmerger(draw, T):
+    window = draw(st.integers(1, max(1, min(6, T - 2))))
+    return dict(budget=draw(st.integers(window + 1, T - 1)), window=window,
+                kernel=draw(st.sampled_from([1, 3, 7])),
+                skip_layers=draw(st.sampled_from([(), (0,), (-1,), None])),  # None: all 2 layers
+                bias=draw(st.sampled_from([None, "log_mass"])))
+
+
+PROTECTED["kvmerger"] = lambda kw, last: set(range(last - kw["window"] + 1, last + 1))
+VARIABLE_BUDGET.add("kvmerger")  # prefill-only: decode appends past `budget`
+
+
+def _with_vam(base):
+    """`<base>+vam`: the base's parameters plus alpha (simplest example 0.0, so the fixed-draw
+    'budget holds everything == full' check sees alpha=0, which is exactly the base)."""
+    def draw_kw(draw, T):
+        kw = CASES[base](draw, T) if base in CASES else {}
+        return dict(kw, alpha=draw(st.sampled_from([0.0, 0.35, 1.0])))
+    return draw_kw
+
+
+for _base in ("h2o", "streaming", "full"):
+    case(f"{_base}+vam")(_with_vam(_base))
+    if _base in PROTECTED:
+        PROTECTED[f"{_base}+vam"] = PROTECTED[_base]
+VARIABLE_BUDGET.add("full+vam")  # no budget: everything is kept

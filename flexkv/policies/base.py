@@ -144,6 +144,20 @@ class Policy:
     def bias(self, lc: LayerCache) -> Tensor | None:
         return None
 
+    def decode_bias(self, lc: LayerCache) -> Tensor | None:
+        """Per-slot attention-score bias [B, Hkv, S] at decode (default `bias(lc)`; a policy whose
+        `bias` is a parameter, e.g. the merging policies' `bias="log_mass"`, overrides this)."""
+        return self.bias(lc)
+
+    def prefill_bias(self, pos: Tensor, stats: dict) -> Tensor | None:
+        """Per-token attention-score bias [B, Hkv, N] over the cached + chunk tokens at prefill."""
+        return None
+
+    def decode_evict(self, ctx: DecodeContext, victim: Tensor, when: Tensor) -> None:
+        """Evict slot `victim` [B, Hkv] where `when` [B, Hkv] holds (merging policies fold the
+        victim's value into other slots first, under the same `when`; no host sync)."""
+        ctx.lc.evict(victim, when)
+
     # ------------------------------------------------------------------ prefill plumbing
     def prefill_layer(self, attn, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor) -> Tensor:
         lc: LayerCache = attn.kv_cache
@@ -160,7 +174,7 @@ class Policy:
             P = torch.cat([lc.pos, new_pos], dim=2)
             stats = {n: torch.cat([getattr(lc, n), zeros[n]], dim=2) for n in lc.stat_names}
         res = attention.prefill_attention(q, K, V, q_pos, P, window=attn.window,
-                                          return_lse=self.needs_lse)
+                                          return_lse=self.needs_lse, bias=self.prefill_bias(P, stats))
         o, lse = res if self.needs_lse else (res, None)
         lc.n_prefilled = getattr(lc, "n_prefilled", 0) + T
         ctx = PrefillContext(attn.layer_idx, q, K, V, P, q_pos, lse, stats, attn.window, attn,
@@ -190,12 +204,12 @@ class Policy:
         slot = lc.free_slot()
         lc.write(slot, k, v, q_pos)
         o, probs = attention.decode_attention(q, lc.k, lc.v, lc.pos, q_pos, window=attn.window,
-                                              bias=self.bias(lc), need_probs=self.needs_decode_probs)
+                                              bias=self.decode_bias(lc), need_probs=self.needs_decode_probs)
         ctx = DecodeContext(attn.layer_idx, lc, q, o, probs, slot, q_pos, attn)
         self.decode_scores(ctx)
         if self.decode_evicts:
             victim = lowest(self.decode_victim_score(ctx), lc.pos)
-            lc.evict(victim, lc.retained() > lc.budget)
+            self.decode_evict(ctx, victim, lc.retained() > lc.budget)
         self.decode_after(ctx)
         return o
 

@@ -35,18 +35,21 @@ def masked_scores(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, window: in
 
 
 def window_probs(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, w: int,
-                 window: int | None = None) -> Tensor:
+                 window: int | None = None, bias: Tensor | None = None) -> Tensor:
     """Attention probabilities of the last `w` queries (SnapKV's observation window), causal
-    inside the window. -> [B, Hkv, G, w, N]. Fully masked rows (padding) give zeros."""
+    inside the window. -> [B, Hkv, G, w, N]. Fully masked rows (padding) give zeros.
+    bias: [B, Hkv, N], a score bias the attention uses (e.g. `log_mass`), if any."""
     s = masked_scores(q[:, :, -w:], k, q_pos[:, -w:], k_pos, window)
+    if bias is not None:
+        s = s + bias[:, :, None, None, :]
     return torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
 
 
 def column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor,
-                window: int | None = None, block: int = 256) -> Tensor:
+                window: int | None = None, block: int = 256, bias: Tensor | None = None) -> Tensor:
     """H2O's prefill score: sum over all queries of the group-mean attention each key receives,
     recomputed blockwise from FlexAttention's log-sum-exp (never materialises Tq x N at once).
-    lse: [B, H, Tq]. -> [B, Hkv, N]."""
+    lse: [B, H, Tq]; bias: [B, Hkv, N], the score bias the attention used (if any). -> [B, Hkv, N]."""
     B, H, Tq, _ = q.shape
     n_kv = k.shape[1]
     dt = torch.promote_types(q.dtype, torch.float32)
@@ -55,6 +58,8 @@ def column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor,
     for s in range(0, Tq, block):
         e = min(Tq, s + block)
         logits = masked_scores(q[:, :, s:e], k, q_pos[:, s:e], k_pos, window)
+        if bias is not None:
+            logits = logits + bias[:, :, None, None, :]
         p = torch.exp(logits - lse_g[:, :, :, s:e, None])  # rows of padding: exp(-inf - -inf)
         p = torch.nan_to_num(p, nan=0.0)
         out += p.sum(dim=3).mean(dim=2)

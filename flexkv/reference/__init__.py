@@ -21,6 +21,8 @@ def register_reference(name: str):
 
 def reference_for(policy) -> RefPolicy:
     name = policy.name
+    if "+" in name:  # "<base>+<modifier>": the modifier's reference wraps reference_for(base)
+        name = name.rsplit("+", 1)[1]
     if name not in _REFS:
         try:
             importlib.import_module(f"flexkv.reference.{name}")
