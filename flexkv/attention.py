@@ -36,6 +36,13 @@ def _flex(*args, **kwargs):
     q = args[0]
     if q.is_cuda and not torch.compiler.is_compiling():
         if _compiled_flex is None:
+            # one graph per prefill shape (prompt/chunk length, per-layer capacity): allow many
+            # before dynamo would fall back to the (materialising) eager flex
+            cfg = torch._dynamo.config
+            if hasattr(cfg, "recompile_limit"):
+                cfg.recompile_limit = max(cfg.recompile_limit, 64)
+            else:  # pragma: no cover - older torch
+                cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
             _compiled_flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
         return _compiled_flex(*args, **kwargs)
     return flex_attention(*args, **kwargs)
