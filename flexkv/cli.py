@@ -248,9 +248,11 @@ def cmd_demo(args) -> int:
     rows = []
     for p in pols:
         budget = _default_budget(p, args.budget)
-        print(f"[flexkv] running {p} ...", file=sys.stderr, flush=True)
+        print(f"[flexkv] running {p} ...", end="", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
         out = flexkv.generate(model, input_ids, max_new_tokens=args.max_new_tokens, policy=p,
                               budget=budget, compile=compile_, eos_token_id=eos or None)
+        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         text = tok.decode(out.tokens[0, T:].tolist(), skip_special_tokens=True)
         got = extract_answer(text)
         retained = out.cache.retained().float().mean().item()
@@ -289,7 +291,10 @@ def cmd_bench(args) -> int:
     spec.loader.exec_module(mod)
     if not hasattr(mod, "main"):
         raise CLIError(f"bench {args.which}: {path} has no main(argv)")
-    rc = mod.main(list(args.args))
+    try:
+        rc = mod.main(list(args.args))
+    except SystemExit as e:           # the benchmark's own argparse (--help, bad arguments)
+        rc = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return rc if isinstance(rc, int) else 0
 
 

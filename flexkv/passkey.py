@@ -1,7 +1,7 @@
 """Passkey-retrieval prompts (the classic long-context needle test), shared by `flexkv demo` and
 the quality benchmark.
 
-A 5-digit pass key sentence (the *needle*) is hidden at a chosen relative depth of a haystack of
+A pass key sentence (the *needle*) is hidden at a chosen relative depth of a haystack of
 repeated filler sentences; the model is asked for the key. The haystack is sized so that the
 whole prompt (chat template, intro, haystack, needle, question, answer prefix) is about
 `n_tokens` tokens long.
@@ -17,7 +17,7 @@ DEFAULT_FILLER = ("The grass is green. The sky is blue. The sun is yellow. "
                   "Here we go. There and back again.")
 DEFAULT_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
 INTRO = ("There is an important info hidden inside a lot of irrelevant text. "
-         "Find it and memorize it. I will quiz you about the important information there.")
+         "Find it and memorize them. I will quiz you about the important information there.")
 QUESTION = "What is the pass key?"
 ANSWER_PREFIX = "The pass key is"
 
@@ -63,15 +63,15 @@ def _haystack(units: list[str], n_units: int, depth: float, needle: str) -> str:
 
 def _render(tokenizer, haystack: str, chat: bool) -> list[int]:
     if chat:
-        messages = [{"role": "user", "content": f"{INTRO}\n\n{haystack}\n\n{QUESTION}"}]
+        messages = [{"role": "user", "content": f"{INTRO}\n{haystack}\n{QUESTION}"}]
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         return tokenizer(text + ANSWER_PREFIX, add_special_tokens=False)["input_ids"]
-    text = f"{INTRO}\n\n{haystack}\n\n{QUESTION} {ANSWER_PREFIX}"
+    text = f"{INTRO}\n{haystack}\n{QUESTION} {ANSWER_PREFIX}"
     return tokenizer(text)["input_ids"]
 
 
 def build_passkey_prompt(tokenizer, n_tokens: int, depth: float, key, filler: str | None = None,
-                         needle: str | None = None, chat: bool = True):
+                         needle: str | None = None, chat: bool = False):
     """Build a passkey-retrieval prompt of about `n_tokens` tokens.
 
     Returns `(input_ids, answer)`: a LongTensor `[1, T]` (CPU) and the key as a string.
@@ -81,11 +81,17 @@ def build_passkey_prompt(tokenizer, n_tokens: int, depth: float, key, filler: st
     - `key`: the pass key (str or int), substituted for `{key}` in `needle`.
     - `filler`: haystack text, repeated sentence by sentence (default: the classic "The grass is
       green. ..."). `needle` (default "The pass key is {key}. Remember it. {key} is the pass key.").
+    - `chat=False` (default): the classic plain-text prompt (Landmark Attention / LongLoRA):
+      intro, haystack, and "What is the pass key? The pass key is" on separate lines, with the
+      tokenizer's default special tokens; the model continues with the digits.
     - `chat=True` (needs a tokenizer with a chat template): the user message is intro + haystack +
       "What is the pass key?", the template's generation prompt is added, and the assistant's
-      answer is **prefilled** with "The pass key is", so the model's first generated tokens are the
-      digits (no preamble to parse, a few new tokens suffice). `chat=False`: plain text ending in
-      "What is the pass key? The pass key is", with the tokenizer's default special tokens.
+      answer is **prefilled** with "The pass key is", so the model's first generated tokens should
+      be the digits (no preamble to parse, a few new tokens suffice).
+
+      Why plain is the default: SmolLM2-135M-Instruct (the default model, full cache, greedy, HF
+      transformers) answered 5/5 plain prompts of 4096 tokens at depths 0.1/0.3/0.5/0.7/0.9 but
+      0/5 of the same with `chat=True` (it describes "a magical item" instead).
 
     The length is matched by adding/removing whole filler sentences; T is within a few % of
     `n_tokens` (within one sentence, ~5 tokens, for the default filler). Raises ValueError naming

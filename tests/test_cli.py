@@ -229,10 +229,15 @@ def test_bench_dispatch(tmp_path, monkeypatch, capsys):
         "import json\n"
         "def main(argv):\n"
         "    print(json.dumps(argv))\n"
+        "    if argv == ['--fail']:\n"
+        "        raise SystemExit(2)\n"
         "    return 0\n")
     monkeypatch.setattr(cli, "bench_dir", lambda: tmp_path)
     assert main(["bench", "speed", "--steps", "3", "--help"]) == 0
     assert json.loads(capsys.readouterr().out) == ["--steps", "3", "--help"]
+    assert main(["bench", "speed", "--fail"]) == 2
+    assert main(["bench", "speed"]) == 0
+    assert [json.loads(l) for l in capsys.readouterr().out.splitlines()] == [["--fail"], []]
     rc = main(["bench", "quality", "--x"])
     cap = capsys.readouterr()
     assert rc == 2 and "bench/ directory" in cap.err
@@ -246,8 +251,8 @@ def test_bench_dispatch(tmp_path, monkeypatch, capsys):
 
 def _needle_depth(text: str, key: str) -> float:
     """Relative offset of the needle within the haystack (0 = start, 1 = end)."""
-    start = text.index(INTRO) + len(INTRO) + 2
-    end = text.index("\n\n" + QUESTION)
+    start = text.index(INTRO) + len(INTRO) + 1
+    end = text.index("\n" + QUESTION)
     needle = f"The pass key is {key}. Remember it. {key} is the pass key."
     at = text.index(needle)
     return (at - start) / max(1, (end - start) - len(needle))
@@ -323,11 +328,15 @@ def _default_tokenizer():
     return AutoTokenizer.from_pretrained(str(d))
 
 
+@pytest.mark.parametrize("chat", [False, True])
 @pytest.mark.parametrize("depth", [0.1, 0.5, 0.9])
-def test_passkey_with_smollm2_tokenizer(depth):
+def test_passkey_with_smollm2_tokenizer(depth, chat):
     tok = _default_tokenizer()
-    ids, key = build_passkey_prompt(tok, 4096, depth, "60494")
+    ids, key = build_passkey_prompt(tok, 4096, depth, "60494", chat=chat)
     assert abs(ids.shape[1] - 4096) <= 0.02 * 4096
     text = tok.decode(ids[0].tolist())
     assert abs(_needle_depth(text, key) - depth) <= 0.10
-    assert text.endswith("<|im_start|>assistant\n" + ANSWER_PREFIX)
+    if chat:
+        assert text.endswith("<|im_start|>assistant\n" + ANSWER_PREFIX)
+    else:
+        assert text.endswith(f"\n{QUESTION} {ANSWER_PREFIX}")
