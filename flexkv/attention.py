@@ -16,6 +16,7 @@ import math
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex_attention
 
@@ -126,6 +127,19 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Ten
     n_kv = k.shape[1]
     k_pos = _per_head(k_pos, n_kv)
     group = H // n_kv
+    if not q.is_cuda and not torch.compiler.is_compiling():
+        return dense_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse, bias)
+    return flex_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse, bias)
+
+
+def flex_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
+                           window: int | None = None, return_lse: bool = False,
+                           bias: Tensor | None = None):
+    """FlexAttention with the position block mask (the CUDA path; compiled there)."""
+    B, H, Tq, _ = q.shape
+    n_kv = k.shape[1]
+    k_pos = _per_head(k_pos, n_kv)
+    group = H // n_kv
     mask = slot_mask(q_pos, k_pos, group, window)
     block_mask = create_block_mask(mask, B, H, Tq, k.shape[2], device=q.device)
     extra = {} if bias is None else {"score_mod": key_bias(bias, group)}
@@ -136,6 +150,33 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Ten
                        return_aux=_AuxRequest(lse=True), **extra)
         return o, aux.lse
     return _flex(q, k, v, block_mask=block_mask, enable_gqa=group > 1, return_lse=True, **extra)
+
+
+def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
+                            window: int | None = None, return_lse: bool = False,
+                            bias: Tensor | None = None):
+    """The same attention as `flex_prefill_attention` through SDPA with a dense position mask:
+    the CPU path (eager FlexAttention materialises every score with its mods re-traced; measured
+    slower than SDPA on the default model). With `return_lse` it returns `(o, None)`: the LSE is
+    not computed here, its consumer (`scores.column_sums`) normalises the rows itself, which costs
+    the same pass the LSE would. Tested equal to the flex path (tests/test_attention.py)."""
+    H = q.shape[1]
+    group = H // k.shape[1]
+    shared = k_pos.stride(1) == 0  # one position row for every head (one-shot prefill)
+    kp = (k_pos[:, :1] if shared else k_pos)[:, :, None, :]  # [B, 1 or Hkv, 1, N]
+    qp = q_pos[:, None, :, None]
+    ok = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        ok = ok & (qp - kp < window)
+    if not shared:
+        ok = ok.repeat_interleave(group, dim=1)
+    mask = ok
+    if bias is not None:
+        mask = torch.where(ok, bias.repeat_interleave(group, dim=1)[:, :, None, :].to(q.dtype),
+                           float("-inf"))
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
+    o = o.masked_fill(~ok.any(dim=-1, keepdim=True), 0.0)  # fully masked (padding) rows: 0
+    return (o, None) if return_lse else o
 
 
 # ---------------------------------------------------------------------------- decode

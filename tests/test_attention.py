@@ -67,9 +67,31 @@ def test_prefill_and_column_sums(c, pad):
     pos = torch.arange(T).expand(B, T).clone()
     pos[-1] = torch.where(torch.arange(T) < pad, -1, torch.arange(T) - pad)  # left padding
     k_pos = pos[:, None, :].expand(B, n_kv, T)
-    o, lse = attention.prefill_attention(q, k, v, pos, pos, window, return_lse=True)
     o_ref, p_ref = dense(q, k, v, pos, k_pos, window)
-    torch.testing.assert_close(o, o_ref)
-    cs = scores.column_sums(q, k, pos, k_pos, lse, window, block=7)
     ref = p_ref.sum(dim=2).view(B, n_kv, G, T).mean(dim=2)
-    torch.testing.assert_close(cs, ref)
+    for impl in (attention.flex_prefill_attention, attention.dense_prefill_attention):
+        o, lse = impl(q, k, v, pos, k_pos, window, return_lse=True)  # lse None on the dense path
+        torch.testing.assert_close(o, o_ref)
+        cs = scores.column_sums(q, k, pos, k_pos, lse, window, block=7)
+        torch.testing.assert_close(cs, ref)
+
+
+@SET
+@given(case(), st.booleans())
+def test_prefill_over_a_compressed_cache_with_bias(c, per_head):
+    """Chunked prefill: queries over [cached slots (per-head positions) | chunk], with a bias."""
+    B, n_kv, G, T, D, window, seed = c
+    g = torch.Generator().manual_seed(seed)
+    S = 6
+    q = torch.randn(B, n_kv * G, T, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, n_kv, S + T, D, generator=g, dtype=torch.float64) for _ in range(2))
+    cached = torch.randint(-1, 30, (B, n_kv if per_head else 1, S), generator=g).expand(B, n_kv, S)
+    q_pos = (30 + torch.arange(T)).expand(B, T)
+    k_pos = torch.cat([cached, q_pos[:, None, :].expand(B, n_kv, T)], dim=2)
+    bias = torch.rand(B, n_kv, S + T, generator=g, dtype=torch.float64).log()
+    o_ref, p_ref = dense(q, k, v, q_pos, k_pos, window, bias)
+    for impl in (attention.flex_prefill_attention, attention.dense_prefill_attention):
+        o, lse = impl(q, k, v, q_pos, k_pos, window, return_lse=True, bias=bias)
+        torch.testing.assert_close(o, o_ref)
+        cs = scores.column_sums(q, k, q_pos, k_pos, lse, window, bias=bias)
+        torch.testing.assert_close(cs, p_ref.sum(dim=2).view(B, n_kv, G, S + T).mean(dim=2))

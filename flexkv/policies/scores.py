@@ -49,18 +49,22 @@ def column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor,
                 window: int | None = None, block: int = 256, bias: Tensor | None = None) -> Tensor:
     """H2O's prefill score: sum over all queries of the group-mean attention each key receives,
     recomputed blockwise from FlexAttention's log-sum-exp (never materialises Tq x N at once).
-    lse: [B, H, Tq]; bias: [B, Hkv, N], the score bias the attention used (if any). -> [B, Hkv, N]."""
+    lse: [B, H, Tq], or None (the CPU attention path): then each block's rows are normalised
+    directly. bias: [B, Hkv, N], the score bias the attention used (if any). -> [B, Hkv, N]."""
     B, H, Tq, _ = q.shape
     n_kv = k.shape[1]
     dt = torch.promote_types(q.dtype, torch.float32)
-    lse_g = lse.view(B, n_kv, H // n_kv, Tq).to(dt)
+    lse_g = None if lse is None else lse.view(B, n_kv, H // n_kv, Tq).to(dt)
     out = torch.zeros(B, n_kv, k.shape[2], dtype=dt, device=k.device)
     for s in range(0, Tq, block):
         e = min(Tq, s + block)
         logits = masked_scores(q[:, :, s:e], k, q_pos[:, s:e], k_pos, window)
         if bias is not None:
             logits = logits + bias[:, :, None, None, :]
-        p = torch.exp(logits - lse_g[:, :, :, s:e, None])  # rows of padding: exp(-inf - -inf)
+        if lse_g is None:
+            p = torch.softmax(logits, dim=-1)
+        else:
+            p = torch.exp(logits - lse_g[:, :, :, s:e, None])  # padding rows: exp(-inf - -inf)
         p = torch.nan_to_num(p, nan=0.0)
         out += p.sum(dim=3).mean(dim=2)
     return out
