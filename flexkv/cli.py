@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
-DEMO_POLICIES = ("streaming", "h2o", "snapkv")   # shown by the demo when registered
+DEMO_POLICIES = ("streaming", "h2o", "snapkv", "weightedkv", "h2o+vam")
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -204,7 +204,8 @@ def _demo_policies(text: str | None) -> list[str]:
 
     if text is None:
         names = set(available())
-        return ["full"] + [p for p in DEMO_POLICIES if p in names]
+        return ["full"] + [p for p in DEMO_POLICIES if p.split("+")[0] in names
+                           and all(f"<policy>+{m}" in names for m in p.split("+")[1:])]
     pols = [p.strip() for p in text.split(",") if p.strip()]
     if not pols:
         raise CLIError("--policies must list at least one policy, e.g. full,h2o")
@@ -340,8 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "model for it under each policy; prints a table of answers, memory and speed.")
     common(d, DEFAULT_MODEL)
     d.add_argument("--policies", default=None,
-                   help="comma-separated (default: full plus those of streaming,h2o,snapkv "
-                   "that are registered)")
+                   help="comma-separated (default: full,streaming,h2o,snapkv,weightedkv,h2o+vam)")
     d.add_argument("--budget", type=_positive_int, default=256,
                    help="budget for the compressing policies (default 256)")
     d.add_argument("--length", type=_positive_int, default=4096, help="prompt tokens (default 4096)")
