@@ -220,8 +220,8 @@ def test_demo_default_policies():
     from flexkv.policies import available
 
     pols = cli._demo_policies(None)
-    assert pols[0] == "full"
-    assert set(pols[1:]) == {p for p in ("streaming", "h2o", "snapkv") if p in available()}
+    assert pols == ["full", "streaming", "h2o", "snapkv", "weightedkv", "h2o+vam"]
+    assert {"streaming", "h2o", "snapkv", "weightedkv"} <= set(available())
 
 
 def test_bench_dispatch(tmp_path, monkeypatch, capsys):
