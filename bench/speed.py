@@ -178,8 +178,8 @@ def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw) -> Ro
     device = ids.device
     kw = {} if policy.startswith("full") else {"budget": budget}
     B, T = ids.shape
-    t = time.perf_counter()
-    flexkv.generate(model, ids, max_new_tokens=3, policy=policy, compile=compile, **kw)
+    t = time.perf_counter()  # warm-up with the timed run's shapes (capacity depends on max_new)
+    warm = flexkv.generate(model, ids, max_new_tokens=new_tokens, policy=policy, compile=compile, **kw)
     sync(device)
     first = time.perf_counter() - t
     graphs = n_graphs() if compile else None
@@ -189,7 +189,8 @@ def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw) -> Ro
     recompiles = (n_graphs() - graphs) if compile else None
     steps = out.new_tokens - 1
     decode_ms = 1e3 * out.decode_s / steps
-    compile_s = max(0.0, first - out.prefill_s - 2 * decode_ms / 1e3) if compile else None
+    compile_s = max(0.0, first - warm.prefill_s - (warm.new_tokens - 1) * decode_ms / 1e3) \
+        if compile else None
     peak_reset(device)
     chunked = flexkv.generate(model, ids, max_new_tokens=2, policy=policy, prefill_chunk=chunk, **kw)
     chunk_peak = peak_gb(device)
