@@ -227,13 +227,8 @@ def prefill_only(policy: str, budget=64) -> bool:
 
 
 def eos_ids(tokenizer, model) -> list[int]:
-    ids = set()
-    for e in (getattr(tokenizer, "eos_token_id", None), getattr(model.args, "eos_token_id", None)):
-        if isinstance(e, int):
-            ids.add(e)
-        elif isinstance(e, (list, tuple)):
-            ids.update(int(x) for x in e)
-    return sorted(ids)
+    from flexkv.generate import stop_token_ids
+    return stop_token_ids(tokenizer, model)
 
 
 # =========================================================================== runner

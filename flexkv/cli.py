@@ -85,13 +85,8 @@ def _default_budget(policy: str, budget):
 
 
 def _eos_ids(tokenizer, model) -> list[int]:
-    ids = set()
-    for e in (getattr(tokenizer, "eos_token_id", None), getattr(model.args, "eos_token_id", None)):
-        if isinstance(e, int):
-            ids.add(e)
-        elif isinstance(e, (list, tuple)):
-            ids.update(int(x) for x in e)
-    return sorted(ids)
+    from flexkv.generate import stop_token_ids
+    return stop_token_ids(tokenizer, model)
 
 
 def _load(model_name: str, device: str, dtype: str):

@@ -134,6 +134,17 @@ def _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top
     return input_ids
 
 
+def stop_token_ids(tokenizer, model) -> list[int]:
+    """The eos ids named by the tokenizer and the model config (either may be a list)."""
+    ids = set()
+    for e in (getattr(tokenizer, "eos_token_id", None), getattr(model.args, "eos_token_id", None)):
+        if isinstance(e, int):
+            ids.add(e)
+        elif isinstance(e, (list, tuple)):
+            ids.update(int(x) for x in e)
+    return sorted(ids)
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
