@@ -294,14 +294,21 @@ class Runner:
             k["params"] = params
         return k
 
-    def passkey_cell(self, policy, budget, haystack, length, depth, key_idx, params=None):
-        key = self.passkey_key(policy, budget, haystack, length, depth, key_idx, params)
+    def lookup(self, key):
+        """A cached cell, a `missing` marker under --cached-only, or None (compute it)."""
         hit = self.cache.get(key)
         if hit is not None:
             return dict(hit, cached=True)
         if self.args.cached_only:
             self.missing += 1
             return dict(missing=True)
+        return None
+
+    def passkey_cell(self, policy, budget, haystack, length, depth, key_idx, params=None):
+        key = self.passkey_key(policy, budget, haystack, length, depth, key_idx, params)
+        hit = self.lookup(key)
+        if hit is not None:
+            return hit
         import flexkv
         from flexkv.passkey import extract_answer
 
@@ -354,12 +361,9 @@ class Runner:
                    tokens=a.ppl_tokens)
         if params:
             key["params"] = params
-        hit = self.cache.get(key)
+        hit = self.lookup(key)
         if hit is not None:
-            return dict(hit, cached=True)
-        if self.args.cached_only:
-            self.missing += 1
-            return dict(missing=True)
+            return hit
         import flexkv
 
         ids = ids.to(self.device)

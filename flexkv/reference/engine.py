@@ -201,3 +201,11 @@ def top_indices(score: Tensor, pos: Tensor, n: int) -> Tensor:
     """Indices of the `n` highest scores; ties keep the higher position (evict the older)."""
     order = sorted(range(len(pos)), key=lambda i: (-float(score[i]), -int(pos[i])))
     return torch.tensor(sorted(order[:n]), dtype=torch.long)
+
+
+def keep_recent_and_top(head: Head, score: Tensor, last: int, w: int, C: int) -> Head:
+    """Keep the positions > last - w, plus the top C - |recent| of the older ones by `score`."""
+    recent = [i for i in range(len(head)) if head.pos[i] > last - w]
+    older = torch.tensor([i for i in range(len(head)) if head.pos[i] <= last - w], dtype=torch.long)
+    top = top_indices(score[older], head.pos[older], C - len(recent))
+    return head.take(sorted(recent + older[top].tolist()))

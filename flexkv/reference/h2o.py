@@ -1,8 +1,7 @@
 """Reference `h2o`: S_j = cumulative group-mean attention; keep the recent w plus the top C - w."""
-import torch
 
 from flexkv.reference import register_reference
-from flexkv.reference.engine import RefPolicy, lowest_index, top_indices
+from flexkv.reference.engine import RefPolicy, keep_recent_and_top, lowest_index
 
 
 @register_reference("h2o")
@@ -16,10 +15,7 @@ class RefH2O(RefPolicy):
             head.stats["score"] = head.stats["score"] + ch.probs.sum(dim=1).mean(dim=0)
             if len(head) > C:
                 last = int(ch.q_pos.max())
-                recent = [i for i in range(len(head)) if head.pos[i] > last - w]
-                older = torch.tensor([i for i in range(len(head)) if head.pos[i] <= last - w])
-                top = top_indices(head.stats["score"][older], head.pos[older], C - len(recent))
-                head = head.take(sorted(recent + older[top].tolist()))
+                head = keep_recent_and_top(head, head.stats["score"], last, w, C)
             out.append(head)
         return out
 

@@ -6,7 +6,7 @@ import math
 import torch
 
 from flexkv.reference import register_reference
-from flexkv.reference.engine import RefPolicy, lowest_index, top_indices
+from flexkv.reference.engine import RefPolicy, keep_recent_and_top, lowest_index
 
 EPS = 1e-12
 
@@ -28,10 +28,7 @@ class RefKeyDiff(RefPolicy):
             if len(head) > C:  # then the chunk has real queries
                 last = int(ch.q_pos.max())
                 score = key_diff_scores(head.k)
-                recent = [i for i in range(len(head)) if head.pos[i] > last - w]
-                older = torch.tensor([i for i in range(len(head)) if head.pos[i] <= last - w])
-                top = top_indices(score[older], head.pos[older], C - len(recent))
-                head = head.take(sorted(recent + older[top].tolist()))
+                head = keep_recent_and_top(head, score, last, w, C)
             out.append(head)
         return out
 

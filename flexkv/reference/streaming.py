@@ -1,5 +1,4 @@
 """Reference `streaming`: keep positions < n_sink and the most recent budget - n_sink."""
-import torch
 
 from flexkv.reference import register_reference
 from flexkv.reference.engine import RefPolicy
