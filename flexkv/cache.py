@@ -29,6 +29,9 @@ class LayerCache(nn.Module):
         self.stat_names = tuple(stats or {})
         for name, sdtype in (stats or {}).items():
             self.register_buffer(name, torch.zeros(shape, dtype=sdtype, device=device))
+        if self.k.is_cuda:  # CUDA graphs: the step's state keeps its addresses across replays
+            for buf in self.buffers():
+                torch._dynamo.mark_static_address(buf)
 
     @property
     def capacity(self) -> int:
@@ -41,26 +44,34 @@ class LayerCache(nn.Module):
         """Tokens held per head: [B, H_kv]."""
         return (self.pos >= 0).sum(-1)
 
-    def free_slot(self) -> Tensor:
-        """An empty slot per head, [B, H_kv] (the first one: argmin of pos, whose minimum is -1)."""
-        return self.pos.argmin(dim=-1)
+    def free_slot(self) -> tuple[Tensor, Tensor]:
+        """An empty slot per head and whether there is one: ([B, H_kv] index, [B, H_kv] bool).
+        The index is the first empty slot (argmin of pos, whose minimum is -1); where a head has
+        none it points at a kept token, so a write must be gated by the bool (`write(when=)`)."""
+        return self.pos.argmin(dim=-1), (self.pos < 0).any(dim=-1)
 
     def write(self, slot: Tensor, k: Tensor, v: Tensor, pos: Tensor,
-              stats: dict[str, Tensor] | None = None) -> None:
-        """Write one token per head into `slot` [B, H_kv]. k, v: [B, H_kv, 1, D]; pos: [B, 1]
+              stats: dict[str, Tensor] | None = None, when: Tensor | None = None) -> None:
+        """Write one token per head into `slot` [B, H_kv] where `when` [B, H_kv] (bool, default
+        everywhere) holds; elsewhere the slot keeps its content. k, v: [B, H_kv, 1, D]; pos: [B, 1]
         (or [B, H_kv]); statistics of the slot are reset to 0 unless given ([B, H_kv])."""
         B, n_kv = slot.shape
         idx = slot[:, :, None]
-        self.k.scatter_(2, idx[..., None].expand(-1, -1, 1, k.shape[-1]), k)
-        self.v.scatter_(2, idx[..., None].expand(-1, -1, 1, v.shape[-1]), v)
-        self.pos.scatter_(2, idx, pos.expand(B, n_kv)[:, :, None])
+        kidx = idx[..., None].expand(-1, -1, 1, k.shape[-1])
+        go = None if when is None else when[:, :, None]
+
+        def gated(buf: Tensor, index: Tensor, new: Tensor) -> Tensor:
+            return new if go is None else torch.where(
+                go if new.dim() == 3 else go[..., None], new, buf.gather(2, index))
+
+        self.k.scatter_(2, kidx, gated(self.k, kidx, k.to(self.k.dtype)))
+        self.v.scatter_(2, kidx, gated(self.v, kidx, v.to(self.v.dtype)))
+        self.pos.scatter_(2, idx, gated(self.pos, idx, pos.expand(B, n_kv)[:, :, None]))
         for name in self.stat_names:
             val = (stats or {}).get(name)
             buf = getattr(self, name)
-            if val is None:
-                buf.scatter_(2, idx, torch.zeros_like(idx, dtype=buf.dtype))
-            else:
-                buf.scatter_(2, idx, val[:, :, None].to(buf.dtype))
+            new = torch.zeros_like(idx, dtype=buf.dtype) if val is None else val[:, :, None].to(buf.dtype)
+            buf.scatter_(2, idx, gated(buf, idx, new))
 
     def evict(self, slot: Tensor, when: Tensor) -> None:
         """Empty `slot` [B, H_kv] where `when` [B, H_kv] (bool) holds; no host sync."""
@@ -88,6 +99,26 @@ class LayerCache(nn.Module):
         """Bytes of K and V storage held (allocated slots, not only the retained tokens)."""
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
+    def clear_rows(self, rows) -> None:
+        """Empty batch rows `rows` (an int, a slice or an index tensor): every slot free, every
+        statistic 0 (outside any compiled step: a serving slot freed for the next request)."""
+        self.pos[rows] = -1
+        for name in self.stat_names:
+            getattr(self, name)[rows] = 0
+
+    def copy_row(self, src: "LayerCache", src_row: int, dst_row: int) -> None:
+        """Copy row `src_row` of `src` (same layout: heads, capacity, head dim, statistics) into
+        row `dst_row` of this cache: every buffer, budgets and policy-owned ones included. A
+        buffer whose last dimension differs (a per-position table such as cam's pre-drawn gates)
+        is copied over the common prefix."""
+        mine = dict(self.named_buffers())
+        for name, buf in src.named_buffers():
+            if name not in mine:
+                raise ValueError(f"copy_row: the destination cache has no buffer {name!r}")
+            dst = mine[name][dst_row]
+            n = min(dst.shape[-1], buf.shape[-1])
+            dst[..., :n].copy_(buf[src_row][..., :n])
+
 
 class KVCache(nn.Module):
     """All layers' caches; `layers[l]` may have its own capacity (pyramid budgets)."""
@@ -106,3 +137,16 @@ class KVCache(nn.Module):
     def slots(self) -> int:
         """Allocated slots summed over layers and heads (per sequence)."""
         return sum(lc.pos.shape[1] * lc.capacity for lc in self.layers)
+
+    @property
+    def batch(self) -> int:
+        return self.layers[0].pos.shape[0]
+
+    def clear_rows(self, rows) -> None:
+        for lc in self.layers:
+            lc.clear_rows(rows)
+
+    def copy_row(self, src: "KVCache", src_row: int, dst_row: int) -> None:
+        """Row `src_row` of `src` into row `dst_row` here, every layer (see LayerCache.copy_row)."""
+        for mine, theirs in zip(self.layers, src.layers, strict=True):
+            mine.copy_row(theirs, src_row, dst_row)

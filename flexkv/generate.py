@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from flexkv.cache import KVCache
-from flexkv.policies import make_policy
+from flexkv.policies import ChunkInfo, make_policy
 
 SYNC_EVERY = 16
 
@@ -37,9 +37,11 @@ class GenerateOutput:
 
 
 # --------------------------------------------------------------------------- the compiled units
-def decode_one_token(model, token: Tensor, pos: Tensor) -> Tensor:
-    """token, pos: [B, 1] -> next-token logits [B, V]."""
-    return model.decode(token, pos)[:, -1]
+def decode_one_token(model, cache: KVCache, policy, token: Tensor, pos: Tensor,
+                     active: Tensor) -> Tensor:
+    """token, pos: [B, 1]; active: [B] bool (idle rows change nothing) -> next-token logits
+    [B, V]. The unit `flexkv.generate` and the serving engine compile."""
+    return model.decode(token, pos, cache, policy, active)[:, -1]
 
 
 _COMPILED: dict[str, object] = {}
@@ -159,22 +161,49 @@ def positions(input_ids: Tensor, attention_mask: Tensor | None) -> Tensor:
 
 
 # --------------------------------------------------------------------------- generate
+class Prefill:
+    """A prompt's prefill into `cache`, one chunk at a time (`chunk` tokens, None = one shot),
+    the policy compressing after each chunk and `finish_prefill` after the last. `generate` runs
+    it to the end; the serving engine runs one chunk between decode steps. What a chunk needs to
+    know (first, last, prompt length) travels in a `ChunkInfo` through the model's forward."""
+
+    def __init__(self, model, cache: KVCache, policy, input_ids: Tensor, pos: Tensor,
+                 chunk: int | None = None, max_new_tokens: int = 0):
+        self.model, self.cache, self.policy = model, cache, policy
+        self.input_ids, self.pos = input_ids, pos
+        self.T = input_ids.shape[1]
+        self.chunk = chunk or self.T
+        self.max_new_tokens = max_new_tokens
+        self.start = 0
+
+    @property
+    def done(self) -> bool:
+        return self.start >= self.T
+
+    @torch.no_grad()
+    def step(self) -> Tensor | None:
+        """Run the next chunk; after the last one, the last position's logits [B, V]."""
+        s, e = self.start, min(self.T, self.start + self.chunk)
+        info = ChunkInfo(first=s == 0, last=e == self.T, prompt_len=self.T,
+                         max_new_tokens=self.max_new_tokens)
+        logits = self.model.prefill(self.input_ids[:, s:e], self.pos[:, s:e], self.cache,
+                                    self.policy, info)
+        self.start = e
+        if not self.done:
+            return None
+        self.policy.finish_prefill(self.cache, self.model)
+        return logits[:, -1]
+
+
 @torch.no_grad()
-def prefill(model, input_ids: Tensor, pos: Tensor, chunk: int | None = None) -> Tensor:
-    """Run the prompt through the attached cache (one-shot or `chunk` tokens at a time, the
-    policy compressing after each chunk). Returns the last position's logits [B, V]."""
-    T = input_ids.shape[1]
-    chunk = chunk or T
-    for lc in model.cache.layers:
-        lc.n_prefilled = 0
+def prefill(model, cache: KVCache, policy, input_ids: Tensor, pos: Tensor, chunk: int | None = None,
+            max_new_tokens: int = 0) -> Tensor:
+    """Run the whole prompt through `cache`; returns the last position's logits [B, V]."""
+    run = Prefill(model, cache, policy, input_ids, pos, chunk, max_new_tokens)
     logits = None
-    for s in range(0, T, chunk):
-        e = min(T, s + chunk)
-        for lc in model.cache.layers:
-            lc.last_chunk = e == T
-        logits = model.prefill(input_ids[:, s:e], pos[:, s:e])
-    model.cache_policy().finish_prefill(model.cache, model)
-    return logits[:, -1]
+    while not run.done:
+        logits = run.step()
+    return logits
 
 
 @torch.no_grad()
@@ -183,7 +212,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
              top_p: float | None = None, eos_token_id=None, prefill_chunk: int | None = None,
              generator: torch.Generator | None = None, attention_mask: Tensor | None = None,
              callback=None, reference: bool = False, forced_tokens: Tensor | None = None,
-             output_logits: bool = False, **policy_params) -> GenerateOutput:
+             output_logits: bool = False, cache_callback=None, **policy_params) -> GenerateOutput:
     """Greedy or sampled generation under a KV policy. See the README for the full contract.
 
     `callback(tokens)`, if given, is called with each new token tensor `[B]` (on the model's
@@ -196,6 +225,9 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
     fed back are these instead of sampled ones. `output_logits=True` keeps the logits that
     predicted each new token in `out.logits` [B, N, V] (fp32, or fp64 for fp64 models).
     `reference=True` runs the policy's eager reference (flexkv.reference) instead.
+    `cache_callback(cache)`, if given, is called with the live cache at the same points as
+    `callback` (after the prefill, then after every decode step): for watching what a policy
+    keeps as it runs.
     """
     input_ids = _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
                           top_p, prefill_chunk, eos_token_id)
@@ -221,12 +253,12 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
         eos = torch.tensor(ids, device=dev)
 
     cache = pol.build_cache(model, B, T, max_new_tokens)
-    model.setup_cache(cache, pol)
     pos = positions(input_ids, attention_mask)
     sync = dev.type == "cuda"
+    active = torch.ones(B, dtype=torch.bool, device=dev)
 
     t0 = time.perf_counter()
-    logits = prefill(model, input_ids, pos, prefill_chunk)
+    logits = prefill(model, cache, pol, input_ids, pos, prefill_chunk, max_new_tokens)
     kept_logits = [_keep(logits)] if output_logits else None
     tok = sample(logits, temperature, top_k, top_p, generator)
     if forced_tokens is not None:
@@ -240,6 +272,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
     out[:, T] = tok
     if callback is not None:
         callback(tok)
+    if cache_callback is not None:
+        cache_callback(cache)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
     fill = eos[0] if eos is not None else None
     if eos is not None:
@@ -250,7 +284,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
     for i in range(1, max_new_tokens):
         if eos is not None and i % SYNC_EVERY == 0 and bool(done.all()):
             break
-        logits = step_fn(model, tok[:, None], cur)
+        logits = step_fn(model, cache, pol, tok[:, None], cur, active)
         nxt = sample(logits, temperature, top_k, top_p, generator)
         if forced_tokens is not None:
             nxt = forced_tokens[:, i]
@@ -262,6 +296,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
         out[:, T + i] = nxt
         if callback is not None:
             callback(nxt)
+        if cache_callback is not None:
+            cache_callback(cache)
         tok, cur = nxt, cur + 1
         n += 1
     if sync:

@@ -2,12 +2,13 @@
 
 Parameter names follow Hugging Face's `LlamaForCausalLM` so checkpoints load with a plain
 `load_state_dict`. Attention goes through `flexkv.attention`; the KV cache and the compression
-policy are attached by `flexkv.generate` (`Transformer.setup_cache`), never imported here.
+policy are passed explicitly through the forward (the model holds neither), so a serving engine
+can prefill one cache row while the others decode.
 
 Three entry points:
 - `model(input_ids)`: plain causal forward, logits `[B, T, V]`.
-- `model.prefill(input_ids, pos)`: forward that writes (and compresses) the attached cache.
-- `model.decode(token, pos)`: one decode step over the attached cache.
+- `model.prefill(input_ids, pos, cache, policy, info)`: writes (and compresses) `cache`.
+- `model.decode(token, pos, cache, policy, active)`: one decode step over `cache`.
 """
 from __future__ import annotations
 
@@ -19,7 +20,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexkv import attention
-from flexkv.cache import KVCache
 
 
 @dataclass
@@ -111,8 +111,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv * hd, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
         self.o_proj = nn.Linear(self.n_head * hd, d, bias=False)
-        self.kv_cache = None  # flexkv.cache.LayerCache, set by Transformer.setup_cache
-        self.policy = None
 
     def _qkv(self, x: Tensor, pos: Tensor, inv_freq: Tensor):
         B, T, _ = x.shape
@@ -125,16 +123,17 @@ class Attention(nn.Module):
         B, _, T, _ = o.shape
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
-    def forward(self, x: Tensor, pos: Tensor, inv_freq: Tensor, mode: str) -> Tensor:
-        """mode: "plain" (no cache), "prefill" (write/compress the cache), "decode" (one token)."""
+    def forward(self, x: Tensor, pos: Tensor, inv_freq: Tensor, mode: str, lc=None, policy=None,
+                extra=None) -> Tensor:
+        """mode: "plain" (no cache), "prefill" (write/compress `lc`; extra = the ChunkInfo),
+        "decode" (one token per row; extra = the `active` rows [B] bool)."""
         q, k, v = self._qkv(x, pos, inv_freq)
         if mode == "plain":
             o = attention.prefill_attention(q, k, v, pos, pos, window=self.window)
-            return self._out(o)
-        if mode == "prefill":
-            o = self.policy.prefill_layer(self, q, k, v, pos)
-            return self._out(o)
-        o = self.policy.decode_layer(self, q, k, v, pos)
+        elif mode == "prefill":
+            o = policy.prefill_layer(self, lc, q, k, v, pos, extra)
+        else:
+            o = policy.decode_layer(self, lc, q, k, v, pos, extra)
         return self._out(o)
 
 
@@ -157,8 +156,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: Tensor, pos: Tensor, inv_freq: Tensor, mode: str) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), pos, inv_freq, mode)
+    def forward(self, x: Tensor, pos: Tensor, inv_freq: Tensor, mode: str, lc=None, policy=None,
+                extra=None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), pos, inv_freq, mode, lc, policy, extra)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -181,33 +181,17 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
-        self.cache: KVCache | None = None
 
     @property
     def layers(self):
         return self.model.layers
 
-    def setup_cache(self, cache: KVCache | None, policy=None) -> None:
-        """Attach a cache (a submodule, so its buffers have static addresses) and the policy.
-        Reference caches (plain objects, flexkv.reference) are attached as plain attributes."""
-        self._modules.pop("cache", None)
-        self.__dict__.pop("cache", None)
-        if isinstance(cache, nn.Module) or cache is None:
-            self.cache = cache
-        else:
-            self.__dict__["cache"] = cache
-        for i, layer in enumerate(self.layers):
-            # a plain reference: the cache is registered once, under `self.cache`
-            layer.self_attn.__dict__["kv_cache"] = None if cache is None else cache.layers[i]
-            layer.self_attn.policy = policy
-
-    def cache_policy(self):
-        return self.layers[0].self_attn.policy
-
-    def _run(self, input_ids: Tensor, pos: Tensor, mode: str, last_only: bool = False) -> Tensor:
+    def _run(self, input_ids: Tensor, pos: Tensor, mode: str, cache=None, policy=None, extra=None,
+             last_only: bool = False) -> Tensor:
         x = self.model.embed_tokens(input_ids)
-        for layer in self.layers:
-            x = layer(x, pos, self.inv_freq, mode)
+        for i, layer in enumerate(self.layers):
+            lc = None if cache is None else cache.layers[i]
+            x = layer(x, pos, self.inv_freq, mode, lc, policy, extra)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
@@ -218,10 +202,11 @@ class Transformer(nn.Module):
             pos = torch.arange(T, device=input_ids.device).expand(B, T)
         return self._run(input_ids, pos, "plain")
 
-    def prefill(self, input_ids: Tensor, pos: Tensor) -> Tensor:
-        """Logits of the chunk's last position only: [B, 1, V]."""
-        return self._run(input_ids, pos, "prefill", last_only=True)
+    def prefill(self, input_ids: Tensor, pos: Tensor, cache, policy, info) -> Tensor:
+        """A prompt chunk through `cache` (compressed by `policy`; `info`: a
+        `flexkv.policies.ChunkInfo`). Logits of the chunk's last position only: [B, 1, V]."""
+        return self._run(input_ids, pos, "prefill", cache, policy, info, last_only=True)
 
-    def decode(self, token: Tensor, pos: Tensor) -> Tensor:
-        """token: [B, 1]; pos: [B, 1]."""
-        return self._run(token, pos, "decode")
+    def decode(self, token: Tensor, pos: Tensor, cache, policy, active: Tensor) -> Tensor:
+        """token, pos: [B, 1]; active: [B] bool (idle rows change nothing). -> [B, 1, V]."""
+        return self._run(token, pos, "decode", cache, policy, active)

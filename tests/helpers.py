@@ -131,3 +131,27 @@ def assert_same_cache(c1, c2, atol: float = 1e-5) -> None:
                                        msg=lambda m: f"layer {l} (row, head) {key}: k: {m}")
             torch.testing.assert_close(va, vb, atol=atol, rtol=0,
                                        msg=lambda m: f"layer {l} (row, head) {key}: v: {m}")
+
+
+class NoCacheBuilt:
+    """Context manager: fails if a KV cache is built inside it (bad input must be rejected
+    before any work starts)."""
+
+    def __enter__(self):
+        from flexkv.cache import KVCache
+
+        self.built, self._init, self._cls = [], KVCache.__init__, KVCache
+        outer = self
+
+        def spy(cache, *a, **k):
+            outer.built.append(1)
+            outer._init(cache, *a, **k)
+
+        KVCache.__init__ = spy
+        return self
+
+    def __exit__(self, *exc):
+        self._cls.__init__ = self._init
+        if exc[0] is None or issubclass(exc[0], Exception):
+            assert not self.built, "a cache was built before the input was rejected"
+        return False

@@ -61,14 +61,14 @@ def permute_slots(cache, seed: int) -> None:
 def run(model, ids, policy, kw, *, chunk=None, reference=False, mask=None, permute=None):
     snaps, retained = [], []
 
-    def track(tok):
+    def track(cache):
         if permute is not None and not snaps:
-            permute_slots(model.cache, permute)
-        snaps.append(pos_sets(model.cache))
-        retained.append(model.cache.retained().clone())
+            permute_slots(cache, permute)
+        snaps.append(pos_sets(cache))
+        retained.append(cache.retained().clone())
 
     out = flexkv.generate(model, ids, max_new_tokens=NEW, policy=policy, prefill_chunk=chunk,
-                          reference=reference, attention_mask=mask, callback=track,
+                          reference=reference, attention_mask=mask, cache_callback=track,
                           output_logits=True, **kw)
     return out, snaps, retained
 

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import flexkv
+from flexkv.policies.base import ChunkInfo
 from flexkv.cache import LayerCache
 from flexkv.policies import KeyDiff
 from flexkv.policies.base import DecodeContext, PrefillContext, lowest
@@ -40,7 +41,7 @@ def test_score_by_hand():
 def _prefill_ctx(q, window_budget=2):
     pos = torch.arange(4)[None, None]
     return PrefillContext(0, q, KEYS[None, None], torch.zeros(1, 1, 4, 2, dtype=F64), pos,
-                          torch.arange(4)[None], None, {}, None, None, True,
+                          torch.arange(4)[None], None, {}, None, None, ChunkInfo(prompt_len=4),
                           torch.full((1, 1), window_budget))
 
 
@@ -74,7 +75,8 @@ def test_decode_hand_example(window, evicted):
     order = torch.tensor([3, 0, 2, 1])
     lc.k.copy_(KEYS[order][None, None])
     lc.pos.copy_(order[None, None])
-    ctx = DecodeContext(0, lc, None, None, None, None, torch.tensor([[3]]), None)  # no probs needed
+    ctx = DecodeContext(0, lc, None, None, None, None, torch.tensor([[3]]), None,
+                        torch.ones(1, dtype=torch.bool))  # no probs needed
     victim = lowest(KeyDiff(budget=3, window=window).decode_victim_score(ctx), lc.pos)
     lc.evict(victim, lc.retained() > lc.budget)
     assert sorted(p for p in lc.pos[0, 0].tolist() if p >= 0) == sorted({0, 1, 2, 3} - {evicted})
@@ -95,16 +97,16 @@ def test_generate_keeps_window(tiny_llama):
     ids = torch.randint(0, tiny_llama.args.vocab_size, (1, 20), generator=torch.Generator().manual_seed(0))
     seen = []
 
-    def check(tok):
+    def check(cache):
         last = 19 + len(seen)
-        for lc in tiny_llama.cache.layers:
+        for lc in cache.layers:
             for g in range(lc.pos.shape[1]):
                 kept = set(lc.pos[0, g].tolist())
                 assert {last - 2, last - 1, last} <= kept
-        seen.append(tiny_llama.cache.retained().clone())
+        seen.append(cache.retained().clone())
 
     flexkv.generate(tiny_llama, ids, max_new_tokens=10, policy="keydiff", budget=6, window=3,
-                    prefill_chunk=7, callback=check)
+                    prefill_chunk=7, cache_callback=check)
     assert all((r == 6).all() for r in seen)
 
 

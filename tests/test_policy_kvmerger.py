@@ -10,12 +10,13 @@ import pytest
 import torch
 
 import flexkv
+from flexkv.policies.base import ChunkInfo
 from flexkv.cache import LayerCache
 from flexkv.policies import KVMerger
 from flexkv.policies.base import PrefillContext
 from flexkv.reference import reference_for
 from flexkv.reference.engine import Chunk, Head
-from helpers import random_ids
+from helpers import random_ids, NoCacheBuilt
 
 F64 = torch.float64
 
@@ -44,7 +45,7 @@ def _ctx():
     v = torch.tensor(VALS, dtype=F64)[SLOTS][None, None]
     pos = torch.tensor(SLOTS)[None, None]
     q = torch.tensor([[0., 1]] * 6, dtype=F64)[None, None]
-    return PrefillContext(0, q, k, v, pos, torch.arange(6)[None], None, {}, None, None, True,
+    return PrefillContext(0, q, k, v, pos, torch.arange(6)[None], None, {}, None, None, ChunkInfo(prompt_len=6),
                           torch.full((1, 1), 4))
 
 
@@ -117,7 +118,6 @@ def test_hand_example_skipped_layer_is_snapkv():
     ctx = _ctx()
     ctx.stats = pol.prefill_scores(ctx)
     lc = LayerCache(1, 1, 5, 2, dtype=F64, device="cpu")
-    lc.prefill_budget = 4  # set by build_cache: slots for the prompt
     pol.store(lc, ctx)
     want = {p: (KEYS[p], VALS[p]) for p in (2, 3, 4, 5)}
     _assert_same(_as_dict(lc.pos[0, 0], lc.k[0, 0], lc.v[0, 0]), want)
@@ -147,7 +147,7 @@ def test_merged_slots_are_convex_combinations_of_runs(bias):
     pol = KVMerger(budget=C, window=w, kernel=3, skip_layers=(), bias=bias)
     pol.n_layers = 1
     stats = {"merged": torch.zeros(B, Hkv, N, dtype=F64)} if bias else {}
-    ctx = PrefillContext(0, q, k, v, pos, q_pos, None, stats, None, None, True,
+    ctx = PrefillContext(0, q, k, v, pos, q_pos, None, stats, None, None, ChunkInfo(prompt_len=N),
                          torch.full((B, Hkv), C + 1))
     ctx.stats = pol.prefill_scores(ctx)
     lc = LayerCache(B, Hkv, C + 1, N, dtype=F64, device="cpu", stats=pol.stats)
@@ -219,8 +219,8 @@ def test_static_equals_reference_merged_kv(tiny64, chunk, bias):
     kw = dict(policy="kvmerger", budget=C, window=3, kernel=3, skip_layers=(), bias=bias,
               prefill_chunk=chunk, attention_mask=mask, max_new_tokens=N, output_logits=True)
     after_prefill = []
-    a = flexkv.generate(tiny64, ids, callback=lambda t: after_prefill.append(
-        tiny64.cache.retained().clone()), **kw)
+    a = flexkv.generate(tiny64, ids, cache_callback=lambda c: after_prefill.append(
+        c.retained().clone()), **kw)
     r = flexkv.generate(tiny64, ids, reference=True, **kw)
     assert (after_prefill[0] == C).all()
     for l in range(len(a.cache.layers)):
@@ -271,7 +271,5 @@ def test_default_skip_layers(tiny_llama):
 ])
 def test_bad_input(tiny_llama, kw, match):
     ids = random_ids(1, 12, tiny_llama.args.vocab_size)
-    before = tiny_llama.cache
-    with pytest.raises(ValueError, match=match):
+    with NoCacheBuilt(), pytest.raises(ValueError, match=match):
         flexkv.generate(tiny_llama, ids, max_new_tokens=2, policy="kvmerger", **kw)
-    assert tiny_llama.cache is before

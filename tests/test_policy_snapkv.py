@@ -13,8 +13,9 @@ import pytest
 import torch
 
 import flexkv
+from flexkv.policies.base import ChunkInfo
 from flexkv.policies import AdaKV, PyramidKV, SnapKV
-from helpers import random_ids
+from helpers import random_ids, NoCacheBuilt
 
 F64 = torch.float64
 D = 16
@@ -42,13 +43,13 @@ def prefill(policy, k, q_dim, chunks=None, n_layers=1, layer=0, max_new=3):
     policy.validate(T, max_new, n_layers)
     cache = policy.build_cache(fake_model(n_layers, n_kv), 1, T, max_new)
     lc = cache.layers[layer]
-    lc.n_prefilled = 0
-    attn = SimpleNamespace(kv_cache=lc, window=None, layer_idx=layer)
+    attn = SimpleNamespace(window=None, layer_idx=layer)
     start = 0
     for end in chunks or [T]:
-        lc.last_chunk = end == T
+        info = ChunkInfo(first=start == 0, last=end == T, prompt_len=T, max_new_tokens=max_new)
         sl = slice(start, end)
-        policy.prefill_layer(attn, q[:, :, sl], k[:, :, sl], k[:, :, sl], torch.arange(start, end)[None])
+        policy.prefill_layer(attn, lc, q[:, :, sl], k[:, :, sl], k[:, :, sl],
+                             torch.arange(start, end)[None], info)
         start = end
     return [sorted(p for p in lc.pos[0, g].tolist() if p >= 0) for g in range(n_kv)], cache
 
@@ -85,12 +86,12 @@ def test_snapkv_decode_appends(tiny_llama):
     ids = random_ids(2, 24, tiny_llama.args.vocab_size, seed=5)
     retained, kept = [], []
 
-    def track(tok):
-        retained.append(tiny_llama.cache.retained().clone())
-        kept.append(tiny_llama.cache.layers[0].pos.clone())
+    def track(cache):
+        retained.append(cache.retained().clone())
+        kept.append(cache.layers[0].pos.clone())
 
     out = flexkv.generate(tiny_llama, ids, max_new_tokens=6, policy="snapkv", budget=10, window=4,
-                          callback=track)
+                          cache_callback=track)
     assert [lc.capacity for lc in out.cache.layers] == [16, 16]  # C + max_new_tokens
     for step, ret in enumerate(retained):  # C after prefill, then one more per decode step
         assert (ret == 10 + step).all(), step
@@ -113,7 +114,7 @@ def test_pyramidkv_layer_budgets(T, n_layers, keep):
     pol.validate(T, 5, n_layers)
     cache = pol.build_cache(fake_model(n_layers, 2), 1, T, 5)
     assert [lc.capacity for lc in cache.layers] == [n + 5 for n in keep]
-    assert [lc.prefill_budget for lc in cache.layers] == keep
+    assert [pol.prefill_keep(l, T) for l in range(n_layers)] == keep
 
 
 def test_pyramidkv_hand_example():
@@ -155,7 +156,7 @@ def test_adakv_total_equals_uniform(tiny_llama, alpha, chunk):
     first = []
     out = flexkv.generate(tiny_llama, ids, max_new_tokens=4, policy="adakv", budget=12, window=3,
                           alpha=alpha, attention_mask=mask, prefill_chunk=chunk,
-                          callback=lambda t: first.append(tiny_llama.cache.retained().clone()))
+                          cache_callback=lambda c: first.append(c.retained().clone()))
     n_kv = tiny_llama.args.num_key_value_heads
     totals = first[0].sum(-1)  # [L, B] retained after prefill
     if chunk is None:
@@ -185,9 +186,7 @@ def test_adakv_total_equals_uniform(tiny_llama, alpha, chunk):
     ("adakv", dict(kernel=2), "kernel"),
 ])
 def test_bad_input(tiny_llama, policy, kw, match):
-    before = tiny_llama.cache
     kw = dict(dict(window=2), **kw)
-    with pytest.raises(ValueError, match=match):
+    with NoCacheBuilt(), pytest.raises(ValueError, match=match):
         flexkv.generate(tiny_llama, random_ids(1, 12, 101), max_new_tokens=2, policy=policy,
                         budget=8, **kw)
-    assert tiny_llama.cache is before

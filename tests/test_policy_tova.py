@@ -68,7 +68,8 @@ def test_decode_hand_example():
     lc = LayerCache(1, 2, 3, 1, dtype=F64, device="cpu", budget=2)
     lc.pos.copy_(torch.tensor([[[0, 3, 4], [4, 0, 3]]]))
     probs = torch.tensor([[[[0.5, 0.2, 0.3]], [[0.1, 0.2, 0.7]]]], dtype=F64)  # [B, Hkv, G, S]
-    ctx = DecodeContext(0, lc, None, None, probs, None, torch.tensor([[4]]), None)
+    ctx = DecodeContext(0, lc, None, None, probs, None, torch.tensor([[4]]), None,
+                            torch.ones(1, dtype=torch.bool))
     score = TOVA(budget=2).decode_victim_score(ctx)
     torch.testing.assert_close(score, torch.tensor([[[0.35, 0.45, 0.2], [0.2, 0.35, 0.45]]], dtype=F64))
     victim = lowest(score, lc.pos)
@@ -96,12 +97,12 @@ def test_one_token_set_per_layer_every_step(tiny_llama, chunk):
     mask[1, :7] = 0
     steps = []
 
-    def check(tok):
-        _same_set_per_layer(tiny_llama.cache)
-        steps.append(tiny_llama.cache.retained().clone())
+    def check(cache):
+        _same_set_per_layer(cache)
+        steps.append(cache.retained().clone())
 
     flexkv.generate(tiny_llama, ids, max_new_tokens=12, policy="tova", budget=6, prefill_chunk=chunk,
-                    attention_mask=mask, callback=check)
+                    attention_mask=mask, cache_callback=check)
     assert len(steps) == 12 and all((r == 6).all() for r in steps)
 
 
@@ -113,12 +114,12 @@ def test_padded_rows_are_independent(tiny_llama_dir):
     mask[1, :6] = 0
     snaps = []
     both = flexkv.generate(model, ids, max_new_tokens=8, policy="tova", budget=5, attention_mask=mask,
-                           output_logits=True, callback=lambda t: snaps.append(
-                               [lc.pos[1].clone() for lc in model.cache.layers]))
+                           output_logits=True, cache_callback=lambda c: snaps.append(
+                               [lc.pos[1].clone() for lc in c.layers]))
     alone_snaps = []
     alone = flexkv.generate(model, ids[1:, 6:], max_new_tokens=8, policy="tova", budget=5,
-                            output_logits=True, callback=lambda t: alone_snaps.append(
-                                [lc.pos[0].clone() for lc in model.cache.layers]))
+                            output_logits=True, cache_callback=lambda c: alone_snaps.append(
+                                [lc.pos[0].clone() for lc in c.layers]))
     assert torch.equal(both.tokens[1, 20:], alone.tokens[0, 14:])
     torch.testing.assert_close(both.logits[1], alone.logits[0], atol=1e-10, rtol=0)
     for x, y in zip(snaps, alone_snaps):

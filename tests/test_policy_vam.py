@@ -15,7 +15,7 @@ from flexkv.cache import LayerCache
 from flexkv.policies import H2O, VAM, Full, SnapKV, make_policy
 from flexkv.reference import reference_for
 from flexkv.reference.engine import Head, Step
-from helpers import canonical_cache, random_ids
+from helpers import canonical_cache, random_ids, NoCacheBuilt
 
 F64 = torch.float64
 
@@ -39,12 +39,12 @@ def test_hand_example_static():
     lc = LayerCache(1, 1, 3, 2, dtype=F64, device="cpu")
     lc.load(torch.tensor([[[[1., 0]]]], dtype=F64), torch.tensor([[[[4., 0]]]], dtype=F64),
             torch.tensor([[[0]]]))
-    attn = SimpleNamespace(kv_cache=lc, layer_idx=0, window=None)
+    attn = SimpleNamespace(layer_idx=0, window=None)
     pol = VAM(base=Full(), alpha=0.5)
     for p, k, v, q, o_want, v_want in STEPS:
         t = lambda x: torch.tensor(x, dtype=F64)
-        o = pol.decode_layer(attn, t(q)[None, :, None], t([[k]])[None], t([[v]])[None],
-                             torch.tensor([[p]]))
+        o = pol.decode_layer(attn, lc, t(q)[None, :, None], t([[k]])[None], t([[v]])[None],
+                             torch.tensor([[p]]), torch.ones(1, dtype=torch.bool))
         torch.testing.assert_close(o[0, :, 0], t(o_want))
         slot = int((lc.pos[0, 0] == p).nonzero())
         torch.testing.assert_close(lc.v[0, 0, slot], t(v_want))
@@ -110,7 +110,7 @@ def test_new_token_evicted_in_the_same_step(tiny64):
     ids = random_ids(1, 10, tiny64.args.vocab_size, seed=8)
     kw = dict(max_new_tokens=10, policy="tova+vam", budget=2, alpha=1.0, output_logits=True)
     steps = []
-    a = flexkv.generate(tiny64, ids, callback=lambda t: steps.append(tiny64.cache.layers[1].pos.clone()), **kw)
+    a = flexkv.generate(tiny64, ids, cache_callback=lambda c: steps.append(c.layers[1].pos.clone()), **kw)
     r = flexkv.generate(tiny64, ids, reference=True, **kw)
     # decode step i (1..9) wrote position 9 + i
     assert any(9 + i not in s.flatten().tolist() for i, s in enumerate(steps) if i > 0)
@@ -159,10 +159,8 @@ def test_policy_object_and_prefill_only_base(tiny_llama):
 ])
 def test_bad_input(tiny_llama, kw, match):
     ids = random_ids(1, 12, tiny_llama.args.vocab_size)
-    before = tiny_llama.cache
-    with pytest.raises(ValueError, match=match):
+    with NoCacheBuilt(), pytest.raises(ValueError, match=match):
         flexkv.generate(tiny_llama, ids, max_new_tokens=2, **kw)
-    assert tiny_llama.cache is before
 
 
 def test_base_must_be_a_policy():

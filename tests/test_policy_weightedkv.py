@@ -36,7 +36,7 @@ def kept_values(cache) -> dict:
 def snapshots(model, ids, **kw):
     """kept_values after prefill and after each decode step (callback = once per new token)."""
     snaps = []
-    out = flexkv.generate(model, ids, callback=lambda tok: snaps.append(kept_values(model.cache)),
+    out = flexkv.generate(model, ids, cache_callback=lambda c: snaps.append(kept_values(c)),
                           output_logits=True, **kw)
     return out, snaps
 
@@ -70,7 +70,7 @@ def one_head_cache(pos, v, score, capacity=None, stats=("score",)):
 def decode_step(policy, lc, q_pos):
     """The eviction half of a decode step (the statistics are set by hand instead of attention)."""
     ctx = DecodeContext(0, lc, None, None, None, None, torch.tensor([[q_pos]]),
-                        SimpleNamespace(window=None))
+                        SimpleNamespace(window=None), torch.ones(1, dtype=torch.bool))
     victim = lowest(policy.decode_victim_score(ctx), lc.pos)
     policy.decode_evict(ctx, victim, lc.retained() > lc.budget)
 
@@ -203,8 +203,8 @@ def test_log_mass_conserves_tokens(tiny64):
     kw = dict(max_new_tokens=6, policy="weightedkv", budget=6, window=2, prefill_chunk=7,
               output_logits=True)
     out = flexkv.generate(tiny64, ids, bias="log_mass", **kw,
-                          callback=lambda t: seen.append([((lc.pos >= 0) * (1 + lc.merged)).sum(-1)
-                                                          for lc in tiny64.cache.layers]))
+                          cache_callback=lambda c: seen.append([((lc.pos >= 0) * (1 + lc.merged)).sum(-1)
+                                                          for lc in c.layers]))
     for step, masses in enumerate(seen):
         for m in masses:
             assert torch.equal(m, torch.full_like(m, 20.0 + step))  # T + decode steps so far

@@ -90,6 +90,6 @@ class AdaKV(SnapKV):
         share = share + (rank < short).long()
         compress = last_position(ctx.q_pos) >= self.budget  # [B, 1] more than C positions seen
         keep = torch.where(compress, protected.sum(dim=-1) + share, lc.capacity)
-        decode_slots = lc.capacity - lc.prefill_budget
+        decode_slots = ctx.info.max_new_tokens
         lc.budget.copy_(torch.where(compress, keep + decode_slots, lc.capacity))
         return keep

@@ -28,6 +28,17 @@ from flexkv.cache import KVCache, LayerCache
 INF = float("inf")
 
 
+@dataclass(frozen=True)
+class ChunkInfo:
+    """What a prefill chunk needs to know about the prompt it belongs to: passed explicitly
+    through the model's forward (never stored on cache modules), so one serving slot can be
+    prefilled while the others hold their state."""
+    first: bool = True         # the first chunk: the cache rows hold nothing yet
+    last: bool = True          # the prompt's final chunk
+    prompt_len: int = 0        # the whole prompt's length T (padded length for a batch)
+    max_new_tokens: int = 0    # decode steps the cache must leave room for
+
+
 @dataclass
 class PrefillContext:
     """What a policy sees after a prefill chunk's attention (one layer). N = cached + chunk."""
@@ -41,7 +52,7 @@ class PrefillContext:
     stats: dict          # name -> [B, Hkv, N], the cached statistics then zeros
     window: int | None   # the model's sliding window
     attn: object         # the model's Attention module (o_proj for output-aware scores)
-    last_chunk: bool     # True on the prompt's final chunk
+    info: ChunkInfo      # first / last chunk, prompt length, decode room
     budget: Tensor       # [B, Hkv] tokens to keep
 
 
@@ -55,6 +66,11 @@ class DecodeContext:
     slot: Tensor         # [B, Hkv] slot the new token was written to
     q_pos: Tensor        # [B, 1] position of the new token
     attn: object
+    active: Tensor       # [B] bool: rows that decode this step (an idle row changes nothing)
+
+    def update(self, buf: Tensor, new: Tensor) -> None:
+        """`buf[b] = new[b]` for the active rows only (a statistic update; no host sync)."""
+        buf.copy_(torch.where(self.active.view(-1, *([1] * (buf.dim() - 1))), new, buf))
 
 
 @dataclass
@@ -106,7 +122,17 @@ class Policy:
             return capacity
         return capacity - 1
 
-    def build_cache(self, model, batch: int, prompt_len: int, max_new_tokens: int) -> KVCache:
+    def max_capacities(self, n_layers: int, max_prompt_len: int, max_new_tokens: int) -> list[int]:
+        """Per layer, the slots that hold any prompt of at most `max_prompt_len` tokens plus
+        `max_new_tokens` (a serving engine's static slot size). Capacities grow with the prompt
+        for every built-in policy but pyramidkv, which overrides this."""
+        return [self.capacity(l, max_prompt_len, max_new_tokens) for l in range(n_layers)]
+
+    def build_cache(self, model, batch: int, prompt_len: int, max_new_tokens: int,
+                    capacities: list[int] | None = None) -> KVCache:
+        """Static caches for `batch` rows of a `prompt_len`-token prompt and `max_new_tokens`
+        decode steps; `capacities` (per layer) overrides the slot counts, e.g. a serving
+        engine's `max_capacity` so a request's cache row fits the engine's slots."""
         a = model.args
         dtype = model.lm_head.weight.dtype
         device = model.lm_head.weight.device
@@ -114,7 +140,8 @@ class Policy:
         stats = {n: (stat_dtype if d is None else d) for n, d in self.stats.items()}
         layers = []
         for l in range(a.num_hidden_layers):
-            cap = self.capacity(l, prompt_len, max_new_tokens)
+            cap = (self.capacity(l, prompt_len, max_new_tokens) if capacities is None
+                   else capacities[l])
             layers.append(LayerCache(batch, a.num_key_value_heads, cap, a.head_dim, dtype=dtype,
                                      device=device, stats=stats,
                                      budget=self.layer_budget(l, prompt_len, max_new_tokens, cap)))
@@ -159,14 +186,16 @@ class Policy:
         ctx.lc.evict(victim, when)
 
     # ------------------------------------------------------------------ prefill plumbing
-    def prefill_layer(self, attn, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor) -> Tensor:
-        lc: LayerCache = attn.kv_cache
+    def prefill_layer(self, attn, lc: LayerCache, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor,
+                      info: ChunkInfo) -> Tensor:
+        """One layer of a prefill chunk: attend over the cached tokens then the chunk's, score,
+        keep the best in `lc`. On the first chunk the cache holds nothing, so it is not
+        concatenated (its empty slots would only be masked out)."""
         B, n_kv, T, _ = k.shape
         new_pos = q_pos[:, None, :].expand(B, n_kv, T)
-        first = getattr(lc, "n_prefilled", 0) == 0
         zeros = {n: torch.zeros(B, n_kv, T, dtype=getattr(lc, n).dtype, device=k.device)
                  for n in lc.stat_names}
-        if first:
+        if info.first:
             K, V, P, stats = k, v, new_pos, zeros
         else:
             K = torch.cat([lc.k, k], dim=2)
@@ -176,9 +205,8 @@ class Policy:
         res = attention.prefill_attention(q, K, V, q_pos, P, window=attn.window,
                                           return_lse=self.needs_lse, bias=self.prefill_bias(P, stats))
         o, lse = res if self.needs_lse else (res, None)
-        lc.n_prefilled = getattr(lc, "n_prefilled", 0) + T
         ctx = PrefillContext(attn.layer_idx, q, K, V, P, q_pos, lse, stats, attn.window, attn,
-                             getattr(lc, "last_chunk", True), lc.budget)
+                             info, lc.budget)
         ctx.stats = self.prefill_scores(ctx)
         self.store(lc, ctx)
         return o
@@ -199,17 +227,23 @@ class Policy:
                 {n_: s.gather(2, idx) for n_, s in ctx.stats.items()})
 
     # ------------------------------------------------------------------ decode plumbing
-    def decode_layer(self, attn, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor) -> Tensor:
-        lc: LayerCache = attn.kv_cache
-        slot = lc.free_slot()
-        lc.write(slot, k, v, q_pos)
+    def decode_layer(self, attn, lc: LayerCache, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor,
+                     active: Tensor) -> Tensor:
+        """One layer of a decode step for every row; `active` [B] bool: an idle row (a free
+        serving slot) writes nothing, scores nothing and evicts nothing. A row without a free
+        slot never overwrites a kept token (the write is gated by `free_slot`'s flag; the
+        capacities make that case impossible for an admitted request)."""
+        slot, has_free = lc.free_slot()
+        lc.write(slot, k, v, q_pos, when=has_free & active[:, None])
         o, probs = attention.decode_attention(q, lc.k, lc.v, lc.pos, q_pos, window=attn.window,
                                               bias=self.decode_bias(lc), need_probs=self.needs_decode_probs)
-        ctx = DecodeContext(attn.layer_idx, lc, q, o, probs, slot, q_pos, attn)
+        # an idle row may hold no token at all (all scores -inf): its output is 0, never NaN
+        o = torch.where(active[:, None, None, None], o, 0.0)
+        ctx = DecodeContext(attn.layer_idx, lc, q, o, probs, slot, q_pos, attn, active)
         self.decode_scores(ctx)
         if self.decode_evicts:
             victim = lowest(self.decode_victim_score(ctx), lc.pos)
-            self.decode_evict(ctx, victim, lc.retained() > lc.budget)
+            self.decode_evict(ctx, victim, (lc.retained() > lc.budget) & active[:, None])
         self.decode_after(ctx)
         return o
 

@@ -54,7 +54,7 @@ class H2O(Policy):
         return torch.where(recent, INF, ctx.stats["score"])
 
     def decode_scores(self, ctx: DecodeContext) -> None:
-        ctx.lc.score.add_(ctx.probs.mean(dim=2))  # probs: [B, Hkv, G, S]
+        ctx.lc.score.add_(torch.where(ctx.active[:, None, None], ctx.probs.mean(dim=2), 0.0))
 
     def decode_victim_score(self, ctx: DecodeContext) -> Tensor:
         recent = recent_mask(ctx.lc.pos, ctx.q_pos, self.w)

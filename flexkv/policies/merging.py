@@ -67,7 +67,7 @@ class CumulativeAttention:
         return {**ctx.stats, "score": ctx.stats["score"] + cs}
 
     def decode_scores(self, ctx: DecodeContext) -> None:
-        ctx.lc.score.add_(ctx.probs.mean(dim=2))  # probs: [B, Hkv, G, S]
+        ctx.lc.score.add_(torch.where(ctx.active[:, None, None], ctx.probs.mean(dim=2), 0.0))
 
 
 def kept_mask(prio: Tensor, pos: Tensor, budget: Tensor) -> Tensor:

@@ -50,3 +50,16 @@ class PyramidKV(SnapKV):
 
     def prefill_keep(self, layer: int, prompt_len: int) -> int:
         return pyramid_budgets(self.budget, self.window, prompt_len, self.n_layers, self.beta)[layer]
+
+    def max_capacities(self, n_layers: int, max_prompt_len: int, max_new_tokens: int) -> list[int]:
+        """A shorter prompt gives the upper layers MORE tokens (`min` rises when `max` is
+        capped at T - w), so each layer's slot count is the maximum over every prompt length."""
+        self.n_layers = n_layers
+        most = [0] * n_layers
+        for T in range(1, max_prompt_len + 1):
+            if not self.effective(T, max_new_tokens):
+                keep = [T] * n_layers
+            else:
+                keep = pyramid_budgets(self.budget, self.window, T, n_layers, self.beta)
+            most = [max(m, k) for m, k in zip(most, keep)]
+        return [m + max_new_tokens for m in most]

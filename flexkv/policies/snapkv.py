@@ -70,13 +70,11 @@ class SnapKV(Policy):
             return prompt_len + max_new_tokens
         return self.prefill_keep(layer, prompt_len) + max_new_tokens
 
-    def build_cache(self, model, batch: int, prompt_len: int, max_new_tokens: int):
+    def build_cache(self, model, batch: int, prompt_len: int, max_new_tokens: int,
+                    capacities: list[int] | None = None):
         self.n_layers = model.args.num_hidden_layers
         self.n_kv_heads = model.args.num_key_value_heads
-        cache = super().build_cache(model, batch, prompt_len, max_new_tokens)
-        for lc in cache.layers:  # the slots left for the prompt once decode's are set aside
-            lc.prefill_budget = lc.capacity - max_new_tokens
-        return cache
+        return super().build_cache(model, batch, prompt_len, max_new_tokens, capacities)
 
     # ------------------------------------------------------------------ scoring
     def protected(self, ctx: PrefillContext) -> Tensor:
@@ -98,8 +96,9 @@ class SnapKV(Policy):
         return torch.where(self.protected(ctx), INF, ctx.stats["snapkv"])
 
     def prefill_budget(self, lc: LayerCache, ctx: PrefillContext) -> Tensor:
-        """[B, Hkv] tokens each head keeps after this chunk's selection."""
-        return torch.full_like(ctx.budget, lc.prefill_budget)
+        """[B, Hkv] tokens each head keeps after this chunk's selection: the layer's share of
+        the prompt (`prefill_keep` of the whole prompt's length, from the chunk's ChunkInfo)."""
+        return torch.full_like(ctx.budget, self.prefill_keep(ctx.layer, ctx.info.prompt_len))
 
     def store(self, lc: LayerCache, ctx: PrefillContext) -> None:
         # lc.budget (= capacity) bounds the prompt AND the appended tokens; a selection keeps less

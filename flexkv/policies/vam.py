@@ -59,13 +59,13 @@ class VAM:
             raise ValueError(f"alpha must be a finite number >= 0 (default 0.35), got {a!r}")
         self.base.validate(prompt_len, max_new_tokens, n_layers)
 
-    def decode_layer(self, attn, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor) -> Tensor:
-        o = self.base.decode_layer(attn, q, k, v, q_pos)  # [B, H, 1, D], used the unmodified v_t
-        lc = attn.kv_cache
+    def decode_layer(self, attn, lc, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor,
+                     active: Tensor) -> Tensor:
+        o = self.base.decode_layer(attn, lc, q, k, v, q_pos, active)  # [B, H, 1, D], unmodified v_t
         B, n_kv, _, D = lc.v.shape
         dt = torch.promote_types(lc.v.dtype, torch.float32)
         o_mean = o.reshape(B, n_kv, -1, D).to(dt).mean(dim=2, keepdim=True)  # [B, Hkv, 1, D]
-        new_tok = lc.pos == q_pos[:, :, None]                                  # [B, Hkv, S]
+        new_tok = (lc.pos == q_pos[:, :, None]) & active[:, None, None]       # [B, Hkv, S]
         slot = new_tok.to(torch.int32).argmax(dim=-1)[..., None, None].expand(B, n_kv, 1, D)
         old = lc.v.gather(2, slot)                                             # [B, Hkv, 1, D]
         new = (old.to(dt) + self.alpha * o_mean).to(lc.v.dtype)

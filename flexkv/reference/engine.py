@@ -129,18 +129,19 @@ class RefPolicy:
         return heads
 
     # ------------------------------------------------------------------ plumbing
-    def build_cache(self, model, batch: int, prompt_len: int, max_new_tokens: int) -> RefCache:
+    def build_cache(self, model, batch: int, prompt_len: int, max_new_tokens: int,
+                    capacities=None) -> RefCache:
         a = model.args
         return RefCache([RefLayerCache(batch, a.num_key_value_heads, a.head_dim, self.stat_names)
                          for _ in range(a.num_hidden_layers)])
 
-    def prefill_layer(self, attn, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor) -> Tensor:
-        lc: RefLayerCache = attn.kv_cache
+    def prefill_layer(self, attn, lc: RefLayerCache, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor,
+                      info) -> Tensor:
         B, H, T, D = q.shape
         n_kv = k.shape[1]
         G = H // n_kv
         out = torch.zeros(B, H, T, D, dtype=F64)
-        last = getattr(lc, "last_chunk", True)
+        last = info.last
         for b in range(B):
             real = q_pos[b] >= 0
             qp = q_pos[b][real]
@@ -160,13 +161,15 @@ class RefPolicy:
             lc.heads[b] = self.prefill_select(attn.layer_idx, b, heads, chunks, attn)
         return out.to(q.dtype)
 
-    def decode_layer(self, attn, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor) -> Tensor:
-        lc: RefLayerCache = attn.kv_cache
+    def decode_layer(self, attn, lc: RefLayerCache, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor,
+                     active: Tensor) -> Tensor:
         B, H, _, D = q.shape
         n_kv = k.shape[1]
         G = H // n_kv
         out = torch.zeros(B, H, 1, D, dtype=F64)
         for b in range(B):
+            if not bool(active[b]):  # an idle row: nothing written, output 0
+                continue
             p = int(q_pos[b, 0])
             heads, steps = [], []
             for g in range(n_kv):

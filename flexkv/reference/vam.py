@@ -12,11 +12,11 @@ class RefVAM(RefPolicy):
         self.stat_names = self.base.stat_names
 
     # everything but value_update is the base's
-    def build_cache(self, model, batch, prompt_len, max_new_tokens):
-        return self.base.build_cache(model, batch, prompt_len, max_new_tokens)
+    def build_cache(self, model, batch, prompt_len, max_new_tokens, capacities=None):
+        return self.base.build_cache(model, batch, prompt_len, max_new_tokens, capacities)
 
-    def prefill_layer(self, attn, q, k, v, q_pos):
-        return self.base.prefill_layer(attn, q, k, v, q_pos)
+    def prefill_layer(self, attn, lc, q, k, v, q_pos, info):
+        return self.base.prefill_layer(attn, lc, q, k, v, q_pos, info)
 
     def finish_prefill(self, cache, model):
         self.base.finish_prefill(cache, model)
