@@ -1,4 +1,4 @@
-"""The `flexkv` command line: `generate`, `demo`, `bench quality|speed`.
+"""The `flexkv` command line: `generate`, `demo`, `serve`, `bench quality|speed`.
 
 Run `flexkv <command> --help` for the options. Bad input ends with a one-line `error: ...` on
 stderr and exit status 2 (no traceback; set FLEXKV_DEBUG=1 to see one).
@@ -264,6 +264,54 @@ def cmd_demo(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- serve
+def _port(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= v <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port in [0, 65535] (0 = any free port), got {v}")
+    return v
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
+    return v
+
+
+def cmd_serve(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as e:
+        raise CLIError(f"flexkv serve needs FastAPI and uvicorn ({e.name} is missing): "
+                       "pip install 'flexkv[serve]'") from None
+    from flexkv.serve.api import bind_socket, serve
+
+    params = dict(args.param or [])
+    budget = args.budget if args.budget is not None else (None if args.policy == "full" else 256)
+    _check_policy(args.policy, budget, params)
+    device = _device(args.device)
+    try:          # bind first: a taken port is an error now, not after loading the model
+        sock = bind_socket(args.host, args.port)
+    except OSError as e:
+        raise CLIError(f"--host/--port: cannot listen on {args.host}:{args.port}: "
+                       f"{e.strerror or e}") from None
+    serve(args.model, policy=args.policy, budget=budget, max_slots=args.max_slots,
+          kv_memory=args.kv_memory, max_new_tokens=args.max_new_tokens,
+          max_prompt_tokens=args.max_prompt_tokens, prefill_chunk=args.prefill_chunk,
+          max_waiting=args.max_waiting, host=args.host, port=args.port, device=device,
+          dtype=args.dtype, compile=args.compile, served_model_name=args.served_model_name,
+          sock=sock, **params)
+    return 0
+
+
 # --------------------------------------------------------------------------- bench
 def bench_dir() -> Path | None:
     """The source checkout's bench/ directory (next to the flexkv package), if present."""
@@ -349,6 +397,37 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (default: on CUDA only)")
     d.set_defaults(func=cmd_demo)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)",
+                       description="Serve the model over HTTP (FastAPI + uvicorn): POST "
+                       "/v1/completions and /v1/chat/completions (stream or not), GET /v1/models, "
+                       "/health, /metrics. Needs the serve extra: pip install 'flexkv[serve]'.")
+    common(s, DEFAULT_MODEL)
+    s.add_argument("--served-model-name", default=None,
+                   help="the model id clients use (default: the --model argument)")
+    s.add_argument("--policy", default="h2o", help="KV policy (default h2o)")
+    s.add_argument("--budget", type=_positive_int, default=None,
+                   help="tokens kept per head (default 256; none for full)")
+    s.add_argument("--param", action="append", type=_param, metavar="NAME=VALUE",
+                   help="extra policy parameter, repeatable (e.g. --param recent=64)")
+    slots = s.add_mutually_exclusive_group()
+    slots.add_argument("--max-slots", type=_positive_int, default=None,
+                       help="concurrent requests (cache rows; default 8)")
+    slots.add_argument("--kv-memory", default=None, metavar="SIZE",
+                       help="size the slots by KV memory instead, e.g. 2GiB")
+    s.add_argument("--max-new-tokens", type=_positive_int, default=512,
+                   help="the largest max_tokens a request may ask for (default 512)")
+    s.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
+                   help="longest prompt accepted (default: the model's context)")
+    s.add_argument("--prefill-chunk", type=_positive_int, default=512,
+                   help="prompt tokens prefilled per scheduler step (default 512)")
+    s.add_argument("--max-waiting", type=_nonnegative_int, default=64,
+                   help="requests that may wait for a slot; more get 429 (default 64)")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    s.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free)")
+    s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="compile the decode step (default: the engine's choice)")
+    s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="run bench/quality.py or bench/speed.py (source checkout)",
                        description="Dispatch to the benchmarks in the source checkout's bench/ "

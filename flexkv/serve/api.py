@@ -1,0 +1,919 @@
+"""The OpenAI-compatible HTTP server over `flexkv.serve.Engine` (FastAPI + uvicorn).
+
+`build_app(engine, model_name)` returns the FastAPI app; `serve(...)` loads a model, builds the
+engine and the app and runs uvicorn (what `flexkv serve` calls).
+
+The HTTP layer only translates (as vLLM's entrypoints do): a JSON body -> token ids (the
+tokenizer, the chat template) + `SamplingParams` -> `engine.submit` -> token ids -> text (stop
+strings are cut here) -> a JSON body or server-sent events. The engine knows nothing of HTTP.
+
+Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `stream`),
+`GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics` (Prometheus text).
+
+Request fields. Supported: `model` (optional; if given it must be the served name), `prompt`
+(a non-empty string or a non-empty list of token ids) / `messages` (roles system, developer,
+user, assistant; text content), `max_tokens` (`max_completion_tokens` too, for chat),
+`temperature`, `top_p`, `top_k` (extension; 0 or -1 = off), `seed`, `stop` (a string or up to
+16 strings), `n` (1 only), `stream`, `stream_options.include_usage`, `ignore_eos` (extension),
+`user` (ignored). OpenAI's other documented fields that this server does not implement
+(`logprobs`, `echo`, `best_of`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
+`suffix`, `tools`, ...) are accepted only at their neutral value (false / null / 0 / 1 / empty);
+any other value is a 400 that names the field. Unknown fields are a 400
+("Unrecognized request argument supplied: ..."), as OpenAI's API answers them.
+
+Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. Invalid requests
+(malformed JSON, wrong types, values out of range, unknown fields, over-long prompts) are 400
+with type `invalid_request_error`; an unknown model or path 404; a full waiting queue 429
+(type `rate_limit_error`, code `queue_full`, a `Retry-After` header); a server shutting down 503.
+A client that disconnects (streaming or not) cancels its request, which frees its slot.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import socket
+import sys
+import time
+from contextlib import asynccontextmanager
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from flexkv.serve import QueueFull, SamplingParams
+
+DEFAULT_MODEL = "smollm2-135m-instruct"
+MAX_PROMPT_CHARS = 4_000_000     # a body bound before tokenizing; the token limit is the engine's
+MAX_STOP = 16                    # stop strings per request
+MAX_STOP_CHARS = 1024
+
+
+# --------------------------------------------------------------------------- request models
+_STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+class _Neutral:
+    """OpenAI fields this server does not implement: accepted only at these (neutral) values."""
+
+    COMPLETION = {"echo": (None, False), "logprobs": (None,), "best_of": (None, 1),
+                  "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+                  "logit_bias": (None, {}), "suffix": (None, "")}
+    CHAT = {"logprobs": (None, False), "top_logprobs": (None, 0),
+            "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+            "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+            "parallel_tool_calls": (None, True, False), "functions": (None, []),
+            "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+            "modalities": (None, ["text"]), "store": (None, False),
+            "service_tier": (None, "auto", "default")}
+
+    @staticmethod
+    def same(value, allowed) -> bool:
+        """Equal as JSON values (false is not 0, 0 and 0.0 are the same number)."""
+        if value is None or allowed is None or isinstance(value, bool) or isinstance(allowed, bool):
+            return value is allowed
+        if isinstance(allowed, (int, float)):
+            return isinstance(value, (int, float)) and value == allowed
+        return type(value) is type(allowed) and value == allowed
+
+    @staticmethod
+    def check(table: dict, name: str, value):
+        allowed = table[name]
+        if not any(_Neutral.same(value, a) for a in allowed):
+            shown = " or ".join(json.dumps(a) for a in allowed)
+            raise ValueError(f"not supported by this server; only {shown} is accepted")
+        return value
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = Field(False, description="send a last chunk with `usage` (and no choices)")
+
+
+class _SamplingFields(BaseModel):
+    model_config = _STRICT
+
+    model: str | None = Field(None, description="the served model's name (optional)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False,
+                               description="0 = greedy (OpenAI's default is 1)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=-1, le=1_000_000, description="extension: 0 or -1 = off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings; the "
+                                         "text ends before the first one (not included)")
+    n: int = Field(1, ge=1, le=128, description="only 1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="extension: do not stop at the end-of-sequence token")
+    user: str | None = Field(None, description="ignored")
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v):
+        if v != 1:
+            raise ValueError(f"only n=1 is supported by this server (one choice per request), got {v}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
+        for s in stops:
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters, "
+                                 f"got {len(s)}")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(_SamplingFields):
+    """`POST /v1/completions`."""
+
+    prompt: str | list[int] = Field(description="a non-empty string, or a non-empty list of token ids")
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="default 16 (at most the "
+                                   "server's --max-new-tokens)")
+    echo: bool | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if len(v) == 0:
+            raise ValueError("the prompt must not be empty")
+        if isinstance(v, str) and len(v) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt is too long ({len(v)} characters, at most {MAX_PROMPT_CHARS})")
+        if isinstance(v, list) and any(t < 0 for t in v):
+            raise ValueError("token ids must be >= 0")
+        return v
+
+    @field_validator(*_Neutral.COMPLETION)
+    @classmethod
+    def _neutral(cls, v, info):
+        return _Neutral.check(_Neutral.COMPLETION, info.field_name, v)
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(_SamplingFields):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="default: as many as fit "
+                                   "(at most the server's --max-new-tokens)")
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1,
+                                              description="OpenAI's newer name of max_tokens")
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    modalities: list[str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    metadata: dict[str, str] | None = Field(None, description="ignored")
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, v):
+        total = sum(len(m.text()) for m in v)
+        if total > MAX_PROMPT_CHARS:
+            raise ValueError(f"the messages are too long ({total} characters, at most {MAX_PROMPT_CHARS})")
+        return v
+
+    @field_validator(*_Neutral.CHAT)
+    @classmethod
+    def _neutral(cls, v, info):
+        return _Neutral.check(_Neutral.CHAT, info.field_name, v)
+
+
+# --------------------------------------------------------------------------- response models
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "flexkv"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
+
+
+# --------------------------------------------------------------------------- errors
+class APIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers
+
+
+def error_response(status: int, message: str, type: str = "invalid_request_error",
+                   param: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _field_names() -> set[str]:
+    names = set()
+    for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions):
+        names.update(m.model_fields)
+    return names
+
+
+_FIELDS = _field_names()
+
+
+def _validation_message(errors) -> tuple[str, str | None]:
+    """pydantic errors -> (one readable message, the top-level field) for the 400 body."""
+    parts, param = [], None
+    for err in errors:
+        loc = [x for x in err.get("loc", ()) if x != "body"]
+        typ = err.get("type", "")
+        msg = str(err.get("msg", "invalid value"))
+        if msg.startswith("Value error, "):
+            msg = msg[len("Value error, "):]
+        if typ == "json_invalid":
+            ctx = (err.get("ctx") or {}).get("error", "")
+            pos = loc[0] if loc and isinstance(loc[0], int) else None
+            return (f"Malformed JSON in the request body: {ctx or 'could not parse'}"
+                    + (f" (at character {pos})" if pos is not None else ""), None)
+        if typ == "missing" and not loc:
+            return "The request body must be a JSON object (got an empty body)", None
+        if typ in ("model_attributes_type", "model_type", "dict_type") and not loc:
+            return "The request body must be a JSON object", None
+        if typ == "extra_forbidden" and loc:
+            parts.append(f"Unrecognized request argument supplied: {loc[-1]}")
+            param = param or str(loc[0])
+            continue
+        # keep real field names and list indices; drop pydantic's union-member tags
+        path = [x for x in loc if isinstance(x, int) or x in _FIELDS]
+        name = "".join(f"[{x}]" if isinstance(x, int) else (f".{x}" if i else x)
+                       for i, x in enumerate(path))
+        parts.append(f"{name}: {msg}" if name else msg)
+        if param is None and path and isinstance(path[0], str):
+            param = path[0]
+    seen = []
+    for p in parts:
+        if p not in seen:
+            seen.append(p)
+    if len(seen) > 4:
+        seen = seen[:4] + [f"... ({len(seen) - 4} more)"]
+    return "; ".join(seen) or "invalid request", param
+
+
+_ENGINE_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "prompt", "n")
+
+
+def _engine_error_param(message: str, chat: bool) -> str | None:
+    head = message.split(maxsplit=1)[0].rstrip(":,") if message else ""
+    if head.startswith("prompt"):
+        return "messages" if chat else "prompt"
+    return head if head in _ENGINE_PARAMS else None
+
+
+# --------------------------------------------------------------------------- detokenization
+class IncrementalText:
+    """Token ids in, text out, for one request: each token re-decodes the ids so far and releases
+    the new, settled suffix. Held back: a trailing incomplete character (U+FFFD) and any tail that
+    could be the start of a stop string. At the first stop string the text is cut before it and
+    `stopped` is set; `finish()` releases the rest."""
+
+    def __init__(self, tokenizer, stop=()):
+        self.tok = tokenizer
+        self.stop = [s for s in stop if s]
+        self.maxstop = max((len(s) for s in self.stop), default=0)
+        self.ids: list[int] = []
+        self.text = ""
+        self.sent = 0
+        self.stopped = False
+
+    def _decode(self) -> str:
+        return self.tok.decode(self.ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _held(self, text: str) -> int:
+        for k in range(min(len(text), self.maxstop - 1), 0, -1):
+            tail = text[-k:]
+            if any(s.startswith(tail) for s in self.stop):
+                return k
+        return 0
+
+    def add(self, token_id: int) -> str:
+        """Feed one generated id; returns the text that can be sent now (maybe "")."""
+        if self.stopped:
+            return ""
+        self.ids.append(int(token_id))
+        text = self._decode()
+        if self.stop:
+            start = max(0, self.sent - self.maxstop)
+            hits = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+            if hits:
+                self.stopped = True
+                self.text = text[:min(hits)]
+                return self._release(len(self.text))
+        self.text = text
+        settled = text.rstrip("\ufffd")       # a trailing incomplete character waits
+        end = len(settled) - (self._held(settled) if self.stop else 0)
+        return self._release(end)
+
+    def _release(self, end: int) -> str:
+        if end <= self.sent:
+            return ""
+        out = self.text[self.sent:end]
+        self.sent = end
+        return out
+
+    def finish(self) -> str:
+        """Everything not yet released (the held-back tail)."""
+        return self._release(len(self.text))
+
+    @property
+    def n_tokens(self) -> int:
+        return len(self.ids)
+
+
+# --------------------------------------------------------------------------- the app
+def _now() -> int:
+    return int(time.time())
+
+
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False, separators=(',', ':'))}\n\n"
+
+
+class _Prepared:
+    """A translated request: prompt ids, sampling parameters, stop strings."""
+
+    def __init__(self, ids, params, stops, stream, include_usage):
+        self.ids, self.params, self.stops = ids, params, stops
+        self.stream, self.include_usage = stream, include_usage
+
+
+def _context_len(engine) -> int | None:
+    args = getattr(getattr(engine, "model", None), "args", None)
+    return getattr(args, "max_position_embeddings", None)
+
+
+def _metric_lines(engine, model_name: str, http_counters: dict) -> str:
+    m = dict(engine.metrics())
+    label = '{model="%s"}' % model_name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+    known = [
+        ("running", "flexkv_requests_running", "gauge", "requests decoding"),
+        ("waiting", "flexkv_requests_waiting", "gauge", "requests waiting for a slot"),
+        ("prefilling", "flexkv_requests_prefilling", "gauge", "requests whose prompt is being prefilled"),
+        ("slots_total", "flexkv_slots_total", "gauge", "request slots of the engine"),
+        ("slots_used", "flexkv_slots_used", "gauge", "request slots in use"),
+        ("tokens_generated_total", "flexkv_generation_tokens_total", "counter", "tokens generated"),
+        ("prompt_tokens_total", "flexkv_prompt_tokens_total", "counter", "prompt tokens prefilled"),
+        ("requests_finished_total", "flexkv_requests_finished_total", "counter", "requests finished (any reason)"),
+        ("kv_bytes_allocated", "flexkv_kv_bytes_allocated", "gauge", "bytes of the static KV cache buffers"),
+        ("kv_bytes_held", "flexkv_kv_bytes_held", "gauge", "bytes of KV held by the running requests"),
+    ]
+    out = []
+
+    def emit(name, typ, help_, value):
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {typ}")
+        v = float(value)
+        out.append(f"{name}{label} {int(v) if v.is_integer() else repr(v)}")
+
+    slots_total, slots_used = m.get("slots_total"), m.get("slots_used")
+    for key, name, typ, help_ in known:
+        if key in m:
+            emit(name, typ, help_, m.pop(key))
+    if slots_total and slots_used is not None:
+        emit("flexkv_slot_occupancy", "gauge", "fraction of the request slots in use",
+             float(slots_used) / float(slots_total))
+    for key, value in sorted(m.items()):           # anything the engine adds later
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            emit(f"flexkv_{key}", "counter" if key.endswith("_total") else "gauge",
+                 f"engine metric {key}", value)
+    emit("flexkv_http_rejected_queue_full_total", "counter",
+         "requests refused with 429 because the waiting queue was full", http_counters["queue_full"])
+    emit("flexkv_http_client_disconnects_total", "counter",
+         "requests cancelled because the client went away", http_counters["disconnects"])
+    return "\n".join(out) + "\n"
+
+
+def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
+    """The FastAPI app over `engine` (a `flexkv.serve.Engine`), serving it as `model_name`.
+    With `start_engine` (default) the app's lifespan runs `engine.start()` at startup and
+    `engine.shutdown()` at shutdown."""
+    tok = engine.tokenizer
+    created = _now()
+    counters = {"queue_full": 0, "disconnects": 0}
+
+    @asynccontextmanager
+    async def lifespan(app):
+        if start_engine:
+            engine.start()
+        try:
+            yield
+        finally:
+            if start_engine:
+                await asyncio.to_thread(engine.shutdown)
+
+    app = FastAPI(title="flexkv", version=_version(), lifespan=lifespan,
+                  description="OpenAI-compatible completions over a flexkv engine "
+                  f"(policy {getattr(engine, 'policy_name', '?')}).")
+    app.state.engine = engine
+    app.state.model_name = model_name
+    app.state.counters = counters
+
+    # ------------------------------------------------------------------ errors
+    @app.exception_handler(APIError)
+    async def _api_error(request, exc: APIError):
+        return error_response(exc.status, exc.message, exc.type, exc.param, exc.code, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request, exc: RequestValidationError):
+        message, param = _validation_message(exc.errors())
+        return error_response(400, message, param=param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc: StarletteHTTPException):
+        typ = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        msg = {404: f"Not found: {request.method} {request.url.path}",
+               405: f"Method {request.method} is not allowed on {request.url.path}"}.get(
+                   exc.status_code, str(exc.detail))
+        return error_response(exc.status_code, msg, typ, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def _internal_error(request, exc: Exception):
+        return error_response(500, f"internal server error: {type(exc).__name__}: {exc}",
+                              "server_error")
+
+    err = {"model": ErrorResponse}
+    post_errors = {400: {**err, "description": "invalid request"},
+                   404: {**err, "description": "unknown model"},
+                   429: {**err, "description": "the waiting queue is full"},
+                   503: {**err, "description": "the server is shutting down"}}
+
+    # ------------------------------------------------------------------ translation helpers
+    def check_model(name):
+        if name is not None and name != model_name:
+            raise APIError(404, f"The model `{name}` does not exist; this server serves "
+                           f"`{model_name}` (GET /v1/models).", param="model", code="model_not_found")
+
+    def engine_limit(n_prompt: int) -> int:
+        limit = int(engine.max_new_tokens)
+        ctx = _context_len(engine)
+        if ctx is not None:
+            limit = min(limit, ctx - n_prompt)
+        return max(1, limit)
+
+    def sampling(req: _SamplingFields, max_tokens: int) -> SamplingParams:
+        return SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature),
+                              top_p=float(req.top_p), top_k=max(0, req.top_k), seed=req.seed,
+                              ignore_eos=req.ignore_eos)
+
+    def submit(prep: _Prepared, chat: bool):
+        try:
+            return engine.submit(prep.ids, prep.params)
+        except QueueFull:
+            counters["queue_full"] += 1
+            raise APIError(429, "The server is busy: its waiting queue is full "
+                           f"({engine.max_waiting} requests are waiting for a slot). Retry later.",
+                           "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
+        except ValueError as e:
+            msg = " ".join(str(e).split()) or "invalid request"
+            raise APIError(400, msg, param=_engine_error_param(msg, chat)) from None
+        except RuntimeError as e:          # the engine is shutting down
+            raise APIError(503, f"The server cannot take requests now: {e}", "server_error",
+                           code="unavailable") from None
+
+    def prepare_completion(req: CompletionRequest) -> _Prepared:
+        check_model(req.model)
+        if isinstance(req.prompt, str):
+            ids = list(tok(req.prompt)["input_ids"])
+            if not ids:
+                raise APIError(400, "prompt: the prompt has no tokens", param="prompt")
+        else:
+            ids = list(req.prompt)
+        max_tokens = req.max_tokens if req.max_tokens is not None else min(16, engine_limit(len(ids)))
+        return _Prepared(ids, sampling(req, max_tokens), req.stop_list(), req.stream,
+                         bool(req.stream_options and req.stream_options.include_usage))
+
+    def prepare_chat(req: ChatCompletionRequest) -> _Prepared:
+        check_model(req.model)
+        if not getattr(tok, "chat_template", None):
+            raise APIError(400, f"the model {model_name} has no chat template; use /v1/completions",
+                           param="messages")
+        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+                for m in req.messages]
+        try:
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja raise_exception, ...)
+            raise APIError(400, f"messages: the chat template rejected them: {' '.join(str(e).split())}",
+                           param="messages") from None
+        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        max_tokens = req.max_completion_tokens or req.max_tokens
+        if max_tokens is None:
+            max_tokens = engine_limit(len(ids))
+        return _Prepared(ids, sampling(req, max_tokens), req.stop_list(), req.stream,
+                         bool(req.stream_options and req.stream_options.include_usage))
+
+    def finish_reason(handle, text: IncrementalText) -> str:
+        if text.stopped:
+            return "stop"
+        r = handle.finish_reason
+        if r in ("stop", "length"):
+            return r
+        if r == "cancelled":
+            raise APIError(503, "the request was cancelled: the server is shutting down",
+                           "server_error", code="cancelled")
+        raise APIError(500, f"the engine failed on this request (finish_reason {r!r})", "server_error")
+
+    def usage(handle, text: IncrementalText) -> dict:
+        n = text.n_tokens
+        return {"prompt_tokens": int(handle.prompt_tokens), "completion_tokens": n,
+                "total_tokens": int(handle.prompt_tokens) + n}
+
+    async def consume(handle, text: IncrementalText):
+        """Feed the handle's tokens through the detokenizer until it ends or a stop string."""
+        async for token_id in handle:
+            text.add(token_id)
+            if text.stopped:
+                handle.cancel()
+                break
+
+    async def wait_disconnect(request: Request):
+        while True:
+            message = await request.receive()
+            if message["type"] == "http.disconnect":
+                return
+
+    async def run_blocking(request: Request, handle, text: IncrementalText):
+        """Non-streaming: collect the text; cancel if the client goes away first."""
+        work = asyncio.ensure_future(consume(handle, text))
+        gone = asyncio.ensure_future(wait_disconnect(request))
+        try:
+            done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+            if work in done:
+                work.result()
+                return True
+            counters["disconnects"] += 1
+            return False
+        finally:
+            gone.cancel()
+            if not work.done():
+                work.cancel()
+            if handle.finish_reason is None and not text.stopped:
+                handle.cancel()        # disconnected, or this handler itself was cancelled
+
+    def stream_response(prep: _Prepared, handle, chunk, first=None, usage_obj=None) -> StreamingResponse:
+        text = IncrementalText(tok, prep.stops)
+
+        async def events():
+            done = False
+            try:
+                if first is not None:
+                    yield _sse(first)
+                async for token_id in handle:
+                    piece = text.add(token_id)
+                    if piece:
+                        yield _sse(chunk(piece, None))
+                    if text.stopped:
+                        handle.cancel()
+                        break
+                try:
+                    reason = finish_reason(handle, text)
+                except APIError as e:
+                    yield _sse({"error": {"message": e.message, "type": e.type, "param": None,
+                                          "code": e.code}})
+                else:
+                    yield _sse(chunk(text.finish(), reason))
+                    if prep.include_usage:
+                        yield _sse(usage_obj(usage(handle, text)))
+                yield "data: [DONE]\n\n"
+                done = True
+            finally:
+                if not done and handle.finish_reason is None:
+                    counters["disconnects"] += 1
+                    handle.cancel()
+
+        return _SSEResponse(events(), handle)
+
+    # ------------------------------------------------------------------ routes
+    @app.post("/v1/completions", response_model=CompletionResponse, responses={
+        **post_errors, 200: {"content": {"text/event-stream": {}},
+                             "description": "the completion (JSON, or events when stream=true)"}})
+    async def completions(req: CompletionRequest, request: Request):
+        prep = prepare_completion(req)
+        handle = submit(prep, chat=False)
+        rid, t = f"cmpl-{handle.request_id}", _now()
+        if prep.stream:
+            def chunk(piece, reason):
+                obj = {"id": rid, "object": "text_completion", "created": t, "model": model_name,
+                       "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}]}
+                if prep.include_usage:
+                    obj["usage"] = None
+                return obj
+
+            def usage_obj(u):
+                return {"id": rid, "object": "text_completion", "created": t, "model": model_name,
+                        "choices": [], "usage": u}
+            return stream_response(prep, handle, chunk, usage_obj=usage_obj)
+        text = IncrementalText(tok, prep.stops)
+        if not await run_blocking(request, handle, text):
+            return Response(status_code=499)
+        reason = finish_reason(handle, text)
+        text.finish()
+        return CompletionResponse(id=rid, created=t, model=model_name, usage=Usage(**usage(handle, text)),
+                                  choices=[CompletionChoice(text=text.text, finish_reason=reason)])
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={
+        **post_errors, 200: {"content": {"text/event-stream": {}},
+                             "description": "the completion (JSON, or events when stream=true)"}})
+    async def chat_completions(req: ChatCompletionRequest, request: Request):
+        prep = prepare_chat(req)
+        handle = submit(prep, chat=True)
+        rid, t = f"chatcmpl-{handle.request_id}", _now()
+        if prep.stream:
+            def chunk(piece, reason, delta=None):
+                delta = {"content": piece} if delta is None else delta
+                if reason is not None and not piece:
+                    delta = {}
+                obj = {"id": rid, "object": "chat.completion.chunk", "created": t, "model": model_name,
+                       "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
+                if prep.include_usage:
+                    obj["usage"] = None
+                return obj
+
+            def usage_obj(u):
+                return {"id": rid, "object": "chat.completion.chunk", "created": t, "model": model_name,
+                        "choices": [], "usage": u}
+            first = chunk("", None, delta={"role": "assistant", "content": ""})
+            return stream_response(prep, handle, chunk, first=first, usage_obj=usage_obj)
+        text = IncrementalText(tok, prep.stops)
+        if not await run_blocking(request, handle, text):
+            return Response(status_code=499)
+        reason = finish_reason(handle, text)
+        text.finish()
+        return ChatCompletionResponse(id=rid, created=t, model=model_name, usage=Usage(**usage(handle, text)),
+                                      choices=[ChatChoice(message=AssistantMessage(content=text.text),
+                                                          finish_reason=reason)])
+
+    def card() -> ModelCard:
+        return ModelCard(id=model_name, created=created, max_model_len=_context_len(engine))
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def models():
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, responses={404: err})
+    async def model_card(model_id: str):
+        check_model(model_id)
+        return card()
+
+    @app.get("/health", response_model=Health)
+    async def health():
+        return Health(status="ok")
+
+    @app.get("/metrics", response_class=PlainTextResponse,
+             responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
+    async def metrics():
+        return PlainTextResponse(_metric_lines(engine, model_name, counters),
+                                 media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    _clean_openapi(app, model_name, engine)
+    return app
+
+
+class _SSEResponse(StreamingResponse):
+    """Server-sent events for one request; whatever ends the response (done, client gone, server
+    shutting down) the request is cancelled unless it finished."""
+
+    def __init__(self, content, handle):
+        super().__init__(content, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.handle = handle
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if self.handle.finish_reason is None:
+                self.handle.cancel()
+
+
+def _clean_openapi(app: FastAPI, model_name: str, engine) -> None:
+    """The app's OpenAPI schema says what this server accepts: the 400 error body instead of
+    FastAPI's 422 (never sent here), the served model's name, `max_tokens` up to the engine's
+    `max_new_tokens`, token ids below the vocabulary size, and the single neutral value accepted
+    for each OpenAI field that is not implemented."""
+    original = app.openapi
+    vocab = getattr(getattr(getattr(engine, "model", None), "args", None), "vocab_size", None)
+
+    def limit(prop: dict, **bounds):
+        for branch in prop.get("anyOf", [prop]):
+            if branch.get("type") == "integer":
+                branch.update(bounds)
+
+    def openapi():
+        if app.openapi_schema is None:
+            schema = original()
+            for item in schema.get("paths", {}).values():
+                for op in item.values():
+                    if isinstance(op, dict):
+                        op.get("responses", {}).pop("422", None)
+            comps = schema.get("components", {}).get("schemas", {})
+            comps.pop("HTTPValidationError", None)
+            comps.pop("ValidationError", None)
+            for comp, table in (("CompletionRequest", _Neutral.COMPLETION),
+                                ("ChatCompletionRequest", _Neutral.CHAT)):
+                props = comps.get(comp, {}).get("properties", {})
+                if "model" in props:
+                    props["model"] = {"title": "Model", "enum": [model_name, None],
+                                      "description": "the served model's name (optional)"}
+                for key in ("max_tokens", "max_completion_tokens"):
+                    if key in props:
+                        limit(props[key], maximum=int(engine.max_new_tokens))
+                for name, allowed in table.items():
+                    if name in props:
+                        props[name] = {"title": props[name].get("title", name), "enum": list(allowed),
+                                       "description": "not implemented: only this neutral value"}
+                if "n" in props:
+                    props["n"]["maximum"] = 1
+                for branch in props.get("prompt", {}).get("anyOf", []):
+                    if branch.get("type") == "string":
+                        branch.update(minLength=1, maxLength=MAX_PROMPT_CHARS)
+                    elif branch.get("type") == "array":
+                        branch["minItems"] = 1
+                        branch.setdefault("items", {})["minimum"] = 0
+                        if vocab:
+                            branch["items"]["maximum"] = int(vocab) - 1
+                for branch in props.get("stop", {}).get("anyOf", []):
+                    if branch.get("type") == "string":
+                        branch.update(minLength=1, maxLength=MAX_STOP_CHARS)
+                    elif branch.get("type") == "array":
+                        branch["maxItems"] = MAX_STOP
+                        branch.setdefault("items", {}).update(minLength=1, maxLength=MAX_STOP_CHARS)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+
+def _version() -> str:
+    try:
+        from flexkv import __version__
+        return __version__
+    except Exception:  # noqa: BLE001
+        return "0"
+
+
+# --------------------------------------------------------------------------- running it
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A bound (not yet listening) TCP socket for uvicorn; OSError if the address is unusable.
+    Binding before the model loads turns a taken port into an error at once."""
+    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, type_, proto, _, addr = infos[0]
+    sock = socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None = 256,
+          max_slots: int | None = None, kv_memory: str | int | None = None, max_new_tokens: int = 512,
+          max_prompt_tokens: int | None = None, prefill_chunk: int = 512, max_waiting: int = 64,
+          host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", dtype: str = "float32",
+          compile: bool | None = None, served_model_name: str | None = None,
+          log_level: str = "info", sock: socket.socket | None = None, **policy_params) -> None:
+    """Load `model` (a known name, provisioned on first use as `flexkv demo` does, or a local HF
+    checkpoint dir), build the engine and the app, and serve it with uvicorn until interrupted."""
+    import torch
+    import uvicorn
+
+    import flexkv
+    from flexkv.serve import Engine
+
+    if sock is None:
+        sock = bind_socket(host, port)
+    t0 = time.perf_counter()
+    print(f"[flexkv] loading {model} ({device}, {dtype}) ...", file=sys.stderr, flush=True)
+    m, tok = flexkv.load_model(model, device=device, dtype=getattr(torch, dtype))
+    if tok is None:
+        raise ValueError(f"model {model}: the checkpoint has no tokenizer (tokenizer.json or tokenizer.model)")
+    print(f"[flexkv] loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+    slots = {"kv_memory": kv_memory} if kv_memory is not None else {"max_slots": max_slots or 8}
+    engine = Engine(m, tok, policy=policy, budget=budget, max_new_tokens=max_new_tokens,
+                    prefill_chunk=prefill_chunk, max_prompt_tokens=max_prompt_tokens,
+                    max_waiting=max_waiting, compile=compile, **slots, **policy_params)
+    name = served_model_name or model
+    app = build_app(engine, name)
+    h, p = sock.getsockname()[:2]
+    shown = f"[{h}]" if ":" in h else h
+    print(f"[flexkv] serving {name} at http://{shown}:{p}/v1 (policy {policy}, budget {budget}, "
+          f"{engine.max_slots} slots, up to {max_waiting} waiting; Ctrl-C stops)", file=sys.stderr,
+          flush=True)
+    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run(sockets=[sock])

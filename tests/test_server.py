@@ -1,0 +1,778 @@
+"""The OpenAI-compatible server (`flexkv serve`, flexkv/serve/api.py) over the real Engine.
+
+A tiny random llama (tests/helpers.py, 256-token context) with a byte-level tokenizer built in
+code (one token per byte, a chat template) is served by uvicorn in a background thread on a free
+loopback port; the tests talk to it over real HTTP with httpx (sync and async) and the `openai`
+client (when installed). Two engines: `main` (4 slots) for the API tests and the schemathesis
+fuzzing, `aux` (1 slot, 2 waiting, started by the tests) for the queue-full and disconnect tests.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+import uvicorn  # noqa: E402
+
+from flexkv.serve import Engine  # noqa: E402
+from flexkv.serve.api import IncrementalText, bind_socket, build_app  # noqa: E402
+
+NAME = "tiny-llama"
+SPECIALS = ["<s>", "</s>", "<|user|>", "<|assistant|>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+VOCAB = 256 + len(SPECIALS)
+CTX = 256
+MAIN_MAX_NEW = 16
+AUX_MAX_NEW = 200
+
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(SPECIALS)
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+    tok.chat_template = CHAT_TEMPLATE
+    assert len(tok) == VOCAB
+    return tok
+
+
+class LiveServer:
+    """uvicorn serving `app` in a daemon thread on 127.0.0.1:<free port>."""
+
+    def __init__(self, app):
+        self.sock = bind_socket("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3)
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            assert self.thread.is_alive(), "uvicorn did not start"
+            assert time.monotonic() < deadline, "uvicorn did not start in 60 s"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.sock.close()
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """The engine thread, uvicorn and the clients share 2 cores: one intra-op thread is ~5x
+    faster here than two fighting over them."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_chat_dir(tmp_path_factory):
+    from helpers import make_checkpoint
+
+    tok = byte_tokenizer()
+    d = make_checkpoint(tmp_path_factory.mktemp("tiny-chat-llama"), "llama", seed=0,
+                        vocab_size=VOCAB, max_position_embeddings=CTX,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tok.save_pretrained(str(d))
+    return d
+
+
+@pytest.fixture(scope="module")
+def model_tok(tiny_chat_dir):
+    import flexkv
+
+    model, tok = flexkv.load_model(tiny_chat_dir)
+    assert tok is not None and tok.chat_template
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def main(model_tok):
+    model, tok = model_tok
+    engine = Engine(model, tok, policy="h2o", budget=32, max_slots=4, max_new_tokens=MAIN_MAX_NEW,
+                    max_waiting=32, compile=False)
+    with LiveServer(build_app(engine, NAME)) as srv:
+        srv.engine = engine
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def aux(model_tok):
+    """1 slot, 2 waiting; the app does not start the engine (the tests do), so requests can be
+    made to wait deterministically. Records every handle it hands out."""
+    model, tok = model_tok
+    engine = Engine(model, tok, policy="h2o", budget=32, max_slots=1, max_new_tokens=AUX_MAX_NEW,
+                    max_waiting=2, compile=False)
+    handles = []
+    submit = engine.submit
+
+    def recording_submit(*a, **k):
+        h = submit(*a, **k)
+        handles.append(h)
+        return h
+
+    engine.submit = recording_submit
+    with LiveServer(build_app(engine, NAME, start_engine=False)) as srv:
+        srv.engine, srv.handles, srv.started = engine, handles, False
+        try:
+            yield srv
+        finally:
+            if srv.started:
+                engine.shutdown()
+
+
+def _start(aux):
+    if not aux.started:
+        aux.engine.start()
+        aux.started = True
+
+
+@pytest.fixture(scope="module")
+def client(main):
+    with httpx.Client(base_url=main.url, timeout=60) as c:
+        yield c
+
+
+# ----------------------------------------------------------------------------- helpers
+def _events(response) -> list:
+    """The `data:` payloads of a server-sent-events response (JSON decoded, '[DONE]' kept)."""
+    out = []
+    for line in response.iter_lines():
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        payload = line[len("data: "):]
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def _collect(events, chat: bool):
+    """Stream events -> (text, finish_reason, usage or None); checks the OpenAI chunk shapes."""
+    assert events and events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    chunks = events[:-1]
+    assert all(isinstance(c, dict) and "error" not in c for c in chunks), chunks
+    usage = None
+    if chunks and chunks[-1]["choices"] == [] and chunks[-1].get("usage"):
+        usage = chunks.pop()["usage"]
+    obj = "chat.completion.chunk" if chat else "text_completion"
+    assert all(c["object"] == obj and c["model"] == NAME for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    if chat:
+        assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+        text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    else:
+        text = "".join(c["choices"][0]["text"] for c in chunks)
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert all(r is None for r in reasons[:-1]) and reasons[-1] in ("stop", "length")
+    return text, reasons[-1], usage
+
+
+def _ask(client, body: dict, chat: bool = False):
+    """One request (streamed or not, per body) -> (text, finish_reason, usage or None)."""
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    if body.get("stream"):
+        with client.stream("POST", path, json=body) as r:
+            assert r.status_code == 200, r.read()
+            assert r.headers["content-type"].startswith("text/event-stream")
+            return _collect(_events(r), chat)
+    r = client.post(path, json=body)
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["object"] == ("chat.completion" if chat else "text_completion") and d["model"] == NAME
+    c = d["choices"][0]
+    text = c["message"]["content"] if chat else c["text"]
+    if chat:
+        assert c["message"]["role"] == "assistant"
+    return text, c["finish_reason"], d["usage"]
+
+
+async def _ask_async(client, body: dict, chat: bool = False):
+    path = "/v1/chat/completions" if chat else "/v1/completions"
+    if body.get("stream"):
+        async with client.stream("POST", path, json=body) as r:
+            assert r.status_code == 200, await r.aread()
+            events = []
+            async for line in r.aiter_lines():
+                if line:
+                    payload = line[len("data: "):]
+                    events.append(payload if payload == "[DONE]" else json.loads(payload))
+            return _collect(events, chat)[:2]
+    r = await client.post(path, json=body)
+    assert r.status_code == 200, r.text
+    c = r.json()["choices"][0]
+    return (c["message"]["content"] if chat else c["text"]), c["finish_reason"]
+
+
+def _reference(model, ids, n, budget=32):
+    """flexkv.generate's greedy tokens (no eos stop) for one prompt."""
+    import torch
+
+    import flexkv
+
+    out = flexkv.generate(model, torch.tensor([ids]), max_new_tokens=n, policy="h2o", budget=budget)
+    return out.tokens[0, len(ids):].tolist()
+
+
+def _decode(tok, ids):
+    return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+
+def _metrics(client) -> dict:
+    r = client.get("/metrics")
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
+    out = {}
+    for line in r.text.splitlines():
+        if line and not line.startswith("#"):
+            m = re.fullmatch(r'([a-z_]+)\{model="[^"]*"\} (\S+)', line)
+            assert m, line
+            out[m.group(1)] = float(m.group(2))
+    return out
+
+
+def _wait_until(cond, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+# ----------------------------------------------------------------------------- detokenization
+def test_incremental_text_holds_partial_characters_and_stop_prefixes():
+    tok = byte_tokenizer()
+    text = "héllo wörld ✓ done"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text.encode())                      # one token per byte
+
+    inc = IncrementalText(tok)
+    pieces = [inc.add(i) for i in ids]
+    assert "".join(pieces) + inc.finish() == text
+    assert not any("\ufffd" in p for p in pieces)              # split characters are held back
+
+    inc = IncrementalText(tok, stop=["wö", "never"])
+    pieces = []
+    for i in ids:
+        pieces.append(inc.add(i))
+        if inc.stopped:
+            break
+    assert inc.stopped and inc.text == "héllo " and "".join(pieces) + inc.finish() == "héllo "
+    assert inc.n_tokens == len("héllo wö".encode())
+    assert inc.add(ids[0]) == ""                               # nothing after a stop
+
+    inc = IncrementalText(tok, stop=["lo wx"])                 # a prefix that does not complete
+    out = "".join(inc.add(i) for i in ids)
+    assert not inc.stopped and out + inc.finish() == text
+    inc = IncrementalText(tok, stop=["\u2713"])                # a stop made of a multi-byte char
+    pieces = []
+    for i in ids:
+        pieces.append(inc.add(i))
+        if inc.stopped:
+            break
+    assert "".join(pieces) + inc.finish() == "héllo wörld "
+
+
+# ----------------------------------------------------------------------------- basic endpoints
+def test_models_health_metrics(client, main):
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json() == {"status": "ok"}
+    d = client.get("/v1/models").json()
+    assert d["object"] == "list" and [m["id"] for m in d["data"]] == [NAME]
+    assert d["data"][0]["object"] == "model" and d["data"][0]["max_model_len"] == CTX
+    assert client.get(f"/v1/models/{NAME}").json()["id"] == NAME
+    r = client.get("/v1/models/other")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+    m = _metrics(client)
+    for name in ("flexkv_requests_running", "flexkv_requests_waiting", "flexkv_slots_total",
+                 "flexkv_slots_used", "flexkv_slot_occupancy", "flexkv_generation_tokens_total",
+                 "flexkv_prompt_tokens_total", "flexkv_kv_bytes_held", "flexkv_kv_bytes_allocated"):
+        assert name in m, name
+    assert m["flexkv_slots_total"] == 4
+    text = client.get("/metrics").text
+    assert "# TYPE flexkv_generation_tokens_total counter" in text
+    assert "# TYPE flexkv_kv_bytes_held gauge" in text
+
+
+def test_completion_equals_generate(client, main, model_tok):
+    model, tok = model_tok
+    prompt = "The llama said"
+    ids = tok(prompt)["input_ids"]
+    before = _metrics(client)["flexkv_generation_tokens_total"]
+    text, reason, usage = _ask(client, {"model": NAME, "prompt": prompt, "max_tokens": 12,
+                                        "temperature": 0, "ignore_eos": True})
+    assert text == _decode(tok, _reference(model, ids, 12))
+    assert reason == "length"
+    assert usage == {"prompt_tokens": len(ids), "completion_tokens": 12, "total_tokens": len(ids) + 12}
+    assert _metrics(client)["flexkv_generation_tokens_total"] >= before + 12
+    # token ids as the prompt: the same answer
+    text2, _, usage2 = _ask(client, {"prompt": ids, "max_tokens": 12, "temperature": 0,
+                                     "ignore_eos": True})
+    assert text2 == text and usage2 == usage
+
+
+def test_eos_stops_with_finish_reason_stop(client, model_tok):
+    """Without ignore_eos the engine stops at the tokenizer's eos ("</s>"): find a prompt whose
+    greedy answer contains it, and check the text ends right before it."""
+    model, tok = model_tok
+    eos = tok.eos_token_id
+    for k in range(40):
+        ids = tok(f"prompt number {k}:")["input_ids"]
+        ref = _reference(model, ids, MAIN_MAX_NEW)
+        if eos in ref:
+            break
+    else:
+        pytest.skip("no greedy answer reaches eos on this random model")
+    cut = ref.index(eos)
+    text, reason, usage = _ask(client, {"prompt": ids, "max_tokens": MAIN_MAX_NEW, "temperature": 0})
+    assert reason == "stop" and text == _decode(tok, ref[:cut])
+    assert usage["completion_tokens"] == cut
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["completion", "chat"])
+def test_stream_equals_non_stream(client, model_tok, chat):
+    model, tok = model_tok
+    body = {"model": NAME, "max_tokens": 16, "temperature": 0, "ignore_eos": True}
+    if chat:
+        body["messages"] = [{"role": "system", "content": "Be brief."},
+                            {"role": "user", "content": "Tell me about llamas."}]
+        ids = tok(tok.apply_chat_template(body["messages"], tokenize=False, add_generation_prompt=True),
+                  add_special_tokens=False)["input_ids"]
+    else:
+        body["prompt"] = "Tell me about llamas."
+        ids = tok(body["prompt"])["input_ids"]
+    want = _decode(tok, _reference(model, ids, 16))
+    text, reason, usage = _ask(client, body, chat)
+    assert (text, reason) == (want, "length")
+    assert usage["prompt_tokens"] == len(ids)
+    stext, sreason, susage = _ask(client, {**body, "stream": True,
+                                           "stream_options": {"include_usage": True}}, chat)
+    assert (stext, sreason, susage) == (want, "length", usage)
+    stext, sreason, susage = _ask(client, {**body, "stream": True}, chat)
+    assert (stext, sreason, susage) == (want, "length", None)
+
+
+def test_chat_content_parts_and_developer_role(client):
+    a = _ask(client, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6,
+                      "temperature": 0, "ignore_eos": True}, chat=True)
+    b = _ask(client, {"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+                      "max_completion_tokens": 6, "temperature": 0, "ignore_eos": True}, chat=True)
+    assert a == b
+    d = _ask(client, {"messages": [{"role": "developer", "content": "x"},
+                                   {"role": "user", "content": "hi"}], "max_tokens": 6,
+                      "temperature": 0, "ignore_eos": True}, chat=True)
+    s = _ask(client, {"messages": [{"role": "system", "content": "x"},
+                                   {"role": "user", "content": "hi"}], "max_tokens": 6,
+                      "temperature": 0, "ignore_eos": True}, chat=True)
+    assert d == s
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_stop_strings_cut_the_text(client, model_tok, stream):
+    model, tok = model_tok
+    prompt = "Stop here:"
+    full = _decode(tok, _reference(model, tok(prompt)["input_ids"], MAIN_MAX_NEW))
+    # a 2-character stop string that occurs after the start, made of whole characters
+    k = next((i for i in range(2, len(full) - 1) if "\ufffd" not in full[i:i + 2]
+              and full[i:i + 2].strip()), None)
+    if k is None:
+        pytest.skip(f"no usable stop string in {full!r}")
+    stop = full[k:k + 2]
+    want = full[:full.find(stop)]
+    body = {"prompt": prompt, "max_tokens": MAIN_MAX_NEW, "temperature": 0, "ignore_eos": True,
+            "stop": ["\x00never", stop], "stream": stream}
+    text, reason, usage = _ask(client, body)
+    assert (text, reason) == (want, "stop")
+    if usage is not None:
+        assert usage["completion_tokens"] < MAIN_MAX_NEW
+    # a stop string that never occurs: the full text, finish_reason "length"
+    text, reason, _ = _ask(client, {**body, "stop": "\x01\x02"})
+    assert (text, reason) == (full, "length")
+
+
+def test_seeded_sampling_is_reproducible(client):
+    body = {"prompt": "Once upon", "max_tokens": 12, "temperature": 0.9, "top_p": 0.9,
+            "top_k": 50, "seed": 1234, "ignore_eos": True}
+    a = _ask(client, body)
+    assert a == _ask(client, body)
+    assert _ask(client, {**body, "stream": True})[:2] == a[:2]
+    assert a[2]["completion_tokens"] == 12
+
+
+def test_16_concurrent_requests_equal_their_sequential_answers(client, main):
+    bodies = []
+    for i in range(16):
+        chat = i % 4 == 1 or i % 4 == 3
+        b = {"max_tokens": 6 + i % 7, "temperature": 0, "ignore_eos": i % 3 != 0,
+             "stream": i % 2 == 0}
+        if chat:
+            b["messages"] = [{"role": "user", "content": f"question {i}: " + "why? " * (i % 5)}]
+        else:
+            b["prompt"] = f"prompt {i}: " + "and " * i
+        bodies.append((b, chat))
+    sequential = [_ask(client, b, chat)[:2] for b, chat in bodies]
+    finished_before = _metrics(client)["flexkv_requests_finished_total"]
+
+    async def run_all():
+        async with httpx.AsyncClient(base_url=main.url, timeout=120) as ac:
+            return await asyncio.gather(*[_ask_async(ac, b, chat) for b, chat in bodies])
+
+    peak, done = [0], threading.Event()
+
+    def sample_occupancy():               # the requests really overlap in the engine
+        while not done.is_set():
+            peak[0] = max(peak[0], main.engine.metrics()["slots_used"])
+            time.sleep(0.002)
+
+    sampler = threading.Thread(target=sample_occupancy)
+    sampler.start()
+    try:
+        concurrent = asyncio.run(run_all())
+    finally:
+        done.set()
+        sampler.join()
+    assert peak[0] >= 2
+    assert concurrent == sequential
+    assert all(text for text, _ in concurrent)
+    m = _metrics(client)
+    assert m["flexkv_requests_finished_total"] >= finished_before + 16
+    assert m["flexkv_slots_used"] == 0 and m["flexkv_requests_waiting"] == 0
+
+
+def test_openai_client(main, model_tok):
+    openai = pytest.importorskip("openai")
+    model, tok = model_tok
+    oc = openai.OpenAI(base_url=main.url + "/v1", api_key="unused", max_retries=0, timeout=60)
+    assert NAME in [m.id for m in oc.models.list()]
+    r = oc.completions.create(model=NAME, prompt="Hello", max_tokens=8, temperature=0,
+                              extra_body={"ignore_eos": True})
+    want = _decode(tok, _reference(model, tok("Hello")["input_ids"], 8))
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    assert r.usage.completion_tokens == 8
+    msgs = [{"role": "user", "content": "Hello"}]
+    c = oc.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0)
+    parts = [ch.choices[0].delta.content or "" for ch in
+             oc.chat.completions.create(model=NAME, messages=msgs, max_tokens=8, temperature=0,
+                                        stream=True) if ch.choices]
+    assert "".join(parts) == c.choices[0].message.content
+    s = oc.completions.create(model=NAME, prompt="Hello", max_tokens=8, temperature=0, stream=True,
+                              extra_body={"ignore_eos": True})
+    assert "".join(ch.choices[0].text for ch in s) == want
+    with pytest.raises(openai.BadRequestError) as e:
+        oc.completions.create(model=NAME, prompt="Hello", max_tokens=-1)
+    assert e.value.body["param"] == "max_tokens"
+    with pytest.raises(openai.NotFoundError):
+        oc.completions.create(model="gpt-4", prompt="Hello", max_tokens=1)
+
+
+# ----------------------------------------------------------------------------- bad input
+LONG = "x" * (CTX + 10)
+BAD = [
+    # (id, path, raw body or JSON object, status, param)
+    ("malformed-json", "c", b'{"prompt": "hi", "max_tokens": ', 400, None),
+    ("not-an-object", "c", b'["hi"]', 400, None),
+    ("empty-body", "c", b"", 400, None),
+    ("prompt-missing", "c", {"max_tokens": 3}, 400, "prompt"),
+    ("prompt-wrong-type", "c", {"prompt": 5}, 400, "prompt"),
+    ("prompt-empty", "c", {"prompt": ""}, 400, "prompt"),
+    ("prompt-ids-empty", "c", {"prompt": []}, 400, "prompt"),
+    ("prompt-ids-negative", "c", {"prompt": [1, -2]}, 400, "prompt"),
+    ("prompt-ids-out-of-vocab", "c", {"prompt": [1, VOCAB + 5]}, 400, "prompt"),
+    ("prompt-too-long", "c", {"prompt": LONG, "max_tokens": 1}, 400, "prompt"),
+    ("max-tokens-string", "c", {"prompt": "hi", "max_tokens": "16"}, 400, "max_tokens"),
+    ("max-tokens-float", "c", {"prompt": "hi", "max_tokens": 1.5}, 400, "max_tokens"),
+    ("max-tokens-zero", "c", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
+    ("max-tokens-negative", "c", {"prompt": "hi", "max_tokens": -5}, 400, "max_tokens"),
+    ("max-tokens-over-server", "c", {"prompt": "hi", "max_tokens": MAIN_MAX_NEW + 1}, 400, "max_tokens"),
+    ("max-tokens-huge", "c", {"prompt": "hi", "max_tokens": 10**30}, 400, "max_tokens"),
+    ("temperature-negative", "c", {"prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("temperature-string", "c", {"prompt": "hi", "temperature": "hot"}, 400, "temperature"),
+    ("temperature-nan", "c", b'{"prompt": "hi", "temperature": NaN}', 400, "temperature"),
+    ("top-p-zero", "c", {"prompt": "hi", "top_p": 0}, 400, "top_p"),
+    ("top-p-big", "c", {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
+    ("top-k-negative", "c", {"prompt": "hi", "top_k": -2}, 400, "top_k"),
+    ("stream-string", "c", {"prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ("n-2", "c", {"prompt": "hi", "n": 2}, 400, "n"),
+    ("stop-empty", "c", {"prompt": "hi", "stop": ""}, 400, "stop"),
+    ("stop-too-many", "c", {"prompt": "hi", "stop": [str(i) for i in range(17)]}, 400, "stop"),
+    ("stop-wrong-type", "c", {"prompt": "hi", "stop": 3}, 400, "stop"),
+    ("unknown-field", "c", {"prompt": "hi", "foo": 1}, 400, "foo"),
+    ("logprobs-unsupported", "c", {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("echo-unsupported", "c", {"prompt": "hi", "echo": True}, 400, "echo"),
+    ("best-of-unsupported", "c", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("penalty-unsupported", "c", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("stream-options-without-stream", "c", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, None),
+    ("unknown-model", "c", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
+    ("messages-missing", "chat", {"max_tokens": 3}, 400, "messages"),
+    ("messages-empty", "chat", {"messages": []}, 400, "messages"),
+    ("messages-not-list", "chat", {"messages": "hi"}, 400, "messages"),
+    ("bad-role", "chat", {"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages"),
+    ("image-part", "chat", {"messages": [{"role": "user", "content": [
+        {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages"),
+    ("message-extra-field", "chat", {"messages": [{"role": "user", "content": "hi", "x": 1}]}, 400, "messages"),
+    ("chat-too-long", "chat", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
+    ("chat-n-3", "chat", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ("chat-tools", "chat", {"messages": [{"role": "user", "content": "hi"}],
+                            "tools": [{"type": "function"}]}, 400, "tools"),
+    ("chat-logprobs", "chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+]
+
+
+@pytest.mark.parametrize("path,body,status,param", [b[1:] for b in BAD], ids=[b[0] for b in BAD])
+def test_bad_requests_get_openai_errors(client, path, body, status, param):
+    url = "/v1/chat/completions" if path == "chat" else "/v1/completions"
+    if isinstance(body, bytes):
+        r = client.post(url, content=body, headers={"content-type": "application/json"})
+    else:
+        r = client.post(url, json=body)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    assert err["type"] == "invalid_request_error" and err["message"]
+    assert err["param"] == param, err
+    assert "\n" not in err["message"]
+
+
+def test_bad_request_messages_are_clear(client):
+    e = client.post("/v1/completions", json={"prompt": "hi", "n": 2}).json()["error"]
+    assert "n=1" in e["message"]
+    e = client.post("/v1/completions", json={"prompt": "hi", "foo": 1}).json()["error"]
+    assert e["message"] == "Unrecognized request argument supplied: foo"
+    e = client.post("/v1/completions", content=b"{bad", headers={"content-type": "application/json"}).json()
+    assert e["error"]["message"].startswith("Malformed JSON")
+    e = client.post("/v1/completions", json={"prompt": "hi", "max_tokens": 999}).json()["error"]
+    assert "max_tokens" in e["message"] and str(MAIN_MAX_NEW) in e["message"]
+
+
+def test_unknown_path_and_method(client):
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+    r = client.get("/v1/completions")
+    assert r.status_code == 405 and "error" in r.json()
+
+
+# ----------------------------------------------------------------------------- queue, disconnects
+def test_queue_full_is_429_then_the_waiting_requests_complete(aux, model_tok):
+    """The aux engine is not running yet: its two waiting places fill up, the third request is
+    refused with 429; started, the engine answers the two waiting requests completely."""
+    model, tok = model_tok
+    assert not aux.started
+    body = {"prompt": "wait for it", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    results = {}
+
+    def ask(key, stream):
+        with httpx.Client(base_url=aux.url, timeout=60) as c:
+            results[key] = _ask(c, {**body, "stream": stream})
+
+    threads = [threading.Thread(target=ask, args=(k, k == 1)) for k in range(2)]
+    for t in threads:
+        t.start()
+    with httpx.Client(base_url=aux.url, timeout=60) as c:
+        _wait_until(lambda: _metrics(c)["flexkv_requests_waiting"] == 2, what="2 waiting")
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 429, r.text
+        assert r.headers.get("retry-after") == "1"
+        err = r.json()["error"]
+        assert err["type"] == "rate_limit_error" and err["code"] == "queue_full"
+        assert "queue is full" in err["message"]
+        assert _metrics(c)["flexkv_http_rejected_queue_full_total"] == 1
+        assert c.get("/health").status_code == 200
+    _start(aux)
+    for t in threads:
+        t.join(60)
+    want = _decode(tok, _reference(model, tok(body["prompt"])["input_ids"], 5))
+    assert results[0][:2] == results[1][:2] == (want, "length")
+
+
+def _aux_running_handle(aux, n_before):
+    _wait_until(lambda: len(aux.handles) > n_before and len(aux.handles[-1].tokens) >= 1,
+                what="the request to start generating")
+    return aux.handles[-1]
+
+
+def test_client_disconnect_mid_stream_cancels_and_frees_the_slot(aux):
+    _start(aux)
+    n = len(aux.handles)
+    body = {"prompt": "a long story", "max_tokens": AUX_MAX_NEW, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    with httpx.Client(base_url=aux.url, timeout=60) as c:
+        with c.stream("POST", "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: ")
+        # leaving the block closes the connection with the stream unfinished
+        h = aux.handles[n]
+        _wait_until(lambda: h.finish_reason is not None, what="the cancel")
+        assert h.finish_reason == "cancelled" and len(h.tokens) < AUX_MAX_NEW
+        _wait_until(lambda: aux.engine.metrics()["slots_used"] == 0, what="the slot to free")
+        assert _metrics(c)["flexkv_http_client_disconnects_total"] >= 1
+        assert c.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_client_disconnect_without_streaming_cancels(aux, path):
+    _start(aux)
+    n = len(aux.handles)
+    body = {"max_tokens": AUX_MAX_NEW - 40, "temperature": 0, "ignore_eos": True}
+    if "chat" in path:
+        body["messages"] = [{"role": "user", "content": "go on"}]
+    else:
+        body["prompt"] = "go on"
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", aux.port)) as s:
+        s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  f"Content-Length: {len(payload)}\r\n\r\n".encode() + payload)
+        h = _aux_running_handle(aux, n)
+    _wait_until(lambda: h.finish_reason is not None, what="the cancel")
+    assert h.finish_reason == "cancelled" and len(h.tokens) < body["max_tokens"]
+    _wait_until(lambda: aux.engine.metrics()["slots_used"] == 0, what="the slot to free")
+
+
+# ----------------------------------------------------------------------------- fuzzing
+FUZZ_OPS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
+            ("GET", "/v1/models/{model_id}"), ("GET", "/health"), ("GET", "/metrics")]
+
+
+@pytest.fixture(scope="module")
+def fuzz(model_tok):
+    """A server for fuzzing: at most 4 new tokens per request (its schema says so), so the
+    valid requests schemathesis draws stay quick."""
+    model, tok = model_tok
+    engine = Engine(model, tok, policy="h2o", budget=32, max_slots=4, max_new_tokens=4,
+                    max_waiting=32, compile=False)
+    with LiveServer(build_app(engine, NAME)) as srv:
+        srv.engine = engine
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def api_schema(fuzz):
+    schemathesis = pytest.importorskip("schemathesis")
+    schema = schemathesis.openapi.from_url(fuzz.url + "/openapi.json")
+    ops = {(op.ok().method.upper(), op.ok().path) for op in schema.get_all_operations()}
+    assert ops == set(FUZZ_OPS), ops          # every endpoint is fuzzed
+    return schema
+
+
+@pytest.mark.parametrize("mode", ["positive", "negative"])
+@pytest.mark.parametrize("method,path", FUZZ_OPS, ids=[f"{m} {p}" for m, p in FUZZ_OPS])
+def test_fuzz_api_from_its_openapi_schema(api_schema, fuzz, method, path, mode):
+    """schemathesis draws requests from the app's own OpenAPI schema (valid ones, and invalid
+    ones in `negative` mode): never a 5xx."""
+    from hypothesis import HealthCheck, given, settings
+    from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+
+    if mode == "negative" and method == "GET":
+        pytest.skip("no body or query to make invalid (a path string stays a string)")
+    op = api_schema[path][method]
+    post = method == "POST"
+
+    @given(case=op.as_strategy(GenerationMode(mode)))
+    @settings(max_examples=25 if post else 10, deadline=None, derandomize=True, database=None,
+              suppress_health_check=list(HealthCheck))
+    def check(case):
+        case.call_and_validate(checks=[not_a_server_error], timeout=60)
+
+    check()
+    assert fuzz.thread.is_alive()
+    assert httpx.get(fuzz.url + "/health").status_code == 200
+
+
+# ----------------------------------------------------------------------------- afterwards
+def test_still_healthy_after_everything(client, main, aux, fuzz):
+    assert client.get("/health").json() == {"status": "ok"}
+    assert httpx.get(fuzz.url + "/health").json() == {"status": "ok"}
+    for engine in (main.engine, aux.engine, fuzz.engine):
+        _wait_until(lambda: engine.metrics()["slots_used"] == 0 and engine.metrics()["waiting"] == 0,
+                    what="idle engines")
+    m = _metrics(client)
+    assert m["flexkv_requests_running"] == 0 and m["flexkv_slot_occupancy"] == 0
+    assert _ask(client, {"prompt": "still there?", "max_tokens": 3, "temperature": 0,
+                         "ignore_eos": True})[1] == "length"
+
+
+# ----------------------------------------------------------------------------- the CLI
+def test_cli_serve_bad_arguments_exit_2(tiny_chat_dir, capsys):
+    from flexkv.cli import main as cli
+
+    base = ["serve", "--model", str(tiny_chat_dir)]
+    for extra, needle in [(["--port", "70000"], "--port"), (["--max-slots", "0"], "--max-slots"),
+                          (["--max-slots", "2", "--kv-memory", "1GiB"], "not allowed with"),
+                          (["--policy", "nope"], "nope"), (["--max-waiting", "-1"], "--max-waiting")]:
+        assert cli(base + extra) == 2, extra
+        err = capsys.readouterr().err
+        assert needle in err, (extra, err)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert cli(base + ["--port", str(taken.getsockname()[1])]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: ") and "listen" in err[0]
+
+
+def test_cli_serve_end_to_end(tiny_chat_dir):
+    """`python -m flexkv serve` in a subprocess: it prints its address, answers, stops on SIGINT."""
+    import signal
+
+    cmd = [sys.executable, "-m", "flexkv", "serve", "--model", str(tiny_chat_dir), "--port", "0",
+           "--policy", "h2o", "--budget", "16", "--param", "recent=4", "--max-slots", "2",
+           "--max-new-tokens", "8", "--served-model-name", "tiny"]
+    p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                         env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    try:
+        url, seen = None, []
+        deadline = time.monotonic() + 120
+        while url is None:
+            line = p.stderr.readline()
+            assert line or p.poll() is None, "".join(seen)
+            assert time.monotonic() < deadline, "".join(seen)
+            seen.append(line)
+            m = re.search(r"serving tiny at (http://\S+)/v1", line)
+            if m:
+                url = m.group(1)
+        with httpx.Client(base_url=url, timeout=60) as c:
+            _wait_until(lambda: _ok(c), timeout=60, what="the server")
+            r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 4,
+                                                "temperature": 0, "ignore_eos": True})
+            assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+        p.send_signal(signal.SIGINT)
+        assert p.wait(60) in (0, 130)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def _ok(c) -> bool:
+    try:
+        return c.get("/health").status_code == 200
+    except httpx.TransportError:
+        return False
