@@ -3,8 +3,9 @@
 A tiny random llama (tests/helpers.py, 256-token context) with a byte-level tokenizer built in
 code (one token per byte, a chat template) is served by uvicorn in a background thread on a free
 loopback port; the tests talk to it over real HTTP with httpx (sync and async) and the `openai`
-client (when installed). Two engines: `main` (4 slots) for the API tests and the schemathesis
-fuzzing, `aux` (1 slot, 2 waiting, started by the tests) for the queue-full and disconnect tests.
+client (when installed). Engines: `main` (4 slots) for the API tests, `fuzz` (at most 4 new
+tokens) for schemathesis, `aux` (1 slot, 200 new tokens) for the disconnect tests, and `held`
+(an engine the test itself starts) for the queue-full test.
 """
 from __future__ import annotations
 
@@ -126,15 +127,9 @@ def main(model_tok):
         yield srv
 
 
-@pytest.fixture(scope="module")
-def aux(model_tok):
-    """1 slot, 2 waiting; the app does not start the engine (the tests do), so requests can be
-    made to wait deterministically. Records every handle it hands out."""
-    model, tok = model_tok
-    engine = Engine(model, tok, policy="h2o", budget=32, max_slots=1, max_new_tokens=AUX_MAX_NEW,
-                    max_waiting=2, compile=False)
-    handles = []
-    submit = engine.submit
+def _recording(engine) -> list:
+    """Make `engine.submit` record every handle it hands out; returns the list."""
+    handles, submit = [], engine.submit
 
     def recording_submit(*a, **k):
         h = submit(*a, **k)
@@ -142,19 +137,34 @@ def aux(model_tok):
         return h
 
     engine.submit = recording_submit
+    return handles
+
+
+@pytest.fixture(scope="module")
+def aux(model_tok):
+    """1 slot and up to 200 new tokens, for the disconnect tests; records its handles."""
+    model, tok = model_tok
+    engine = Engine(model, tok, policy="h2o", budget=32, max_slots=1, max_new_tokens=AUX_MAX_NEW,
+                    max_waiting=4, compile=False)
+    handles = _recording(engine)
+    with LiveServer(build_app(engine, NAME)) as srv:
+        srv.engine, srv.handles = engine, handles
+        yield srv
+
+
+@pytest.fixture
+def held(model_tok):
+    """1 slot, 2 waiting places, and an app that does not start its engine (the test does), so
+    requests can be made to wait deterministically."""
+    model, tok = model_tok
+    engine = Engine(model, tok, policy="h2o", budget=32, max_slots=1, max_new_tokens=8,
+                    max_waiting=2, compile=False)
     with LiveServer(build_app(engine, NAME, start_engine=False)) as srv:
-        srv.engine, srv.handles, srv.started = engine, handles, False
+        srv.engine = engine
         try:
             yield srv
         finally:
-            if srv.started:
-                engine.shutdown()
-
-
-def _start(aux):
-    if not aux.started:
-        aux.engine.start()
-        aux.started = True
+            engine.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -579,22 +589,21 @@ def test_unknown_path_and_method(client):
 
 
 # ----------------------------------------------------------------------------- queue, disconnects
-def test_queue_full_is_429_then_the_waiting_requests_complete(aux, model_tok):
-    """The aux engine is not running yet: its two waiting places fill up, the third request is
+def test_queue_full_is_429_then_the_waiting_requests_complete(held, model_tok):
+    """The engine is not running yet: its two waiting places fill up, the third request is
     refused with 429; started, the engine answers the two waiting requests completely."""
     model, tok = model_tok
-    assert not aux.started
     body = {"prompt": "wait for it", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
     results = {}
 
     def ask(key, stream):
-        with httpx.Client(base_url=aux.url, timeout=60) as c:
+        with httpx.Client(base_url=held.url, timeout=60) as c:
             results[key] = _ask(c, {**body, "stream": stream})
 
     threads = [threading.Thread(target=ask, args=(k, k == 1)) for k in range(2)]
     for t in threads:
         t.start()
-    with httpx.Client(base_url=aux.url, timeout=60) as c:
+    with httpx.Client(base_url=held.url, timeout=60) as c:
         _wait_until(lambda: _metrics(c)["flexkv_requests_waiting"] == 2, what="2 waiting")
         r = c.post("/v1/completions", json=body)
         assert r.status_code == 429, r.text
@@ -604,11 +613,41 @@ def test_queue_full_is_429_then_the_waiting_requests_complete(aux, model_tok):
         assert "queue is full" in err["message"]
         assert _metrics(c)["flexkv_http_rejected_queue_full_total"] == 1
         assert c.get("/health").status_code == 200
-    _start(aux)
+    held.engine.start()
     for t in threads:
         t.join(60)
     want = _decode(tok, _reference(model, tok(body["prompt"])["input_ids"], 5))
     assert results[0][:2] == results[1][:2] == (want, "length")
+
+
+def test_engine_shutdown_ends_waiting_requests_cleanly(held):
+    """Requests still waiting when the engine shuts down end with a 503 error body (JSON) or an
+    error event then [DONE] (stream); later requests get 503, not a 500."""
+    body = {"prompt": "never", "max_tokens": 5, "temperature": 0}
+    results = {}
+
+    def ask(stream):
+        with httpx.Client(base_url=held.url, timeout=60) as c:
+            if stream:
+                with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+                    results[stream] = (r.status_code, _events(r))
+            else:
+                r = c.post("/v1/completions", json=body)
+                results[stream] = (r.status_code, r.json())
+
+    threads = [threading.Thread(target=ask, args=(s,)) for s in (False, True)]
+    for t in threads:
+        t.start()
+    _wait_until(lambda: held.engine.metrics()["waiting"] == 2, what="2 waiting")
+    held.engine.shutdown()
+    for t in threads:
+        t.join(60)
+    status, err = results[False]
+    assert status == 503 and err["error"]["code"] == "cancelled"
+    status, events = results[True]
+    assert status == 200 and events[-1] == "[DONE]" and events[0]["error"]["code"] == "cancelled"
+    r = httpx.post(held.url + "/v1/completions", json=body)
+    assert r.status_code == 503 and r.json()["error"]["type"] == "server_error"
 
 
 def _aux_running_handle(aux, n_before):
@@ -618,7 +657,6 @@ def _aux_running_handle(aux, n_before):
 
 
 def test_client_disconnect_mid_stream_cancels_and_frees_the_slot(aux):
-    _start(aux)
     n = len(aux.handles)
     body = {"prompt": "a long story", "max_tokens": AUX_MAX_NEW, "temperature": 0,
             "ignore_eos": True, "stream": True}
@@ -638,7 +676,6 @@ def test_client_disconnect_mid_stream_cancels_and_frees_the_slot(aux):
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_client_disconnect_without_streaming_cancels(aux, path):
-    _start(aux)
     n = len(aux.handles)
     body = {"max_tokens": AUX_MAX_NEW - 40, "temperature": 0, "ignore_eos": True}
     if "chat" in path:
