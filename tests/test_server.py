@@ -310,6 +310,61 @@ def test_incremental_text_holds_partial_characters_and_stop_prefixes():
     assert "".join(pieces) + inc.finish() == "héllo wörld "
 
 
+def _metaspace_tokenizer():
+    """A SentencePiece-style tokenizer (Metaspace: '▁' marks a space, dropped at the start of a
+    decode), as LLaMA-2 and Mistral use: decoding a token alone differs from decoding it after
+    others, which is what incremental detokenization must get right."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<unk>", "<s>", "</s>", "▁Hello", "▁world", "Hello", ",", "!", "▁", "▁the", "é", "▁ll",
+             "ama", "s", "\n"]
+    tk = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Metaspace()
+    tk.decoder = decoders.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>"), len(words)
+
+
+def _default_tokenizer_or_none():
+    from flexkv.models.provision import DEFAULT_MODEL, cache_root, is_complete
+
+    d = cache_root() / DEFAULT_MODEL
+    if not is_complete(d):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(d))
+
+
+def test_incremental_text_equals_one_decode_of_everything():
+    """For random id sequences, the released pieces + finish() == one decode of all ids (byte
+    tokens with broken UTF-8, SentencePiece-style spaces, and the default model's BPE when it is
+    provisioned); with a stop string, the text is that decode cut before its first occurrence."""
+    import random
+
+    rng = random.Random(0)
+    cases = [(byte_tokenizer(), VOCAB), _metaspace_tokenizer()]
+    smol = _default_tokenizer_or_none()
+    if smol is not None:
+        cases.append((smol, len(smol)))
+    for tok, vocab in cases:
+        for _ in range(60):
+            ids = [rng.randrange(vocab) for _ in range(rng.randrange(1, 40))]
+            whole = _decode(tok, ids)
+            inc = IncrementalText(tok)
+            assert "".join(inc.add(i) for i in ids) + inc.finish() == whole, (ids, whole)
+            if len(whole) >= 4 and "\ufffd" not in whole:
+                stop = whole[rng.randrange(1, len(whole) - 2):][:2]
+                inc = IncrementalText(tok, stop=[stop])
+                out = ""
+                for i in ids:
+                    out += inc.add(i)
+                    if inc.stopped:
+                        break
+                assert out + inc.finish() == whole[:whole.find(stop)] and inc.stopped, (ids, stop)
+
+
 # ----------------------------------------------------------------------------- basic endpoints
 def test_models_health_metrics(client, main):
     r = client.get("/health")
