@@ -275,16 +275,6 @@ def _port(text: str) -> int:
     return v
 
 
-def _nonnegative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {v}")
-    return v
-
-
 def cmd_serve(args) -> int:
     try:
         import fastapi  # noqa: F401
@@ -297,6 +287,9 @@ def cmd_serve(args) -> int:
     params = dict(args.param or [])
     budget = args.budget if args.budget is not None else (None if args.policy == "full" else 256)
     _check_policy(args.policy, budget, params)
+    if args.kv_memory is not None:
+        from flexkv.serve import parse_bytes
+        parse_bytes(args.kv_memory)
     device = _device(args.device)
     try:          # bind first: a taken port is an error now, not after loading the model
         sock = bind_socket(args.host, args.port)
@@ -418,10 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-new-tokens", type=_positive_int, default=512,
                    help="the largest max_tokens a request may ask for (default 512)")
     s.add_argument("--max-prompt-tokens", type=_positive_int, default=None,
-                   help="longest prompt accepted (default: the model's context)")
+                   help="longest prompt accepted (default: the model's context minus "
+                   "--max-new-tokens)")
     s.add_argument("--prefill-chunk", type=_positive_int, default=512,
                    help="prompt tokens prefilled per scheduler step (default 512)")
-    s.add_argument("--max-waiting", type=_nonnegative_int, default=64,
+    s.add_argument("--max-waiting", type=_positive_int, default=64,
                    help="requests that may wait for a slot; more get 429 (default 64)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free)")

@@ -818,7 +818,8 @@ def test_cli_serve_bad_arguments_exit_2(tiny_chat_dir, capsys):
     base = ["serve", "--model", str(tiny_chat_dir)]
     for extra, needle in [(["--port", "70000"], "--port"), (["--max-slots", "0"], "--max-slots"),
                           (["--max-slots", "2", "--kv-memory", "1GiB"], "not allowed with"),
-                          (["--policy", "nope"], "nope"), (["--max-waiting", "-1"], "--max-waiting")]:
+                          (["--policy", "nope"], "nope"), (["--max-waiting", "0"], "--max-waiting"),
+                          (["--kv-memory", "lots"], "kv_memory")]:
         assert cli(base + extra) == 2, extra
         err = capsys.readouterr().err
         assert needle in err, (extra, err)
