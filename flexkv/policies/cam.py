@@ -61,8 +61,8 @@ class CaM(CumulativeAttention, MergingPolicy, Streaming):
             raise ValueError("gate_generator (a torch.Generator) is required with stochastic=True")
         super().validate(prompt_len, max_new_tokens, n_layers)
 
-    def build_cache(self, model, batch, prompt_len, max_new_tokens):
-        cache = super().build_cache(model, batch, prompt_len, max_new_tokens)
+    def build_cache(self, model, batch, prompt_len, max_new_tokens, capacities=None):
+        cache = super().build_cache(model, batch, prompt_len, max_new_tokens, capacities)
         if self.stochastic:
             g = torch.Generator(device=self.gate_generator.device)
             g.set_state(self.gate_generator.get_state())

@@ -15,7 +15,7 @@ class RefCaM(RefPolicy):
         self.stat_names = ("score",) + (("merged",) if self.log_mass else ())
         self.u = None
 
-    def build_cache(self, model, batch, prompt_len, max_new_tokens):
+    def build_cache(self, model, batch, prompt_len, max_new_tokens, capacities=None):
         if self.spec.stochastic:  # the same draws as the static cache: a copy of the generator
             g = torch.Generator(device=self.spec.gate_generator.device)
             g.set_state(self.spec.gate_generator.get_state())

@@ -21,7 +21,7 @@ class RefKVMerger(RefPolicy):
         self.log_mass = spec.bias == "log_mass"
         self.stat_names = ("merged",) if self.log_mass else ()
 
-    def build_cache(self, model, batch, prompt_len, max_new_tokens):
+    def build_cache(self, model, batch, prompt_len, max_new_tokens, capacities=None):
         L = model.args.num_hidden_layers
         skip = (0, 1, L - 1) if self.spec.skip_layers is None else self.spec.skip_layers
         self.skip = {s % L for s in skip if -L <= s < L}

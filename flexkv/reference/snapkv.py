@@ -13,7 +13,7 @@ from flexkv.reference.engine import RefPolicy
 
 @register_reference("snapkv")
 class RefSnapKV(RefPolicy):
-    def build_cache(self, model, batch, prompt_len, max_new_tokens):
+    def build_cache(self, model, batch, prompt_len, max_new_tokens, capacities=None):
         self.prompt_len = prompt_len
         self.n_layers = model.args.num_hidden_layers
         return super().build_cache(model, batch, prompt_len, max_new_tokens)

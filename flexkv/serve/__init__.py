@@ -1,0 +1,5 @@
+"""Serving: `Engine` (continuous batching over static request slots, one compiled decode step)
+and, in `flexkv.serve.api`, the OpenAI-compatible HTTP server (needs the `serve` extra)."""
+from flexkv.serve.engine import Engine, QueueFull, RequestHandle, SamplingParams, parse_bytes
+
+__all__ = ["Engine", "SamplingParams", "RequestHandle", "QueueFull", "parse_bytes"]

@@ -1,0 +1,541 @@
+"""The serving engine: continuous batching over static request slots, one compiled decode step.
+
+Every layer's cache has batch dimension `max_slots`; a slot holds one request. The scheduler
+(`Engine.step`, run in a background thread by `start()` or inline by `generate()`) does, per
+iteration:
+
+1. cancellations: a cancelled request leaves its slot (or the queue) at once;
+2. admission: the oldest waiting request takes a free slot; its prompt is prefilled in chunks of
+   `prefill_chunk` tokens into a one-row scratch cache with the engine's slot capacities, through
+   the same `Prefill` runner as `flexkv.generate` (the policy compressing between chunks), one
+   chunk per iteration so running requests keep streaming while a long prompt arrives; after the
+   last chunk the row is copied into the slot and the request starts decoding;
+3. one decode step for every slot (`decode_one_token`: compiled, `fullgraph=True`, CUDA graphs on
+   CUDA) with an `active` mask: idle slots write, score and evict nothing; per-slot sampling
+   parameters are tensors (`flexkv.serve.sampling`), so nothing recompiles as requests come
+   and go;
+4. the new tokens go to the requests' handles (one host read per step, which streaming needs
+   anyway); a request that hits a stop token or its `max_tokens` frees its slot at once (the row
+   is cleared, so the next request starts from a clean slot).
+
+A request's tokens equal `flexkv.generate` on that prompt alone (same policy, `max_new_tokens =
+max_tokens`, `prefill_chunk`): the slot's row goes through the same prefill and the same
+decode-step code, and rows never interact (tests/test_serve_engine.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import re
+import secrets
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from flexkv.cache import KVCache
+from flexkv.generate import Prefill, compiled_decode, decode_one_token, stop_token_ids
+from flexkv.policies import make_policy
+from flexkv.serve.sampling import sample_slots
+
+FINISH_REASONS = ("stop", "length", "cancelled", "error")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass
+class SamplingParams:
+    """Per-request decoding settings (all per-slot tensors inside the engine)."""
+    max_tokens: int = 16
+    temperature: float = 0.0             # 0 = greedy
+    top_p: float = 1.0                   # (0, 1]
+    top_k: int = 0                       # 0 = off
+    seed: int | None = None              # None: a random seed per request
+    stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's / model's eos ids
+    ignore_eos: bool = False
+
+    def validate(self, max_new_tokens: int, vocab_size: int) -> None:
+        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= max_new_tokens:
+            raise ValueError(f"max_tokens must be an int in [1, {max_new_tokens}] (the engine's "
+                             f"max_new_tokens), got {self.max_tokens!r}")
+        t = self.temperature
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
+            raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+        p = self.top_p
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+        if not _is_int(self.top_k) or not 0 <= self.top_k:
+            raise ValueError(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
+            raise ValueError(f"seed must be None or an int in [0, 2**63 - 1], got {self.seed!r}")
+        ids = self.stop_token_ids
+        if not isinstance(ids, (list, tuple)) or not all(_is_int(i) and 0 <= i < vocab_size for i in ids):
+            raise ValueError(f"stop_token_ids must be a list of token ids in [0, {vocab_size - 1}], "
+                             f"got {ids!r}")
+        if not isinstance(self.ignore_eos, bool):
+            raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+
+
+class QueueFull(RuntimeError):
+    """`Engine.submit` when `max_waiting` requests are already waiting."""
+
+
+class RequestHandle:
+    """One request's stream of token ids. Iterate it (`for` or `async for`) to receive tokens as
+    they are generated; `finish_reason` is set when it ends ("stop": a stop token, which is not
+    included; "length": `max_tokens` reached; "cancelled"; "error"). Thread-safe."""
+
+    def __init__(self, request_id: str, prompt: list[int], params: SamplingParams):
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_tokens = len(prompt)
+        self.params = params
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self.error: str | None = None
+        self.submitted_at = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._cond = threading.Condition()
+        self._async_waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+        self._cancel_requested = False
+        self._on_cancel = None  # set by the engine: wakes its scheduler
+
+    # ------------------------------------------------------------------ engine side
+    def _notify(self) -> None:
+        self._cond.notify_all()
+        for loop, ev in self._async_waiters:
+            try:
+                loop.call_soon_threadsafe(ev.set)
+            except RuntimeError:  # that event loop is closed
+                pass
+
+    def _emit(self, token: int) -> None:
+        with self._cond:
+            if self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            self.tokens.append(token)
+            self._notify()
+
+    def _finish(self, reason: str, error: str | None = None) -> None:
+        with self._cond:
+            if self.finish_reason is None:
+                self.finish_reason, self.error = reason, error
+                self.finished_at = time.perf_counter()
+            self._notify()
+
+    # ------------------------------------------------------------------ user side
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this request; its slot is freed at the next scheduler step."""
+        with self._cond:
+            if self.finish_reason is not None:
+                return
+            self._cancel_requested = True
+        if self._on_cancel is not None:
+            self._on_cancel()
+
+    def __iter__(self):
+        i = 0
+        while True:
+            with self._cond:
+                while i >= len(self.tokens) and self.finish_reason is None:
+                    self._cond.wait()
+                if i >= len(self.tokens):
+                    return
+                tok = self.tokens[i]
+            i += 1
+            yield tok
+
+    async def _wait_for(self, n: int) -> None:
+        """Until more than `n` tokens exist or the request has finished."""
+        loop = asyncio.get_running_loop()
+        while True:
+            ev = asyncio.Event()
+            with self._cond:
+                if len(self.tokens) > n or self.finish_reason is not None:
+                    return
+                self._async_waiters.append((loop, ev))
+            try:
+                await ev.wait()
+            finally:
+                with self._cond:
+                    self._async_waiters.remove((loop, ev))
+
+    async def __aiter__(self):
+        i = 0
+        while True:
+            await self._wait_for(i)
+            with self._cond:
+                if i >= len(self.tokens):
+                    return
+                tok = self.tokens[i]
+            i += 1
+            yield tok
+
+    async def wait(self) -> list[int]:
+        """All generated tokens, once the request has finished."""
+        while not self.finished:
+            await self._wait_for(len(self.tokens))
+        return list(self.tokens)
+
+    def result(self, timeout: float | None = None) -> list[int]:
+        """Block until the request finishes; its generated tokens."""
+        with self._cond:
+            if not self._cond.wait_for(lambda: self.finish_reason is not None, timeout):
+                raise TimeoutError(f"request {self.request_id} did not finish in {timeout} s")
+            return list(self.tokens)
+
+
+@dataclass
+class _Running:
+    handle: RequestHandle
+    stop_ids: frozenset
+    prefill: Prefill | None = None       # set while the prompt is being prefilled
+    scratch: KVCache | None = None
+    generated: int = 0
+
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
+          "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(x) -> int:
+    """`kv_memory`: an int (bytes) or a string such as "2GiB", "512MiB", "1.5GB"."""
+    if _is_int(x) and x > 0:
+        return x
+    if isinstance(x, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", x)
+        if m and m.group(2).lower() in _UNITS:
+            n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            if n > 0:
+                return n
+    raise ValueError(f"kv_memory must be a positive number of bytes (an int, or a string such as "
+                     f"'2GiB', '512MiB', '1.5GB'), got {x!r}")
+
+
+class Engine:
+    """Continuous batching over `max_slots` static request slots (see the module docstring).
+
+    `Engine(model, tokenizer, policy="h2o", budget=256, max_slots=8, max_new_tokens=512,
+    prefill_chunk=512)`, or `kv_memory="2GiB"` instead of `max_slots` (the slot count that fits,
+    reported as `engine.max_slots`). `max_prompt_tokens` (default: the model's context minus
+    `max_new_tokens`) and `max_new_tokens` size every slot once, for the longest request.
+    `compile` (default: on CUDA) compiles the decode step; `max_waiting` bounds the queue.
+    Extra keyword arguments are the policy's parameters, as in `flexkv.generate`."""
+
+    def __init__(self, model, tokenizer=None, policy="full", budget=None, *, max_slots: int | None = None,
+                 kv_memory=None, max_new_tokens: int = 256, max_prompt_tokens: int | None = None,
+                 prefill_chunk: int | None = 512, max_waiting: int = 256, compile: bool | None = None,
+                 **policy_params):
+        a = model.args
+        ctx = a.max_position_embeddings
+        if not _is_int(max_new_tokens) or not 1 <= max_new_tokens < ctx:
+            raise ValueError(f"max_new_tokens must be an int in [1, {ctx - 1}] (the model's context "
+                             f"is {ctx}), got {max_new_tokens!r}")
+        if max_prompt_tokens is None:
+            max_prompt_tokens = ctx - max_new_tokens
+        if not _is_int(max_prompt_tokens) or not 1 <= max_prompt_tokens <= ctx - max_new_tokens:
+            raise ValueError(f"max_prompt_tokens must be an int in [1, {ctx - max_new_tokens}] "
+                             f"(context {ctx} - max_new_tokens {max_new_tokens}), got {max_prompt_tokens!r}")
+        if prefill_chunk is not None and (not _is_int(prefill_chunk) or prefill_chunk < 1):
+            raise ValueError(f"prefill_chunk must be None (one shot) or an int >= 1, got {prefill_chunk!r}")
+        if not _is_int(max_waiting) or max_waiting < 1:
+            raise ValueError(f"max_waiting must be an int >= 1, got {max_waiting!r}")
+        if max_slots is not None and kv_memory is not None:
+            raise ValueError("give max_slots or kv_memory, not both")
+        self.model, self.tokenizer = model, tokenizer
+        self.policy = make_policy(policy, budget=budget, **policy_params)
+        self.policy.validate(max_prompt_tokens, max_new_tokens, a.num_hidden_layers)
+        if getattr(self.policy, "budget", None) is not None and self.policy.budget > ctx:
+            raise ValueError(f"budget must be <= the model's context {ctx}, got {self.policy.budget}")
+        self.policy_name = self.policy.name
+        self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
+        self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
+        self.capacities = self.policy.max_capacities(a.num_hidden_layers, max_prompt_tokens, max_new_tokens)
+        dtype = model.lm_head.weight.dtype
+        self.device = model.lm_head.weight.device
+        self.slot_kv_bytes = sum(2 * cap * a.num_key_value_heads * a.head_dim * dtype.itemsize
+                                 for cap in self.capacities)
+        if kv_memory is not None:
+            total = parse_bytes(kv_memory)
+            max_slots = total // self.slot_kv_bytes
+            if max_slots < 1:
+                raise ValueError(f"kv_memory={kv_memory!r} holds no slot: one slot of policy "
+                                 f"{self.policy_name!r} needs {self.slot_kv_bytes} bytes of K/V")
+        if max_slots is None:
+            max_slots = 8
+        if not _is_int(max_slots) or max_slots < 1:
+            raise ValueError(f"max_slots must be an int >= 1, got {max_slots!r}")
+        self.max_slots = max_slots
+        self.cache = self.policy.build_cache(model, max_slots, max_prompt_tokens, max_new_tokens,
+                                             capacities=self.capacities)
+        self.cache.clear_rows(slice(None))
+        self.eos_ids = frozenset(stop_token_ids(tokenizer, model))
+        self.vocab_size = a.vocab_size
+        self.context = ctx
+        compile = self.device.type == "cuda" if compile is None else compile
+        self._step_fn = compiled_decode(self.device) if compile else decode_one_token
+
+        S, dev = max_slots, self.device
+        self._tok = torch.zeros(S, 1, dtype=torch.long, device=dev)
+        self._pos = torch.zeros(S, 1, dtype=torch.long, device=dev)
+        self._active = torch.zeros(S, dtype=torch.bool, device=dev)
+        self._temperature = torch.zeros(S, dtype=torch.float32, device=dev)
+        self._top_k = torch.zeros(S, dtype=torch.long, device=dev)
+        self._top_p = torch.ones(S, dtype=torch.float32, device=dev)
+        self._seed = torch.zeros(S, dtype=torch.long, device=dev)
+        self._steps = torch.zeros(S, dtype=torch.long, device=dev)
+
+        self._slots: list[_Running | None] = [None] * S
+        self._decoding: set[int] = set()      # slots whose request is decoding
+        self._prefilling: deque[int] = deque()  # slots whose prompt is being prefilled, oldest first
+        self._waiting: deque[_Running] = deque()
+        self._lock = threading.Lock()
+        self._wake = threading.Condition(self._lock)
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._counters = dict(tokens_generated_total=0, prompt_tokens_total=0,
+                              requests_finished_total=0, requests_submitted_total=0,
+                              decode_steps_total=0, prefill_chunks_total=0)
+
+    # ------------------------------------------------------------------ public API
+    def submit(self, prompt, params: SamplingParams | None = None) -> RequestHandle:
+        """Queue one request (a list of token ids or a 1-D tensor); thread-safe. Raises
+        ValueError for bad input and QueueFull when `max_waiting` requests are waiting."""
+        return self._submit(prompt, params, bounded=True)
+
+    def generate(self, prompts, params: SamplingParams | list | None = None) -> list[list[int]]:
+        """Generated token ids for each prompt, in order (more prompts than slots queue; the
+        waiting bound does not apply). `params`: one SamplingParams for all, or one per prompt."""
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise ValueError(f"params: one SamplingParams per prompt ({len(prompts)}), got {len(params)}")
+            plist = list(params)
+        else:
+            plist = [params] * len(prompts)
+        for p, sp in zip(prompts, plist):  # validate everything before queueing anything
+            self._check(p, sp or SamplingParams())
+        handles = [self._submit(p, sp, bounded=False) for p, sp in zip(prompts, plist)]
+        if self._thread is None:
+            while not all(h.finished for h in handles):
+                self.step()
+        return [h.result() for h in handles]
+
+    def start(self) -> "Engine":
+        """Run the scheduler in a background thread (for servers)."""
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="flexkv-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop the background scheduler; unfinished requests end as "cancelled"."""
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        with self._lock:
+            pending = list(self._waiting) + [r for r in self._slots if r is not None]
+            self._waiting.clear()
+        for r in pending:
+            r.handle._finish("cancelled")
+        for s in range(self.max_slots):
+            if self._slots[s] is not None:
+                self._free(s)
+
+    def metrics(self) -> dict:
+        with self._lock:
+            used = sum(r is not None for r in self._slots)
+            out = dict(running=len(self._decoding), prefilling=len(self._prefilling),
+                       waiting=len(self._waiting), slots_total=self.max_slots, slots_used=used,
+                       kv_bytes_allocated=self.cache.kv_bytes(),
+                       kv_bytes_held=used * self.slot_kv_bytes, **self._counters)
+        return out
+
+    # ------------------------------------------------------------------ validation / queueing
+    def _check(self, prompt, params: SamplingParams) -> list[int]:
+        if isinstance(prompt, Tensor):
+            if prompt.dim() != 1 or prompt.dtype not in (torch.int64, torch.int32):
+                raise ValueError(f"prompt must be a 1-D integer tensor or a list of token ids, got a "
+                                 f"{prompt.dtype} tensor of shape {tuple(prompt.shape)}")
+            prompt = prompt.tolist()
+        if not isinstance(prompt, (list, tuple)) or not all(_is_int(t) for t in prompt):
+            raise ValueError("prompt must be a list of token ids (ints)")
+        if not prompt:
+            raise ValueError("prompt must hold at least one token")
+        if not all(0 <= t < self.vocab_size for t in prompt):
+            raise ValueError(f"prompt: token ids must be in [0, {self.vocab_size - 1}]")
+        if len(prompt) > self.max_prompt_tokens:
+            raise ValueError(f"prompt is {len(prompt)} tokens; this engine accepts at most "
+                             f"max_prompt_tokens={self.max_prompt_tokens}")
+        if not isinstance(params, SamplingParams):
+            raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
+        params.validate(self.max_new_tokens, self.vocab_size)
+        return list(prompt)
+
+    def _submit(self, prompt, params, bounded: bool) -> RequestHandle:
+        params = params or SamplingParams()
+        prompt = self._check(prompt, params)
+        handle = RequestHandle(f"req-{next(self._ids)}", prompt, params)
+        handle._on_cancel = self._poke
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("the engine is shutting down")
+            if bounded and len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting "
+                                f"(max_waiting={self.max_waiting}); retry later")
+            self._waiting.append(_Running(handle, stops))
+            self._counters["requests_submitted_total"] += 1
+            self._wake.notify_all()
+        return handle
+
+    def _poke(self) -> None:
+        with self._lock:
+            self._wake.notify_all()
+
+    # ------------------------------------------------------------------ the scheduler
+    def has_work(self) -> bool:
+        return bool(self._waiting or self._prefilling or self._decoding)
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.has_work():
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - a failing step must not kill the server
+                self._fail_all(traceback.format_exc())
+
+    def _fail_all(self, error: str) -> None:
+        for s, r in enumerate(self._slots):
+            if r is not None:
+                r.handle._finish("error", error)
+                self._free(s)
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One scheduler iteration: cancellations, admission, one prefill chunk, one decode step."""
+        self._reap_cancelled()
+        self._admit()
+        self._prefill_one_chunk()
+        if self._decoding:
+            self._decode()
+
+    def _reap_cancelled(self) -> None:
+        with self._lock:
+            gone = [r for r in self._waiting if r.handle._cancel_requested]
+            for r in gone:
+                self._waiting.remove(r)
+        for r in gone:
+            r.handle._finish("cancelled")
+        for s, r in enumerate(self._slots):
+            if r is not None and r.handle._cancel_requested:
+                r.handle._finish("cancelled")
+                self._free(s)
+
+    def _admit(self) -> None:
+        while True:
+            with self._lock:
+                free = [s for s, r in enumerate(self._slots) if r is None]
+                if not free or not self._waiting:
+                    return
+                req = self._waiting.popleft()
+                slot = free[0]
+                self._slots[slot] = req
+            h = req.handle
+            ids = torch.tensor([h.prompt], dtype=torch.long, device=self.device)
+            pos = torch.arange(len(h.prompt), device=self.device)[None]
+            n_new = h.params.max_tokens
+            req.scratch = self.policy.build_cache(self.model, 1, len(h.prompt), n_new,
+                                                  capacities=self.capacities)
+            req.prefill = Prefill(self.model, req.scratch, self.policy, ids, pos,
+                                  self.prefill_chunk, n_new)
+            self._prefilling.append(slot)
+
+    def _prefill_one_chunk(self) -> None:
+        if not self._prefilling:
+            return
+        slot = self._prefilling[0]
+        req = self._slots[slot]
+        logits = req.prefill.step()
+        self._counters["prefill_chunks_total"] += 1
+        if logits is None:
+            return
+        self._prefilling.popleft()
+        self.cache.copy_row(req.scratch, 0, slot)
+        req.prefill, req.scratch = None, None
+        p, T = req.handle.params, req.handle.prompt_tokens
+        self._temperature[slot] = float(p.temperature)
+        self._top_k[slot] = p.top_k
+        self._top_p[slot] = float(p.top_p)
+        self._seed[slot] = p.seed if p.seed is not None else secrets.randbits(62)
+        self._steps[slot] = 0
+        self._pos[slot, 0] = T
+        self._counters["prompt_tokens_total"] += T
+        first = self._sample(logits, torch.tensor([slot], device=self.device))
+        self._steps[slot] = 1
+        self._tok[slot, 0] = first[0]
+        self._decoding.add(slot)
+        self._active[slot] = True
+        self._deliver({slot: int(first[0])})
+
+    def _sample(self, logits: Tensor, rows: Tensor) -> Tensor:
+        return sample_slots(logits, self._temperature[rows], self._top_k[rows], self._top_p[rows],
+                            self._seed[rows], self._steps[rows])
+
+    def _decode(self) -> None:
+        logits = self._step_fn(self.model, self.cache, self.policy, self._tok, self._pos, self._active)
+        nxt = sample_slots(logits, self._temperature, self._top_k, self._top_p, self._seed, self._steps)
+        self._counters["decode_steps_total"] += 1
+        self._tok.copy_(torch.where(self._active[:, None], nxt[:, None], self._tok))
+        self._pos.add_(self._active[:, None].long())
+        self._steps.add_(self._active.long())
+        new = nxt.tolist()
+        self._deliver({s: new[s] for s in sorted(self._decoding)})
+
+    def _deliver(self, tokens: dict[int, int]) -> None:
+        """Hand each slot's new token to its request; finish the ones that are done."""
+        for slot, tok in tokens.items():
+            req = self._slots[slot]
+            h = req.handle
+            if tok in req.stop_ids:
+                h._finish("stop")
+                self._free(slot)
+                continue
+            h._emit(tok)
+            req.generated += 1
+            self._counters["tokens_generated_total"] += 1
+            if req.generated >= h.params.max_tokens:
+                h._finish("length")
+                self._free(slot)
+
+    def _free(self, slot: int) -> None:
+        """The request in `slot` is done: the row is emptied and the slot is free at once."""
+        with self._lock:
+            req = self._slots[slot]
+            self._slots[slot] = None
+            self._decoding.discard(slot)
+            if slot in self._prefilling:
+                self._prefilling.remove(slot)
+            if req is not None:
+                self._counters["requests_finished_total"] += 1
+        self._active[slot] = False
+        self.cache.clear_rows(slot)

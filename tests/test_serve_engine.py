@@ -1,0 +1,307 @@
+"""The serving engine (flexkv.serve.Engine) against `flexkv.generate` run alone per request.
+
+- Equivalence (hypothesis, every policy and parameter variant of tests/policy_cases.py, float64
+  tiny model, exact): requests of different lengths arrive at different scheduler steps, share
+  1-3 slots, are prefilled in chunks between decode steps, some are cancelled; each finished
+  request's greedy tokens equal its solo `flexkv.generate` run, and after every step the kept
+  positions of its slot equal those of the solo run at the same point; a cancelled request's
+  tokens are a prefix of its solo run. Budgets are drawn both below and above the prompts, so
+  eviction may start mid-decode.
+- Isolation: a seeded sampled request gives the same tokens alone and in a busy batch; a
+  reused slot behaves as a fresh engine; idle rows write nothing and no NaN reaches the cache; a
+  row without a free slot never overwrites a kept token.
+- Zero recompiles (one dynamo cache entry, no graph breaks) while 20+ requests come and go.
+- Sizing (`kv_memory`), validation, the bounded queue, async iteration and cancellation.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import flexkv
+from flexkv.cache import LayerCache
+from flexkv.policies import H2O
+from flexkv.serve import Engine, QueueFull, SamplingParams
+from policy_cases import CASES
+
+SETTINGS = settings(max_examples=5, deadline=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                                           HealthCheck.data_too_large])
+MAX_NEW, MAX_PROMPT = 10, 40
+
+
+@pytest.fixture(scope="module")
+def tiny64(tiny_llama_dir):
+    model, _ = flexkv.load_model(tiny_llama_dir, dtype=torch.float64)
+    return model
+
+
+def pos_sets(cache, row):
+    return [[frozenset(p for p in lc.pos[row, g].tolist() if p >= 0) for g in range(lc.pos.shape[1])]
+            for lc in cache.layers]
+
+
+def solo(model, prompt, max_tokens, chunk, policy, kw):
+    snaps = []
+    out = flexkv.generate(model, torch.tensor([prompt]), max_new_tokens=max_tokens, policy=policy,
+                          prefill_chunk=chunk, cache_callback=lambda c: snaps.append(pos_sets(c, 0)),
+                          **kw)
+    return out.tokens[0, len(prompt):].tolist(), snaps
+
+
+@st.composite
+def schedule(draw, name):
+    T_ref = draw(st.integers(8, 30))
+    kw = CASES[name](draw, T_ref) if name in CASES else {}
+    n = draw(st.integers(2, 5))
+    reqs = []
+    for _ in range(n):
+        T = draw(st.integers(2, MAX_PROMPT))
+        reqs.append(dict(T=T, max_tokens=draw(st.integers(1, MAX_NEW)), at=draw(st.integers(0, 8)),
+                         seed=draw(st.integers(0, 2**16)),
+                         cancel_at=draw(st.one_of(st.none(), st.integers(0, 12)))))
+    slots = draw(st.integers(1, 3))
+    chunk = draw(st.one_of(st.none(), st.integers(1, 12)))
+    return kw, reqs, slots, chunk
+
+
+def random_prompt(T, seed, vocab):
+    return torch.randint(0, vocab, (T,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+@pytest.mark.parametrize("name", sorted(CASES) + ["full"])
+@SETTINGS
+@given(data=st.data())
+def test_engine_equals_solo_generate(tiny64, name, data):
+    kw, reqs, slots, chunk = data.draw(schedule(name))
+    V = tiny64.args.vocab_size
+    eng = Engine(tiny64, None, name, max_slots=slots, max_new_tokens=MAX_NEW,
+                 max_prompt_tokens=MAX_PROMPT, prefill_chunk=chunk, **kw)
+    prompts = [random_prompt(r["T"], r["seed"], V) for r in reqs]
+    want = [solo(tiny64, p, r["max_tokens"], chunk, name, kw) for p, r in zip(prompts, reqs)]
+    handles = [None] * len(reqs)
+    step = 0
+    while step < 200 and (any(h is None for h in handles) or eng.has_work()):
+        for i, r in enumerate(reqs):
+            if handles[i] is None and r["at"] == step:
+                handles[i] = eng.submit(prompts[i], SamplingParams(max_tokens=r["max_tokens"]))
+            if handles[i] is not None and r["cancel_at"] == step:
+                handles[i].cancel()
+        eng.step()
+        for slot in eng._decoding:  # the slot's kept positions == the solo run's at this point
+            h = eng._slots[slot].handle
+            i = next(j for j, x in enumerate(handles) if x is h)
+            assert pos_sets(eng.cache, slot) == want[i][1][len(h.tokens) - 1], \
+                f"{name} {kw}: request {i} kept positions differ after {len(h.tokens)} tokens"
+        step += 1
+    assert not eng.has_work()
+    for i, (h, (tokens, _)) in enumerate(zip(handles, want)):
+        if h.finish_reason == "cancelled":
+            assert h.tokens == tokens[:len(h.tokens)], f"{name}: cancelled request {i}"
+        else:
+            assert h.finish_reason == "length"
+            assert h.tokens == tokens, f"{name} {kw}: request {i} {reqs[i]} differs from solo"
+    m = eng.metrics()
+    assert m["slots_used"] == 0 and m["running"] == 0 and m["waiting"] == 0
+    for lc in eng.cache.layers:  # every slot freed and cleared
+        assert (lc.pos == -1).all()
+
+
+def test_seeded_sampling_is_batch_independent(tiny64):
+    V = tiny64.args.vocab_size
+    target = random_prompt(12, 1, V)
+    sp = SamplingParams(max_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=1234)
+    alone = Engine(tiny64, None, "h2o", budget=6, max_slots=1, max_new_tokens=8,
+                   max_prompt_tokens=32).generate([target], sp)[0]
+    busy = Engine(tiny64, None, "h2o", budget=6, max_slots=3, max_new_tokens=8, max_prompt_tokens=32)
+    others = [random_prompt(n, n, V) for n in (20, 5, 30)]
+    outs = busy.generate(others[:2] + [target] + others[2:],
+                         [SamplingParams(max_tokens=8, temperature=1.0, seed=s) for s in (1, 2)]
+                         + [sp] + [SamplingParams(max_tokens=3)])
+    assert outs[2] == alone
+    other_seed = Engine(tiny64, None, "h2o", budget=6, max_slots=1, max_new_tokens=8,
+                        max_prompt_tokens=32).generate([target], SamplingParams(
+                            max_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=99))[0]
+    assert other_seed != alone  # (8 draws over a 20-token support: equal by chance ~never)
+
+
+def test_reused_slot_is_fresh_and_finishing_does_not_disturb_others(tiny64):
+    V = tiny64.args.vocab_size
+    prompts = [random_prompt(n, n + 7, V) for n in (9, 25, 14, 31)]
+    params = [SamplingParams(max_tokens=m) for m in (2, 10, 3, 10)]
+    kw = dict(budget=8, n_sink=2)
+    fresh = [Engine(tiny64, None, "streaming", max_slots=1, max_new_tokens=10, max_prompt_tokens=40,
+                    **kw).generate([p], sp)[0] for p, sp in zip(prompts, params)]
+    eng = Engine(tiny64, None, "streaming", max_slots=2, max_new_tokens=10, max_prompt_tokens=40, **kw)
+    assert eng.generate(prompts, params) == fresh  # short requests finish and their slots are reused
+
+
+def test_idle_rows_change_nothing_and_no_nan(tiny64):
+    """One busy row, one idle (empty) row, through the compiled-unit function directly."""
+    from flexkv.generate import decode_one_token
+
+    pol = H2O(budget=6)
+    cache = pol.build_cache(tiny64, 2, 10, 4, capacities=[7, 7])
+    cache.clear_rows(slice(None))
+    eng = Engine(tiny64, None, "h2o", budget=6, max_slots=1, max_new_tokens=4, max_prompt_tokens=10)
+    h = eng.submit(random_prompt(10, 3, tiny64.args.vocab_size), SamplingParams(max_tokens=4))
+    while eng._prefilling or not eng._decoding:
+        eng.step()
+    cache.copy_row(eng.cache, 0, 0)
+    before = {n: b.clone() for n, b in cache.named_buffers()}
+    tok, pos = torch.tensor([[5], [7]]), torch.tensor([[10], [3]])
+    active = torch.tensor([True, False])
+    logits = decode_one_token(tiny64, cache, pol, tok, pos, active)
+    assert torch.isfinite(logits).all()
+    for n, b in cache.named_buffers():
+        assert torch.isfinite(b.double()).all(), n
+        assert torch.equal(b[1], before[n][1]), f"idle row changed {n}"
+    assert any(not torch.equal(b[0], before[n][0]) for n, b in cache.named_buffers())
+    h.cancel()
+
+
+def test_full_row_never_overwrites_a_kept_token():
+    lc = LayerCache(1, 1, 3, 2, dtype=torch.float64, device="cpu")
+    lc.load(torch.ones(1, 1, 3, 2, dtype=torch.float64), torch.ones(1, 1, 3, 2, dtype=torch.float64),
+            torch.tensor([[[0, 1, 2]]]))
+    slot, has_free = lc.free_slot()
+    assert not has_free.any()
+    lc.write(slot, torch.zeros(1, 1, 1, 2, dtype=torch.float64), torch.zeros(1, 1, 1, 2, dtype=torch.float64),
+             torch.tensor([[3]]), when=has_free)
+    assert lc.pos.tolist() == [[[0, 1, 2]]] and (lc.k == 1).all() and (lc.v == 1).all()
+
+
+@pytest.mark.slow
+def test_zero_recompiles_while_requests_come_and_go(tiny_llama):
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    from flexkv.generate import decode_one_token
+
+    torch._dynamo.reset()
+    counters.clear()
+    V = tiny_llama.args.vocab_size
+    eng = Engine(tiny_llama, None, "h2o", budget=8, max_slots=3, max_new_tokens=6, max_prompt_tokens=24,
+                 prefill_chunk=8, compile=True)
+    handles = []
+    for i in range(22):  # arrivals spread over the steps; different sampling settings each
+        handles.append(eng.submit(random_prompt(3 + i, i, V), SamplingParams(
+            max_tokens=1 + i % 6, temperature=[0.0, 0.7, 1.3][i % 3], top_k=i % 4, top_p=[1.0, 0.8][i % 2],
+            seed=i)))
+        if i % 3 == 2:
+            handles[i - 1].cancel()
+        for _ in range(2):
+            eng.step()
+    while eng.has_work():
+        eng.step()
+    assert all(h.finished for h in handles)
+    assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_kv_memory_sizes_the_slots(tiny64):
+    per_full = Engine(tiny64, None, "full", max_slots=1, max_new_tokens=8, max_prompt_tokens=56).slot_kv_bytes
+    eng = Engine(tiny64, None, "full", kv_memory=3 * per_full + 5, max_new_tokens=8, max_prompt_tokens=56)
+    assert eng.max_slots == 3 and eng.cache.layers[0].pos.shape[0] == 3
+    comp = Engine(tiny64, None, "h2o", budget=8, kv_memory=3 * per_full, max_new_tokens=8,
+                  max_prompt_tokens=56)
+    assert comp.max_slots == 3 * per_full // comp.slot_kv_bytes > 3 * 5  # compression fits more slots
+    assert comp.metrics()["kv_bytes_allocated"] == comp.max_slots * comp.slot_kv_bytes
+    with pytest.raises(ValueError, match="holds no slot"):
+        Engine(tiny64, None, "full", kv_memory=100, max_new_tokens=8, max_prompt_tokens=56)
+    with pytest.raises(ValueError, match="kv_memory"):
+        Engine(tiny64, None, "full", kv_memory="lots", max_new_tokens=8)
+    assert Engine(tiny64, None, "h2o", budget=8, kv_memory="1MiB", max_new_tokens=8,
+                  max_prompt_tokens=56).max_slots == 2**20 // comp.slot_kv_bytes
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(max_slots=2, kv_memory="1MiB"), "not both"),
+    (dict(max_slots=0), "max_slots"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(max_new_tokens=8, max_prompt_tokens=600), "max_prompt_tokens"),
+    (dict(prefill_chunk=0), "prefill_chunk"),
+    (dict(policy="nope"), "unknown policy"),
+    (dict(policy="h2o", budget=0), "budget"),
+])
+def test_bad_engine_arguments(tiny64, kw, match):
+    kw = dict(dict(policy="full", max_new_tokens=8), **kw)
+    with pytest.raises(ValueError, match=match):
+        Engine(tiny64, None, **kw)
+
+
+@pytest.mark.parametrize("prompt, params, match", [
+    ([], SamplingParams(max_tokens=4), "at least one token"),
+    ([1, 500], SamplingParams(max_tokens=4), r"\[0, 100\]"),
+    (list(range(41)), SamplingParams(max_tokens=4), "max_prompt_tokens=40"),
+    ([1, 2], SamplingParams(max_tokens=11), r"max_tokens must be an int in \[1, 10\]"),
+    ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
+    ([1, 2], SamplingParams(max_tokens=4, temperature=-1), "temperature"),
+    ([1, 2], SamplingParams(max_tokens=4, top_p=0), "top_p"),
+    ([1, 2], SamplingParams(max_tokens=4, top_k=-1), "top_k"),
+    ([1, 2], SamplingParams(max_tokens=4, seed=-3), "seed"),
+    ([1, 2], SamplingParams(max_tokens=4, stop_token_ids=(101,)), "stop_token_ids"),
+    ("hello", SamplingParams(max_tokens=4), "list of token ids"),
+])
+def test_bad_requests(tiny64, prompt, params, match):
+    eng = Engine(tiny64, None, "full", max_slots=1, max_new_tokens=MAX_NEW, max_prompt_tokens=MAX_PROMPT)
+    with pytest.raises(ValueError, match=match):
+        eng.submit(prompt, params)
+    assert eng.metrics()["waiting"] == 0
+
+
+def test_queue_full_and_stop_tokens(tiny64):
+    eng = Engine(tiny64, None, "full", max_slots=1, max_new_tokens=6, max_prompt_tokens=20, max_waiting=2)
+    p = random_prompt(6, 0, tiny64.args.vocab_size)
+    greedy = eng.generate([p], SamplingParams(max_tokens=6))[0]
+    a, b = eng.submit(p, SamplingParams(max_tokens=6)), eng.submit(p, SamplingParams(max_tokens=6))
+    with pytest.raises(QueueFull, match="max_waiting=2"):
+        eng.submit(p, SamplingParams(max_tokens=2))
+    a.cancel()
+    b.cancel()
+    eng.step()
+    assert a.finish_reason == b.finish_reason == "cancelled" and eng.metrics()["waiting"] == 0
+    stop = greedy[2]
+    h = eng.submit(p, SamplingParams(max_tokens=6, stop_token_ids=(stop,)))
+    while eng.has_work():
+        eng.step()
+    cut = greedy.index(stop)
+    assert h.tokens == greedy[:cut] and h.finish_reason == "stop"  # the stop token is not included
+
+
+def test_background_thread_async_iteration_and_cancel(tiny64):
+    V = tiny64.args.vocab_size
+    eng = Engine(tiny64, None, "h2o", budget=6, max_slots=2, max_new_tokens=10, max_prompt_tokens=40)
+    prompts = [random_prompt(n, n, V) for n in (7, 19, 11)]
+    want = Engine(tiny64, None, "h2o", budget=6, max_slots=2, max_new_tokens=10,
+                  max_prompt_tokens=40).generate(prompts, SamplingParams(max_tokens=10))
+    eng.start()
+    try:
+        async def consume(p):
+            h = eng.submit(p, SamplingParams(max_tokens=10))
+            return [t async for t in h], h.finish_reason
+
+        async def main():
+            return await asyncio.gather(*(consume(p) for p in prompts))
+
+        got = asyncio.run(main())
+        assert [t for t, _ in got] == want and all(r == "length" for _, r in got)
+        assert eng.generate(prompts, SamplingParams(max_tokens=10)) == want  # with the thread running
+        h = eng.submit(prompts[1], SamplingParams(max_tokens=10))
+        it = iter(h)
+        next(it)
+        h.cancel()
+        h.result(timeout=30)
+        assert h.finish_reason in ("cancelled", "length")
+        for _ in range(100):
+            if eng.metrics()["slots_used"] == 0:
+                break
+            import time
+            time.sleep(0.05)
+        assert eng.metrics()["slots_used"] == 0
+    finally:
+        eng.shutdown()
