@@ -1,0 +1,87 @@
+"""The serving benchmark's harness runs end to end: a tiny random llama with a byte-level
+tokenizer (as tests/test_server.py), the real server on loopback, every configuration at the
+same KV memory, the sequential baseline; no compile."""
+import importlib.util
+import json
+import pathlib
+import sys
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+pytest.importorskip("httpx")
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def load_serve_bench():
+    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules["bench_serve"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def byte_tokenizer():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(["<s>", "</s>"])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    from helpers import make_checkpoint
+
+    tok = byte_tokenizer()
+    d = make_checkpoint(tmp_path_factory.mktemp("tiny-serve-bench"), "llama", seed=0,
+                        vocab_size=len(tok), max_position_embeddings=256,
+                        bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    tok.save_pretrained(str(d))
+    return d
+
+
+def test_tiny_serve_bench(tiny_dir, tmp_path):
+    import torch
+
+    bench = load_serve_bench()
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main(["--preset", "cpu", "--model", str(tiny_dir), "--prompt-min", "48",
+                         "--prompt-max", "96", "--max-tokens", "6", "--requests", "6", "--rate", "50",
+                         "--time-limit", "120", "--policies", "streaming,h2o", "--budgets", "16,32",
+                         "--no-compile", "--sequential", "full,h2o@16", "--out", str(tmp_path),
+                         "--name", "tiny"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    configs = ["full", "streaming@16", "streaming@32", "h2o@16", "h2o@32",
+               "full (flexkv.generate, one at a time)", "h2o@16 (flexkv.generate, one at a time)"]
+    assert [r["config"] for r in data["rows"]] == configs
+    for r in data["rows"]:
+        assert r["completed"] == r["requests"] == 6 and r["failed"] == r["lost"] == 0, r
+        assert r["out_tokens"] == 6 * 6 and r["tok_s"] > 0
+        assert r["ttft_p50_s"] > 0 and r["ttft_p99_s"] >= r["ttft_p50_s"]
+        assert r["tpot_p50_ms"] > 0 and r["tpot_p99_ms"] >= r["tpot_p50_ms"]
+    slots = {r["config"]: r["slots"] for r in data["rows"]}
+    assert slots["full"] == 2                              # the default kv_memory: 2 full slots
+    assert slots["streaming@16"] > slots["streaming@32"] > slots["full"]  # same memory, more slots
+    for key in ("command", "commit", "device", "torch", "threads", "wall_s", "load_start", "uptime"):
+        assert key in data["meta"]
+    md = (tmp_path / "tiny.md").read_text()
+    for c in configs:
+        assert f"| {c} |" in md
+    assert "TTFT p99 s" in md and "Target (budget 256" not in md  # no budget-256 row here
+
+
+def test_bad_arguments():
+    bench = load_serve_bench()
+    with pytest.raises(SystemExit):
+        bench.main(["--prompt-min", "100", "--prompt-max", "50"])
