@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -152,16 +153,82 @@ def flex_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos
     return _flex(q, k, v, block_mask=block_mask, enable_gqa=group > 1, return_lse=True, **extra)
 
 
+def causal_range(q_pos: Tensor, k_pos: Tensor) -> bool:
+    """True when the keys are the queries' own tokens and every row's positions are consecutive
+    from a position >= 0 (a one-shot prefill without padding, the common case). The position
+    mask is then plain causality by index (key j visible to query i iff j <= i, and a window W
+    means i - j < W), which SDPA's `is_causal` kernel and `scores.column_sums` exploit by skipping
+    the blocks above the diagonal.
+
+    k_pos [B, Hkv, N] must be `q_pos` [B, Tq] itself broadcast over the heads (what the prefill
+    passes on a first chunk): checked on strides and data pointers, without reading the data. The
+    positions are then checked once per `q_pos` tensor (one host sync per prefill chunk, memoised
+    across layers: every layer gets the same `q_pos` object). Never inside compiled code."""
+    if torch.compiler.is_compiling() or q_pos.dim() != 2:
+        return False
+    B, T = q_pos.shape
+    if k_pos.dim() == 2:
+        k_pos = k_pos[:, None, :]
+    if (k_pos.shape[0] != B or k_pos.shape[2] != T or T == 0
+            or (k_pos.shape[1] > 1 and k_pos.stride(1) != 0)
+            or k_pos.data_ptr() != q_pos.data_ptr()
+            or (T > 1 and k_pos.stride(2) != q_pos.stride(1))
+            or (B > 1 and k_pos.stride(0) != q_pos.stride(0))):
+        return False
+    ref, version, answer = _RANGE_MEMO
+    if ref is not None and ref() is q_pos and version == q_pos._version:
+        return answer
+    answer = bool((q_pos[:, 0] >= 0).all()) and (T == 1 or bool((q_pos.diff(dim=1) == 1).all()))
+    _RANGE_MEMO[:] = [weakref.ref(q_pos), q_pos._version, answer]
+    return answer
+
+
+_RANGE_MEMO: list = [None, -1, False]  # weakref to the last q_pos checked, its version, answer
+
+try:  # SDPA's CPU flash kernel, which also returns the LSE (the public SDPA drops it)
+    _FLASH_CPU = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
+except (AttributeError, RuntimeError):  # pragma: no cover - older torch
+    _FLASH_CPU = None
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, group: int, mask: Tensor | None, causal: bool,
+          want_lse: bool):
+    """SDPA -> (o, lse or None). With `want_lse` (on CPU) the flash kernel's own LSE [B, H, Tq]
+    (fp32+; a fully masked row gets o = 0 and lse = 0, flex gives -inf: both make the column sums'
+    exp(score - lse) 0 there). That op takes no GQA flag or boolean mask: K/V are repeated per
+    query head (small next to the scores) and the mask becomes additive."""
+    if want_lse and _FLASH_CPU is not None and q.device.type == "cpu":
+        if group > 1:
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        if mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, _NEG_INF)
+        return _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask)
+    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                       enable_gqa=group > 1)
+    return o, None
+
+
 def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
                             window: int | None = None, return_lse: bool = False,
                             bias: Tensor | None = None):
-    """The same attention as `flex_prefill_attention` through SDPA with a dense position mask:
-    the CPU path (eager FlexAttention materialises every score with its mods re-traced; measured
-    slower than SDPA on the default model). With `return_lse` it returns `(o, None)`: the LSE is
-    not computed here, its consumer (`scores.column_sums`) normalises the rows itself, which costs
-    the same pass the LSE would. Tested equal to the flex path (tests/test_attention.py)."""
-    H = q.shape[1]
+    """The same attention as `flex_prefill_attention` through SDPA: the CPU path (eager
+    FlexAttention materialises every score with its mods re-traced; measured slower than SDPA on
+    the default model). Tested equal to the flex path (tests/test_attention.py).
+
+    When the positions are a causal range (`causal_range`: one-shot prefill, no padding) and
+    neither a window shorter than the prompt nor a nonzero bias changes the mask, SDPA runs with
+    `is_causal=True` and no mask: its CPU flash kernel skips the blocks above the diagonal (about
+    half the work of the masked call, bench/NOTES.md). Otherwise a dense position mask. With
+    `return_lse` the LSE comes from the same kernel (`_sdpa`); where that op is missing it is
+    `(o, None)` and `scores.column_sums` normalises the rows itself."""
+    H, Tq = q.shape[1], q.shape[2]
     group = H // k.shape[1]
+    k_pos = _per_head(k_pos, k.shape[1])
+    if bias is not None and not bool(bias.any()):
+        bias = None  # all zero (log_mass before any merge): the same scores
+    if bias is None and (window is None or window >= Tq) and causal_range(q_pos, k_pos):
+        o, lse = _sdpa(q, k, v, group, None, True, return_lse)
+        return (o, lse) if return_lse else o
     shared = k_pos.stride(1) == 0  # one position row for every head (one-shot prefill)
     kp = (k_pos[:, :1] if shared else k_pos)[:, :, None, :]  # [B, 1 or Hkv, 1, N]
     qp = q_pos[:, None, :, None]
@@ -174,9 +241,9 @@ def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_po
     if bias is not None:
         mask = torch.where(ok, bias.repeat_interleave(group, dim=1)[:, :, None, :].to(q.dtype),
                            float("-inf"))
-    o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=group > 1)
+    o, lse = _sdpa(q, k, v, group, mask, False, return_lse)
     o = o.masked_fill(~ok.any(dim=-1, keepdim=True), 0.0)  # fully masked (padding) rows: 0
-    return (o, None) if return_lse else o
+    return (o, lse) if return_lse else o
 
 
 # ---------------------------------------------------------------------------- decode

@@ -99,6 +99,111 @@ def test_prefill_over_a_compressed_cache_with_bias(c, per_head):
         torch.testing.assert_close(cs, p_ref.sum(dim=2).view(B, n_kv, G, S + T).mean(dim=2))
 
 
+def _masked_lse(q, k, q_pos, k_pos, window=None, bias=None):
+    """Reference log-sum-exp [B, H, Tq] of the masked scores (float64)."""
+    G = q.shape[1] // k.shape[1]
+    kk, kp = k.repeat_interleave(G, dim=1), k_pos.repeat_interleave(G, dim=1)
+    s = q @ kk.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        s = s + bias.repeat_interleave(G, dim=1)[:, :, None, :]
+    ok = (kp[:, :, None, :] >= 0) & (kp[:, :, None, :] <= q_pos[:, None, :, None])
+    if window is not None:
+        ok &= q_pos[:, None, :, None] - kp[:, :, None, :] < window
+    return s.masked_fill(~ok, -math.inf).logsumexp(-1)
+
+
+@SET
+@given(case(), st.sampled_from(["none", "random", "zero"]),
+       st.sampled_from([torch.float64, torch.float32]), st.booleans(), st.integers(0, 3))
+def test_causal_range_paths_equal_reference(c, bias_kind, dtype, wide_window, start):
+    """One-shot prefill without padding (positions a consecutive range, the keys the queries'
+    own tokens): SDPA's `is_causal` path and its LSE, and the column sums' fast paths (causal
+    query blocks, the transposed flash pass) equal dense attention, as do the general masked
+    paths on the same inputs (a copied k_pos is not recognised as the range)."""
+    B, n_kv, G, T, D, window, seed = c
+    if wide_window and window is not None:
+        window += T  # no query is that far from a key: the window changes nothing
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, n_kv * G, T, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, n_kv, T, D, generator=g, dtype=torch.float64) for _ in range(2))
+    pos = (start + torch.arange(T)).expand(B, T).contiguous()
+    k_pos = pos[:, None, :].expand(B, n_kv, T)
+    bias = {"none": None, "zero": torch.zeros(B, n_kv, T, dtype=torch.float64),
+            "random": torch.rand(B, n_kv, T, generator=g, dtype=torch.float64).log()}[bias_kind]
+    o_ref, p_ref = dense(q, k, v, pos, k_pos, window, bias)
+    cs_ref = p_ref.sum(dim=2).view(B, n_kv, G, T).mean(dim=2)
+    lse_ref = _masked_lse(q, k, pos, k_pos, window, bias)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    bias = None if bias is None else bias.to(dtype)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)
+    assert attention.causal_range(pos, k_pos) and not attention.causal_range(pos, k_pos.clone())
+    for kp in (k_pos, k_pos.clone()):  # the range paths, then the masked ones
+        o, lse = attention.dense_prefill_attention(q, k, v, pos, kp, window, True, bias)
+        torch.testing.assert_close(o.double(), o_ref, **tol)
+        torch.testing.assert_close(lse.double(), lse_ref, **tol)
+        torch.testing.assert_close(attention.dense_prefill_attention(q, k, v, pos, kp, window,
+                                                                     bias=bias), o)
+        for block in (5, 256):
+            for lse_ in (lse, None):
+                cs = scores.column_sums(q, k, pos, kp, lse_, window, block=block, bias=bias)
+                assert cs.dtype == torch.promote_types(dtype, torch.float32)
+                torch.testing.assert_close(cs.double(), cs_ref, **tol)
+    eff = None if window is None or window >= T else window
+    torch.testing.assert_close(scores._causal_column_sums(q, k, lse, eff, 3, bias).double(),
+                               cs_ref, **tol)
+    if eff is None:
+        torch.testing.assert_close(scores._transposed_column_sums(q, k, lse, bias).double(),
+                                   cs_ref, **tol)
+
+
+def test_causal_range_detection():
+    """`causal_range` accepts q_pos itself broadcast over the heads with consecutive positions
+    from >= 0, and nothing else; its memo follows in-place changes of q_pos."""
+    B, n_kv, T = 2, 3, 6
+    pos = torch.arange(T).expand(B, T).contiguous()
+    k_pos = pos[:, None, :].expand(B, n_kv, T)
+    assert attention.causal_range(pos, k_pos) and attention.causal_range(pos, pos)
+    assert attention.causal_range(pos[:, 2:], pos[:, None, 2:].expand(B, n_kv, T - 2))
+    assert not attention.causal_range(pos, k_pos.clone())            # not q_pos's own data
+    assert not attention.causal_range(pos[:, 1:], k_pos[..., :-1])   # other tokens
+    assert not attention.causal_range(pos[:, 1:], k_pos)             # more keys than queries
+    pad = torch.where(torch.arange(T) < 2, -1, torch.arange(T) - 2).expand(B, T).contiguous()
+    assert not attention.causal_range(pad, pad[:, None, :].expand(B, n_kv, T))  # left padding
+    gap = (2 * torch.arange(T)).expand(B, T).contiguous()
+    assert not attention.causal_range(gap, gap[:, None, :].expand(B, n_kv, T))
+    assert attention.causal_range(pos, k_pos)
+    pos[1, 3] = 9  # in place: the memo must not answer for the old values
+    assert not attention.causal_range(pos, k_pos)
+
+
+def test_prefill_lse_fallbacks(monkeypatch):
+    """Without SDPA's CPU flash op the dense path returns (o, None) and the column sums
+    normalise rows themselves; without the transposed pass they use the causal blocks; a bf16
+    model's column sums stay within bf16 rounding of the fp64 reference."""
+    g = torch.Generator().manual_seed(0)
+    B, n_kv, G, T, D = 2, 2, 3, 45, 16
+    q = torch.randn(B, n_kv * G, T, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, n_kv, T, D, generator=g, dtype=torch.float64) for _ in range(2))
+    pos = torch.arange(T).expand(B, T).contiguous()
+    k_pos = pos[:, None, :].expand(B, n_kv, T)
+    o_ref, p_ref = dense(q, k, v, pos, k_pos)
+    cs_ref = p_ref.sum(dim=2).view(B, n_kv, G, T).mean(dim=2)
+    qb, kb, vb = (x.to(torch.bfloat16) for x in (q, k, v))
+    o, lse = attention.dense_prefill_attention(qb, kb, vb, pos, k_pos, return_lse=True)
+    assert lse.dtype == torch.float32
+    cs = scores.column_sums(qb, kb, pos, k_pos, lse)
+    assert cs.dtype == torch.float32
+    torch.testing.assert_close(cs.double(), cs_ref, atol=0.05, rtol=0.03)
+    monkeypatch.setattr(scores, "_TRANSPOSED", [False])
+    o, lse = attention.dense_prefill_attention(q, k, v, pos, k_pos, return_lse=True)
+    torch.testing.assert_close(scores.column_sums(q, k, pos, k_pos, lse), cs_ref)
+    monkeypatch.setattr(attention, "_FLASH_CPU", None)
+    o, lse = attention.dense_prefill_attention(q, k, v, pos, k_pos, return_lse=True)
+    assert lse is None
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(scores.column_sums(q, k, pos, k_pos, None, block=7), cs_ref)
+
+
 @pytest.mark.slow
 def test_compiled_flex_decode_score_mod():
     """The decode score_mod (validity, window, bias) compiles with fullgraph (the CUDA decode

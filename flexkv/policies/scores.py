@@ -10,6 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from flexkv import attention
+from flexkv.attention import causal_range
+
 INF = float("inf")
 
 
@@ -45,15 +48,26 @@ def window_probs(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, w: int,
     return torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)
 
 
-def column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor,
+def column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor | None,
                 window: int | None = None, block: int = 256, bias: Tensor | None = None) -> Tensor:
     """H2O's prefill score: sum over all queries of the group-mean attention each key receives,
-    recomputed blockwise from FlexAttention's log-sum-exp (never materialises Tq x N at once).
-    lse: [B, H, Tq], or None (the CPU attention path): then each block's rows are normalised
-    directly. bias: [B, Hkv, N], the score bias the attention used (if any). -> [B, Hkv, N]."""
+    recomputed blockwise from the attention's log-sum-exp (never materialises Tq x N at once).
+    lse: [B, H, Tq], or None: then each block's rows are normalised directly (a softmax).
+    bias: [B, Hkv, N], the score bias the attention used (if any). -> [B, Hkv, N].
+
+    With the LSE and positions that are a causal range (`attention.causal_range`: one-shot
+    prefill without padding) query block [s, e) only scores keys [s - window + 1, e)
+    (`_causal_column_sums`): about half the work of the general masked path."""
     B, H, Tq, _ = q.shape
     n_kv = k.shape[1]
     dt = torch.promote_types(q.dtype, torch.float32)
+    if lse is not None and k.shape[2] == Tq and causal_range(q_pos, k_pos):
+        if window is not None and window >= Tq:
+            window = None  # no query is that far from a key
+        if window is None and q.device.type == "cpu" and _transposed_ok():
+            return _transposed_column_sums(q, k, lse, bias)
+        return _causal_column_sums(q, k, lse, window, block, bias)
+    q, k = q.to(dt), k.to(dt)  # once, not per block
     lse_g = None if lse is None else lse.view(B, n_kv, H // n_kv, Tq).to(dt)
     out = torch.zeros(B, n_kv, k.shape[2], dtype=dt, device=k.device)
     for s in range(0, Tq, block):
@@ -64,21 +78,120 @@ def column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor,
         if lse_g is None:
             p = torch.softmax(logits, dim=-1)
         else:
-            p = torch.exp(logits - lse_g[:, :, :, s:e, None])  # padding rows: exp(-inf - -inf)
+            p = torch.exp(logits - lse_g[:, :, :, s:e, None])  # padding rows: exp(-inf - lse) = 0
         p = torch.nan_to_num(p, nan=0.0)
         out += p.sum(dim=3).mean(dim=2)
     return out
 
 
-def pool_over_positions(score: Tensor, pos: Tensor, kernel: int) -> Tensor:
-    """Max-pool (stride 1, padding kernel//2) along the order of positions, not slots.
-    score, pos: [B, Hkv, N]; empty slots contribute 0 and get 0."""
+def _causal_column_sums(q: Tensor, k: Tensor, lse: Tensor, window: int | None, block: int,
+                        bias: Tensor | None) -> Tensor:
+    """`column_sums` when key j is visible to query i iff j <= i (and i - j < window): indices
+    are positions. Per query block [s, e): scores on keys [lo, e) only (lo = s - window + 1, else
+    0), `exp(score - lse)` in place, -inf on the few masked pairs (the diagonal block's upper
+    triangle, the window's lower edge) before the exp, then the sum over the block's queries and
+    heads. q [B, H, T, D], k [B, Hkv, T, D], lse [B, H, T] -> [B, Hkv, T] (fp32, fp64 for fp64)."""
+    B, H, T, D = q.shape
+    n_kv = k.shape[1]
+    G = H // n_kv
+    dt = torch.promote_types(q.dtype, torch.float32)
+    qs = (q.to(dt) * (1.0 / math.sqrt(D))).view(B, n_kv, G, T, D)  # upcast and scale once
+    kt = k.to(dt).transpose(-1, -2)                                  # [B, Hkv, D, T]
+    lse_g = lse.to(dt).view(B, n_kv, G, T)
+    bias = None if bias is None else bias.to(dt)
+    out = torch.zeros(B, n_kv, T, dtype=dt, device=q.device)
+    idx = torch.arange(T, device=q.device)
+    for s in range(0, T, block):
+        e = min(T, s + block)
+        t = e - s
+        lo = 0 if window is None else max(0, s - window + 1)
+        qb = qs[:, :, :, s:e].reshape(B, n_kv, G * t, D)
+        p = torch.matmul(qb, kt[..., lo:e])                          # [B, Hkv, G*t, e-lo]
+        pv = p.view(B, n_kv, G, t, e - lo)
+        pv.sub_(lse_g[:, :, :, s:e, None])
+        if bias is not None:
+            p.add_(bias[:, :, None, lo:e])
+        # the only masked pairs: keys after the query (columns [s, e)) and, with a window, keys
+        # at least `window` before it (columns < e - window)
+        cols = [(s, e)]
+        if window is not None and lo < min(e - window, s):
+            cols.append((lo, min(e - window, s)))
+        qi = idx[s:e, None]
+        for c0, c1 in cols:
+            kj = idx[None, c0:c1]
+            bad = kj > qi
+            if window is not None:
+                bad = bad | (qi - kj >= window)
+            pv[..., c0 - lo:c1 - lo].masked_fill_(bad, -INF)
+        p.exp_()
+        out[..., lo:e] += p.sum(dim=2)
+    return out / G
+
+
+def _transposed_column_sums(q: Tensor, k: Tensor, lse: Tensor, bias: Tensor | None) -> Tensor:
+    """`column_sums` for plain causality (key j visible to query i iff j <= i), no window, on CPU.
+
+    c_j = sum_{i >= j} exp(q_i.k_j / sqrt(D) + b_j - lse_i) is itself a log-sum-exp: that of the
+    attention run backwards, with the keys as queries, the queries as keys and `-lse_i` as an
+    additive key bias, which is causal once both sequences are reversed. SDPA's CPU flash kernel
+    computes it with its causal block skipping and returns its LSE, so the scores are computed
+    once more inside the kernel, in cache, never materialised: about one more causal attention
+    pass (bench/NOTES.md). q [B, H, T, D], k [B, Hkv, T, D], lse [B, H, T] -> [B, Hkv, T]."""
+    B, H, T, _ = q.shape
+    n_kv = k.shape[1]
+    G = H // n_kv
+    dt = torch.promote_types(q.dtype, torch.float32)  # -lse as a mask must not round to bf16
+    keys = q.to(dt).flip(2)                                      # [B, H, T, D] reversed
+    queries = k.to(dt).repeat_interleave(G, dim=1).flip(2)       # one copy per query head
+    # [B, H, 1, T]; contiguous: the kernel is ~3x slower on a strided mask (the flash op's own
+    # LSE is laid out [B, T, H])
+    key_bias = lse.to(dt).flip(2).neg_().contiguous()[:, :, None, :]
+    # the values are never used (only the LSE is): the keys stand in, no extra tensor
+    _, lse_t = attention._FLASH_CPU(queries, keys, keys, 0.0, True, attn_mask=key_bias)
+    lse_t = lse_t.flip(2).view(B, n_kv, G, T)
+    if bias is not None:
+        lse_t = lse_t + bias.to(dt)[:, :, None, :]
+    return lse_t.exp().mean(dim=2)
+
+
+_TRANSPOSED: list = []  # [bool] once checked
+
+
+def _transposed_ok() -> bool:
+    """Whether `_transposed_column_sums` can run here (SDPA's CPU flash op with `is_causal` and a
+    broadcast additive mask together): checked once against `_causal_column_sums` on a small
+    float64 case, so a torch whose kernel differs falls back to the blockwise path."""
+    if not _TRANSPOSED:
+        ok = False
+        if attention._FLASH_CPU is not None:
+            try:
+                g = torch.Generator().manual_seed(0)
+                q = torch.randn(1, 2, 13, 8, generator=g, dtype=torch.float64)
+                k = torch.randn(1, 1, 13, 8, generator=g, dtype=torch.float64)
+                b = torch.randn(1, 1, 13, generator=g, dtype=torch.float64)
+                kr = k.repeat_interleave(2, dim=1)
+                _, lse = attention._FLASH_CPU(q, kr, kr, 0.0, True)
+                got = _transposed_column_sums(q, k, lse, b)
+                ok = bool(torch.allclose(got, _causal_column_sums(q, k, lse, None, 4, b),
+                                         rtol=1e-9, atol=1e-12))
+            except (RuntimeError, TypeError, ValueError):
+                ok = False
+        _TRANSPOSED.append(ok)
+    return _TRANSPOSED[0]
+
+
+def pool_over_positions(score: Tensor, pos: Tensor, kernel: int, mode: str = "max") -> Tensor:
+    """Max- or average-pool (`mode` "max" / "avg"; stride 1, padding kernel//2, zero padding
+    counted in the average, as `F.avg_pool1d`'s default and SnapKV's code) along the order of
+    positions, not slots. score, pos: [B, Hkv, N]; empty slots contribute 0 (what they get back
+    is meaningless: callers mask them)."""
     if kernel <= 1:
         return score
     order = pos.argsort(dim=-1, stable=True)
     s = score.gather(-1, order).masked_fill(pos.gather(-1, order) < 0, 0.0)
     B, Hk, N = s.shape
-    pooled = F.max_pool1d(s.reshape(B * Hk, 1, N), kernel, stride=1, padding=kernel // 2)
+    pool = F.avg_pool1d if mode == "avg" else F.max_pool1d
+    pooled = pool(s.reshape(B * Hk, 1, N), kernel, stride=1, padding=kernel // 2)
     pooled = pooled.reshape(B, Hk, N)
     return torch.empty_like(pooled).scatter_(-1, order, pooled)
 
