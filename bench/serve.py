@@ -191,6 +191,7 @@ def summarize(name, policy, budget, slots, recs, elapsed, extra=None) -> dict:
                tpot_p50_ms=pct([1e3 * r["tpot"] for r in ok if r["tpot"]], 50),
                tpot_p99_ms=pct([1e3 * r["tpot"] for r in ok if r["tpot"]], 99))
     row.update(extra or {})
+    row["tok_cpu_s"] = toks / row["cpu_s"] if row.get("cpu_s") else None
     row["errors"] = sorted({r["status"] for r in recs if r["status"] != "ok"})
     return row
 
@@ -211,13 +212,13 @@ def run_server(model, tok, cfg, policy, budget, reqs, warm) -> tuple[dict, list]
         for h in hs:
             h.result()
         warm_s = time.perf_counter() - t
-        m0 = eng.metrics()
+        m0, load, cpu0 = eng.metrics(), os.getloadavg()[0], time.process_time()
         recs, elapsed = asyncio.run(drive(srv.url, reqs, cfg["max_tokens"], cfg["time_limit"]))
-        m1 = eng.metrics()
+        m1, cpu = eng.metrics(), time.process_time() - cpu0
     steps = m1["decode_steps_total"] - m0["decode_steps_total"]
     gen = m1["tokens_generated_total"] - m0["tokens_generated_total"]
     row = summarize(name, policy, budget, eng.max_slots, recs, elapsed,
-                    dict(slot_mib=eng.slot_kv_bytes / 2**20, warmup_s=warm_s,
+                    dict(slot_mib=eng.slot_kv_bytes / 2**20, warmup_s=warm_s, load1=load, cpu_s=cpu,
                          mean_batch=gen / steps if steps else None))
     del eng
     gc.collect()
@@ -239,7 +240,7 @@ def run_sequential(model, cfg, policy, budget, reqs, warm) -> tuple[dict, list]:
 
     for ids in warm:                 # compiled decode: one graph per cache shape (prompt length)
         gen(ids, cfg["max_tokens"])
-    recs, t0 = [], time.perf_counter()
+    recs, t0, load, cpu0 = [], time.perf_counter(), os.getloadavg()[0], time.process_time()
     for q in reqs:
         rec = dict(idx=q["idx"], prompt_tokens=len(q["ids"]), arrival=0.0, out_tokens=0,
                    status="lost (time limit)", sent=None, first=None, done=None)
@@ -252,7 +253,8 @@ def run_sequential(model, cfg, policy, budget, reqs, warm) -> tuple[dict, list]:
                    done=rec["sent"] + out.prefill_s + out.decode_s)
     name = f"{policy if budget is None else f'{policy}@{budget}'} (flexkv.generate, one at a time)"
     return summarize(name, policy, budget, 1, recs, time.perf_counter() - t0,
-                     dict(slot_mib=None, warmup_s=None, mean_batch=1.0)), recs
+                     dict(slot_mib=None, warmup_s=None, mean_batch=1.0, load1=load,
+                          cpu_s=time.process_time() - cpu0)), recs
 
 
 # --------------------------------------------------------------------------- report
@@ -271,7 +273,8 @@ def stamp(argv, wall_s, device, load_start) -> dict:
 COLS = [("config", "config"), ("slots", "slots"), ("completed", "completed"), ("failed", "failed"),
         ("lost", "lost"), ("tok_s", "out tok/s"), ("x_full", "x full"), ("ttft_p50_s", "TTFT p50 s"),
         ("ttft_p99_s", "TTFT p99 s"), ("tpot_p50_ms", "TPOT p50 ms"), ("tpot_p99_ms", "TPOT p99 ms"),
-        ("mean_batch", "mean batch"), ("duration_s", "duration s")]
+        ("mean_batch", "mean batch"), ("duration_s", "duration s"), ("load1", "load"),
+        ("tok_cpu_s", "out tok/CPU-s")]
 
 
 def markdown(meta, cfg, rows) -> str:
@@ -288,7 +291,10 @@ def markdown(meta, cfg, rows) -> str:
              f"slots at {cfg['prompt_max']} + {cfg['max_tokens']} tokens); prefill chunk "
              f"{cfg['prefill_chunk']}, compile {'on' if cfg['compile'] else 'off'}. TTFT from sending "
              "(queueing included); TPOT = (last - first token time) / (tokens - 1); out tok/s = "
-             "completed output tokens / (first send to last answer); mean batch = tokens per decode step.",
+             "completed output tokens / (first send to last answer); mean batch = tokens per decode step; "
+             "load = the 1-minute load average when the configuration started; out tok/CPU-s = output "
+             "tokens per CPU-second of this process (engine, server and client threads; less "
+             "sensitive to other jobs than wall time).",
              "", "| " + " | ".join(h for _, h in COLS) + " |", "|" + "---|" * len(COLS)]
     for r in rows:
         cells = []

@@ -70,6 +70,7 @@ def test_tiny_serve_bench(tiny_dir, tmp_path):
         assert r["out_tokens"] == 6 * 6 and r["tok_s"] > 0
         assert r["ttft_p50_s"] > 0 and r["ttft_p99_s"] >= r["ttft_p50_s"]
         assert r["tpot_p50_ms"] > 0 and r["tpot_p99_ms"] >= r["tpot_p50_ms"]
+        assert r["tok_cpu_s"] > 0 and r["load1"] >= 0
     slots = {r["config"]: r["slots"] for r in data["rows"]}
     assert slots["full"] == 2                              # the default kv_memory: 2 full slots
     assert slots["streaming@16"] > slots["streaming@32"] > slots["full"]  # same memory, more slots
@@ -78,7 +79,7 @@ def test_tiny_serve_bench(tiny_dir, tmp_path):
     md = (tmp_path / "tiny.md").read_text()
     for c in configs:
         assert f"| {c} |" in md
-    assert "TTFT p99 s" in md and "Target (budget 256" not in md  # no budget-256 row here
+    assert "TTFT p99 s" in md and "out tok/CPU-s" in md and "Target (budget 256" not in md  # no budget-256 row here
 
 
 def test_bad_arguments():
