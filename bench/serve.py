@@ -41,7 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 PRESETS = {
     "cpu": dict(model="smollm2-135m-instruct", device="cpu", dtype="float32", prompt_min=512,
-                prompt_max=1024, prompt_step=1, max_tokens=64, requests=10, rate=0.2,
+                prompt_max=1024, prompt_step=1, max_tokens=64, requests=12, rate=0.5,
                 time_limit=900.0, policies="streaming,h2o", budgets="256,512", compile=False,
                 threads=1, prefill_chunk=512, full_slots=2),
     "gpu": dict(model="smollm2-135m-instruct", device="cuda", dtype="bfloat16", prompt_min=1024,
