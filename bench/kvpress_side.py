@@ -35,13 +35,20 @@ PRESS_FOR = {
     "keydiff": "KeyDiffPress",
     "h2o": "ObservedAttentionPress",
 }
-# kvpress parameters set to flexkv's defaults (METHODS.md) where the two share a knob
+# kvpress's own parameters (its defaults, kvpress 0.5.5) ...
 PRESS_PARAMS = {
     "StreamingLLMPress": {"n_sink": 4},
-    "SnapKVPress": {"window_size": 32, "kernel_size": 7},
+    "SnapKVPress": {"window_size": 64, "kernel_size": 5},  # kvpress averages-pools (no knob)
     "TOVAPress": {},
     "KeyDiffPress": {},
     "ObservedAttentionPress": {},
+}
+# ... and flexkv's policies set to match them where the two share a knob: SnapKV window 64,
+# kernel 5, average pooling; KeyDiff without a protected window (kvpress scores every token)
+FLEX_PARAMS = {
+    "streaming": {"n_sink": 4},
+    "snapkv": {"window": 64, "kernel": 5, "pool": "avg"},
+    "keydiff": {"window": 0},
 }
 MODES = ["whole", "question"]
 MODE_DOC = {
@@ -67,13 +74,15 @@ DIFFERENCES = [
 ]
 PAIR_NOTES = {
     "streaming": "same rule (4 sinks + the most recent tokens).",
-    "snapkv": "window 32, kernel 7 in both; kvpress average-pools the window scores where flexkv "
-              "max-pools (METHODS.md), and kvpress averages the window's attention where flexkv "
-              "sums it (same ranking).",
+    "snapkv": "kvpress's parameters in both (window 64, kernel 5, average pooling; flexkv's "
+              "defaults are the SnapKV authors' window 32); kvpress averages the window's "
+              "attention where flexkv sums it, and pools per query head before the group mean "
+              "(the same ranking).",
     "tova": "same score (last query's attention, mean over the layer's heads); kvpress always "
             "keeps the last token.",
-    "keydiff": "same score (negative cosine to the mean normalised key), one-shot; flexkv also "
-               "protects a recent window at decode.",
+    "keydiff": "same score (negative cosine to the mean normalised key), one-shot; flexkv runs "
+               "with window=0 here (kvpress protects no window; flexkv's default protects the "
+               "32 newest tokens) and keeps evicting at decode.",
     "h2o": "ObservedAttentionPress keeps the top tokens by attention averaged over the queries "
            "that saw each token (no recent window); flexkv's h2o keeps the most recent budget/2 "
            "plus the top by cumulative (summed) attention, which favours early tokens.",
@@ -82,6 +91,11 @@ PAIR_NOTES = {
 
 def press_params(press: str | None) -> dict:
     return dict(PRESS_PARAMS.get(press, {})) if press else {}
+
+
+def flex_params(policy: str) -> dict:
+    """flexkv's parameters for `policy` in the side by side (kvpress's, where they share a knob)."""
+    return dict(FLEX_PARAMS.get(policy, {}))
 
 
 # =========================================================================== main-process side

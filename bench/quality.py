@@ -371,11 +371,19 @@ class Runner:
         comp = self.compile_for("ppl")
         if comp:
             self._fresh_compile()
+        vnorm, step = [], [0]
+
+        def track(cache):  # the kept values' mean norm every 64 steps (cam's merge adds to them)
+            if step[0] % 64 == 0 or step[0] == rest.shape[1] - 1:
+                vnorm.append(round(kept_value_norm(cache), 4))
+            step[0] += 1
+
         t0 = time.perf_counter()
         try:
             out = flexkv.generate(self.model, first, max_new_tokens=rest.shape[1], policy=policy,
                                   budget=None if budgetless(policy) else budget, compile=comp,
-                                  forced_tokens=rest, output_logits=True, **(params or {}))
+                                  forced_tokens=rest, output_logits=True, cache_callback=track,
+                                  **(params or {}))
         except (ValueError, RuntimeError, NotImplementedError) as e:
             self.error("ppl", policy, budget, e, params)
             return dict(error=str(e)[:300])
@@ -388,9 +396,16 @@ class Runner:
         res = dict(ppl=math.exp(float(nll.mean())), nll=round(float(nll.mean()), 5),
                    ppl_second_half=math.exp(float(nll[n // 2:].mean())), tokens=n,
                    wall_s=round(wall, 2), step_ms=round(1e3 * wall / n, 2), compiled=comp,
-                   nll_curve=[round(float(x), 4) for x in _block_means(nll, 64)])
+                   nll_curve=[round(float(x), 4) for x in _block_means(nll, 64)],
+                   vnorm_curve=vnorm, vnorm_growth=round(vnorm[-1] / vnorm[0], 3) if vnorm else None)
         self.cache.put(key, res)
         return res
+
+
+def kept_value_norm(cache) -> float:
+    """Mean L2 norm of the values a cache holds (valid slots, averaged over layers)."""
+    return float(torch.stack([lc.v[lc.pos >= 0].float().norm(dim=-1).mean()
+                              for lc in cache.layers]).mean())
 
 
 def _block_means(x: torch.Tensor, block: int):
@@ -487,7 +502,7 @@ def run_kvpress(r: Runner, cfg: dict, policies: list[str], notes: list[str]) -> 
                  for b in ([None] if budgetless(p) else budgets)]
     for p, b, h, L, d, ki in tqdm(flex_plan, desc="kvpress: flexkv side", unit="cell",
                                   dynamic_ncols=True):
-        flex[(p, b, L, d, ki)] = r.passkey_cell(p, b, h, L, d, ki)
+        flex[(p, b, L, d, ki)] = r.passkey_cell(p, b, h, L, d, ki, ks.flex_params(p) or None)
     # the kvpress side
     from flexkv.passkey import extract_answer
 
@@ -544,6 +559,7 @@ def run_kvpress(r: Runner, cfg: dict, policies: list[str], notes: list[str]) -> 
                          flexkv_got=fx.get("got"), answer=answer))
     return dict(rows=rows, venv=str(venv), kvpress_version=ks.KVPRESS_VERSION,
                 modes=ks.MODE_DOC, press_params={p: ks.press_params(s) for p, s in pairs},
+                flex_params={p: ks.flex_params(p) for p, _ in pairs},
                 wall_s=round(time.perf_counter() - t0, 1), lengths=lengths, depths=depths,
                 budgets=budgets, keys=keys, haystack=hs)
 
@@ -867,6 +883,14 @@ def report(out_dir: Path, name: str, meta: dict, cfg: dict, policies: list[str],
                     best[b] = ([p for p, v in vals.items() if v == m], m)
             L += ["Lowest PPL per budget: " + "; ".join(f"{b}: {', '.join(ps)} ({v:.3f})"
                                                        for b, (ps, v) in best.items()) + ".", ""]
+        growth = [(c["policy"], c["budget"], c["vnorm_growth"]) for c in pp["cells"]
+                  if c.get("vnorm_growth") is not None]
+        if growth:
+            L += ["Mean norm of the kept values at the end of the stream over the start "
+                  "(eviction keeps the model's own values, so the ratio only reflects which tokens "
+                  "are kept; cam's merge adds evicted values to the kept ones, which grow along "
+                  "the stream): " +
+                  ", ".join(f"{p}@{b}: {g:.2f}" for p, b, g in growth) + ".", ""]
         steps = [c["step_ms"] for c in pp["cells"] if "step_ms" in c]
         if steps:
             L += [f"Per-step time {min(steps):.1f}-{max(steps):.1f} ms (incl. compile when "
@@ -924,7 +948,11 @@ def report(out_dir: Path, name: str, meta: dict, cfg: dict, policies: list[str],
               f"weights through transformers, the same token ids; lengths {kv['lengths']}, depths "
               f"{kv['depths']}, {kv['keys']} key(s), haystack {kv['haystack']}. Modes: " +
               "; ".join(f"**{m}**: {d}" for m, d in kv["modes"].items()) + ". Wall "
-              f"{kv['wall_s']} s.", ""]
+              f"{kv['wall_s']} s.", "",
+              "Parameters (kvpress's own; flexkv's set to match where they share a knob): " +
+              "; ".join(f"{p} {kv.get('flex_params', {}).get(p) or {}} vs "
+                        f"{ks.PRESS_FOR[p]} {kv['press_params'].get(p) or {}}"
+                        for p in kv["press_params"]) + ".", ""]
         rows = []
         for p in ["full"] + list(ks.PRESS_FOR):
             for b in sorted({r["budget"] for r in kv["rows"] if r["policy"] == p},

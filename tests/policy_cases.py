@@ -2,7 +2,9 @@
 
 `CASES[name](draw, T)` returns the keyword arguments (budget + hyperparameters) for a prompt of
 T tokens; every budget drawn is below T + new tokens so the policy really compresses.
-`PROTECTED[name](kw, last_pos)` (optional) gives the positions a policy must always keep.
+`PROTECTED[name](kw, last_pos)` (optional) gives the positions a policy must always keep;
+`EXEMPT[name](kw)` (optional) the `flexkv.testing` properties that do not apply to a draw.
+tests/test_policies.py runs `flexkv.testing.check_policy` on every entry.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from hypothesis import strategies as st
 
 CASES = {}
 PROTECTED = {}
+EXEMPT = {}
 VARIABLE_BUDGET = set()  # policies whose per-head budgets vary (checked against lc.budget only)
 
 
@@ -61,8 +64,10 @@ PROTECTED["keydiff"] = lambda kw, last: set(range(last - kw["window"] + 1, last 
 def _laprox(draw, T):
     window = draw(st.integers(1, max(1, min(6, T - 2))))
     budget = draw(st.integers(window + 1, T - 1))
-    return dict(budget=budget, window=window, normalize=draw(st.booleans()),
-                max_head_factor=draw(st.sampled_from([1, 1.5, 4])))
+    return dict(budget=budget, window=window, max_head_factor=draw(st.sampled_from([1, 1.5, 4])),
+                normalize=draw(st.sampled_from(["layer", "none", "output"])),
+                score=draw(st.sampled_from(["norm_product", "frobenius"])),
+                kernel=draw(st.sampled_from([7, 1, 3])))
 
 
 PROTECTED["laprox"] = lambda kw, last: set(range(last - kw["window"] + 1, last + 1))
@@ -90,16 +95,19 @@ def _cam(draw, T):
     gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16))) if stochastic else None
     return dict(budget=draw(st.integers(n_sink + 1, T - 1)), n_sink=n_sink,
                 merge_tokens=draw(st.integers(1, 6)), stochastic=stochastic, gate_generator=gen,
-                bias=draw(st.sampled_from([None, "log_mass"])))
+                bias=draw(st.sampled_from([None, "log_mass"])),
+                denominator=draw(st.sampled_from(["mean", "max"])))
 
 
 PROTECTED["cam"] = PROTECTED["streaming"]
+# the Bernoulli gate draws one uniform per (layer, row index, head, position): not batch-invariant
+EXEMPT["cam"] = lambda kw: {"batch"} if kw["stochastic"] else set()
 
 
 def _snapkv_family(draw, T):
     budget = draw(st.integers(2, T - 1))
     return dict(budget=budget, window=draw(st.integers(1, budget - 1)),
-                kernel=draw(st.sampled_from([1, 3, 5, 7])))
+                kernel=draw(st.sampled_from([5, 1, 3, 7])), pool=draw(st.sampled_from(["avg", "max"])))
 
 
 @case("snapkv")
@@ -128,7 +136,7 @@ VARIABLE_BUDGET.update({"snapkv", "pyramidkv", "adakv"})
 def _kvmerger(draw, T):
     window = draw(st.integers(1, max(1, min(6, T - 2))))
     return dict(budget=draw(st.integers(window + 1, T - 1)), window=window,
-                kernel=draw(st.sampled_from([1, 3, 7])),
+                kernel=draw(st.sampled_from([1, 3, 7])), pool=draw(st.sampled_from(["max", "avg"])),
                 skip_layers=draw(st.sampled_from([(), (0,), (-1,), None])),  # None: all 2 layers
                 bias=draw(st.sampled_from([None, "log_mass"])))
 

@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from types import SimpleNamespace
+
 import flexkv
 from flexkv.policies import CaM
+from flexkv.policies.base import DecodeContext, lowest
 from test_policy_weightedkv import (F64, assert_same_values, by_pos, decode_step, one_head_cache,
                                     prefill_store, snapshots, tiny64)  # noqa: F401 (fixture)
 
@@ -66,6 +69,56 @@ def test_hand_worked_prefill_batch_merge(stochastic):
     torch.testing.assert_close(kept[5], eye[5] + gates / 2)
 
 
+def test_hand_worked_decode_merge_max_denominator():
+    # denominator="max" (the authors' QA code): p = A_e / max over the kept tokens of A, with A
+    # this step's attention. Budget 3, n_sink 1, merge_tokens 2, positions 0, 1, 2 and the new 3;
+    # the victim is 1. A = [0.5, 0.1, 0.15, 0.25]: max over {0, 2, 3} = 0.5, p = 0.2, so
+    # v_2, v_3 += v_1 * 0.2 / 2 = [0.4, 0.8]. (The cumulative S = [5, .15, .4, .2] would give
+    # p = 0.5 with the paper's mean denominator.)
+    pol = CaM(budget=3, n_sink=1, merge_tokens=2, denominator="max")
+    v = torch.tensor([[9.0, 9.0], [4.0, 8.0], [0.0, 0.0], [1.0, 1.0]], dtype=F64)
+    lc = one_head_cache([0, 1, 2, 3], v, [5.0, 0.15, 0.4, 0.2])
+    lc.budget.fill_(3)
+    probs = torch.tensor([0.5, 0.1, 0.15, 0.25], dtype=F64).view(1, 1, 1, 4)
+    ctx = DecodeContext(0, lc, None, None, probs, None, torch.tensor([[3]]),
+                        SimpleNamespace(window=None), torch.ones(1, dtype=torch.bool))
+    pol.decode_evict(ctx, lowest(pol.decode_victim_score(ctx), lc.pos), lc.retained() > lc.budget)
+    kept = by_pos(lc)
+    add = torch.tensor([0.4, 0.8], dtype=F64)
+    assert sorted(kept) == [0, 2, 3]
+    torch.testing.assert_close(kept[0], v[0])
+    torch.testing.assert_close(kept[2], v[2] + add)
+    torch.testing.assert_close(kept[3], v[3] + add)
+
+
+def test_hand_worked_prefill_merge_max_denominator():
+    # 6 tokens, budget 3, n_sink 1: keep 0, 4, 5; 1, 2, 3 merge into 4 and 5 (m = 2). The chunk's
+    # column sums A = [0.8, 0.1, 0.3, 0.05, 0.2, 0.4]: max over the kept {0, 4, 5} = 0.8, so
+    # p = [.125, .375, .0625] and v_4, v_5 += (.125 e1 + .375 e2 + .0625 e3) / 2.
+    eye = torch.eye(6, dtype=F64)
+    A = torch.tensor([0.8, 0.1, 0.3, 0.05, 0.2, 0.4], dtype=F64)
+    pol = CaM(budget=3, n_sink=1, merge_tokens=5, denominator="max")
+    lc = prefill_store(pol, list(range(6)), eye, (A * 7).tolist(), budget=3, capacity=4,
+                       stats={"step": A[None, None]})
+    kept = by_pos(lc)
+    gates = torch.tensor([0, .125, .375, .0625, 0, 0], dtype=F64)
+    assert sorted(kept) == [0, 4, 5]
+    torch.testing.assert_close(kept[4], eye[4] + gates / 2)
+    torch.testing.assert_close(kept[5], eye[5] + gates / 2)
+
+
+def test_additive_merge_grows_values(tiny64):
+    """The paper's additive merge (v_i += v_e p / m) is not a convex combination: a value that
+    keeps receiving merges grows along a long stream (documented; shown in the benchmark)."""
+    ids = torch.randint(0, tiny64.args.vocab_size, (1, 8), generator=gen(2))
+    norms = {}
+    for name, kw in [("streaming", {}), ("cam", dict(merge_tokens=4))]:
+        out = flexkv.generate(tiny64, ids, max_new_tokens=120, policy=name, budget=8, n_sink=2, **kw)
+        lc = out.cache.layers[0]
+        norms[name] = float(lc.v[lc.pos >= 0].norm(dim=-1).mean())
+    assert norms["cam"] > 1.3 * norms["streaming"]  # measured 11.7 vs 7.3
+
+
 # ----------------------------------------------------------------------------- vs reference
 def gen(seed):
     return torch.Generator().manual_seed(seed)
@@ -75,6 +128,7 @@ def gen(seed):
     (dict(budget=9, n_sink=2, merge_tokens=3), None, 0),
     (dict(budget=7, n_sink=1, merge_tokens=32, bias="log_mass", stochastic=True,
           gate_generator=gen(3)), 5, 0),
+    (dict(budget=9, n_sink=2, merge_tokens=3, denominator="max", bias="log_mass"), 4, 6),
     (dict(budget=8, n_sink=4, merge_tokens=2, stochastic=True, gate_generator=gen(4)), None, 6),
 ])
 def test_merged_values_equal_reference(tiny64, kw, chunk, pad):
@@ -117,6 +171,7 @@ def test_stochastic_gate_is_reproducible(tiny_llama):
     (dict(budget=8, stochastic=True, gate_generator=3), "gate_generator must be a torch.Generator"),
     (dict(budget=8, stochastic="yes"), "stochastic must be True or False"),
     (dict(budget=8, bias="mass"), "bias must be one of"),
+    (dict(budget=8, denominator="sum"), "denominator must be one of \\('mean', 'max'\\)"),
 ])
 def test_bad_input(tiny_llama, kw, match):
     with pytest.raises(ValueError, match=match):

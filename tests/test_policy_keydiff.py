@@ -51,7 +51,7 @@ def test_prefill_hand_example_query_agnostic(seed):
     the higher position (2) survives -> {1, 2}. Whatever the queries are (query-agnostic)."""
     q = torch.randn(1, 1, 4, 2, dtype=F64, generator=torch.Generator().manual_seed(seed))
     lc = LayerCache(1, 1, 3, 2, dtype=F64, device="cpu", budget=2)
-    KeyDiff(budget=2).store(lc, _prefill_ctx(q))
+    KeyDiff(budget=2, window=0).store(lc, _prefill_ctx(q))
     assert sorted(p for p in lc.pos[0, 0].tolist() if p >= 0) == [1, 2]
     # window 1 protects position 3, then the best other token (k1) fills the budget -> {1, 3}
     KeyDiff(budget=2, window=1).store(lc, _prefill_ctx(q))
@@ -90,7 +90,8 @@ def test_decode_hand_example(window, evicted):
 def test_flags_query_agnostic():
     assert KeyDiff.decode_evicts and not KeyDiff.needs_decode_probs and not KeyDiff.needs_lse
     assert KeyDiff.stats == {}
-    assert KeyDiff(budget=8).window == 0  # default: the paper's plain KeyDiff, no recent window
+    # default: the paper's sliding-window variant (window 0 evicts each new key on arrival)
+    assert KeyDiff(budget=64).window == 32
 
 
 def test_generate_keeps_window(tiny_llama):
@@ -114,6 +115,7 @@ def test_generate_keeps_window(tiny_llama):
     (dict(budget=4, window=-1), "window"), (dict(budget=4, window=1.5), "window"),
     (dict(budget=4, window=4), "budget must be >= 5"), (dict(budget=None), "budget"),
     (dict(budget=0), "budget"), (dict(budget=4, block=2), "unknown parameter"),
+    (dict(budget=16), "budget must be >= 33 .*window=32"),  # the default window
 ])
 def test_bad_input(tiny_llama, kw, match):
     ids = torch.zeros(1, 8, dtype=torch.long)

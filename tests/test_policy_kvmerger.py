@@ -240,7 +240,8 @@ def test_default_skip_layers(tiny_llama):
     selection (no merging: kept k/v are the prompt's own); skip_layers=() merges (k/v differ)."""
     ids = random_ids(1, 20, tiny_llama.args.vocab_size, seed=1)
     full = flexkv.generate(tiny_llama, ids, max_new_tokens=1)
-    snap = flexkv.generate(tiny_llama, ids, max_new_tokens=1, policy="snapkv", budget=8, window=2)
+    snap = flexkv.generate(tiny_llama, ids, max_new_tokens=1, policy="snapkv", budget=8, window=2,
+                           kernel=7, pool="max")  # kvmerger's pooling defaults
     dflt = flexkv.generate(tiny_llama, ids, max_new_tokens=1, policy="kvmerger", budget=8, window=2)
     mrg = flexkv.generate(tiny_llama, ids, max_new_tokens=1, policy="kvmerger", budget=8, window=2,
                           skip_layers=())

@@ -1,5 +1,6 @@
-"""`laprox` (a reconstruction of LaProx): hand-computed examples, the efficient score against the
-explicit Frobenius norm, the model-wide total, and bad input."""
+"""`laprox`: hand-computed scores (the default norm product and the Frobenius option, pooled or
+not, each normalisation), the efficient scores against explicit ones, the model-wide selection
+and its ties, the model-wide total, defaults and bad input."""
 from __future__ import annotations
 
 import math
@@ -12,7 +13,7 @@ import flexkv
 from flexkv.policies.base import ChunkInfo
 from flexkv.cache import KVCache, LayerCache
 from flexkv.policies import LaProx, PrefillContext
-from flexkv.policies.laprox import output_error_norms, window_output_norm
+from flexkv.policies.laprox import norm_product_scores, output_error_norms, window_output_norm
 from helpers import random_ids, NoCacheBuilt
 
 F64 = torch.float64
@@ -30,7 +31,7 @@ def _hand_context(policy):
     q[0, 0, 3] = torch.tensor([math.sqrt(2), 0.0], dtype=F64)
     q[0, 1, 3] = torch.tensor([0.0, math.sqrt(2)], dtype=F64)
     k = torch.stack([p0.log(), p1.log()], dim=-1)[None, None]           # [1, 1, 4, 2]
-    v = torch.tensor([[1.0, 0], [0, 1], [0, 2], [1, 1]], dtype=F64)[None, None]
+    v = torch.tensor([[1.0, 0], [0, 1], [0, 1.5], [1, 1]], dtype=F64)[None, None]
     # W_o^(0) = I, W_o^(1) = -I: o_proj.weight [d_model, H*D] = [I | -I]
     weight = torch.tensor([[1.0, 0, -1, 0], [0, 1, 0, -1]], dtype=F64)
     attn = SimpleNamespace(o_proj=SimpleNamespace(weight=weight), layer_idx=0, window=None)
@@ -43,24 +44,40 @@ def _hand_context(policy):
     return ctx, lc
 
 
-@pytest.mark.parametrize("normalize", [False, True])
-def test_hand_example_output_aware_selection(normalize):
-    # E_j = p0_j (v_j I) + p1_j (v_j (-I)) = (p0_j - p1_j) v_j, so s_j = |p0_j - p1_j| ||v_j||:
-    #   s_0 = 0 (both heads attend .4 and their outputs cancel), s_1 = .2 * 1, s_2 = .2 * 2,
-    #   s_3 = 0 (window: kept anyway).
-    # normalize: O[W] = sum_j (p0_j - p1_j) v_j = -.2 (0, 1) + .2 (0, 2) = (0, .2), ||O|| = .2.
-    # budget C = 2, w = 1: keep the global top L*Hkv*(C-w) = 1 of {0, 1, 2} -> token 2, plus 3.
-    # (mean attention, as SnapKV/H2O score it, would keep token 0: .4 in both heads.)
-    policy = LaProx(budget=2, window=1, normalize=normalize)
+# window w = 1 (position 3); raw scores of positions 0..2 (window: 0):
+# frobenius: E_j = p0_j (v_j I) + p1_j (v_j (-I)) = (p0_j - p1_j) v_j -> |p0 - p1| ||v|| =
+#   [0, .2, .2 * 1.5] = [0, .2, .3] (token 0: both heads attend .4 and their outputs cancel);
+# norm_product: mean_h ||a_h[W, j]|| ||v_j W_o^(h)|| = mean(p0_j, p1_j) ||v_j|| = [.4, .2, .3].
+# normalize "layer": / the sum over the layer's candidates (.5 and .9); "output": / ||O[W]||,
+# O[W] = sum_j (p0_j - p1_j) v_j = -.2 (0, 1) + .2 (0, 1.5) = (0, .1); kernel 3 (average, zero
+# padding counted, window 0): norm_product [(0+.4+.2), (.4+.2+.3), (.2+.3+0)] / 3 = [.2, .3, 1/6],
+# "layer" -> / (2/3) = [.3, .45, .25]. Budget C = 2, w = 1: the global top L*Hkv*(C-w) = 1.
+@pytest.mark.parametrize("score, normalize, kernel, expected, kept", [
+    ("frobenius", "none", 1, [0.0, 0.2, 0.3], [2, 3]),
+    ("frobenius", "output", 1, [0.0, 2.0, 3.0], [2, 3]),
+    ("frobenius", "layer", 1, [0.0, 0.4, 0.6], [2, 3]),
+    ("norm_product", "none", 1, [0.4, 0.2, 0.3], [0, 3]),   # mean attention alone would also
+    ("norm_product", "layer", 1, [4 / 9, 2 / 9, 3 / 9], [0, 3]),  # keep 0: .4 in both heads
+    ("norm_product", "layer", 3, [0.3, 0.45, 0.25], [1, 3]),
+    ("frobenius", False, 1, [0.0, 0.2, 0.3], [2, 3]),       # the earlier boolean spellings
+    ("frobenius", True, 1, [0.0, 2.0, 3.0], [2, 3]),
+])
+def test_hand_example_scores_and_selection(score, normalize, kernel, expected, kept):
+    policy = LaProx(budget=2, window=1, score=score, normalize=normalize, kernel=kernel)
     ctx, lc = _hand_context(policy)
     ctx.stats = policy.prefill_scores(ctx)
-    expected = torch.tensor([0.0, 0.2, 0.4, 0.0], dtype=F64) / (0.2 if normalize else 1.0)
-    torch.testing.assert_close(ctx.stats["score"][0, 0], expected, atol=1e-12, rtol=0)
+    torch.testing.assert_close(ctx.stats["score"][0, 0], torch.tensor(expected + [0.0], dtype=F64),
+                               atol=1e-12, rtol=0)
     policy.store(lc, ctx)  # head_max = 4 * (2 - 1) >= 3 candidates: all stay until the end
     assert sorted(p for p in lc.pos[0, 0].tolist() if p >= 0) == [0, 1, 2, 3]
     policy.finish_prefill(KVCache([lc]), None)
-    assert sorted(p for p in lc.pos[0, 0].tolist() if p >= 0) == [2, 3]
+    assert sorted(p for p in lc.pos[0, 0].tolist() if p >= 0) == kept
     assert lc.budget.tolist() == [[2 + 1]]  # retained + max_new_tokens (= 1) slots
+
+
+def test_defaults_are_the_papers_reading():
+    p = LaProx(budget=64)
+    assert (p.window, p.kernel, p.score, p.normalize) == (32, 7, "norm_product", "layer")
 
 
 def _caches(scores, order=None):
@@ -117,11 +134,22 @@ def test_efficient_score_equals_explicit_frobenius():
             for i in range(G):
                 out[b] += probs[b, kv, i] @ v[b, kv] @ w_o[kv * G + i]
     torch.testing.assert_close(window_output_norm(probs, v, weight), out.flatten(1).norm(dim=-1))
+    prod = norm_product_scores(probs, v, weight)
+    for b in range(B):
+        for kv in range(n_kv):
+            for j in range(N):
+                want = sum(probs[b, kv, i, :, j].norm() * (v[b, kv, j] @ w_o[kv * G + i]).norm()
+                           for i in range(G)) / G
+                assert torch.allclose(prod[b, kv, j], want, atol=1e-12)
+    # one query head per group: the two scores are the same
+    w1 = weight.reshape(d_model, n_kv, G, D)[:, :, 0].reshape(d_model, n_kv * D)  # head 0 each
+    torch.testing.assert_close(norm_product_scores(probs[:, :, :1], v, w1),
+                               output_error_norms(probs[:, :, :1], v, w1))
 
 
 @pytest.mark.parametrize("T,C,w,f,chunk,pad,normalize", [
-    (40, 12, 4, 4, None, 0, False), (40, 12, 4, 1, 7, 0, True),
-    (33, 9, 3, 1.5, 5, 6, False), (24, 23, 8, 4, None, 0, False), (24, 5, 4, 4, 1, 3, True),
+    (40, 12, 4, 4, None, 0, "layer"), (40, 12, 4, 1, 7, 0, "output"),
+    (33, 9, 3, 1.5, 5, 6, "none"), (24, 23, 8, 4, None, 0, "layer"), (24, 5, 4, 4, 1, 3, "layer"),
 ])
 def test_model_wide_total_and_static_slots(tiny_llama, T, C, w, f, chunk, pad, normalize):
     ids = random_ids(2, T, tiny_llama.args.vocab_size, seed=T)
@@ -160,7 +188,10 @@ def test_model_wide_total_and_static_slots(tiny_llama, T, C, w, f, chunk, pad, n
     (dict(budget=8, window=2, max_head_factor=0.5), "max_head_factor"),
     (dict(budget=8, window=2, max_head_factor="4"), "max_head_factor"),
     (dict(budget=8, window=2, max_head_factor=True), "max_head_factor"),
-    (dict(budget=8, window=2, normalize="yes"), "normalize"),
+    (dict(budget=8, window=2, normalize="yes"), "normalize must be one of"),
+    (dict(budget=8, window=2, normalize=1), "normalize"),
+    (dict(budget=8, window=2, score="l2"), "score must be one of \\('norm_product', 'frobenius'\\)"),
+    (dict(budget=8, window=2, kernel=4), "kernel"), (dict(budget=8, window=2, kernel=0), "kernel"),
     (dict(window=2), "budget"), (dict(budget=0, window=2), "budget"),
 ])
 def test_bad_input(tiny_llama, kw, match):

@@ -63,9 +63,29 @@ def test_snapkv_hand_example(kernel, kept):
     # kernel 3: pooled over positions 0..3 only (window tokens count 0) = [8, 8, 8, 3]; the tie
     # among 0, 1, 2 keeps the higher positions -> 1, 2. (Had the window's 9 leaked into the
     # pooling, position 3 would score 9 and be kept.)
-    got, cache = prefill(SnapKV(budget=4, window=2, kernel=kernel), keys([[1, 8, 2, 3, 9, 4]]), [0] * 6)
+    got, cache = prefill(SnapKV(budget=4, window=2, kernel=kernel, pool="max"),
+                         keys([[1, 8, 2, 3, 9, 4]]), [0] * 6)
     assert got == [kept]
     assert cache.layers[0].capacity == 4 + 3  # min(C, T) + max_new_tokens
+
+
+@pytest.mark.parametrize("pool, kept", [("avg", [1, 2, 4, 5]), ("max", [0, 1, 4, 5])])
+def test_snapkv_pool_hand_example(pool, kept):
+    # T = 6, C = 4, w = 2, weights m = [5, 1, 2, 4 | 9, 4]: s ~ [5, 1, 2, 4] (window tokens 0).
+    # kernel 3, avg (zero padding counted, as F.avg_pool1d and the authors' code):
+    #   [0+5+1, 5+1+2, 1+2+4, 2+4+0] / 3 = [6, 8, 7, 6] / 3 -> keep 1 (8) and 2 (7);
+    # max: [5, 5, 4, 4] -> keep 0 and 1.
+    got, _ = prefill(SnapKV(budget=4, window=2, kernel=3, pool=pool), keys([[5, 1, 2, 4, 9, 4]]),
+                     [0] * 6)
+    assert got == [kept]
+
+
+def test_snapkv_defaults_are_the_authors():
+    # FasterDecoding/SnapKV `init_snapkv`: window 32, kernel 5, avgpool; AdaKV keeps its code's
+    # max-pool, kernel 7; kvmerger its earlier kernel 7 max
+    assert (SnapKV().window, SnapKV().kernel, SnapKV().pool) == (32, 5, "avg")
+    assert (AdaKV().kernel, AdaKV().pool) == (7, "max")
+    assert (PyramidKV().kernel, PyramidKV().pool) == (5, "avg")
 
 
 def test_snapkv_chunked_uses_each_chunks_window():
@@ -105,7 +125,13 @@ def test_snapkv_decode_appends(tiny_llama):
     # C-w = 8: min = 8 // 4 = 2, max = 16 - 2 = 14 (<= T-w = 28), step = (14-2)//3 = 4
     (30, 4, [16, 12, 8, 4]),
     # T-w = 10 < 14: max = 10, min = 16 - 10 = 6, step = (10-6)//3 = 1
-    (12, 4, [12, 11, 10, 9]),
+    # T-w = 14 (T >= 2(C-w) = 16): max = min(14, 14) = 14, min = 2, step = 4
+    (16, 4, [16, 12, 8, 4]),
+    # T = 20, C-w = 8, beta 4, but L = 3: step = (14 - 2) // 2 = 6
+    (20, 3, [16, 10, 4]),
+    # C < T < 2(C-w) = 16: uniform SnapKV (KVCache-Factory's fallback), every layer keeps C
+    (12, 4, [10, 10, 10, 10]),
+    (15, 4, [10, 10, 10, 10]),
     (30, 1, [16]),           # one layer: step 0, keeps max + w
     (9, 4, [9, 9, 9, 9]),    # T <= C: nothing to compress
 ])
@@ -178,6 +204,9 @@ def test_adakv_total_equals_uniform(tiny_llama, alpha, chunk):
     ("snapkv", dict(kernel=4), "kernel"),
     ("snapkv", dict(kernel=0), "kernel"),
     ("snapkv", dict(kernel=True), "kernel"),
+    ("snapkv", dict(pool="mean"), "pool must be one of \\('avg', 'max'\\)"),
+    ("pyramidkv", dict(pool="MAX"), "pool"),
+    ("adakv", dict(pool=None), "pool"),
     ("pyramidkv", dict(beta=0), "beta"),
     ("pyramidkv", dict(window=8), "window"),
     ("adakv", dict(alpha=-0.1), "alpha"),

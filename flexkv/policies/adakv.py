@@ -22,7 +22,9 @@ decode appends without eviction. Prefill writes each head's budget + max_new_tok
 last `window` positions protected); a head whose budget exceeds its candidates keeps them all and
 the spare is not redistributed, so a chunked prefill can retain less than the uniform total.
 
-Parameters: `budget`, `window` (32), `kernel` (7), `alpha` (0.2, in [0, 1]).
+Parameters: `budget`, `window` (32), `kernel` (7), `pool` ("max"; the AdaKV authors' code
+max-pools with kernel 7, so these stay, where SnapKV's defaults are its authors' kernel 5 average),
+`alpha` (0.2, in [0, 1]).
 """
 from __future__ import annotations
 
@@ -49,6 +51,8 @@ def alpha_fraction(alpha: float) -> tuple[int, int]:
 @register
 @dataclass
 class AdaKV(SnapKV):
+    kernel: int = 7
+    pool: str = "max"  # the AdaKV authors' code: max-pooling, kernel 7
     alpha: float = 0.2
 
     name: ClassVar[str] = "adakv"

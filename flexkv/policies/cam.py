@@ -7,7 +7,16 @@ into the next `m` kept tokens by position, `m = min(merge_tokens, number of late
 same m is the mean's length and the divisor)*:
 `p = clamp(S_e / mean(S_receivers), 0, 1)` (p = 1 if that mean is 0 *(choice)*) and
 `v_i += v_e * p / m` for each receiver, S = cumulative attention (statistic `score`, accumulated
-as h2o: prefill column sums from the LSE, `+= probs` every decode step).
+as h2o: prefill column sums from the LSE, `+= probs` every decode step): the paper's Eq. 14
+(mean denominator, additive merge), as the authors' streaming code and kvpress's CAMPress.
+`denominator="max"` is the authors' QA code (KVCache-Factory's `CAMKVCluster` copies it):
+`p = clamp(A_e / max_{j kept} A_j, 0, 1)` with A the current step's attention (group mean): at
+decode the step's probabilities, at prefill the chunk's column sums (its queries' attention
+summed); kept = the sinks and the recent window that stay (the QA code's max also covers e
+itself, which the clamp makes equivalent); p = 1 if that max is 0 *(choice)*.
+The merge is additive, so a value that keeps receiving merges grows along a long stream (by about
+1/(1 - mean p), without bound at p = 1): a property of the method, not a bug; the quality
+benchmark's streaming perplexity reports the kept values' norm (`vnorm_growth`).
 *(choice: this expectation is the default.)* `stochastic=True` draws the paper's Bernoulli gate
 instead: merge (`v_i += v_e / m`) iff `u_e < p`, with uniforms from the explicit
 `gate_generator` (a torch.Generator, required then; not called `generator`, which
@@ -39,6 +48,8 @@ from flexkv.policies.merging import (CumulativeAttention, MergingPolicy, first_a
 from flexkv.policies.registry import register
 from flexkv.policies.streaming import Streaming
 
+DENOMINATORS = ("mean", "max")
+
 
 @register
 @dataclass
@@ -46,12 +57,15 @@ class CaM(CumulativeAttention, MergingPolicy, Streaming):
     merge_tokens: int = 32
     stochastic: bool = False
     gate_generator: torch.Generator | None = None
+    denominator: str = "mean"  # "mean" (paper Eq. 14) or "max" (the authors' QA code)
 
     name: ClassVar[str] = "cam"
 
     def validate(self, prompt_len, max_new_tokens, n_layers):
         if not isinstance(self.merge_tokens, int) or self.merge_tokens < 1:
             raise ValueError(f"merge_tokens must be an int >= 1, got {self.merge_tokens!r}")
+        if self.denominator not in DENOMINATORS:
+            raise ValueError(f"denominator must be one of {DENOMINATORS}, got {self.denominator!r}")
         if not isinstance(self.stochastic, bool):
             raise ValueError(f"stochastic must be True or False, got {self.stochastic!r}")
         gen = self.gate_generator
@@ -73,10 +87,16 @@ class CaM(CumulativeAttention, MergingPolicy, Streaming):
                 lc.register_buffer("gate_u", u_l.to(device=lc.score.device, dtype=lc.score.dtype))
         return cache
 
-    def _gate(self, lc, s_e: Tensor, s_recv: Tensor, n_recv: Tensor, pos_e: Tensor) -> Tensor:
-        """Per evicted token: p (or the Bernoulli draw u < p) / m. All [B, Hkv, n]."""
-        mean = s_recv / n_recv.clamp(min=1)
-        p = torch.where(mean > 0, (s_e / mean).clamp(0.0, 1.0), 1.0)
+    def prefill_scores(self, ctx: PrefillContext) -> dict[str, Tensor]:
+        stats = super().prefill_scores(ctx)  # score += this chunk's column sums
+        if self.denominator == "max":       # the chunk's own attention (not a cached statistic)
+            stats["step"] = stats["score"] - ctx.stats["score"]
+        return stats
+
+    def _gate(self, lc, num: Tensor, den: Tensor, n_recv: Tensor, pos_e: Tensor) -> Tensor:
+        """Per evicted token: p = clamp(num / den, 0, 1) (or the Bernoulli draw u < p), over m.
+        All [B, Hkv, n]."""
+        p = torch.where(den > 0, (num / den).clamp(0.0, 1.0), 1.0)
         if self.stochastic:
             p = (lc.gate_u.gather(2, pos_e.clamp(min=0)) < p).to(p.dtype)
         return p / n_recv.clamp(min=1)
@@ -90,8 +110,12 @@ class CaM(CumulativeAttention, MergingPolicy, Streaming):
         recv = first_after(ctx.pos, keep, oldest_gone, self.merge_tokens)    # shared receivers
         S = ctx.stats["score"]
         n_recv = recv.sum(-1, keepdim=True)
-        s_recv = torch.where(recv, S, 0.0).sum(-1, keepdim=True)
-        gate = torch.where(gone, self._gate(lc, S, s_recv, n_recv, ctx.pos), 0.0)  # [B, Hkv, N]
+        if self.denominator == "max":
+            A = ctx.stats["step"]
+            num, den = A, torch.where(keep, A, 0.0).amax(-1, keepdim=True)
+        else:
+            num, den = S, torch.where(recv, S, 0.0).sum(-1, keepdim=True) / n_recv.clamp(min=1)
+        gate = torch.where(gone, self._gate(lc, num, den, n_recv, ctx.pos), 0.0)  # [B, Hkv, N]
         added = torch.einsum("bhn,bhnd->bhd", gate, ctx.v.to(gate.dtype))    # sum_e gate_e v_e
         v = torch.where(recv[..., None], ctx.v + added[:, :, None].to(ctx.v.dtype), ctx.v)
         stats = dict(ctx.stats)
@@ -107,8 +131,14 @@ class CaM(CumulativeAttention, MergingPolicy, Streaming):
         pos_e = lc.pos.gather(2, vi)
         recv = first_after(lc.pos, lc.pos >= 0, pos_e[..., 0], self.merge_tokens) & when[..., None]
         n_recv = recv.sum(-1, keepdim=True)
-        s_recv = torch.where(recv, lc.score, 0.0).sum(-1, keepdim=True)
-        gate = self._gate(lc, lc.score.gather(2, vi), s_recv, n_recv, pos_e)  # [B, Hkv, 1]
+        if self.denominator == "max":                                        # this step's attention
+            A = ctx.probs.mean(dim=2)                                        # [B, Hkv, S]
+            kept = (lc.pos >= 0) & (torch.arange(A.shape[-1], device=A.device) != vi)
+            num, den = A.gather(2, vi), torch.where(kept, A, 0.0).amax(-1, keepdim=True)
+        else:
+            num = lc.score.gather(2, vi)
+            den = torch.where(recv, lc.score, 0.0).sum(-1, keepdim=True) / n_recv.clamp(min=1)
+        gate = self._gate(lc, num, den, n_recv, pos_e)                       # [B, Hkv, 1]
         D = lc.v.shape[-1]
         v_e = lc.v.gather(2, vi[..., None].expand(-1, -1, 1, D))
         add = (gate[..., None] * v_e.to(gate.dtype)).to(lc.v.dtype)                 # [B, Hkv, 1, D]

@@ -8,8 +8,8 @@ positions stay as they are and the older tokens, in position order, are merged:
   exactly `C - w` sets remain *(choice: exact budget instead of the paper's threshold; ties in
   s: the boundary at the lower position is cut first)*;
 - the pivot `p` of a set is the member with the largest SnapKV window score (`snapkv`'s pooled
-  score: the last w queries' group-mean attention summed, window tokens 0, max-pooled with
-  `kernel` over positions) *(choice: ties -> the larger unpooled score, then the lower position)*;
+  score: the last w queries' group-mean attention summed, window tokens 0, pooled (`pool`,
+  default "max") with `kernel` over positions) *(choice: ties -> the larger unpooled score, then the lower position)*;
 - Gaussian-kernel merge: `d_i = |k_p - k_i|^2`, `sigma^2 = mean_set d_i + eps` *(choice)*,
   `g_i = exp(-d_i / (2 sigma^2))`, `w_i = g_i / sum g`; the set becomes ONE token
   `k' = sum w_i k_i`, `v' = sum w_i v_i` at the pivot's position (a singleton stays bit-exact).
@@ -23,6 +23,8 @@ the same bias. Static shapes: sets are segment ids (cumsum over the cuts in posi
 merges are segment sums (`scatter_add`), pivots segment maxima (`scatter_reduce`); no host sync.
 
 Parameters: `budget` (C), `window` (w, default 32; 1 <= w < C), `kernel` (odd >= 1, default 7),
+`pool` ("max" default, or "avg"; kernel 7 max-pooling is this policy's earlier choice, kept when
+SnapKV's defaults moved to its authors' kernel 5 average),
 `skip_layers` (layer indices, negative from the end; default None = (0, 1, L-1), the first two
 and the last), `eps` (> 0, default 1e-6), `bias` (None or "log_mass"). With `kernel=1` pivots
 (and the skipped layers) use the unpooled window score. Built on `SnapKV` (window/kernel checks,
@@ -47,6 +49,8 @@ from flexkv.policies.snapkv import SnapKV
 @register
 @dataclass
 class KVMerger(MergingPolicy, SnapKV):
+    kernel: int = 7
+    pool: str = "max"
     skip_layers: tuple[int, ...] | None = None  # None: (0, 1, L - 1)
     eps: float = 1e-6
 
@@ -75,7 +79,8 @@ class KVMerger(MergingPolicy, SnapKV):
         probs = window_probs(ctx.q, ctx.k, ctx.q_pos, ctx.pos, self.window, ctx.window,
                              bias=self.prefill_bias(ctx.pos, ctx.stats))  # [B, Hkv, G, w, N]
         raw = probs.sum(dim=3).mean(dim=2).masked_fill(self.protected(ctx), 0.0)  # [B, Hkv, N]
-        return dict(ctx.stats, snapkv=pool_over_positions(raw, ctx.pos, self.kernel), raw=raw)
+        return dict(ctx.stats, snapkv=pool_over_positions(raw, ctx.pos, self.kernel, self.pool),
+                    raw=raw)
 
     def store(self, lc, ctx: PrefillContext) -> None:
         if self.skipped(ctx.layer):

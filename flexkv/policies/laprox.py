@@ -1,34 +1,36 @@
-"""`laprox` (LaProx, Mai & Kim 2026): output-aware, layer-wise, model-wide eviction.
+"""`laprox` (LaProx, Mai & Kim 2026, arXiv 2605.07234v1): output-aware, model-wide eviction.
 
-RECONSTRUCTION: the paper's formula was not available (only its abstract); this transcribes
-shared/METHODS.md. Observation window `W` = the last `window` queries of the prompt (SnapKV's,
-causal inside the window, `scores.window_probs`). Dropping token `j` of KV head `g` in layer `l`
-changes the layer's output on `W` by `E = sum_{h in g} a_h[W, j] (outer) (v_j W_o^(h))`, where
-`W_o^(h) = o_proj.weight[:, h*D:(h+1)*D].T` (head h's `D x d_model` slice). Score
-`s_{l,g,j} = ||E||_F`, computed exactly as `sqrt(sum_{h,h'} (a_h . a_h') (v_j M_hh' v_j^T))` with
-`M_hh' = W_o^(h) W_o^(h')^T` ([D, D] per pair in the group). Scores are in residual-stream units,
-so they compare across layers: keep the global top `K = L * Hkv * (budget - window)` of all
-`(l, g, j)` outside the window, plus every head's window (always kept). Budgets vary by layer/head.
+The paper is public; there is no author code. This follows a third party's reading of the paper
+(Alg. 1, Alg. 2, App. A; recorded in shared/METHODS.md). Observation window `W` = the last `window`
+(32) prompt queries (SnapKV's, causal inside the window, `scores.window_probs`). Per query head
+h: `p_h[j] = ||A_h[W, j]||_2 * ||v_j W_o^(h)||_2`, `W_o^(h) = o_proj.weight[:, h*D:(h+1)*D].T`
+(head h's `D x d_model` slice; `||v W||^2 = v W W^T v^T`, never materialised); KV-group score
+`s_g[j] = mean_{h in g} p_h[j]` (App. A); window tokens set to 0, then average-pooled over
+positions (`kernel` 7, as SnapKV's pooling); each layer's scores (all its heads, tokens outside
+the window) normalised to sum 1 (`normalize="layer"`); keep the global top
+`K = L * Hkv * (budget - window)` of all `(l, g, j)` outside the windows, plus every head's window
+(Alg. 2). Budgets vary by layer and head; the total matches the uniform policies'.
 
 Parameters: `budget` C (average tokens per (layer, KV head), window included), `window` (32),
-`max_head_factor` (4), `normalize` (False).
-(choice) `normalize=True` divides layer l's scores by `||O_l[W]||_F`, where
-  `O_l[W] = sum_h A_h[W, :] V_g(h) W_o^(h)` ([|W|, d_model]) is the attention block's output (o_proj
-  of the concatenated head outputs, before the residual add) on the window queries, over the
-  tokens that chunk attended to (left unchanged where that norm is 0, i.e. no real query).
+`kernel` (odd >= 1, 7; 1 = no pooling), `score` ("norm_product" or "frobenius"), `normalize`
+("layer", "none" or "output"), `max_head_factor` (4). Options:
+- `score="frobenius"`: the exact Frobenius norm of the group's summed output error of dropping
+  j, `||sum_{h in g} a_h[W, j] (outer) (v_j W_o^(h))||_F` (flexkv's earlier reading; equal to the
+  default when G = 1), computed as `sqrt(sum_{h,h'} (a_h . a_h') (v_j M_hh' v_j^T))`.
+- `normalize="none"`: the raw scores (the paper's layer-flatten ablation); `"output"` divides
+  layer l's scores by `||O_l[W]||_F` (the attention block's output on the window queries; left
+  unchanged where that norm is 0). `True` / `False` are the earlier spellings of "output" / "none".
+  `score="frobenius", kernel=1, normalize="none"` is the earlier default exactly.
 (choice) static memory: a head holds at most `head_max = floor(max_head_factor * (C - window))`
-  tokens outside its window. After each layer's attention only each head's top-`head_max`
-  candidates (+ window) are stored, with their score as the `score` statistic (never all layers'
-  full KV at once); slots per layer = `min(T, min(T - window, head_max) + window) + max_new`. The
-  global top-K is thus "top-K among each head's top-`head_max` candidates": exact whenever no head
-  would exceed the cap, and the total is exactly K whenever the prompt is longer than C.
-(choice) total order of the global selection (lowest evicted first): score, then position, then
-  layer, then KV head; i.e. ties evict the lower position, then the lower layer, then lower head.
-(choice) chunked prefill: each chunk rescores every held token with the chunk's own last `window`
-  queries over cached + chunk tokens (replacing the old score) and keeps each head's top
-  `head_max` + window; the global threshold is applied once, in `finish_prefill`.
-After `finish_prefill`, `lc.budget` = the head's retained count + max_new_tokens (the slots it may
-fill: decode appends without eviction, as for every prefill-only policy).
+  tokens outside its window; after each layer's attention only each head's top-`head_max`
+  candidates (+ window) are stored, their score as the `score` statistic; slots per layer =
+  `min(T, min(T - window, head_max) + window) + max_new`. The global top-K is "top-K among each
+  head's top-`head_max` candidates": exact whenever no head would exceed the cap.
+(choice) ties of the global selection evict the lower score, then position, layer, KV head.
+(choice) chunked prefill: each chunk rescores every held token with its own last `window`
+  queries (replacing the old score; pooled and normalised over the held tokens) and keeps each
+  head's top `head_max` + window; the global threshold is applied once, in `finish_prefill`.
+After `finish_prefill`, `lc.budget` = the head's retained count + max_new_tokens.
 """
 from __future__ import annotations
 
@@ -40,7 +42,25 @@ from torch import Tensor
 
 from flexkv.policies.base import INF, Policy, PrefillContext
 from flexkv.policies.registry import register
-from flexkv.policies.scores import last_position, recent_mask, window_probs
+from flexkv.policies.scores import last_position, pool_over_positions, recent_mask, window_probs
+
+SCORES = ("norm_product", "frobenius")
+NORMALIZE = ("layer", "none", "output")
+
+
+def norm_product_scores(probs: Tensor, v: Tensor, o_weight: Tensor) -> Tensor:
+    """mean_{h in g} ||A_h[W, j]||_2 ||v_j W_o^(h)||_2 per token. probs [B, Hkv, G, W, N],
+    v [B, Hkv, N, D], o_weight [d_model, H*D] -> [B, Hkv, N] (in probs' dtype)."""
+    B, n_kv, G, _, N = probs.shape
+    D, dt = v.shape[-1], probs.dtype
+    w_o = o_weight.to(dt).T.reshape(n_kv, G, D, -1)              # W_o^(h): [Hkv, G, D, d_model]
+    v = v.to(dt)
+    out = torch.zeros(B, n_kv, N, dtype=dt, device=v.device)
+    for h in range(G):  # one [B, Hkv, N, D] at a time
+        m = w_o[:, h] @ w_o[:, h].transpose(-1, -2)               # M_hh: [Hkv, D, D]
+        u_sq = torch.einsum("bknd,kde,bkne->bkn", v, m, v)        # ||v_j W_o^(h)||^2
+        out += probs[:, :, h].square().sum(dim=2).sqrt() * u_sq.clamp_min(0).sqrt()
+    return out / G
 
 
 def output_error_norms(probs: Tensor, v: Tensor, o_weight: Tensor) -> Tensor:
@@ -73,7 +93,9 @@ def window_output_norm(probs: Tensor, v: Tensor, o_weight: Tensor) -> Tensor:
 class LaProx(Policy):
     window: int = 32
     max_head_factor: float = 4
-    normalize: bool = False
+    normalize: str = "layer"       # "layer", "none" or "output" (True / False: the old spellings)
+    score: str = "norm_product"    # or "frobenius"
+    kernel: int = 7                # average pooling over positions; 1 = none
 
     name: ClassVar[str] = "laprox"
     stats: ClassVar[dict] = {"score": None}
@@ -85,9 +107,19 @@ class LaProx(Policy):
         f = self.max_head_factor
         if isinstance(f, bool) or not isinstance(f, (int, float)) or not f >= 1:
             raise ValueError(f"max_head_factor must be a number >= 1, got {f!r}")
-        if not isinstance(self.normalize, bool):
-            raise ValueError(f"normalize must be a bool, got {self.normalize!r}")
+        if self._normalize() not in NORMALIZE:
+            raise ValueError(f"normalize must be one of {NORMALIZE} (or True / False for "
+                             f"'output' / 'none'), got {self.normalize!r}")
+        if self.score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, got {self.score!r}")
+        k = self.kernel
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1 or k % 2 == 0:
+            raise ValueError(f"kernel must be an odd int >= 1 (1, 3, 5, 7, ...), got {k!r}")
         super().validate(prompt_len, max_new_tokens, n_layers)
+
+    def _normalize(self):
+        n = self.normalize
+        return {True: "output", False: "none"}[n] if isinstance(n, bool) else n
 
     def min_budget(self) -> int:
         return self.window + 1
@@ -109,10 +141,18 @@ class LaProx(Policy):
     def prefill_scores(self, ctx: PrefillContext) -> dict[str, Tensor]:
         probs = window_probs(ctx.q, ctx.k, ctx.q_pos, ctx.pos, self.window, ctx.window)
         w_o = ctx.attn.o_proj.weight
-        score = output_error_norms(probs, ctx.v, w_o)             # [B, Hkv, N]
-        if self.normalize:
-            norm = window_output_norm(probs, ctx.v, w_o)          # [B]
-            score = score / torch.where(norm > 0, norm, torch.ones_like(norm))[:, None, None]
+        fn = output_error_norms if self.score == "frobenius" else norm_product_scores
+        win = recent_mask(ctx.pos, last_position(ctx.q_pos), self.window)
+        cand = (ctx.pos >= 0) & ~win                               # outside the window
+        score = fn(probs, ctx.v, w_o).masked_fill(~cand, 0.0)      # [B, Hkv, N]
+        score = pool_over_positions(score, ctx.pos, self.kernel, "avg").masked_fill(~cand, 0.0)
+        norm = self._normalize()
+        if norm == "layer":  # all the layer's heads
+            total = score.sum(dim=(1, 2), keepdim=True)             # [B, 1, 1]
+            score = score / torch.where(total > 0, total, torch.ones_like(total))
+        elif norm == "output":
+            out = window_output_norm(probs, ctx.v, w_o)             # [B]
+            score = score / torch.where(out > 0, out, torch.ones_like(out))[:, None, None]
         return {"score": score.to(ctx.stats["score"].dtype)}
 
     def prefill_priority(self, ctx: PrefillContext) -> Tensor:

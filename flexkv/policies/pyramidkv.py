@@ -5,13 +5,17 @@ the total matches SnapKV's. With C = budget, w = window, T = prompt length, L = 
 `beta`: `min = (C-w) // beta`, `max = 2(C-w) - min`; if `max > T-w` then `max = T-w` and
 `min = 2(C-w) - max`; `step = (max-min) // (L-1)` *(choice: step = 0 when L == 1, so a one-layer
 model keeps `max + w`)*; layer `l` keeps `max - l*step` tokens by SnapKV's pooled window score
-plus the window. If `T <= C` nothing is compressed (every layer keeps the prompt).
+plus the window. If `T <= C` nothing is compressed (every layer keeps the prompt); if
+`C < T < 2(C-w)` every layer falls back to uniform SnapKV (keeps `C`), as KVCache-Factory's
+`PyramidKVCluster` (Zefan-Cai/PyramidKV) does.
 
 Scoring, pooling, the window, ties and chunked prefill are SnapKV's (see `flexkv.policies.snapkv`):
 each chunk's selection keeps at most the layer's budget. The per-layer capacities are static:
 `layer budget + max_new_tokens` slots (decode appends without eviction).
 
-Parameters: `budget`, `window` (32), `kernel` (7), `beta` (20, int >= 1).
+Parameters: `budget`, `window` (32), `kernel` (5), `pool` ("avg"), `beta` (20, int >= 1): the
+window, kernel and pooling are SnapKV's defaults (its authors' code; KVCache-Factory's
+`init_pyramidkv` uses the same window 32, kernel 5, avgpool).
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ def pyramid_budgets(budget: int, window: int, prompt_len: int, n_layers: int, be
     if prompt_len <= budget:
         return [prompt_len] * n_layers
     sel = budget - window
+    if prompt_len < 2 * sel:  # too short for the pyramid: uniform SnapKV (KVCache-Factory)
+        return [budget] * n_layers
     lo = sel // beta
     hi = 2 * sel - lo
     if hi > prompt_len - window:

@@ -5,12 +5,16 @@ layer holds `min(budget, T) + max_new_tokens` slots. If the prompt has more than
 the observation window is the last `window` queries; `A = softmax(Q_win K^T / sqrt(d))`, causal
 inside the window (`scores.window_probs`); `s_j = sum over the window of the group-mean attention`
 for the tokens outside the window (window tokens count 0, so they do not leak into the pooling);
-`s` is max-pooled over the order of positions (`kernel`, stride 1, padding kernel // 2,
-`scores.pool_over_positions`); keep the top `budget - window` by pooled `s` plus the window.
-Ties keep the higher position (evict the older token).
+`s` is pooled over the order of positions (`pool`, `kernel`, stride 1, padding kernel // 2, the
+zero padding counted in the average; `scores.pool_over_positions`); keep the top
+`budget - window` by pooled `s` plus the window. Ties keep the higher position (evict the older).
 
-Parameters: `budget` (C), `window` (w, default 32; 1 <= w < C), `kernel` (odd, >= 1, default 7;
-1 = no pooling).
+Parameters: `budget` (C), `window` (w, default 32; 1 <= w < C), `kernel` (odd, >= 1, default 5;
+1 = no pooling), `pool` ("avg" default, or "max").
+Defaults are the authors' code (FasterDecoding/SnapKV, `init_snapkv`: window 32, kernel 5,
+`avgpool`). kvpress's SnapKVPress uses window 64, kernel 5, avg (`window=64, kernel=5` here; it
+pools per query head before the group mean, the same thing for an average); AdaKV's code max-pools
+with kernel 7 (`AdaKV` keeps those defaults).
 
 *(choice: chunked prefill)* the same selection runs after every prefill chunk over the tokens
 held (the previous selection + the chunk), scored by THAT chunk's last `window` queries (all of
@@ -33,12 +37,15 @@ from flexkv.policies.base import INF, Policy, PrefillContext
 from flexkv.policies.registry import register
 from flexkv.policies.scores import last_position, pool_over_positions, recent_mask, window_probs
 
+POOLS = ("avg", "max")
+
 
 @register
 @dataclass
 class SnapKV(Policy):
     window: int = 32
-    kernel: int = 7
+    kernel: int = 5
+    pool: str = "avg"  # "avg" or "max"
     # the model's shape, recorded by build_cache (per-layer / per-head budgets need it)
     n_layers: int = field(default=1, init=False, repr=False, compare=False)
     n_kv_heads: int = field(default=1, init=False, repr=False, compare=False)
@@ -52,6 +59,8 @@ class SnapKV(Policy):
             raise ValueError(f"window must be an int >= 1 (and < budget), got {self.window!r}")
         if not _is_int(self.kernel) or self.kernel < 1 or self.kernel % 2 == 0:
             raise ValueError(f"kernel must be an odd int >= 1 (1, 3, 5, 7, ...), got {self.kernel!r}")
+        if self.pool not in POOLS:
+            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
         super().validate(prompt_len, max_new_tokens, n_layers)
 
     def min_budget(self) -> int:
@@ -86,7 +95,7 @@ class SnapKV(Policy):
         probs = window_probs(ctx.q, ctx.k, ctx.q_pos, ctx.pos, self.window, ctx.window)
         attn_sum = probs.sum(dim=3).mean(dim=2)  # [B, Hkv, G, w, N] -> [B, Hkv, N]
         attn_sum = attn_sum.masked_fill(self.protected(ctx), 0.0)
-        return pool_over_positions(attn_sum, ctx.pos, self.kernel)
+        return pool_over_positions(attn_sum, ctx.pos, self.kernel, self.pool)
 
     def prefill_scores(self, ctx: PrefillContext) -> dict[str, Tensor]:
         # carried in ctx.stats for prefill_priority / prefill_budget; not a cached statistic

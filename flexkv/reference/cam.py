@@ -1,6 +1,8 @@
 """Reference `cam`: StreamingLLM layout; each evicted token (in position order) merges its value
 into the next m = min(merge_tokens, later kept) kept tokens: v_i += v_e * p / m,
-p = clamp(S_e / mean(S_receivers), 0, 1) (or the Bernoulli gate u < p with stochastic=True)."""
+p = clamp(S_e / mean(S_receivers), 0, 1), or with denominator="max" p = clamp(A_e / max over the
+kept tokens of A, 0, 1), A = this step's attention (decode) or this chunk's column sums (prefill);
+the Bernoulli gate u < p with stochastic=True."""
 import torch
 
 from flexkv.reference import register_reference
@@ -27,7 +29,7 @@ class RefCaM(RefPolicy):
     def bias(self, head):
         return torch.log1p(head.stats["merged"]) if self.log_mass else None
 
-    def keep_and_merge(self, layer, b, g, head):
+    def keep_and_merge(self, layer, b, g, head, A):
         """Keep sinks + the most recent budget - sinks; merge every other token, oldest first."""
         C, s, m_max = self.spec.budget, self.spec.n_sink, self.spec.merge_tokens
         if len(head) <= C:
@@ -44,8 +46,11 @@ class RefCaM(RefPolicy):
             if not receivers:
                 continue
             m = len(receivers)
-            mean = sum(float(S[i]) for i in receivers) / m
-            p = min(max(float(S[e]) / mean, 0.0), 1.0) if mean > 0 else 1.0
+            if self.spec.denominator == "max":
+                num, den = float(A[e]), max(float(A[i]) for i in kept)
+            else:
+                num, den = float(S[e]), sum(float(S[i]) for i in receivers) / m
+            p = min(max(num / den, 0.0), 1.0) if den > 0 else 1.0
             if self.spec.stochastic:
                 p = 1.0 if float(self.u[layer, b, g, int(head.pos[e])]) < p else 0.0
             for i in receivers:
@@ -57,13 +62,15 @@ class RefCaM(RefPolicy):
     def prefill_select(self, layer, b, heads, chunks, attn):
         out = []
         for g, (head, ch) in enumerate(zip(heads, chunks)):
-            head.stats["score"] = head.stats["score"] + ch.probs.sum(dim=1).mean(dim=0)
-            out.append(self.keep_and_merge(layer, b, g, head))
+            A = ch.probs.sum(dim=1).mean(dim=0)          # this chunk's column sums
+            head.stats["score"] = head.stats["score"] + A
+            out.append(self.keep_and_merge(layer, b, g, head, A))
         return out
 
     def decode_update(self, layer, b, heads, steps, attn):
         out = []
         for g, (head, st) in enumerate(zip(heads, steps)):
-            head.stats["score"] = head.stats["score"] + st.probs.mean(dim=0)
-            out.append(self.keep_and_merge(layer, b, g, head))
+            A = st.probs.mean(dim=0)                     # this step's attention
+            head.stats["score"] = head.stats["score"] + A
+            out.append(self.keep_and_merge(layer, b, g, head, A))
         return out

@@ -8,6 +8,7 @@ import torch
 
 from flexkv.reference import register_reference
 from flexkv.reference.engine import Head, RefPolicy, top_indices
+from flexkv.reference.snapkv import pool_1d
 
 
 def cosine(a, b) -> float:
@@ -42,11 +43,9 @@ class RefKVMerger(RefPolicy):
         window = [i for i in by_pos if head.pos[i] > last - w]
         older = [i for i in by_pos if head.pos[i] <= last - w]
         # SnapKV window score: the last w queries' group-mean attention, summed over the window,
-        # then max-pooled over the older tokens' neighbours in position order
+        # then pooled (spec.pool) over the older tokens' neighbours in position order
         raw = ch.probs[:, -w:].sum(dim=1).mean(dim=0)  # [n]
-        r = kernel // 2
-        pooled = {i: max(float(raw[j]) for j in older[max(0, a - r):a + r + 1])
-                  for a, i in enumerate(older)}
+        pooled = dict(zip(older, pool_1d([float(raw[j]) for j in older], kernel, self.spec.pool)))
         if layer in self.skip:  # SnapKV: top C - w older tokens by pooled score, plus the window
             idx = torch.tensor(older)
             top = top_indices(torch.tensor([pooled[i] for i in older]), head.pos[idx], C - len(window))

@@ -1,4 +1,5 @@
-"""Reference `pyramidkv`: SnapKV selection, layer l keeps `max - l*step` plus the window."""
+"""Reference `pyramidkv`: SnapKV selection, layer l keeps `max - l*step` plus the window; a prompt
+shorter than 2(C - w) keeps C in every layer (uniform SnapKV, as KVCache-Factory)."""
 from __future__ import annotations
 
 from flexkv.reference import register_reference
@@ -12,6 +13,8 @@ class RefPyramidKV(RefSnapKV):
         T, L = self.prompt_len, self.n_layers
         if T <= C:  # SnapKV compresses only prompts longer than the budget
             return T
+        if T < 2 * (C - w):  # too short for the pyramid: uniform SnapKV
+            return C
         min_keep = (C - w) // beta
         max_keep = 2 * (C - w) - min_keep
         if max_keep > T - w:

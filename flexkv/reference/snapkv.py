@@ -1,14 +1,24 @@
 """Reference `snapkv`: score by the last `window` queries' attention, pool, keep top C - w + window.
 
 Per head: s_j = sum over the chunk's last `window` queries of the group-mean attention, for the
-tokens outside the last `window` positions; max-pool s along the tokens sorted by position
-(kernel k, windows clipped at the ends: the same as zero padding since s >= 0); keep the top
+tokens outside the last `window` positions; pool s along the tokens sorted by position (kernel k,
+windows clipped at the ends: for "max" the same as zero padding since s >= 0; for "avg" the sum
+over the clipped window divided by k, i.e. zero padding counted); keep the top
 `keep - len(window)` by pooled s (ties keep the higher position) plus the window. Decode appends.
 """
 from __future__ import annotations
 
 from flexkv.reference import register_reference
 from flexkv.reference.engine import RefPolicy
+
+
+def pool_1d(s: list[float], kernel: int, mode: str) -> list[float]:
+    """Pool a list of scores (in position order): max, or the sum over the window clipped at the
+    ends divided by `kernel` (zero padding counted, as `F.avg_pool1d`)."""
+    r = kernel // 2
+    if mode == "avg":
+        return [sum(s[max(0, j - r):j + r + 1]) / kernel for j in range(len(s))]
+    return [max(s[max(0, j - r):j + r + 1]) for j in range(len(s))]
 
 
 @register_reference("snapkv")
@@ -31,9 +41,7 @@ class RefSnapKV(RefPolicy):
                         key=lambda i: int(head.pos[i]))
         group_mean = chunk.probs[:, -w:, :].mean(dim=0)  # [<= w queries, n tokens]
         s = [float(group_mean[:, i].sum()) for i in others]
-        r = k // 2
-        pooled = [max(s[max(0, j - r):j + r + 1]) for j in range(len(s))]
-        return window, others, pooled
+        return window, others, pool_1d(s, k, self.spec.pool)
 
     def select(self, head, chunk, keep: int):
         """Keep the window plus the top `keep - len(window)` others by pooled score."""

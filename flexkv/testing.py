@@ -1,0 +1,355 @@
+"""flexkv's property suite as a kit: the guarantees flexkv checks on its own policies, for yours.
+
+    from hypothesis import strategies as st
+    from flexkv.testing import check_policy
+
+    check_policy(MyPolicy, MyReference, budget=st.integers(1, 30))
+
+`check_policy` draws, with hypothesis, a tiny random float64 model (`models()`: a few LLaMA shapes,
+GQA or not, 1-3 layers), a prompt (`prompts()`: 8-40 tokens, batch 1-2, the second row left-padded
+or not), a chunking (`chunkings(T)`: one-shot or chunks of 1..T tokens), a number of new tokens
+(`decode_lengths()`) and the policy's parameters, then checks the properties named in
+`properties` (all by default but "recompile"):
+
+- "reference": the static-shape implementation (what `compile=True` compiles, run eagerly) and
+  the eager reference (`reference=True`) keep the same position set per (layer, row, KV head)
+  after the prefill and after every decode step, generate the same tokens, and give the same
+  logits (tolerance 1e-8 on a float64 model, so near-ties cannot make it flaky);
+- "budget": at every step a head retains at most its allocated `lc.budget` and, for a policy that
+  evicts at decode (`decode_evicts`), at most `budget`; with `protected(kw, last_pos)` (the
+  positions a policy must always keep, given the newest position) those are always kept;
+- "permutation": shuffling every head's slots after the prefill changes nothing (slot order
+  carries no meaning);
+- "batch": the first row of a batch (its neighbour left-padded or not) equals that prompt run
+  alone: same tokens, kept positions and logits (batch invariance; a padded row's budgets may
+  legitimately depend on the padded length, e.g. pyramidkv's, so it is covered by "reference");
+- "full": a budget holding the whole prompt and every new token is exactly `policy="full"` (once,
+  with the simplest parameters);
+- "recompile" (opt-in: it compiles, ~20 s on a CPU): 50 compiled decode steps run as one graph,
+  without graph breaks or recompiles (also for a second call), and give the eager tokens.
+
+Parameters: `params` is a function `(draw, T) -> dict` (T = the shortest row's real prompt
+length: a budget below T really compresses) or None; keyword arguments add or override
+parameters, as hypothesis strategies or constants (`budget=st.integers(2, 30)`, `window=4`);
+without any `budget` the kit draws one in [1, T - 1]. `exempt(kw)` names properties that do
+not apply to a draw (e.g. cam's Bernoulli gate draws one uniform per row index, so it is not
+batch-invariant: `exempt=lambda kw: {"batch"} if kw["stochastic"] else ()`). The checks run on
+one torch thread (restored afterwards): tiny models are faster so, by ~50x on a busy 2-core CPU.
+
+`policy` is a Policy subclass or a registered name ("h2o", "snapkv+vam"); `reference` a
+`flexkv.reference.RefPolicy` subclass (registered under the policy's name while checking) or None
+for the registered one. Needs hypothesis (`pip install 'flexkv[test]'`).
+"""
+from __future__ import annotations
+
+import functools
+from typing import Callable, Iterable
+
+import torch
+
+try:
+    from hypothesis import HealthCheck, find, given, settings as hsettings
+    from hypothesis import strategies as st
+except ImportError as e:  # pragma: no cover - hypothesis is a test dependency
+    raise ImportError("flexkv.testing needs hypothesis (a test dependency): "
+                      "pip install hypothesis, or pip install 'flexkv[test]'") from e
+
+import flexkv
+from flexkv.policies.registry import make_policy
+
+PROPERTIES = ("reference", "budget", "permutation", "batch", "full", "recompile")
+DEFAULT_PROPERTIES = ("reference", "budget", "permutation", "batch", "full")
+VOCAB = 101
+# (layers, query heads, KV heads, head dim): GQA 2, 1 layer with G = 2, and plain multi-head
+MODEL_SHAPES = ((2, 4, 2, 16), (1, 2, 1, 16), (3, 4, 4, 8))
+
+
+# ------------------------------------------------------------------------------------ models
+@functools.lru_cache(maxsize=None)
+def tiny_model(n_layers: int = 2, n_heads: int = 4, n_kv_heads: int = 2, head_dim: int = 16,
+               dtype: torch.dtype = torch.float64, seed: int = 0):
+    """A random LLaMA (vocab 101, context 512), weights ~ N(0, 0.2^2) and RMSNorm gains
+    1 + N(0, 0.3^2): logits spread over several units, so greedy decoding has clear winners.
+    Cached per arguments; treat it as read-only."""
+    from flexkv.models.llama import ModelArgs, Transformer, rope_inv_freq
+
+    args = ModelArgs(vocab_size=VOCAB, hidden_size=n_heads * head_dim,
+                     intermediate_size=2 * n_heads * head_dim, num_hidden_layers=n_layers,
+                     num_attention_heads=n_heads, num_key_value_heads=n_kv_heads,
+                     head_dim=head_dim, rms_norm_eps=1e-6, max_position_embeddings=512)
+    model = Transformer(args)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            p.copy_(1.0 + 0.3 * noise if name.endswith("norm.weight") else 0.2 * noise)
+    model = model.to(dtype).eval()
+    model.inv_freq = rope_inv_freq(args)  # RoPE frequencies stay fp32 (as load_model)
+    return model
+
+
+def models(shapes=MODEL_SHAPES, dtype: torch.dtype = torch.float64):
+    """Strategy: one of the tiny random models (`tiny_model(*shape)`)."""
+    return st.sampled_from(list(shapes)).map(lambda s: tiny_model(*s, dtype=dtype))
+
+
+# ----------------------------------------------------------------------------- strategies
+@st.composite
+def prompts(draw, vocab: int = VOCAB, min_len: int = 8, max_len: int = 40, max_batch: int = 2):
+    """Strategy: (input_ids [B, T], attention_mask or None, pad): row 1 (if any) may be
+    left-padded by up to T // 2 tokens."""
+    T = draw(st.integers(min_len, max_len))
+    B = draw(st.integers(1, max_batch))
+    pad = draw(st.integers(0, T // 2)) if B > 1 else 0
+    g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    ids = torch.randint(0, vocab, (B, T), generator=g)
+    mask = None
+    if pad:
+        mask = torch.ones(B, T, dtype=torch.long)
+        mask[1, :pad] = 0
+    return ids, mask, pad
+
+
+def chunkings(T: int):
+    """Strategy: None (one-shot prefill) or a chunk size in [1, T]."""
+    return st.one_of(st.none(), st.integers(1, T))
+
+
+def decode_lengths(max_new: int = 17):
+    """Strategy: new tokens to generate (the prefill's token + decode steps)."""
+    return st.integers(1, max_new)
+
+
+def budgets(T: int, low: int = 1):
+    """Strategy: a budget that compresses a T-token prompt."""
+    return st.integers(low, max(low, T - 1))
+
+
+def _param_fn(params, fixed: dict):
+    def draw_kw(draw, T):
+        kw = dict(params(draw, T)) if params is not None else {}
+        for name, value in fixed.items():
+            kw[name] = draw(value) if isinstance(value, st.SearchStrategy) else value
+        if "budget" not in kw and params is None:
+            kw["budget"] = draw(budgets(T))
+        return kw
+    return draw_kw
+
+
+@st.composite
+def scenarios(draw, params, model_strategy=None, max_new: int = 17):
+    """Strategy: a dict(model, ids, mask, pad, chunk, new, kw, seed) for `params(draw, T)`."""
+    model = draw(model_strategy if model_strategy is not None else models())
+    ids, mask, pad = draw(prompts(vocab=model.args.vocab_size))
+    T = ids.shape[1]
+    return dict(model=model, ids=ids, mask=mask, pad=pad, chunk=draw(chunkings(T)),
+                new=draw(decode_lengths(max_new)), kw=params(draw, T - pad),
+                seed=draw(st.integers(0, 2**16)))
+
+
+# ------------------------------------------------------------------------------ running
+def pos_sets(cache):
+    """[layer][b][g] -> frozenset of kept positions."""
+    return [[[frozenset(p for p in row.tolist() if p >= 0) for row in P] for P in lc.pos]
+            for lc in cache.layers]
+
+
+def permute_slots(cache, seed: int) -> None:
+    """Shuffle every head's slots (k, v, pos and statistics together), independently per head."""
+    g = torch.Generator().manual_seed(seed)
+    for lc in cache.layers:
+        B, H, S = lc.pos.shape
+        perm = torch.stack([torch.randperm(S, generator=g) for _ in range(B * H)]).view(B, H, S)
+        for name in ("pos",) + tuple(lc.stat_names):
+            buf = getattr(lc, name)
+            buf.copy_(buf.gather(2, perm))
+        for name in ("k", "v"):
+            buf = getattr(lc, name)
+            buf.copy_(buf.gather(2, perm[..., None].expand_as(buf)))
+
+
+def _policy(policy, kw):
+    """A fresh policy object per run (policies record the model's shape when building caches)."""
+    return make_policy(policy, **kw) if isinstance(policy, str) else policy(**kw)
+
+
+def run(model, ids, policy, kw, *, new=17, chunk=None, reference=False, mask=None, permute=None,
+        compile=False):
+    """generate with a cache snapshot after the prefill and each decode step:
+    -> (output, [pos_sets per step], [retained per step])."""
+    snaps, retained = [], []
+
+    def track(cache):
+        if permute is not None and not snaps:
+            permute_slots(cache, permute)
+        snaps.append(pos_sets(cache))
+        retained.append(cache.retained().clone())
+
+    out = flexkv.generate(model, ids, max_new_tokens=new, policy=_policy(policy, kw),
+                          prefill_chunk=chunk, reference=reference, attention_mask=mask,
+                          cache_callback=track, output_logits=True, compile=compile)
+    return out, snaps, retained
+
+
+class _FixedDraw:
+    """A stand-in for hypothesis' draw that picks each strategy's simplest example."""
+
+    def __call__(self, strategy):
+        return find(strategy, lambda _: True)
+
+
+def simplest(params, T: int) -> dict:
+    """The simplest parameters `params` draws for a T-token prompt."""
+    return params(_FixedDraw(), T)
+
+
+# ------------------------------------------------------------------------------ checks
+def _check_reference(s, policy, kw):
+    a, sa, _ = run(s["model"], s["ids"], policy, kw, new=s["new"], chunk=s["chunk"], mask=s["mask"])
+    r, sr, _ = run(s["model"], s["ids"], policy, kw, new=s["new"], chunk=s["chunk"], mask=s["mask"],
+                   reference=True)
+    for step, (x, y) in enumerate(zip(sa, sr)):
+        assert x == y, f"{kw}: kept positions differ from the reference after step {step}"
+    torch.testing.assert_close(a.logits, r.logits, atol=1e-8, rtol=0)
+    assert torch.equal(a.tokens, r.tokens), f"{kw}: tokens differ from the reference"
+
+
+def _check_budget(s, policy, kw, protected, out, snaps, retained):
+    evicts = _policy(policy, kw).decode_evicts and kw.get("budget") is not None
+    allocated = torch.stack([lc.budget for lc in out.cache.layers])
+    for step, ret in enumerate(retained):
+        assert (ret <= allocated).all(), f"{kw}: retained more than allocated at step {step}"
+        if evicts:
+            assert (ret <= kw["budget"]).all(), f"{kw}: retained more than the budget at step {step}"
+    if protected is None:
+        return
+    T = s["ids"].shape[1]
+    for step, snap in enumerate(snaps):
+        for b in range(s["ids"].shape[0]):
+            must = set(protected(kw, T - 1 - (s["pad"] if b == 1 else 0) + step))
+            for layer in snap:
+                for kept in layer[b]:
+                    assert must <= kept, f"{kw}: protected {sorted(must - kept)} evicted at step {step}"
+
+
+def _check_permutation(s, policy, kw, out, snaps):
+    p, psnaps, _ = run(s["model"], s["ids"], policy, kw, new=s["new"], chunk=s["chunk"],
+                       mask=s["mask"], permute=s["seed"])
+    assert psnaps == snaps, f"{kw}: a permutation of the slots changed the kept positions"
+    torch.testing.assert_close(p.logits, out.logits, atol=1e-10, rtol=0)
+
+
+def _check_batch(s, policy, kw, out, snaps):
+    alone, asnaps, _ = run(s["model"], s["ids"][:1], policy, kw, new=s["new"], chunk=s["chunk"])
+    assert torch.equal(alone.tokens[0], out.tokens[0]), f"{kw}: row 0 differs from its solo run"
+    for step, (x, y) in enumerate(zip(snaps, asnaps)):
+        assert [layer[0] for layer in x] == [layer[0] for layer in y], \
+            f"{kw}: row 0's kept positions differ from its solo run after step {step}"
+    torch.testing.assert_close(out.logits[:1], alone.logits, atol=1e-8, rtol=0)
+
+
+def _check_full(model, policy, params):
+    T, new = 20, 17
+    ids = torch.randint(0, model.args.vocab_size, (2, T), generator=torch.Generator().manual_seed(1))
+    kw = simplest(params, T)
+    if kw.get("budget") is not None:
+        kw["budget"] = T + new
+    full = flexkv.generate(model, ids, max_new_tokens=new, output_logits=True)
+    out = flexkv.generate(model, ids, max_new_tokens=new, policy=_policy(policy, kw),
+                          output_logits=True)
+    assert torch.equal(out.tokens, full.tokens), f"{kw}: a budget holding everything is not full"
+    torch.testing.assert_close(out.logits, full.logits, atol=1e-10, rtol=0)
+
+
+def _check_recompile(policy, params):
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+    from torch._dynamo.utils import counters
+
+    from flexkv.generate import decode_one_token
+
+    model = tiny_model(dtype=torch.float32)
+    ids = torch.randint(0, model.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
+    kw = simplest(params, 24)
+    torch._dynamo.reset()
+    eager = flexkv.generate(model, ids, max_new_tokens=51, policy=_policy(policy, kw))
+    counters.clear()
+    comp = flexkv.generate(model, ids, max_new_tokens=51, policy=_policy(policy, kw), compile=True)
+    assert torch.equal(eager.tokens, comp.tokens), f"{kw}: compiled tokens differ from eager"
+    assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1, f"{kw}: recompiled"
+    assert not counters["graph_break"], (kw, dict(counters["graph_break"]))
+    graphs = counters["stats"]["unique_graphs"]
+    flexkv.generate(model, ids.flip(0), max_new_tokens=51, policy=_policy(policy, kw), compile=True)
+    assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1, f"{kw}: recompiled"
+    assert counters["stats"]["unique_graphs"] == graphs, f"{kw}: a new graph on the second call"
+
+
+def check_policy(policy, reference=None, params: Callable | None = None, *,
+                 properties: Iterable[str] = DEFAULT_PROPERTIES,
+                 protected: Callable | None = None, exempt: Callable | None = None,
+                 max_examples: int = 8, model_strategy=None, settings=None, **fixed) -> None:
+    """Check `policy` (a Policy subclass or a registered name) on hypothesis-drawn scenarios;
+    raises AssertionError (with hypothesis' falsifying example) on the first violation.
+    See the module docstring for the properties and the parameter conventions."""
+    props = tuple(properties)
+    unknown = sorted(set(props) - set(PROPERTIES))
+    if unknown:
+        raise ValueError(f"properties: unknown {unknown}; allowed: {list(PROPERTIES)}")
+    if not (isinstance(policy, str) or (isinstance(policy, type) and hasattr(policy, "name"))):
+        raise ValueError(f"policy must be a Policy subclass or a registered name, got {policy!r}")
+    draw_kw = _param_fn(params, fixed)
+    from flexkv.reference import _REFS
+
+    name = policy.rsplit("+", 1)[-1] if isinstance(policy, str) else policy.name
+    saved = _REFS.get(name)
+    if reference is not None:
+        _REFS[name] = reference
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is faster (measured ~50x on a busy CPU)
+    try:
+        if "full" in props:
+            _check_full(tiny_model(), policy, draw_kw)
+        if "recompile" in props:
+            _check_recompile(policy, draw_kw)
+        per_draw = [p for p in props if p not in ("full", "recompile")]
+        if per_draw:
+            _given(policy, draw_kw, per_draw, protected, exempt, max_examples, model_strategy,
+                   settings)
+    finally:
+        torch.set_num_threads(threads)
+        if reference is not None:
+            if saved is None:
+                _REFS.pop(name, None)
+            else:
+                _REFS[name] = saved
+
+
+def _given(policy, draw_kw, props, protected, exempt, max_examples, model_strategy, user_settings):
+    base = user_settings or hsettings(deadline=None, derandomize=True, database=None)
+    cfg = hsettings(base, max_examples=max_examples, suppress_health_check=[
+        HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
+
+    @cfg
+    @given(s=scenarios(draw_kw, model_strategy))
+    def check(s):
+        kw = s["kw"]
+        skip = set(exempt(kw)) if exempt is not None else set()
+        todo = [p for p in props if p not in skip]
+        if "reference" in todo:
+            _check_reference(s, policy, kw)
+        if not {"budget", "permutation", "batch"} & set(todo):
+            return
+        out, snaps, retained = run(s["model"], s["ids"], policy, kw, new=s["new"],
+                                   chunk=s["chunk"], mask=s["mask"])
+        if "budget" in todo:
+            _check_budget(s, policy, kw, protected, out, snaps, retained)
+        if "permutation" in todo:
+            _check_permutation(s, policy, kw, out, snaps)
+        if "batch" in todo and s["ids"].shape[0] > 1:
+            _check_batch(s, policy, kw, out, snaps)
+
+    check()
+
+
+__all__ = ["check_policy", "tiny_model", "models", "prompts", "chunkings", "decode_lengths",
+           "budgets", "scenarios", "run", "pos_sets", "permute_slots", "simplest",
+           "PROPERTIES", "DEFAULT_PROPERTIES", "MODEL_SHAPES"]

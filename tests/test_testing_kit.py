@@ -1,0 +1,96 @@
+"""flexkv.testing, the public property kit: the README's custom-policy example runs as written
+(so it cannot rot), the kit catches a policy that disagrees with its reference, bad arguments,
+and its ImportError without hypothesis."""
+from __future__ import annotations
+
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import Phase, find, settings
+from hypothesis import strategies as st
+
+from flexkv.testing import check_policy, prompts, tiny_model
+
+NO_SHRINK = settings(deadline=None, derandomize=True, database=None, phases=[Phase.generate])
+README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+
+
+def readme_example() -> str:
+    text = README.read_text()
+    section = text[text.index("## Checking a new policy"):]
+    return re.search(r"```python\n(.*?)```", section, re.S).group(1)
+
+
+def readme_classes() -> dict:
+    """The README example's namespace without its final check_policy call."""
+    code = readme_example()
+    ns = {"__name__": "readme_example"}
+    exec(compile(code[:code.rindex("check_policy(")], str(README), "exec", dont_inherit=True), ns)
+    return ns
+
+
+def test_readme_example_runs():
+    code = readme_example()
+    assert "check_policy(KeyNorm, RefKeyNorm" in code
+    namespace = {"__name__": "readme_example"}
+    exec(compile(code, str(README), "exec", dont_inherit=True), namespace)  # raises if any property fails
+    from flexkv.reference import _REFS
+    assert "keynorm" not in _REFS  # the reference was registered for the check only
+
+
+def test_kit_catches_a_reference_that_disagrees():
+    ns = readme_classes()
+
+    class WrongRef(ns["RefKeyNorm"]):  # keeps the SMALLEST norms at prefill
+        def prefill_select(self, layer, b, heads, chunks, attn):
+            return [h.take(sorted(h.k.norm(dim=-1).argsort()[:self.spec.budget].tolist()))
+                    for h in heads]
+
+    with pytest.raises(AssertionError, match="reference"):
+        check_policy(ns["KeyNorm"], WrongRef, budget=st.integers(1, 6), properties=["reference"],
+                     max_examples=5, settings=NO_SHRINK)
+
+
+def test_kit_catches_a_budget_violation():
+    ns = readme_classes()
+
+    class Leaky(ns["KeyNorm"]):  # room for every new token, so decode never evicts
+        def capacity(self, layer, prompt_len, max_new_tokens):
+            return min(self.budget, prompt_len) + max_new_tokens
+
+        def layer_budget(self, layer, prompt_len, max_new_tokens, capacity):
+            return capacity
+
+    with pytest.raises(AssertionError, match="retained more than the budget"):
+        check_policy(Leaky, properties=["budget"], budget=st.integers(1, 6), max_examples=5,
+                     settings=NO_SHRINK)
+
+
+def test_strategies_and_models():
+    m = tiny_model(1, 2, 1, 16)
+    assert (m.args.num_hidden_layers, m.args.num_key_value_heads) == (1, 1)
+    assert tiny_model(1, 2, 1, 16) is m  # cached
+    ids, mask, pad = find(prompts(), lambda p: p[2] > 0)  # a padded batch
+    assert ids.shape[0] == 2 and 8 <= ids.shape[1] <= 40
+    assert mask[1, :pad].eq(0).all() and mask[1, pad:].eq(1).all() and mask[0].eq(1).all()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(properties=["speed"]), "properties: unknown \\['speed'\\]"),
+    (dict(), "policy must be a Policy subclass or a registered name"),
+])
+def test_bad_arguments(kw, match):
+    policy = object if not kw else "h2o"
+    with pytest.raises(ValueError, match=match):
+        check_policy(policy, **kw)
+
+
+def test_import_error_without_hypothesis():
+    code = ("import sys; sys.modules['hypothesis'] = None\n"
+            "try:\n    import flexkv.testing\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "flexkv.testing needs hypothesis" in out.stdout
