@@ -3,6 +3,7 @@
     python bench/speed.py --preset gpu-8b         # H100: Llama-3.1-8B shape, random bf16 weights
     python bench/speed.py --preset cpu            # CPU: the default model, flexkv compiled vs HF eager
     flexkv bench speed --preset ...               # the same through the CLI
+    python bench/speed.py --tp 2                  # TP=1 vs TP=2 (torchrun; bench/tp_speed.py)
 
 Per row: decode ms/token and tokens/s, the bandwidth floor of that row (measured device copy
 bandwidth; bytes of weights + KV slots actually read per step), the fraction of the floor reached,
@@ -15,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -42,6 +44,22 @@ PRESETS = {
                    prompts=[4096, 16384, 32768], budgets=[512, 2048], batches=[1, 8],
                    policies=["full", "streaming", "h2o", "tova", "snapkv", "weightedkv", "h2o+vam"],
                    hf=["eager", "static-compile"], new_tokens=128, chunk=2048),
+    # the gpu-8b grid split into presets that each fit one 10-minute device call (bench/GPU.md);
+    # policies in priority order, the transformers rows after the first `hf_after` policies, and
+    # `--time-budget` skips what would not finish
+    "gpu-8b-4k": dict(model="llama-3.1-8b-shape", device="cuda", dtype="bfloat16",
+                      prompts=[4096], budgets=[512], batches=[1],
+                      policies=["full", "streaming", "h2o", "snapkv", "tova", "weightedkv",
+                                "h2o+vam"],
+                      hf=["static-compile", "eager"], hf_after=3, new_tokens=128, chunk=2048),
+    "gpu-8b-32k": dict(model="llama-3.1-8b-shape", device="cuda", dtype="bfloat16",
+                       prompts=[32768], budgets=[2048], batches=[1],
+                       policies=["streaming", "h2o", "snapkv", "laprox", "full", "tova"],
+                       hf=["static-compile"], hf_after=2, new_tokens=128, chunk=2048),
+    "gpu-8b-b8": dict(model="llama-3.1-8b-shape", device="cuda", dtype="bfloat16",
+                      prompts=[4096], budgets=[512], batches=[8],
+                      policies=["full", "streaming", "h2o"],
+                      hf=["static-compile"], hf_after=3, new_tokens=128, chunk=2048),
     "gpu-smollm": dict(model="smollm2-135m-instruct", device="cuda", dtype="bfloat16",
                        prompts=[4096], budgets=[256, 1024], batches=[1, 8],
                        policies=["full", "streaming", "h2o", "tova", "snapkv", "weightedkv", "h2o+vam"],
@@ -75,6 +93,7 @@ class Row:
     compile_s: float | None
     recompiles: int | None
     kv_slots: int | None
+    error: str | None = None       # set when the row failed (out of memory, ...) or was skipped
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -129,15 +148,31 @@ def n_graphs() -> int:
 
 
 # ------------------------------------------------------------------------------ models
+class _default_dtype:
+    """Parameters created in `dtype` (torch.set_default_dtype) inside the block."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def __enter__(self):
+        self.prev = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc):
+        torch.set_default_dtype(self.prev)
+
+
 def build_models(spec, device, dtype, with_hf: bool):
     from flexkv.models.llama import ModelArgs, Transformer
 
     if spec in ("llama-3.1-8b-shape", "tiny"):
         cfg = LLAMA31_8B if spec != "tiny" else TINY
+        from flexkv.models.llama import rope_inv_freq
         args = ModelArgs(**cfg)
         torch.manual_seed(0)
-        with torch.device(device):
-            model = Transformer(args).to(dtype)
+        with torch.device(device), _default_dtype(dtype):  # no fp32 copy of 8B weights
+            model = Transformer(args)
+        model.inv_freq = rope_inv_freq(args).to(device)  # RoPE frequencies stay fp32
         for p in model.parameters():
             torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
         model.eval()
@@ -145,7 +180,8 @@ def build_models(spec, device, dtype, with_hf: bool):
         if with_hf:
             from transformers import LlamaConfig, LlamaForCausalLM
             hf_cfg = dict(cfg)
-            hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).to(device=device, dtype=dtype).eval()
+            with torch.device(device), _default_dtype(dtype):
+                hf = LlamaForCausalLM(LlamaConfig(**hf_cfg)).eval()
             hf.load_state_dict(model.state_dict(), strict=False)
         return model, hf
     import flexkv
@@ -173,6 +209,9 @@ def plain_prefill_s(model, ids) -> float:
     return time.perf_counter() - t
 
 
+STEADY_SKIP = 4  # decode steps left out of the CUDA timing (CUDA-graph warm-up / re-record)
+
+
 def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw) -> Row:
     import flexkv
     device = ids.device
@@ -184,11 +223,24 @@ def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw) -> Ro
     first = time.perf_counter() - t
     graphs = n_graphs() if compile else None
     peak_reset(device)
-    out = flexkv.generate(model, ids, max_new_tokens=new_tokens, policy=policy, compile=compile, **kw)
+    events = []  # on CUDA: one event per token, recorded without a host sync
+
+    def mark(tok):
+        ev = torch.cuda.Event(enable_timing=True)
+        ev.record()
+        events.append(ev)
+
+    cb = {"callback": mark} if device.type == "cuda" else {}
+    out = flexkv.generate(model, ids, max_new_tokens=new_tokens, policy=policy, compile=compile,
+                          **cb, **kw)
     peak = peak_gb(device)
     recompiles = (n_graphs() - graphs) if compile else None
     steps = out.new_tokens - 1
     decode_ms = 1e3 * out.decode_s / steps
+    skip = STEADY_SKIP
+    if len(events) > skip + 2:  # steady state: leave out the first steps (a new cache's CUDA
+        torch.cuda.synchronize()  # graph is re-recorded for its buffer addresses)
+        decode_ms = events[skip].elapsed_time(events[-1]) / (len(events) - 1 - skip)
     compile_s = max(0.0, first - warm.prefill_s - (warm.new_tokens - 1) * decode_ms / 1e3) \
         if compile else None
     peak_reset(device)
@@ -243,13 +295,21 @@ def run_hf(hf, ids, mode, new_tokens, bw) -> Row:
                max(0.0, first - t1) if mode == "static-compile" else None, None, None)
 
 
+def failed_row(impl, policy, T, budget, B, error: str) -> Row:
+    nan = float("nan")
+    return Row(impl, policy, T, budget, B, nan, nan, nan, nan, nan, nan, None, None, None,
+               None, None, None, error)
+
+
 # ------------------------------------------------------------------------------ report
 def stamp(argv, wall_s, device) -> dict:
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                                 capture_output=True).stdout.strip()
     except OSError:
-        commit = "unknown"
+        commit = ""
+    # the GPU machine gets a copy of the working tree without .git: gpu.sh passes FLEXKV_COMMIT
+    commit = commit or os.environ.get("FLEXKV_COMMIT", "") or "unknown"
     dev = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     return dict(command="python bench/speed.py " + " ".join(argv), commit=commit, device=dev,
                 torch=torch.__version__, wall_s=round(wall_s, 1),
@@ -263,6 +323,8 @@ def markdown(meta, rows, bw) -> str:
     cols = ["impl", "policy", "prompt", "budget", "batch", "decode_ms", "tok_s", "floor_ms",
             "frac_floor", "prefill_plain_s", "prefill_s", "prefill_chunked_s", "peak_mem_gb",
             "chunked_peak_mem_gb", "compile_s", "recompiles"]
+    if any(r.error for r in rows):
+        cols.append("error")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         d = asdict(r)
@@ -276,6 +338,10 @@ def markdown(meta, rows, bw) -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if any(a == "--tp" or a.startswith("--tp=") for a in argv):  # tensor parallel: its own runner
+        sys.path.insert(0, str(ROOT))
+        from tp_speed import main as tp_main
+        return tp_main(argv)
     ap = argparse.ArgumentParser(prog="flexkv bench speed", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--policies", help="comma-separated subset of the preset's policies")
@@ -286,6 +352,12 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="eager flexkv (harness tests)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--decode-probs", choices=("explicit", "lowp", "flex_lse", "triton"),
+                    help="flexkv.attention.DECODE_PROBS for this run (how policies that need "
+                         "attention probabilities get them; default: the library's)")
+    ap.add_argument("--time-budget", type=float, metavar="S",
+                    help="start no cell that would end after S seconds of this run (it is "
+                         "recorded as skipped); results are written after every cell")
     args = ap.parse_args(argv)
     cfg = dict(PRESETS[args.preset])
     for key in ("policies", "prompts", "budgets", "batches"):
@@ -300,6 +372,10 @@ def main(argv=None) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error(f"preset {args.preset!r} needs a CUDA GPU; use --preset cpu here")
     dtype = getattr(torch, cfg["dtype"])
+    from flexkv import attention
+    if args.decode_probs:
+        attention.DECODE_PROBS = args.decode_probs
+    cfg["decode_probs"] = attention.DECODE_PROBS
     t0 = time.perf_counter()
     with_hf = not args.no_hf and bool(cfg["hf"])
     model, hf = build_models(cfg["model"], device, dtype, with_hf)
@@ -309,33 +385,78 @@ def main(argv=None) -> int:
         from tqdm import tqdm
     except ImportError:  # pragma: no cover
         tqdm = lambda x, **k: x  # noqa: E731
+    longest = [0.0]  # the longest cell so far: the estimate for the next one (--time-budget)
+
+    def write() -> str:
+        """json + md so far (after every cell: a run stopped at its limit keeps its rows)."""
+        meta = stamp(argv, time.perf_counter() - t0, device)
+        meta.update(preset=args.preset, bandwidth_gb_s=bw / 1e9, config=cfg,
+                    complete=all(r.error is None for r in rows))
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / f"{args.preset}.json").write_text(
+            json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1))
+        md = markdown(meta, rows, bw)
+        (args.out / f"{args.preset}.md").write_text(md)
+        return md
+
+    def cell(run, impl, pol, T, budget, B) -> Row:
+        """One row: run it, or record why not (time budget, out of memory, any error)."""
+        elapsed = time.perf_counter() - t0
+        if args.time_budget is not None and elapsed + 1.2 * longest[0] > args.time_budget:
+            print(f"  skipped {impl} {pol} T={T} budget={budget} B={B}: time budget "
+                  f"({elapsed:.0f} s used of {args.time_budget:.0f})", flush=True)
+            return failed_row(impl, pol, T, budget, B, "skipped: time budget")
+        t = time.perf_counter()
+        try:
+            row = run()
+        except Exception as e:  # noqa: BLE001 - a failed cell must not lose the others
+            import traceback
+            traceback.print_exc()
+            msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+            row = failed_row(impl, pol, T, budget, B, msg)
+        finally:
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        longest[0] = max(longest[0], time.perf_counter() - t)
+        return row
+
+    impl = "flexkv" + ("" if args.no_compile else "+compile")
     combos = [(T, B) for T in cfg["prompts"] for B in cfg["batches"]]
     for T, B in tqdm(combos, desc="prompt x batch"):
         g = torch.Generator().manual_seed(T + B)
         ids = torch.randint(0, model.args.vocab_size, (B, T), generator=g).to(device)
-        plain = plain_prefill_s(model, ids)
-        for pol in cfg["policies"]:
+        try:
+            plain = plain_prefill_s(model, ids)
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory: the rows say so
+            print(f"  plain prefill T={T} B={B} failed: {type(e).__name__}: {e}", flush=True)
+            plain = float("nan")
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+        hf_after = min(cfg.get("hf_after", len(cfg["policies"])), len(cfg["policies"]))
+        for i, pol in enumerate(cfg["policies"] + [None]):
+            if i == hf_after and hf is not None:
+                for mode in cfg["hf"]:
+                    row = cell(lambda: run_hf(hf, ids, mode, cfg["new_tokens"], bw),
+                               f"transformers-{mode}", "full", T, None, B)
+                    row.prefill_plain_s = plain
+                    rows.append(row)
+                    print(f"  {row.impl} T={T} B={B}: {row.decode_ms:.2f} ms/tok", flush=True)
+                    write()
+            if pol is None:
+                continue
             for budget in ([None] if pol.startswith("full") else cfg["budgets"]):
-                row = run_flexkv(model, ids, pol, budget, cfg["new_tokens"], cfg["chunk"],
-                                 not args.no_compile, bw)
+                row = cell(lambda: run_flexkv(model, ids, pol, budget, cfg["new_tokens"],
+                                              cfg["chunk"], not args.no_compile, bw),
+                           impl, pol, T, budget, B)
                 row.prefill_plain_s = plain
                 rows.append(row)
                 print(f"  {row.impl} {pol} T={T} budget={budget} B={B}: "
-                      f"{row.decode_ms:.2f} ms/tok ({row.frac_floor:.0%} of floor)", flush=True)
-                gc.collect()
-        if hf is not None:
-            for mode in cfg["hf"]:
-                row = run_hf(hf, ids, mode, cfg["new_tokens"], bw)
-                row.prefill_plain_s = plain
-                rows.append(row)
-                print(f"  {row.impl} T={T} B={B}: {row.decode_ms:.2f} ms/tok", flush=True)
-    meta = stamp(argv, time.perf_counter() - t0, device)
-    meta.update(preset=args.preset, bandwidth_gb_s=bw / 1e9, config=cfg)
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.preset}.json").write_text(
-        json.dumps(dict(meta=meta, rows=[asdict(r) for r in rows]), indent=1))
-    md = markdown(meta, rows, bw)
-    (args.out / f"{args.preset}.md").write_text(md)
+                      f"{row.decode_ms:.2f} ms/tok ({row.frac_floor:.0%} of floor)"
+                      + (f" [{row.error}]" if row.error else ""), flush=True)
+                write()
+    md = write()
     print(md)
     return 0
 

@@ -255,16 +255,67 @@ def use_flex_decode(q: Tensor) -> bool:
     return q.is_cuda and torch.compiler.is_compiling()
 
 
+# How a decode step gets the attention probabilities (`need_probs=True`; h2o, tova, weightedkv,
+# cam, ...). Every path returns the same (o, probs) and is tested against dense attention
+# (tests/test_attention.py); `bench/gpu_run.py decode-candidates` times them on the GPU.
+#   "explicit": matmuls on K and V upcast to fp32: the reference. For a bf16/fp16 cache it
+#               writes and re-reads an fp32 copy of the whole K and V every step.
+#   "lowp":     K and V read once in their dtype: scores from a matmul with fp32 output
+#               (fp32 accumulation; `bmm(out_dtype=float32)` on CUDA), softmax in fp32, P cast
+#               to V's dtype for P@V (as flash kernels do). fp32/fp64 caches: as "explicit".
+#   "flex_lse": the flex-decoding kernel for o and the LSE, then probs = exp(q.k/sqrt(D) + bias -
+#               lse) from a recompute of the scores: V read once, K twice.
+#   "triton":   one split-S Triton kernel (flexkv/triton_decode.py) reading K and V once in their
+#               dtype, writing o partials and the raw scores; CUDA + bf16/fp16 only, else "lowp".
+# Set it before the first compiled step (dynamo guards on it: changing it recompiles); the
+# environment variable FLEXKV_DECODE_PROBS sets the default (e.g. for a GPU run, no code edit).
+import os as _os  # noqa: E402
+
+DECODE_PROBS = _os.environ.get("FLEXKV_DECODE_PROBS", "lowp")
+DECODE_PROBS_PATHS = ("explicit", "lowp", "flex_lse", "triton")
+
+
+def _bmm_out_dtype_supported() -> bool:
+    """torch.bmm(a, b, out_dtype=torch.float32) for bf16 inputs (a CUDA kernel, torch >= 2.8)."""
+    try:
+        a = torch.empty(1, 1, 1, dtype=torch.bfloat16, device="meta")
+        return torch.bmm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except Exception:  # noqa: BLE001 - older torch: no such overload
+        return False
+
+
+_BMM_OUT_DTYPE = _bmm_out_dtype_supported()
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def decode_probs_path(q: Tensor, k: Tensor) -> str:
+    """The `DECODE_PROBS` path that runs for these inputs (fallbacks where a path cannot)."""
+    path = DECODE_PROBS
+    if path not in DECODE_PROBS_PATHS:
+        raise ValueError(f"flexkv.attention.DECODE_PROBS must be one of {DECODE_PROBS_PATHS}, "
+                         f"got {path!r}")
+    if path == "flex_lse" and not q.is_cuda and torch.compiler.is_compiling():
+        return "lowp"  # compiled CPU flex cannot return the LSE
+    if path == "triton" and not (k.is_cuda and k.dtype in _LOW):
+        return "lowp"  # the kernel is for low-precision CUDA caches; fp32/fp64 lowp is exact
+    return path
+
+
 def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor,
                      window: int | None = None, bias: Tensor | None = None,
                      need_probs: bool = False):
     """q: [B, H, 1, D]; k, v: [B, Hkv, S, D]; k_pos: [B, Hkv, S]; q_pos: [B, 1].
-    Returns (o [B, H, 1, D], probs [B, Hkv, G, S] or None)."""
+    Returns (o [B, H, 1, D], probs [B, Hkv, G, S] or None). Without `need_probs`: the flex
+    decoding kernel inside compiled CUDA code, else the matmul path ("explicit" when
+    DECODE_PROBS says so, else "lowp"); with it: the `DECODE_PROBS` path."""
     group = q.shape[1] // k.shape[1]
     if not need_probs and use_flex_decode(q):
         score_mod = masked_decode_score(k_pos, q_pos, group, window, bias)
         return flex_attention(q, k, v, score_mod=score_mod, enable_gqa=group > 1), None
-    o, probs = explicit_decode_attention(q, k, v, k_pos, q_pos, window, bias)
+    path = decode_probs_path(q, k)
+    if not need_probs:
+        path = "explicit" if path == "explicit" else "lowp"
+    o, probs = DECODE_PATHS[path](q, k, v, k_pos, q_pos, window, bias)
     return o, (probs if need_probs else None)
 
 
@@ -286,3 +337,88 @@ def explicit_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_
     probs = torch.softmax(scores, dim=-1)
     o = torch.einsum("bkgs,bksd->bkgd", probs, v.to(dt)).to(q.dtype)
     return o.reshape(B, H, 1, D), probs
+
+
+def _decode_ok(k_pos: Tensor, q_pos: Tensor, window: int | None) -> Tensor:
+    """[B, Hkv, 1, S] bool: the slots a decode query attends to."""
+    ok = k_pos >= 0
+    if window is not None:
+        ok = ok & (q_pos[:, :1, None] - k_pos < window)
+    return ok[:, :, None, :]
+
+
+def _qk(q: Tensor, k: Tensor) -> Tensor:
+    """q: [B, H, 1, D], k: [B, Hkv, S, D] -> unscaled scores [B, Hkv, G, S] in fp32 (fp64 for
+    fp64), reading K once in its dtype: a bf16/fp16 K goes through a matmul with fp32 output on
+    CUDA (fp32 accumulation); on CPU (no such kernel) it is upcast, as in the explicit path."""
+    B, H, _, D = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    a = q.reshape(B * n_kv, H // n_kv, D)
+    b = k.reshape(B * n_kv, S, D).transpose(1, 2)
+    if k.dtype in _LOW:
+        if k.is_cuda and _BMM_OUT_DTYPE:
+            s = torch.bmm(a.to(k.dtype), b, out_dtype=torch.float32)
+        else:
+            s = torch.bmm(a.float(), b.float())
+    else:
+        s = torch.bmm(a.to(k.dtype), b)
+    return s.view(B, n_kv, H // n_kv, S)
+
+
+def _pv(probs: Tensor, v: Tensor) -> Tensor:
+    """probs: [B, Hkv, G, S] (fp32 or wider), v: [B, Hkv, S, D] -> [B, Hkv, G, D] in v's dtype:
+    P cast to V's dtype, one matmul (fp32 accumulation inside the kernel), V read once."""
+    B, n_kv, G, S = probs.shape
+    D = v.shape[-1]
+    o = torch.bmm(probs.reshape(B * n_kv, G, S).to(v.dtype), v.reshape(B * n_kv, S, D))
+    return o.view(B, n_kv, G, D)
+
+
+def lowp_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor,
+                          window: int | None = None, bias: Tensor | None = None):
+    """Decode attention + probabilities reading K and V once in their dtype ("lowp")."""
+    B, H, _, D = q.shape
+    scores = _qk(q, k) / math.sqrt(D)
+    if bias is not None:
+        scores = scores + bias[:, :, None, :]
+    scores = scores.masked_fill(~_decode_ok(k_pos, q_pos, window), _NEG_INF)
+    probs = torch.softmax(scores, dim=-1)
+    o = _pv(probs, v).to(q.dtype)
+    return o.reshape(B, H, 1, D), probs
+
+
+def flex_lse_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor,
+                              window: int | None = None, bias: Tensor | None = None):
+    """Flex decoding (o and the LSE, masks and bias in its score_mod) plus a recompute of the
+    scores: probs = exp(q.k/sqrt(D) + bias - lse) ("flex_lse")."""
+    B, H, _, D = q.shape
+    n_kv = k.shape[1]
+    G = H // n_kv
+    sm = masked_decode_score(k_pos, q_pos, G, window, bias)
+    if _AuxRequest is not None:
+        o, aux = _flex(q, k, v, score_mod=sm, enable_gqa=G > 1, return_aux=_AuxRequest(lse=True))
+        lse = aux.lse
+    else:  # pragma: no cover - torch < 2.9
+        o, lse = _flex(q, k, v, score_mod=sm, enable_gqa=G > 1, return_lse=True)
+    scores = _qk(q, k) / math.sqrt(D)
+    if bias is not None:
+        scores = scores + bias[:, :, None, :]
+    scores = scores.masked_fill(~_decode_ok(k_pos, q_pos, window), _NEG_INF)
+    probs = torch.exp(scores - lse.reshape(B, n_kv, G, 1).to(scores.dtype))
+    return o, probs
+
+
+from flexkv import triton_decode as _triton_decode  # noqa: E402 - Triton is optional there
+
+
+def triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor,
+                            window: int | None = None, bias: Tensor | None = None):
+    """The fused split-S Triton kernel ("triton"; flexkv/triton_decode.py); "lowp" where the
+    kernel cannot run (no Triton, head dim not a power of two)."""
+    if not _triton_decode.supported(q, k):
+        return lowp_decode_attention(q, k, v, k_pos, q_pos, window, bias)
+    return _triton_decode.decode_attention_probs(q, k, v, k_pos, q_pos, window, bias)
+
+
+DECODE_PATHS = {"explicit": explicit_decode_attention, "lowp": lowp_decode_attention,
+                "flex_lse": flex_lse_decode_attention, "triton": triton_decode_attention}

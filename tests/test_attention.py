@@ -219,3 +219,120 @@ def test_compiled_flex_decode_score_mod():
     sm = attention.masked_decode_score(k_pos, q_pos, G, 20, bias)
     o = torch.compile(flex_attention, fullgraph=True)(q, k, v, score_mod=sm, enable_gqa=True)
     torch.testing.assert_close(o, dense(q, k, v, q_pos, k_pos, 20, bias)[0], atol=1e-5, rtol=1e-5)
+
+
+def _decode_case(c, with_bias, dtype):
+    B, n_kv, G, N, D, window, seed = c
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, n_kv * G, 1, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, n_kv, N, D, generator=g, dtype=torch.float64) for _ in range(2))
+    k_pos = torch.randint(-1, 50, (B, n_kv, N), generator=g)
+    k_pos[..., 0] = 50  # the new token itself is always cached
+    q_pos = torch.full((B, 1), 50)
+    bias = torch.rand(B, n_kv, N, generator=g, dtype=torch.float64).log() if with_bias else None
+    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), k_pos, q_pos, window, cast(bias)
+
+
+@SET
+@given(case(), st.booleans(), st.sampled_from([torch.float64, torch.float32]))
+def test_decode_probs_paths_equal_dense(c, with_bias, dtype):
+    """Every `DECODE_PROBS` path equals dense attention, and equals the explicit (reference)
+    path within 1e-12 (fp64) / 1e-6 (fp32): for fp32/fp64 caches nothing is read differently."""
+    q, k, v, k_pos, q_pos, window, bias = _decode_case(c, with_bias, dtype)
+    B, N = q.shape[0], k.shape[2]
+    o_ref, p_ref = dense(*(x.double() for x in (q, k, v)), q_pos, k_pos, window,
+                         None if bias is None else bias.double())
+    o_exp, p_exp = attention.explicit_decode_attention(q, k, v, k_pos, q_pos, window, bias)
+    tol = 1e-12 if dtype == torch.float64 else 1e-6
+    for name, fn in attention.DECODE_PATHS.items():
+        o, p = fn(q, k, v, k_pos, q_pos, window, bias)
+        assert o.dtype == dtype and o.shape == q.shape, name
+        assert p.dtype == dtype and p.shape == p_exp.shape, name
+        torch.testing.assert_close(o, o_exp, atol=tol, rtol=0, msg=lambda m: f"{name}: o: {m}")
+        torch.testing.assert_close(p, p_exp, atol=tol, rtol=0, msg=lambda m: f"{name}: p: {m}")
+        torch.testing.assert_close(o.double(), o_ref, atol=10 * tol, rtol=0)
+        torch.testing.assert_close(p.double().reshape(B, -1, 1, N), p_ref, atol=10 * tol, rtol=0)
+
+
+@pytest.mark.parametrize("path", attention.DECODE_PROBS_PATHS)
+def test_decode_attention_follows_decode_probs(monkeypatch, path):
+    """`decode_attention(need_probs=True)` runs the `DECODE_PROBS` path (bf16 cache on CPU:
+    within bf16 rounding of dense fp64 attention); an unknown name is a ValueError."""
+    c = (2, 2, 4, 37, 16, 20, 3)
+    q, k, v, k_pos, q_pos, window, bias = _decode_case(c, True, torch.bfloat16)
+    monkeypatch.setattr(attention, "DECODE_PROBS", path)
+    o, p = attention.decode_attention(q, k, v, k_pos, q_pos, window, bias, need_probs=True)
+    o_ref, p_ref = dense(*(x.double() for x in (q, k, v)), q_pos, k_pos, window, bias.double())
+    assert o.dtype == torch.bfloat16 and p.dtype == torch.float32
+    torch.testing.assert_close(o.double(), o_ref, atol=3e-2, rtol=0)
+    torch.testing.assert_close(p.double().reshape(p_ref.shape), p_ref, atol=1e-2, rtol=0)
+    o2, none = attention.decode_attention(q, k, v, k_pos, q_pos, window, bias)
+    assert none is None
+    torch.testing.assert_close(o2.double(), o_ref, atol=3e-2, rtol=0)
+    monkeypatch.setattr(attention, "DECODE_PROBS", "nope")
+    with pytest.raises(ValueError, match="DECODE_PROBS"):
+        attention.decode_attention(q, k, v, k_pos, q_pos, window, bias, need_probs=True)
+
+
+@SET
+@given(case(), st.booleans())
+def test_split_s_combine_equals_dense(c, with_bias):
+    """The Triton kernel's chunk partials, emulated in torch, merge (`triton_decode.combine`)
+    into dense attention's o and probabilities (the kernel itself: test_triton_decode_kernel)."""
+    from flexkv import triton_decode as td
+
+    q, k, v, k_pos, q_pos, window, bias = _decode_case(c, with_bias, torch.float64)
+    B, H, _, D = q.shape
+    n_kv, S = k.shape[1], k.shape[2]
+    G = H // n_kv
+    chunk, nc = 8, -(-S // 8)
+    s = (q.view(B, n_kv, G, D) @ k.transpose(-1, -2)) / math.sqrt(D)
+    if bias is not None:
+        s = s + bias[:, :, None, :]
+    ok = k_pos[:, :, None, :] >= 0
+    if window is not None:
+        ok = ok & (q_pos[:, :, None, None] - k_pos[:, :, None, :] < window)
+    s = s.masked_fill(~ok, -math.inf)
+    po = torch.zeros(B * n_kv, nc, G, D, dtype=q.dtype)
+    pm = torch.full((B * n_kv, nc, G), -math.inf, dtype=q.dtype)
+    pl = torch.zeros(B * n_kv, nc, G, dtype=q.dtype)
+    for ci in range(nc):
+        sc = s[..., ci * chunk:(ci + 1) * chunk].reshape(B * n_kv, G, -1)
+        m = sc.amax(-1)
+        p = torch.exp(sc - torch.where(m.isinf(), 0.0, m)[..., None])
+        pm[:, ci], pl[:, ci] = m, p.sum(-1)
+        po[:, ci] = p @ v[:, :, ci * chunk:(ci + 1) * chunk].reshape(B * n_kv, -1, D)
+    o, probs = td.combine(s, po, pm, pl, B, n_kv, G, q.dtype)
+    o_ref, p_ref = dense(q, k, v, q_pos, k_pos, window, bias)
+    torch.testing.assert_close(o, o_ref)
+    torch.testing.assert_close(probs.reshape(p_ref.shape), p_ref)
+    assert td.chunking(S, B * n_kv)[0] % td.BLOCK_S == 0
+
+
+def test_triton_decode_kernel():
+    """The Triton kernel itself equals dense attention: on CUDA, or on CPU under Triton's
+    interpreter (TRITON_INTERPRET=1 set before flexkv is imported; skipped without Triton)."""
+    from flexkv import triton_decode as td
+
+    if not td.HAS_TRITON:
+        pytest.skip("Triton is not installed")
+    import os
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no CUDA and TRITON_INTERPRET is not 1")
+    for c, with_bias in [((2, 2, 4, 37, 16, 20, 3), True), ((1, 1, 1, 200, 32, None, 4), False),
+                         ((2, 2, 2, 5, 16, 2, 5), True)]:
+        # (Triton 3.6's interpreter computes bf16 tl.dot wrongly: bf16 is checked on CUDA only)
+        for dtype in (torch.float32, torch.bfloat16) if dev == "cuda" else (torch.float32,):
+            q, k, v, k_pos, q_pos, window, bias = (
+                None if x is None else x.to(dev) if not isinstance(x, int) else x
+                for x in _decode_case(c, with_bias, dtype))
+            o, p = td.decode_attention_probs(q, k, v, k_pos, q_pos, window,
+                                             None if bias is None else bias.float())
+            o_ref, p_ref = dense(*(x.double() for x in (q, k, v)), q_pos, k_pos, window,
+                                 None if bias is None else bias.double())
+            atol = 1e-5 if dtype == torch.float32 else 3e-2
+            torch.testing.assert_close(o.double(), o_ref, atol=atol, rtol=0)
+            torch.testing.assert_close(p.double().reshape(p_ref.shape), p_ref,
+                                       atol=atol if dtype == torch.float32 else 1e-2, rtol=0)

@@ -1,0 +1,412 @@
+"""The GPU session's driver: tests, decode-probability candidates and speed presets, each a stage
+that fits one device call. `bash bench/gpu.sh OUT [stage...]` sets up the machine and runs
+
+    python3 bench/gpu_run.py run OUT [stage...]      # stages: see STAGES; default: tests
+
+Every stage runs in a subprocess with a time limit (its own, and what is left of the call's
+`FLEXKV_GPU_BUDGET_S`, default 570 s, counted from `FLEXKV_GPU_T0`); its output goes to
+OUT/run.log. OUT receives at most 6 files, all at its top level (the device tool returns 8):
+summary.md (environment, stage table, test failures, the candidates table, the speed tables;
+rewritten after every stage and printed at the end), run.log, tests.xml (JUnit),
+decode-candidates.json and one <preset>.json per speed stage.
+
+Back on the CPU machine, the speed JSONs go into the repository:
+
+    python bench/gpu_run.py merge OUT/gpu-8b-4k.json OUT/gpu-8b-32k.json --into bench/results/speed/h100
+
+merges presets into one h100.json + h100.md (rows, each stamped with its preset's device, torch
+and commit). `FLEXKV_GPU_DRYRUN=1` swaps every stage for a tiny CPU version (the tests on CPU for
+two policies, the candidates at toy sizes, the tiny speed preset): a rehearsal of the whole
+pipeline on a machine without a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PY = sys.executable
+DRY = os.environ.get("FLEXKV_GPU_DRYRUN") == "1"
+T0 = float(os.environ.get("FLEXKV_GPU_T0") or time.time())
+BUDGET = float(os.environ.get("FLEXKV_GPU_BUDGET_S") or 570)
+SPEED_TMP = Path("/tmp/flexkv-speed")
+
+
+def remaining() -> float:
+    return BUDGET - (time.time() - T0)
+
+
+# ------------------------------------------------------------------------------------ stages
+def _pytest_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
+    env = {}
+    cmd = [PY, "-m", "pytest", "-q", "-rfE", "tests/test_cuda.py",
+           "tests/test_attention.py::test_triton_decode_kernel",
+           f"--junitxml={out / 'tests.xml'}", "-o", "junit_family=xunit1"]
+    if DRY:
+        env.update(FLEXKV_CUDA_TESTS_ON_CPU="1", FLEXKV_CUDA_TESTS_POLICIES="h2o,full+vam")
+    else:
+        try:
+            import xdist  # noqa: F401
+            cmd += ["-n", "4", "--dist", "load"]  # the per-policy compiles run side by side
+            env["TORCHINDUCTOR_COMPILE_THREADS"] = "4"
+        except ImportError:
+            pass
+    return cmd, env
+
+
+def _speed_cmd(preset: str):
+    def make(out: Path, limit: float) -> tuple[list[str], dict]:
+        p = "tiny" if DRY else preset
+        # no cell starts that would end after limit - 40 s (room for the copy and the summary)
+        return [PY, "bench/speed.py", "--preset", p, "--out", str(SPEED_TMP),
+                "--time-budget", f"{max(60.0, limit - 40):.0f}"], {}
+    return make
+
+
+def _candidates_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
+    return [PY, str(Path(__file__)), "_candidates", str(out), "--deadline-s",
+            f"{max(30.0, limit - 20):.0f}"] + (["--quick"] if DRY else []), {}
+
+
+STAGES = {
+    "tests": dict(make=_pytest_cmd, limit=480, file="tests.xml"),
+    "decode-candidates": dict(make=_candidates_cmd, limit=360, file="decode-candidates.json"),
+    "speed-4k": dict(make=_speed_cmd("gpu-8b-4k"), limit=570, preset="gpu-8b-4k"),
+    "speed-32k": dict(make=_speed_cmd("gpu-8b-32k"), limit=570, preset="gpu-8b-32k"),
+    "speed-b8": dict(make=_speed_cmd("gpu-8b-b8"), limit=570, preset="gpu-8b-b8"),
+}
+
+
+def run_stage(name: str, out: Path, log: Path) -> dict:
+    spec = STAGES[name]
+    left = remaining() - 15
+    res = dict(stage=name, status="", seconds=0.0)
+    if left < 45:
+        res["status"] = f"not started: {left + 15:.0f} s left of the call's budget"
+        return res
+    limit = min(spec["limit"] * (6 if DRY else 1), left)  # a CPU rehearsal compiles slower
+    cmd, extra_env = spec["make"](out, limit)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", **extra_env)
+    t = time.time()
+    with open(log, "a") as f:
+        f.write(f"\n===== stage {name}: {' '.join(cmd)} (limit {limit:.0f} s)\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            rc = proc.wait(timeout=limit)
+            res["status"] = "ok" if rc == 0 else f"exit {rc}"
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            res["status"] = f"killed at its {limit:.0f} s limit"
+        f.write(f"===== stage {name}: {res['status']} after {time.time() - t:.0f} s\n")
+    res["seconds"] = round(time.time() - t, 1)
+    preset = spec.get("preset")
+    if preset:
+        src = SPEED_TMP / f"{'tiny' if DRY else preset}.json"
+        if src.exists():
+            shutil.copy(src, out / f"{preset}.json")
+            res["file"] = f"{preset}.json"
+    elif (out / spec["file"]).exists():
+        res["file"] = spec["file"]
+    return res
+
+
+# ------------------------------------------------------------------------------------ summary
+def environment() -> dict:
+    import torch
+    env = dict(python=platform.python_version(), torch=torch.__version__,
+               cuda=torch.version.cuda, commit=os.environ.get("FLEXKV_COMMIT", "unknown"),
+               host=platform.node(), dryrun=DRY)
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(device=torch.cuda.get_device_name(0), sms=p.multi_processor_count,
+                   memory_gb=round(p.total_memory / 2**30, 1))
+    else:
+        env["device"] = "cpu"
+    for mod in ("triton", "transformers", "hypothesis", "pytest", "xdist"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # noqa: BLE001
+            env[mod] = None
+    try:
+        from flexkv import attention
+        env["decode_probs_default"] = attention.DECODE_PROBS
+    except Exception as e:  # noqa: BLE001
+        env["flexkv_import_error"] = repr(e)
+    return env
+
+
+def junit_summary(path: Path) -> tuple[str, list[str]]:
+    try:
+        root = ET.parse(path).getroot()
+    except (OSError, ET.ParseError) as e:
+        return f"no JUnit report ({e})", []
+    suites = [root] if root.tag == "testsuite" else list(root)
+    n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors",
+                                                               "skipped")}
+    fails = []
+    for case in root.iter("testcase"):
+        for kind in ("failure", "error"):
+            el = case.find(kind)
+            if el is not None:
+                msg = (el.get("message") or "").strip().splitlines()
+                fails.append(f"{kind}: {case.get('classname')}::{case.get('name')}: "
+                             f"{msg[0][:300] if msg else ''}")
+    head = (f"{n['tests']} tests: {n['tests'] - n['failures'] - n['errors'] - n['skipped']} "
+            f"passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped")
+    return head, fails
+
+
+def speed_md(path: Path) -> str:
+    sys.path.insert(0, str(ROOT / "bench"))
+    import speed as sp
+    data = json.loads(path.read_text())
+    rows = [sp.Row(**r) for r in data["rows"]]
+    return sp.markdown(data["meta"], rows, data["meta"]["bandwidth_gb_s"] * 1e9)
+
+
+def candidates_md(path: Path) -> str:
+    data = json.loads(path.read_text())
+    lines = [f"copy bandwidth {data['bandwidth_gb_s']:.0f} GB/s; {data['layers']} layers per "
+             f"step, Hkv {data['n_kv']}, G {data['group']}, D {data['head_dim']}, "
+             f"{data['dtype']}\n",
+             "| slots | batch | path | us/step | us/layer | GB/s | frac floor | compile s | "
+             "max err vs explicit | error |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        f = lambda k, fmt: "-" if r.get(k) is None else format(r[k], fmt)  # noqa: E731
+        lines.append(f"| {r['slots']} | {r['batch']} | {r['path']} | {f('us_step', '.1f')} | "
+                     f"{f('us_layer', '.1f')} | {f('gb_s', '.0f')} | {f('frac_floor', '.2f')} | "
+                     f"{f('compile_s', '.1f')} | {f('max_err', '.2g')} | {r.get('error') or ''} |")
+    for key, best in data.get("fastest", {}).items():
+        lines.append(f"\nfastest with probabilities at {key}: **{best}**")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out: Path, env: dict, results: list[dict]) -> str:
+    parts = ["# flexkv GPU run\n",
+             "`" + " ".join(f"{k}={v}" for k, v in env.items()) + "`\n",
+             "| stage | status | seconds | file |", "|---|---|---|---|"]
+    parts += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('file', '-')} |"
+              for r in results]
+    for r in results:
+        name = r["stage"]
+        try:
+            if name == "tests" and (out / "tests.xml").exists():
+                head, fails = junit_summary(out / "tests.xml")
+                parts += ["\n## tests\n", head] + [f"- {x}" for x in fails]
+            elif name == "decode-candidates" and (out / "decode-candidates.json").exists():
+                parts += ["\n## decode-candidates\n", candidates_md(out / "decode-candidates.json")]
+            elif r.get("file", "").endswith(".json") and name.startswith("speed"):
+                parts += [f"\n## {name}\n", speed_md(out / r["file"])]
+        except Exception as e:  # noqa: BLE001 - the summary must always be written
+            parts.append(f"\n({name}: could not summarise: {e!r})")
+    text = "\n".join(parts) + "\n"
+    (out / "summary.md").write_text(text)
+    return text
+
+
+def cmd_run(args) -> int:
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    stages = args.stages or ["tests"]
+    if stages == ["all"]:
+        stages = list(STAGES)
+    bad = [s for s in stages if s not in STAGES]
+    if bad:
+        print(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)} or all", file=sys.stderr)
+        return 2
+    env = environment()
+    results = []
+    write_summary(out, env, results)
+    for name in stages:
+        print(f"[gpu_run] {name} ... ({remaining():.0f} s left of the call)", flush=True)
+        res = run_stage(name, out, out / "run.log")
+        results.append(res)
+        print(f"[gpu_run] {name}: {res['status']} in {res['seconds']} s", flush=True)
+        write_summary(out, env, results)
+        if res["status"] not in ("ok",) and res["seconds"]:
+            tail = (out / "run.log").read_text(errors="replace").splitlines()[-25:]
+            print("\n".join("    " + x for x in tail), flush=True)
+    print(write_summary(out, env, results), flush=True)
+    return 0 if all(r["status"] == "ok" for r in results) else 1
+
+
+# ------------------------------------------------------------------------------------ candidates
+def cmd_candidates(args) -> int:
+    """Each DECODE_PROBS path (and flex without probabilities, the floor) inside a compiled
+    decode step of `layers` attention layers at the Llama-3.1-8B head shape, bf16, each layer
+    with its own K/V (more bytes than L2 holds) and an h2o-style score update consuming the
+    probabilities; CUDA-event timing of the graph replays."""
+    import torch
+
+    from flexkv import attention
+
+    out = Path(args.out)
+    quick = args.quick or not torch.cuda.is_available()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if quick:
+        L, n_kv, G, D, dtype = 2, 2, 4, 16, torch.float32
+        grid = [(65, 1)]
+    else:
+        L, n_kv, G, D, dtype = 8, 8, 4, 128, torch.bfloat16
+        grid = [(4097, 1), (32769, 1), (4097, 8)]  # the last only if time is left
+    mode = "reduce-overhead" if dev.type == "cuda" else None
+    sys.path.insert(0, str(ROOT / "bench"))
+    import speed as sp
+    bw = sp.copy_bandwidth(dev, dtype)
+    paths = ["flex (no probs)"] + list(attention.DECODE_PROBS_PATHS)
+    rows, fastest = [], {}
+    res = dict(bandwidth_gb_s=bw / 1e9, layers=L, n_kv=n_kv, group=G, head_dim=D,
+               dtype=str(dtype).replace("torch.", ""), device=str(dev),
+               torch=torch.__version__, commit=os.environ.get("FLEXKV_COMMIT", "unknown"),
+               rows=rows, fastest=fastest)
+
+    def save():
+        (out / "decode-candidates.json").write_text(json.dumps(res, indent=1))
+
+    t_start = time.perf_counter()
+    slowest = [0.0]  # the slowest compile so far (the estimate for the next one)
+
+    for S, B in grid:
+        g = torch.Generator(device="cpu").manual_seed(S + B)
+        mk = lambda *shape: torch.randn(*shape, generator=g).to(dev, dtype)  # noqa: E731
+        K = [mk(B, n_kv, S, D) for _ in range(L)]
+        V = [mk(B, n_kv, S, D) for _ in range(L)]
+        Q = [mk(B, n_kv * G, 1, D) for _ in range(L)]
+        pos = torch.randint(-1, S, (B, n_kv, S), generator=g).to(dev)
+        pos[..., 0] = S
+        q_pos = torch.full((B, 1), S, device=dev)
+        score = [torch.zeros(B, n_kv, S, device=dev) for _ in range(L)]
+        for t in K + V + Q + score + [pos, q_pos]:
+            torch._dynamo.mark_static_address(t)
+        kv_bytes = 2 * L * B * n_kv * S * D * K[0].element_size()
+        floor_us = 1e6 * kv_bytes / bw
+        ref = None
+        for path in paths:
+            need = path != "flex (no probs)"
+            row = dict(slots=S, batch=B, path=path, floor_us=floor_us)
+            rows.append(row)
+            spent = time.perf_counter() - t_start
+            if args.deadline_s is not None and spent + 1.5 * slowest[0] > args.deadline_s:
+                row["error"] = f"skipped: deadline ({spent:.0f} s of {args.deadline_s:.0f})"
+                print(f"  S={S} B={B} {path}: {row['error']}", flush=True)
+                continue
+            try:
+                attention.DECODE_PROBS = path if need else "lowp"
+
+                def step():
+                    acc = None
+                    for l in range(L):
+                        o, p = attention.decode_attention(Q[l], K[l], V[l], pos, q_pos,
+                                                          need_probs=need)
+                        if p is not None:
+                            score[l].add_(p.mean(dim=2))
+                        acc = o if acc is None else acc + o
+                    return acc
+
+                torch._dynamo.reset()
+                f = torch.compile(step, fullgraph=True, mode=mode)
+                t = time.perf_counter()
+                o = f()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                row["compile_s"] = time.perf_counter() - t
+                slowest[0] = max(slowest[0], row["compile_s"])
+                for _ in range(3):
+                    o = f()
+                o = o.float().clone()
+                if path == "explicit":
+                    ref = o
+                row["max_err"] = None if ref is None else (o - ref).abs().max().item()
+                n = 5 if quick else 50
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    e0.record()
+                    for _ in range(n):
+                        f()
+                    e1.record()
+                    torch.cuda.synchronize()
+                    us = 1e3 * e0.elapsed_time(e1) / n
+                else:
+                    t = time.perf_counter()
+                    for _ in range(n):
+                        f()
+                    us = 1e6 * (time.perf_counter() - t) / n
+                row.update(us_step=us, us_layer=us / L, gb_s=kv_bytes / us / 1e3,
+                           frac_floor=floor_us / us)
+                print(f"  S={S} B={B} {path}: {us:.1f} us/step ({floor_us / us:.0%} of the K/V "
+                      f"floor), compile {row['compile_s']:.1f} s, err {row['max_err']}", flush=True)
+            except Exception as e:  # noqa: BLE001 - one failing path must not hide the others
+                import traceback
+                traceback.print_exc()
+                row["error"] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+            save()
+        ok = [r for r in rows if r["slots"] == S and r["batch"] == B and r["path"] != "flex (no probs)"
+              and r.get("us_step") and not r.get("error")]
+        if ok:
+            fastest[f"S={S} B={B}"] = min(ok, key=lambda r: r["us_step"])["path"]
+        del K, V, Q, score
+        save()
+    attention.DECODE_PROBS = "lowp"
+    save()
+    print(json.dumps(fastest), flush=True)
+    return 0
+
+
+# ------------------------------------------------------------------------------------ merge
+def cmd_merge(args) -> int:
+    """Several presets' JSON -> one <into>.json + <into>.md (the issue's h100.{json,md})."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import speed as sp
+    presets, rows = [], []
+    for f in args.files:
+        data = json.loads(Path(f).read_text())
+        meta = data["meta"]
+        presets.append(meta)
+        for r in data["rows"]:
+            rows.append(dict(r, preset=meta["preset"]))
+    into = Path(args.into)
+    into.parent.mkdir(parents=True, exist_ok=True)
+    into.with_suffix(".json").write_text(json.dumps(dict(presets=presets, rows=rows), indent=1))
+    md = ["# Speed on the GPU machine\n",
+          "Merged by `python bench/gpu_run.py merge " + " ".join(args.files) + f" --into {args.into}`."
+          " Each section: one preset, as `bench/speed.py` wrote it (device, torch, commit).\n"]
+    for f in args.files:
+        md.append(speed_md(Path(f)).replace("# Speed:", "## Preset:"))
+    into.with_suffix(".md").write_text("\n".join(md))
+    print(f"wrote {into.with_suffix('.json')} and {into.with_suffix('.md')}")
+    return 0
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="bench/gpu_run.py", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="run stages into OUT (what bench/gpu.sh calls)")
+    r.add_argument("out")
+    r.add_argument("stages", nargs="*", help=f"{', '.join(STAGES)} or all (default: tests)")
+    c = sub.add_parser("_candidates", help="the decode-candidates stage itself")
+    c.add_argument("out")
+    c.add_argument("--quick", action="store_true", help="toy sizes (CPU rehearsal)")
+    c.add_argument("--deadline-s", type=float, default=None,
+                   help="start no compile that would end after this many seconds")
+    m = sub.add_parser("merge", help="merge speed JSONs into one json + md")
+    m.add_argument("files", nargs="+")
+    m.add_argument("--into", default=str(ROOT / "bench" / "results" / "speed" / "h100"))
+    args = ap.parse_args(argv)
+    return {"run": cmd_run, "_candidates": cmd_candidates, "merge": cmd_merge}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

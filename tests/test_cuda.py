@@ -1,0 +1,464 @@
+"""CUDA checks (marker `cuda`; the whole module is skipped without CUDA). `bash bench/gpu.sh OUT
+tests` runs them on the GPU machine:
+
+- the models equal transformers on CUDA (fp32 logits within 1e-4; bf16 greedy agreement along
+  transformers' own greedy continuation);
+- compiled flex prefill equals the SDPA path (o and LSE, windows, bias, padding, cached slots);
+- every `DECODE_PROBS` path equals fp64 dense attention on CUDA (fp32 and bf16), eager and
+  inside a compiled `reduce-overhead` step;
+- for every policy: the compiled `reduce-overhead` decode equals the eager reference (fp32:
+  kept positions after each of 16 steps, tokens, logits), then across 100 steps: one dynamo
+  graph (no recompiles), no graph breaks, zero CUDA-graph skips (inductor's
+  `counters["inductor"]["cudagraph_skips"]`, and `triton.cudagraph_or_error` turns a skip into
+  an error naming its reason where this torch has it), the step replays a CUDA graph (counted
+  at `torch.cuda.CUDAGraph.replay`, which cudagraph trees call for every replay), and a second
+  run of the same shapes makes no host sync (`torch.cuda.set_sync_debug_mode("error")` from its
+  5th step on);
+- the serving engine's step replays a CUDA graph (skipped until `flexkv.serve` exists).
+
+`FLEXKV_CUDA_TESTS_ON_CPU=1` runs this module on CPU instead (a dry run of the test logic; the
+CUDA-only checks are skipped); `FLEXKV_CUDA_TESTS_POLICIES=h2o,streaming` restricts the
+per-policy tests (CPU compiles are slow).
+"""
+from __future__ import annotations
+
+import inspect
+import math
+import os
+
+import pytest
+import torch
+from hypothesis import find
+from hypothesis import strategies as st
+from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+from torch._dynamo.utils import counters
+
+import flexkv
+from flexkv import attention
+from helpers import LLAMA3_SCALING, hf_greedy, hf_model, make_checkpoint, random_ids
+from policy_cases import CASES
+
+if torch.cuda.is_available():
+    DEVICE = "cuda"
+elif os.environ.get("FLEXKV_CUDA_TESTS_ON_CPU") == "1":
+    DEVICE = "cpu"
+else:
+    DEVICE = None
+CUDA = DEVICE == "cuda"
+
+pytestmark = [pytest.mark.cuda,
+              pytest.mark.skipif(DEVICE is None, reason="needs CUDA (FLEXKV_CUDA_TESTS_ON_CPU=1 "
+                                                        "dry-runs the logic on CPU)")]
+
+POLICIES = ["full"] + sorted(CASES)
+if os.environ.get("FLEXKV_CUDA_TESTS_POLICIES"):
+    POLICIES = [p for p in os.environ["FLEXKV_CUDA_TESTS_POLICIES"].split(",") if p]
+PROMPT, BATCH = 24, 2
+EQ_STEPS = 17      # states compared with the reference: after the prefill, then 16 decode steps
+N_STEPS = 100      # decode steps checked for recompiles, CUDA-graph skips, replays, host syncs
+SYNC_FROM = 5      # the guarded run raises on a host sync from its 5th token on (after re-record)
+
+
+# ------------------------------------------------------------------------------------ helpers
+class GraphReplays:
+    """Counts CUDA-graph replays: cudagraph trees replay every recorded graph through
+    `torch.cuda.CUDAGraph.replay` (torch/_inductor/cudagraph_trees.py, `run_graph`)."""
+
+    def __enter__(self):
+        self.n = 0
+        self._orig = torch.cuda.CUDAGraph.replay
+        outer = self
+
+        def replay(graph, *args, **kwargs):
+            outer.n += 1
+            return outer._orig(graph, *args, **kwargs)
+
+        torch.cuda.CUDAGraph.replay = replay
+        return self
+
+    def __exit__(self, *exc):
+        torch.cuda.CUDAGraph.replay = self._orig
+
+
+class SyncGuard:
+    """`generate(callback=guard)`: CUDA sync debug mode "error" from the `start`-th token on, so
+    any host sync in the decode loop raises. generate's own timing `torch.cuda.synchronize()`
+    after the loop turns it off first (patched through `monkeypatch`)."""
+
+    def __init__(self, monkeypatch, start: int = SYNC_FROM):
+        self.i, self.start = 0, start
+        self.synced_while_on = 0  # explicit synchronize() calls met while guarding
+        orig = torch.cuda.synchronize
+
+        def synchronize(*args, **kwargs):
+            if torch.cuda.get_sync_debug_mode() != 0:
+                self.synced_while_on += 1
+            torch.cuda.set_sync_debug_mode(0)
+            return orig(*args, **kwargs)
+
+        monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+
+    def __call__(self, tok):
+        self.i += 1
+        if self.i == self.start:
+            torch.cuda.set_sync_debug_mode("error")
+
+    def close(self):
+        torch.cuda.set_sync_debug_mode(0)
+
+
+def decode_graphs() -> int:
+    """Dynamo cache entries of the compiled decode unit (1 = no recompiles)."""
+    from flexkv.generate import decode_one_token
+    return len(_debug_get_cache_entry_list(decode_one_token.__code__))
+
+
+def cudagraph_skips() -> int:
+    return counters["inductor"]["cudagraph_skips"]
+
+
+def cudagraph_or_error():
+    """A config patch turning an inductor CUDA-graph skip into an error that names its reason
+    (`triton.cudagraph_or_error`; a no-op on a torch without it or off CUDA)."""
+    import contextlib
+
+    import torch._inductor.config as icfg
+    if CUDA and hasattr(icfg.triton, "cudagraph_or_error"):
+        return icfg.patch({"triton.cudagraph_or_error": True})
+    return contextlib.nullcontext()
+
+
+def pos_sets(cache):
+    """[layer][b][kv head] -> frozenset of kept positions."""
+    out = []
+    for lc in cache.layers:
+        P = lc.pos
+        out.append([[frozenset(p for p in P[b, g].tolist() if p >= 0) for g in range(P.shape[1])]
+                    for b in range(P.shape[0])])
+    return out
+
+
+def watch_cache(model, fn):
+    """generate() kwargs calling `fn(cache)` after the prefill and after every step: through
+    `cache_callback` where generate has it, else `callback` reading the model's attached cache."""
+    if "cache_callback" in inspect.signature(flexkv.generate).parameters:
+        return {"cache_callback": fn}
+    return {"callback": lambda tok: fn(model.cache)}
+
+
+def policy_kw(name: str, T: int) -> dict:
+    """The simplest parameters of tests/policy_cases.py with a budget of at least 8 (and a
+    non-zero VAM alpha: alpha 0 is the base policy)."""
+    if name == "full":
+        return {}
+    strat = st.composite(lambda draw: CASES[name](draw, T))()
+    return find(strat, lambda kw: (kw.get("budget") is None or kw["budget"] >= 8)
+                and kw.get("alpha", 1.0) != 0)
+
+
+def dense_attention(q, k, v, q_pos, k_pos, window=None, bias=None):
+    """fp64 dense reference. q [B,H,Tq,D], k/v [B,Hkv,N,D], q_pos [B,Tq], k_pos [B,Hkv,N].
+    Returns o [B,H,Tq,D], probs [B,H,Tq,N], lse [B,H,Tq] (fp64)."""
+    q, k, v = q.double(), k.double(), v.double()
+    G = q.shape[1] // k.shape[1]
+    k, v, kp = (x.repeat_interleave(G, dim=1) for x in (k, v, k_pos))
+    s = q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1])
+    if bias is not None:
+        s = s + bias.double().repeat_interleave(G, dim=1)[:, :, None, :]
+    ok = (kp[:, :, None, :] >= 0) & (kp[:, :, None, :] <= q_pos[:, None, :, None])
+    if window is not None:
+        ok &= q_pos[:, None, :, None] - kp[:, :, None, :] < window
+    s = s.masked_fill(~ok, -math.inf)
+    p = torch.nan_to_num(s.softmax(-1), nan=0.0)
+    return p @ v, p, torch.logsumexp(s, dim=-1)
+
+
+@pytest.fixture(scope="module")
+def dev():
+    return torch.device(DEVICE)
+
+
+@pytest.fixture(scope="module")
+def model32(tiny_llama_dir):
+    model, _ = flexkv.load_model(tiny_llama_dir, device=DEVICE)
+    return model
+
+
+# ------------------------------------------------------------------------------------ models
+@pytest.mark.parametrize("model_type,cfg", [
+    ("llama", dict(num_key_value_heads=1, num_attention_heads=4, head_dim=64, hidden_size=64,
+                   tie_word_embeddings=True, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING)),
+    ("llama", dict(num_key_value_heads=2, num_attention_heads=4, head_dim=32, hidden_size=96)),
+    ("mistral", dict(num_key_value_heads=2, num_attention_heads=4, head_dim=32, sliding_window=7)),
+], ids=["llama3-rope-tied-gqa4", "llama-gqa2", "mistral-window7"])
+def test_logits_equal_transformers_fp32(tmp_path, dev, model_type, cfg):
+    path = make_checkpoint(tmp_path / "ckpt", model_type, seed=11, **cfg)
+    model, _ = flexkv.load_model(path, device=DEVICE)
+    ref = hf_model(path).to(dev)
+    ids = random_ids(2, 33, 101, seed=11).to(dev)
+    with torch.no_grad():
+        ours, theirs = model(ids), ref(ids).logits
+    assert ours.device.type == dev.type and ours.shape == theirs.shape
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= 1e-4, f"{model_type} {cfg}: max abs logit diff {diff:.3g} > 1e-4"
+
+
+def test_bf16_greedy_agrees_with_transformers(tiny_llama_dir, dev):
+    """flexkv bf16 (compiled decode) fed transformers' bf16 greedy continuation predicts the same
+    next token at >= 90% of the steps, and at every step where its own top-2 margin is clear of
+    bf16 rounding."""
+    model, _ = flexkv.load_model(tiny_llama_dir, device=DEVICE, dtype=torch.bfloat16)
+    hf = hf_model(tiny_llama_dir).to(device=dev, dtype=torch.bfloat16)
+    T, N = 24, 32
+    ids = random_ids(2, T, 101, seed=5).to(dev)
+    theirs = hf_greedy(hf, ids, N)[:, T:]
+    out = flexkv.generate(model, ids, max_new_tokens=N, compile=True, forced_tokens=theirs,
+                          output_logits=True)
+    logits = out.logits.float()
+    pred = logits.argmax(-1)
+    agree = (pred == theirs).float().mean().item()
+    top2 = logits.topk(2, dim=-1).values
+    margin = top2[..., 0] - top2[..., 1]
+    clear = margin > max(0.5, 0.02 * logits.abs().max().item())
+    assert agree >= 0.9, f"bf16 greedy agreement {agree:.2f} < 0.9"
+    assert torch.equal(pred[clear], theirs[clear]), "disagreement where flexkv's margin is clear"
+
+
+# ------------------------------------------------------------------------------------ attention
+PREFILL_CASES = [  # B, n_kv, G, Tq, cached, D, window, bias, pad
+    (1, 8, 4, 300, 0, 128, None, False, 0),
+    (2, 2, 2, 77, 0, 64, 20, False, 5),
+    (2, 2, 4, 33, 40, 64, None, True, 0),
+    (1, 1, 1, 129, 17, 32, 50, True, 0),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_compiled_flex_prefill_equals_sdpa(dev, dtype):
+    """`flex_prefill_attention` (compiled FlexAttention on CUDA) equals the SDPA path and fp64
+    dense attention: o, and the LSE (rows with at least one key)."""
+    tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    for case in PREFILL_CASES:
+        B, n_kv, G, Tq, cached, D, window, with_bias, pad = case
+        g = torch.Generator().manual_seed(Tq)
+        N = cached + Tq
+        q = torch.randn(B, n_kv * G, Tq, D, generator=g)
+        k, v = (torch.randn(B, n_kv, N, D, generator=g) for _ in range(2))
+        q_pos = (cached + torch.arange(Tq)).expand(B, Tq).clone()
+        if pad:
+            q_pos[-1] = torch.where(torch.arange(Tq) < pad, -1, torch.arange(Tq) - pad)
+        old = torch.randint(-1, cached, (B, n_kv, cached), generator=g) if cached else \
+            torch.empty(B, n_kv, 0, dtype=torch.long)
+        k_pos = torch.cat([old, q_pos[:, None, :].expand(B, n_kv, Tq)], dim=2)
+        bias = torch.rand(B, n_kv, N, generator=g).log() if with_bias else None
+        q, k, v = (x.to(dev, dtype) for x in (q, k, v))
+        q_pos, k_pos = q_pos.to(dev), k_pos.to(dev)
+        bias = None if bias is None else bias.to(dev)
+        o_f, lse_f = attention.flex_prefill_attention(q, k, v, q_pos, k_pos, window, True, bias)
+        o_d = attention.dense_prefill_attention(q, k, v, q_pos, k_pos, window, False, bias)
+        o_r, _, lse_r = dense_attention(q, k, v, q_pos, k_pos, window, bias)
+        msg = f"case {case} {dtype}"
+        torch.testing.assert_close(o_f.float(), o_d.float(), **tol, msg=lambda m: f"{msg}: {m}")
+        torch.testing.assert_close(o_f.double(), o_r, **tol, msg=lambda m: f"{msg}: {m}")
+        if lse_f is not None:
+            rows = lse_r.isfinite()
+            torch.testing.assert_close(lse_f.double()[rows], lse_r[rows], atol=1e-3, rtol=1e-4,
+                                       msg=lambda m: f"{msg}: lse: {m}")
+
+
+DECODE_CASES = [  # B, n_kv, G, S, D, window, bias
+    (1, 8, 4, 4097, 128, None, False),   # Llama-3.1-8B heads, budget 4096 + 1
+    (2, 2, 4, 300, 64, 50, True),
+    (2, 1, 8, 33, 16, None, True),
+]
+
+
+def _decode_inputs(case, dtype, dev, seed=0):
+    B, n_kv, G, S, D, window, with_bias = case
+    g = torch.Generator().manual_seed(seed + S)
+    q = torch.randn(B, n_kv * G, 1, D, generator=g)
+    k, v = (torch.randn(B, n_kv, S, D, generator=g) for _ in range(2))
+    k_pos = torch.randint(-1, S, (B, n_kv, S), generator=g)
+    k_pos[..., 0] = S  # the new token
+    q_pos = torch.full((B, 1), S)
+    bias = torch.rand(B, n_kv, S, generator=g).log() if with_bias else None
+    q, k, v = (x.to(dev, dtype) for x in (q, k, v))
+    return q, k, v, k_pos.to(dev), q_pos.to(dev), window, None if bias is None else bias.to(dev)
+
+
+def _check_decode(o, p, inputs, what):
+    q, k, v, k_pos, q_pos, window, bias = inputs
+    B, H, _, D = q.shape
+    o_r, p_r, _ = dense_attention(q, k, v, q_pos, k_pos, window, bias)
+    assert o.dtype == q.dtype and o.shape == q.shape, what
+    # probabilities: fp32 accumulation over the cache's own values, so fp32-accurate even for
+    # bf16 (scores rounded to bf16 would be off by ~2e-3 relative)
+    rtol = 1e-5 if q.dtype == torch.float32 else 1e-4
+    torch.testing.assert_close(p.double().reshape(p_r.shape), p_r, atol=1e-7, rtol=rtol,
+                               msg=lambda m: f"{what}: probs: {m}")
+    atol = 2e-5 if q.dtype == torch.float32 else 2e-2  # bf16: P and o rounded to bf16
+    torch.testing.assert_close(o.double(), o_r, atol=atol, rtol=0,
+                               msg=lambda m: f"{what}: o: {m}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_decode_probs_paths_on_device(dev, dtype):
+    """Every `DECODE_PROBS` path (the Triton kernel included, on CUDA) equals fp64 dense
+    attention, eager; bf16 probabilities within fp32 accumulation error."""
+    for case in DECODE_CASES:
+        inputs = _decode_inputs(case, dtype, dev)
+        for name, fn in attention.DECODE_PATHS.items():
+            o, p = fn(*inputs)
+            _check_decode(o, p, inputs, f"{name} {case} {dtype}")
+
+
+@pytest.mark.parametrize("path", attention.DECODE_PROBS_PATHS)
+def test_decode_probs_paths_compiled(dev, monkeypatch, path):
+    """Each path inside a compiled step (fullgraph; reduce-overhead on CUDA), bf16 at the 8B head
+    shape: equal to dense attention, no CUDA-graph skip."""
+    monkeypatch.setattr(attention, "DECODE_PROBS", path)
+    inputs = _decode_inputs(DECODE_CASES[0], torch.bfloat16, dev)
+    torch._dynamo.reset()
+    counters.clear()
+
+    def step(q, k, v, k_pos, q_pos, window, bias):
+        o, p = attention.decode_attention(q, k, v, k_pos, q_pos, window, bias, need_probs=True)
+        return o.clone(), p.clone()
+
+    f = torch.compile(step, fullgraph=True, mode="reduce-overhead" if CUDA else None)
+    with cudagraph_or_error():
+        for _ in range(3):  # warm-up, record, replay
+            o, p = f(*inputs)
+            o, p = o.clone(), p.clone()
+    _check_decode(o, p, inputs, f"compiled {path}")
+    assert cudagraph_skips() == 0, dict(counters["inductor"])
+
+
+# ------------------------------------------------------------------------------------ policies
+@pytest.mark.parametrize("name", POLICIES)
+def test_policy_compiled_on_device(model32, dev, monkeypatch, name):
+    """Compiled (reduce-overhead) decode == eager reference for 16 steps (kept positions, tokens,
+    logits); across 100 steps one graph, no graph break, no CUDA-graph skip, graph replays; a
+    second run of the same shapes is token-identical, replays, recompiles nothing and never
+    syncs the host."""
+    model = model32
+    ids = random_ids(BATCH, PROMPT, model.args.vocab_size, seed=3).to(dev)
+    kw = policy_kw(name, PROMPT)
+    N = N_STEPS + 1
+    torch._dynamo.reset()
+    counters.clear()
+
+    snaps = []
+    with GraphReplays() as r1, cudagraph_or_error():
+        comp = flexkv.generate(model, ids, max_new_tokens=N, policy=name, compile=True,
+                               output_logits=True,
+                               **watch_cache(model, lambda c: len(snaps) < EQ_STEPS
+                                             and snaps.append(pos_sets(c))), **kw)
+    rsnaps = []
+    ref = flexkv.generate(model, ids, max_new_tokens=EQ_STEPS, policy=name, reference=True,
+                          output_logits=True,
+                          **watch_cache(model, lambda c: rsnaps.append(pos_sets(c))), **kw)
+    for step, (x, y) in enumerate(zip(snaps, rsnaps)):
+        assert x == y, f"{name} {kw}: kept positions differ from the reference after step {step}"
+    assert len(snaps) == len(rsnaps) == EQ_STEPS
+    assert torch.equal(comp.tokens[:, :PROMPT + EQ_STEPS], ref.tokens), f"{name}: tokens"
+    torch.testing.assert_close(comp.logits[:, :EQ_STEPS], ref.logits, atol=1e-4, rtol=1e-4)
+
+    assert comp.new_tokens == N
+    assert decode_graphs() == 1, f"{name}: recompiled ({decode_graphs()} graphs)"
+    assert not counters["graph_break"], (name, dict(counters["graph_break"]))
+    if CUDA:
+        assert cudagraph_skips() == 0, (name, dict(counters["inductor"]))
+        assert r1.n >= N_STEPS - 4, f"{name}: {r1.n} CUDA-graph replays in {N_STEPS} steps"
+
+    # the same shapes again: no recompile, replays, no host sync in the loop
+    unique = counters["stats"]["unique_graphs"]
+    guard = SyncGuard(monkeypatch) if CUDA else None
+    try:
+        with GraphReplays() as r2:
+            again = flexkv.generate(model, ids, max_new_tokens=N, policy=name, compile=True,
+                                    callback=guard, **kw)
+    finally:
+        if guard is not None:
+            guard.close()
+    if guard is not None:  # only generate's own timing sync after the loop, nothing inside it
+        assert guard.synced_while_on <= 1, f"{name}: synchronize() inside the decode loop"
+    assert torch.equal(again.tokens, comp.tokens), f"{name}: second run differs"
+    assert decode_graphs() == 1 and counters["stats"]["unique_graphs"] == unique, name
+    if CUDA:
+        assert cudagraph_skips() == 0, (name, dict(counters["inductor"]))
+        assert r2.n >= N_STEPS - 4, f"{name}: {r2.n} CUDA-graph replays in {N_STEPS} steps"
+
+
+@pytest.mark.parametrize("path", attention.DECODE_PROBS_PATHS)
+def test_h2o_bf16_each_decode_probs_path(tiny_llama_dir, dev, monkeypatch, path):
+    """h2o on a bf16 model with each `DECODE_PROBS` path compiled into the whole step (the Triton
+    kernel inside the CUDA graph): no skip, one graph, replays, and next-token predictions along
+    the explicit path's tokens agree with it at >= 90% of the steps (bf16 rounding may move an
+    eviction, so not all)."""
+    model, _ = flexkv.load_model(tiny_llama_dir, device=DEVICE, dtype=torch.bfloat16)
+    ids = random_ids(BATCH, PROMPT, model.args.vocab_size, seed=7).to(dev)
+    N = 41
+    monkeypatch.setattr(attention, "DECODE_PROBS", "explicit")
+    base = flexkv.generate(model, ids, max_new_tokens=N, policy="h2o", budget=12,
+                           output_logits=True)
+    monkeypatch.setattr(attention, "DECODE_PROBS", path)
+    torch._dynamo.reset()
+    counters.clear()
+    with GraphReplays() as r, cudagraph_or_error():
+        out = flexkv.generate(model, ids, max_new_tokens=N, policy="h2o", budget=12,
+                              compile=True, forced_tokens=base.tokens[:, PROMPT:],
+                              output_logits=True)
+    agree = (out.logits.argmax(-1) == base.logits.argmax(-1)).float().mean().item()
+    assert agree >= 0.9, f"{path}: agreement with the explicit path {agree:.2f}"
+    assert decode_graphs() == 1
+    if CUDA:
+        assert cudagraph_skips() == 0, dict(counters["inductor"])
+        assert r.n >= N - 6, f"{path}: {r.n} replays"
+
+
+# ------------------------------------------------------------------------------------ serving
+def _token_list(o):
+    for attr in ("token_ids", "output_ids", "tokens", "ids"):
+        if hasattr(o, attr):
+            o = getattr(o, attr)
+            break
+    if isinstance(o, torch.Tensor):
+        return o.flatten().tolist()
+    if isinstance(o, (list, tuple)) and all(isinstance(t, int) for t in o):
+        return list(o)
+    return None
+
+
+def test_serving_engine_step_replays_a_cuda_graph(model32, dev):
+    """The engine's compiled step replays a CUDA graph (zero skips), and each request's greedy
+    tokens equal its solo `flexkv.generate` run (when the output's tokens can be read)."""
+    serve = pytest.importorskip("flexkv.serve")
+    model = model32
+    prompts = [random_ids(1, L, model.args.vocab_size, seed=20 + L)[0].to(dev)
+               for L in (20, 31, 12)]
+    n_new = 40
+    eng = serve.Engine(model, None, policy="h2o", budget=16, max_slots=2,
+                       max_new_tokens=n_new, prefill_chunk=8)
+
+    def run(ps, n):
+        params = serve.SamplingParams(max_tokens=n, temperature=0)
+        try:
+            return eng.generate([p.tolist() for p in ps], params)
+        except (TypeError, ValueError):
+            return eng.generate(list(ps), params)
+
+    run(prompts[:1], 4)  # compile + record
+    counters.clear()
+    with GraphReplays() as r, cudagraph_or_error():
+        outs = run(prompts, n_new)
+    if CUDA:
+        assert cudagraph_skips() == 0, dict(counters["inductor"])
+        assert r.n >= n_new - 4, f"engine: {r.n} CUDA-graph replays for {n_new} tokens"
+    for p, o in zip(prompts, outs):
+        got = _token_list(o)
+        if got is None:
+            continue
+        solo = flexkv.generate(model, p[None], max_new_tokens=n_new, policy="h2o", budget=16,
+                               prefill_chunk=8).tokens[0, len(p):].tolist()
+        assert got[-n_new:] == solo, "engine tokens differ from the solo generate run"
