@@ -89,12 +89,26 @@ def _eos_ids(tokenizer, model) -> list[int]:
     return stop_token_ids(tokenizer, model)
 
 
-def _load(model_name: str, device: str, dtype: str):
-    import flexkv
+def _torchrun_world() -> int:
+    """The number of processes torchrun started (1 when not under torchrun)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1
 
+
+def _load(model_name: str, device: str, dtype: str):
+    """Under `torchrun --nproc-per-node N` (N > 1): tensor parallel over N ranks (the process
+    group is initialised here: gloo on CPU, NCCL on CUDA), each rank loading its shard."""
+    import flexkv
+    from flexkv.distributed import init_from_env
+
+    tp = init_from_env(device)
     t0 = time.perf_counter()
-    print(f"[flexkv] loading {model_name} ({device}, {dtype}) ...", file=sys.stderr, flush=True)
-    model, tok = flexkv.load_model(model_name, device=device, dtype=_dtype(dtype))
+    where = f", tensor parallel over {_torchrun_world()} ranks" if tp else ""
+    print(f"[flexkv] loading {model_name} ({device}, {dtype}{where}) ...", file=sys.stderr,
+          flush=True)
+    model, tok = flexkv.load_model(model_name, device=device, dtype=_dtype(dtype), tp=tp)
     if tok is None:
         raise CLIError(f"--model {model_name}: the checkpoint has no tokenizer "
                        "(tokenizer.json or tokenizer.model)")
@@ -182,10 +196,11 @@ def cmd_generate(args) -> int:
                           **params)
     streamer.finish()
     retained = out.cache.retained().float().mean().item()
+    per_rank = " per rank" if _torchrun_world() > 1 else ""
     print(f"[flexkv] policy {args.policy}, budget {budget}: prompt {out.prompt_len} tokens, "
           f"generated {streamer.count} tokens; prefill {out.prefill_s:.2f} s, "
-          f"decode {_fmt_rate(out.decode_tok_s)} tok/s; KV held {_mib(out.cache.kv_bytes())}, "
-          f"{retained:.0f} tokens/head retained", file=sys.stderr)
+          f"decode {_fmt_rate(out.decode_tok_s)} tok/s; KV held {_mib(out.cache.kv_bytes())}"
+          f"{per_rank}, {retained:.0f} tokens/head retained", file=sys.stderr)
     return 0
 
 
@@ -284,6 +299,9 @@ def cmd_serve(args) -> int:
                        "pip install 'flexkv[serve]'") from None
     from flexkv.serve.api import bind_socket, serve
 
+    if _torchrun_world() > 1:
+        raise CLIError("flexkv serve does not run under torchrun yet (only rank 0 would receive "
+                       "requests); use flexkv generate/demo for tensor parallelism")
     params = dict(args.param or [])
     budget = args.budget if args.budget is not None else (None if args.policy == "full" else 256)
     _check_policy(args.policy, budget, params)
@@ -433,7 +451,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Entry point of `flexkv` / `python -m flexkv`. Returns the exit status."""
+    """Entry point of `flexkv` / `python -m flexkv`. Returns the exit status. Under torchrun
+    only rank 0 prints (the other ranks' output would repeat it); another rank's crash still
+    shows its traceback."""
+    if _torchrun_world() <= 1:
+        return _main(argv)
+    quiet = os.environ.get("RANK", "0") != "0"
+    out, err = sys.stdout, sys.stderr
+    if quiet:
+        sys.stdout = sys.stderr = open(os.devnull, "w")
+    try:
+        return _main(argv)
+    finally:  # an uncaught exception is printed after this, to the real stderr
+        sys.stdout, sys.stderr = out, err
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _main(argv=None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["bench"] and len(argv) > 2 and argv[1] in ("quality", "speed"):

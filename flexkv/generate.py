@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from flexkv.cache import KVCache
+from flexkv.distributed import shard_of
 from flexkv.policies import ChunkInfo, make_policy
 
 SYNC_EVERY = 16
@@ -73,6 +74,14 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
     probs = logits.softmax(-1)
     race = torch.empty_like(probs).exponential_(1, generator=generator)
     return (probs / race).argmax(dim=-1)
+
+
+def _agree(tokens: Tensor, model, temperature: float) -> Tensor:
+    """Tensor parallel: every rank has the same logits (replicated lm_head on the all-reduced
+    hidden state), so greedy tokens agree; sampled ones are rank 0's (one RNG decides, whatever
+    the other ranks' generators hold). A no-op on one rank."""
+    shard = shard_of(model)
+    return shard.broadcast(tokens) if shard.active and temperature > 0 else tokens
 
 
 def _keep(logits: Tensor) -> Tensor:
@@ -244,6 +253,9 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
     if reference:
         if compile:
             raise ValueError("compile must be False with reference=True (the references are eager)")
+        if shard_of(model).active:
+            raise ValueError("reference=True needs a single-process model (the eager references "
+                             "know nothing of tensor parallelism); load it with tp=False")
         from flexkv.reference import reference_for
         pol = reference_for(pol)
     dev = input_ids.device
@@ -260,7 +272,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
     t0 = time.perf_counter()
     logits = prefill(model, cache, pol, input_ids, pos, prefill_chunk, max_new_tokens)
     kept_logits = [_keep(logits)] if output_logits else None
-    tok = sample(logits, temperature, top_k, top_p, generator)
+    tok = _agree(sample(logits, temperature, top_k, top_p, generator), model, temperature)
     if forced_tokens is not None:
         tok = forced_tokens[:, 0]
     if sync:
@@ -285,7 +297,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
         if eos is not None and i % SYNC_EVERY == 0 and bool(done.all()):
             break
         logits = step_fn(model, cache, pol, tok[:, None], cur, active)
-        nxt = sample(logits, temperature, top_k, top_p, generator)
+        nxt = _agree(sample(logits, temperature, top_k, top_p, generator), model, temperature)
         if forced_tokens is not None:
             nxt = forced_tokens[:, i]
         if output_logits:

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flexkv import attention
+from flexkv.distributed import SINGLE
 
 
 @dataclass
@@ -101,6 +102,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
+    shard = SINGLE  # tensor parallel (flexkv.distributed): args hold this rank's heads
+
     def __init__(self, args: ModelArgs, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -121,7 +124,7 @@ class Attention(nn.Module):
 
     def _out(self, o: Tensor) -> Tensor:  # o: [B, H, T, D]
         B, _, T, _ = o.shape
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
+        return self.shard.all_reduce(self.o_proj(o.transpose(1, 2).reshape(B, T, -1)))
 
     def forward(self, x: Tensor, pos: Tensor, inv_freq: Tensor, mode: str, lc=None, policy=None,
                 extra=None) -> Tensor:
@@ -138,6 +141,8 @@ class Attention(nn.Module):
 
 
 class FeedForward(nn.Module):
+    shard = SINGLE
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
@@ -145,7 +150,7 @@ class FeedForward(nn.Module):
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.shard.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -172,6 +177,8 @@ class Backbone(nn.Module):
 
 class Transformer(nn.Module):
     """LLaMA decoder. `pos` tensors hold each token's position; `-1` marks left padding."""
+
+    shard = SINGLE  # `flexkv.load_model(..., tp=True)`: this rank's part (flexkv.distributed)
 
     def __init__(self, args: ModelArgs):
         super().__init__()

@@ -42,15 +42,24 @@ def _state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(name_or_path="smollm2-135m-instruct", device="cpu", dtype=torch.float32,
-               tokenizer: bool = True):
+               tokenizer: bool = True, tp=False):
     """Returns `(model, tokenizer)` (tokenizer None when the directory has none or
-    `tokenizer=False`). `model.eval()` is on the requested device and dtype."""
+    `tokenizer=False`). `model.eval()` is on the requested device and dtype.
+
+    `tp=True` (or a `torch.distributed.ProcessGroup`): tensor parallelism over the initialised
+    process group; this rank loads only its shard (`flexkv.distributed`), `device="cuda"` means
+    this rank's GPU (LOCAL_RANK)."""
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
         raise ValueError(f"dtype must be a floating torch.dtype (float32, bfloat16, float16), got {dtype!r}")
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"device must be a torch device string like 'cpu' or 'cuda', got {device!r}") from e
+    shard = None
+    if tp is not False and tp is not None:
+        from flexkv import distributed
+        shard = distributed.make_shard(tp)  # ValueError without a process group
+        device = distributed.rank_device(device)
     path = _resolve(name_or_path)
     cfg_file = path / "config.json"
     if not cfg_file.exists():
@@ -61,9 +70,11 @@ def load_model(name_or_path="smollm2-135m-instruct", device="cpu", dtype=torch.f
         raise ValueError(f"model_type {mtype!r} in {cfg_file} is not supported; supported: "
                          f"{sorted(SUPPORTED_MODEL_TYPES)}")
     args = ModelArgs.from_hf_config(cfg)
+    if shard is not None:
+        args = distributed.shard_args(args, shard)  # this rank's heads and MLP columns
     with torch.device("meta"):
         model = SUPPORTED_MODEL_TYPES[mtype](args)
-    sd = _state_dict(path)
+    sd = _state_dict(path) if shard is None else distributed.read_shard(path, args, shard)
     if args.tie_word_embeddings:
         sd.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
@@ -76,6 +87,8 @@ def load_model(name_or_path="smollm2-135m-instruct", device="cpu", dtype=torch.f
     from .llama import rope_inv_freq
     model.inv_freq = rope_inv_freq(args)
     model = model.to(device=device, dtype=dtype).eval()
+    if shard is not None:
+        distributed.apply_shard(model, shard)
     model.inv_freq = rope_inv_freq(args).to(device)  # keep RoPE frequencies in fp32
     tok = None
     if tokenizer and ((path / "tokenizer.json").exists() or (path / "tokenizer.model").exists()):

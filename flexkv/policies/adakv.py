@@ -73,14 +73,18 @@ class AdaKV(SnapKV):
         return w + min(prompt_len - w, most // D + 1)
 
     def prefill_budget(self, lc: LayerCache, ctx: PrefillContext) -> Tensor:
-        score = ctx.stats["snapkv"]                       # [B, Hkv, N] pooled window scores
-        protected = self.protected(ctx)                   # [B, Hkv, N]
-        candidate = (ctx.pos >= 0) & ~protected
+        # tensor parallel: the layer-wide top-k runs over every rank's heads (gathered in global
+        # head order, so ties go to the lower GLOBAL head); each rank keeps its heads' budgets
+        sh = ctx.shard
+        protected = self.protected(ctx)                   # [B, Hkv, N] (this rank's heads)
+        score = sh.gather_heads(ctx.stats["snapkv"])      # [B, Hkv, N] pooled window scores
+        pos = sh.gather_heads(ctx.pos)
+        candidate = (pos >= 0) & ~sh.gather_heads(protected)
         B, n_kv, N = score.shape
         sel = self.budget - self.window
         total = n_kv * sel
         flat = score.masked_fill(~candidate, -INF).reshape(B, n_kv * N)
-        top = _stable_desc(flat, ctx.pos.reshape(B, n_kv * N))[:, :total]  # [B, <= total]
+        top = _stable_desc(flat, pos.reshape(B, n_kv * N))[:, :total]  # [B, <= total]
         in_top = candidate.reshape(B, n_kv * N).gather(1, top).long()
         count = torch.zeros(B, n_kv, dtype=torch.long, device=score.device)
         count.scatter_add_(1, top // N, in_top)           # [B, Hkv] head g's tokens in the top
@@ -91,7 +95,7 @@ class AdaKV(SnapKV):
         by_rem = (quota % D).argsort(dim=1, descending=True, stable=True)  # ties: lower head
         rank = torch.empty_like(by_rem).scatter_(1, by_rem, torch.arange(n_kv, device=score.device)
                                                  .expand(B, n_kv).contiguous())
-        share = share + (rank < short).long()
+        share = sh.local_heads(share + (rank < short).long())
         compress = last_position(ctx.q_pos) >= self.budget  # [B, 1] more than C positions seen
         keep = torch.where(compress, protected.sum(dim=-1) + share, lc.capacity)
         decode_slots = ctx.info.max_new_tokens

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from flexkv import attention
 from flexkv.cache import KVCache, LayerCache
+from flexkv.distributed import SINGLE, Shard
 
 INF = float("inf")
 
@@ -55,6 +56,12 @@ class PrefillContext:
     info: ChunkInfo      # first / last chunk, prompt length, decode room
     budget: Tensor       # [B, Hkv] tokens to keep
 
+    @property
+    def shard(self) -> Shard:
+        """Tensor parallel: this rank's part (Hkv above are its heads); `sum_heads` /
+        `gather_heads` for decisions that span the layer's heads (no-ops on one rank)."""
+        return getattr(self.attn, "shard", SINGLE)
+
 
 @dataclass
 class DecodeContext:
@@ -67,6 +74,11 @@ class DecodeContext:
     q_pos: Tensor        # [B, 1] position of the new token
     attn: object
     active: Tensor       # [B] bool: rows that decode this step (an idle row changes nothing)
+
+    @property
+    def shard(self) -> Shard:
+        """Tensor parallel: this rank's part (see PrefillContext.shard)."""
+        return getattr(self.attn, "shard", SINGLE)
 
     def update(self, buf: Tensor, new: Tensor) -> None:
         """`buf[b] = new[b]` for the active rows only (a statistic update; no host sync)."""

@@ -42,6 +42,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from flexkv.distributed import kv_heads_total, shard_of
 from flexkv.policies.base import DecodeContext, PrefillContext
 from flexkv.policies.merging import (CumulativeAttention, MergingPolicy, first_after,
                                      kept_mask)
@@ -80,9 +81,10 @@ class CaM(CumulativeAttention, MergingPolicy, Streaming):
         if self.stochastic:
             g = torch.Generator(device=self.gate_generator.device)
             g.set_state(self.gate_generator.get_state())
-            u = torch.rand((len(cache.layers), batch, model.args.num_key_value_heads,
+            u = torch.rand((len(cache.layers), batch, kv_heads_total(model),
                             prompt_len + max_new_tokens), generator=g, device=g.device,
                            dtype=torch.float64)
+            u = shard_of(model).local_heads(u, dim=2)  # tensor parallel: this rank's heads' draws
             for lc, u_l in zip(cache.layers, u):  # [B, Hkv, T + N] per layer
                 lc.register_buffer("gate_u", u_l.to(device=lc.score.device, dtype=lc.score.dtype))
         return cache

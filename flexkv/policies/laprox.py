@@ -40,6 +40,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from flexkv.distributed import SINGLE, Shard, shard_of
 from flexkv.policies.base import INF, Policy, PrefillContext
 from flexkv.policies.registry import register
 from flexkv.policies.scores import last_position, pool_over_positions, recent_mask, window_probs
@@ -81,11 +82,13 @@ def output_error_norms(probs: Tensor, v: Tensor, o_weight: Tensor) -> Tensor:
     return sq.clamp_min(0).sqrt()
 
 
-def window_output_norm(probs: Tensor, v: Tensor, o_weight: Tensor) -> Tensor:
-    """||O_l[W]||_F per batch row: [B]. probs [B, Hkv, G, W, N], v [B, Hkv, N, D]."""
+def window_output_norm(probs: Tensor, v: Tensor, o_weight: Tensor, shard: Shard = SINGLE) -> Tensor:
+    """||O_l[W]||_F per batch row: [B]. probs [B, Hkv, G, W, N], v [B, Hkv, N, D]. Tensor
+    parallel: o_weight holds this rank's heads' columns, so the block output is the all-reduced
+    sum of every rank's partial product (as the model's o_proj)."""
     B, n_kv, G, W, _ = probs.shape
     heads = torch.einsum("bkgtn,bknd->btkgd", probs, v.to(probs.dtype)).reshape(B, W, -1)
-    return (heads @ o_weight.to(probs.dtype).T).flatten(1).norm(dim=-1)
+    return shard.all_reduce(heads @ o_weight.to(probs.dtype).T).flatten(1).norm(dim=-1)
 
 
 @register
@@ -147,11 +150,11 @@ class LaProx(Policy):
         score = fn(probs, ctx.v, w_o).masked_fill(~cand, 0.0)      # [B, Hkv, N]
         score = pool_over_positions(score, ctx.pos, self.kernel, "avg").masked_fill(~cand, 0.0)
         norm = self._normalize()
-        if norm == "layer":  # all the layer's heads
-            total = score.sum(dim=(1, 2), keepdim=True)             # [B, 1, 1]
+        if norm == "layer":  # all the layer's heads (every rank's, under tensor parallelism)
+            total = ctx.shard.sum_heads(score.sum(dim=-1, keepdim=True))  # [B, 1, 1]
             score = score / torch.where(total > 0, total, torch.ones_like(total))
         elif norm == "output":
-            out = window_output_norm(probs, ctx.v, w_o)             # [B]
+            out = window_output_norm(probs, ctx.v, w_o, ctx.shard)  # [B]
             score = score / torch.where(out > 0, out, torch.ones_like(out))[:, None, None]
         return {"score": score.to(ctx.stats["score"].dtype)}
 
@@ -160,17 +163,22 @@ class LaProx(Policy):
         return torch.where(win, INF, ctx.stats["score"])
 
     def finish_prefill(self, cache, model) -> None:
-        """Global top-K over all layers' stored candidates (per batch row)."""
+        """Global top-K over all layers' stored candidates (per batch row). Tensor parallel:
+        every rank gathers all ranks' candidate scores and positions (in global head order) and
+        runs the same selection, then applies its own heads' part."""
+        sh = shard_of(model)
         layers = list(cache.layers)
-        B, n_kv = layers[0].pos.shape[:2]
+        B = layers[0].pos.shape[0]
+        n_kv = layers[0].pos.shape[1] * sh.world
         k_keep = len(layers) * n_kv * (self.budget - self.window)
         cands, scores, poss = [], [], []
         for lc in layers:
-            last = lc.pos.amax(dim=-1, keepdim=True)                 # [B, Hkv, 1] prompt's last pos
-            cand = (lc.pos >= 0) & (lc.pos <= last - self.window)    # outside the window
+            pos_l = sh.gather_heads(lc.pos)                          # [B, Hkv, S] all ranks
+            last = pos_l.amax(dim=-1, keepdim=True)                  # [B, Hkv, 1] prompt's last pos
+            cand = (pos_l >= 0) & (pos_l <= last - self.window)      # outside the window
             cands.append(cand)
-            scores.append(lc.score.masked_fill(~cand, -INF).reshape(B, -1))
-            poss.append(lc.pos.reshape(B, -1))
+            scores.append(sh.gather_heads(lc.score).masked_fill(~cand, -INF).reshape(B, -1))
+            poss.append(pos_l.reshape(B, -1))
         score, pos = torch.cat(scores, 1), torch.cat(poss, 1)      # [B, sum_l Hkv*S_l]
         # sort descending by (score, pos, layer, head): flat index is (layer, head)-major
         order = torch.arange(score.shape[1] - 1, -1, -1, device=score.device).expand(B, -1)
@@ -184,5 +192,5 @@ class LaProx(Policy):
             keep = (rank[:, start:start + n] < k_keep).view_as(cand)
             start += n
             headroom = lc.capacity - lc.budget                        # = max_new_tokens
-            lc.pos.masked_fill_(cand & ~keep, -1)
+            lc.pos.masked_fill_(sh.local_heads(cand & ~keep), -1)
             lc.budget.copy_(lc.retained() + headroom)

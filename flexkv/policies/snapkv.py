@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 
 from flexkv.cache import LayerCache
+from flexkv.distributed import kv_heads_total
 from flexkv.policies.base import INF, Policy, PrefillContext
 from flexkv.policies.registry import register
 from flexkv.policies.scores import last_position, pool_over_positions, recent_mask, window_probs
@@ -82,7 +83,7 @@ class SnapKV(Policy):
     def build_cache(self, model, batch: int, prompt_len: int, max_new_tokens: int,
                     capacities: list[int] | None = None):
         self.n_layers = model.args.num_hidden_layers
-        self.n_kv_heads = model.args.num_key_value_heads
+        self.n_kv_heads = kv_heads_total(model)  # every rank's, under tensor parallelism
         return super().build_cache(model, batch, prompt_len, max_new_tokens, capacities)
 
     # ------------------------------------------------------------------ scoring

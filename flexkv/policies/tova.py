@@ -22,21 +22,23 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from flexkv.distributed import SINGLE, Shard
 from flexkv.policies.base import DecodeContext, Policy, PrefillContext
 from flexkv.policies.registry import register
 from flexkv.policies.scores import window_probs
 
 
-def layer_mean_by_position(probs: Tensor, pos: Tensor) -> Tensor:
+def layer_mean_by_position(probs: Tensor, pos: Tensor, shard: Shard = SINGLE) -> Tensor:
     """Mean over all query heads of a layer, token by token (matched through `pos`, not slots).
 
     probs: [B, Hkv, G, N] attention of one query per head; pos: [B, Hkv, N], the same position set
     in every KV head of a row (empty slots -1). -> [B, Hkv, N]: each slot gets the layer score of
-    the token it holds (identical across heads)."""
+    the token it holds (identical across heads). Tensor parallel: the heads of every rank (all
+    ranks hold the same positions too), one all-reduce of [B, 1, N]."""
     order = pos.argsort(dim=-1, stable=True)                     # [B, Hkv, N] slots by position
     per_head = probs.sum(dim=2).gather(-1, order)                # [B, Hkv, N] in position order
-    n_heads = probs.shape[1] * probs.shape[2]
-    layer = (per_head.sum(dim=1, keepdim=True) / n_heads).expand_as(per_head)  # [B, Hkv, N]
+    n_heads = probs.shape[1] * probs.shape[2] * shard.world
+    layer = (shard.sum_heads(per_head, dim=1) / n_heads).expand_as(per_head)  # [B, Hkv, N]
     return layer.new_empty(layer.shape).scatter_(-1, order, layer)
 
 
@@ -50,7 +52,7 @@ class TOVA(Policy):
         # the chunk's last query (per row: left padding sits on the left, so it is a real one
         # whenever the row has any real query in the chunk; an all-padding row gets zeros)
         last = window_probs(ctx.q, ctx.k, ctx.q_pos, ctx.pos, 1, ctx.window)[:, :, :, 0]  # [B,Hkv,G,N]
-        return layer_mean_by_position(last, ctx.pos)
+        return layer_mean_by_position(last, ctx.pos, ctx.shard)
 
     def decode_victim_score(self, ctx: DecodeContext) -> Tensor:
-        return layer_mean_by_position(ctx.probs, ctx.lc.pos)     # probs: [B, Hkv, G, S]
+        return layer_mean_by_position(ctx.probs, ctx.lc.pos, ctx.shard)  # probs: [B, Hkv, G, S]

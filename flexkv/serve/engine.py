@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from flexkv.cache import KVCache
+from flexkv.distributed import shard_of
 from flexkv.generate import Prefill, compiled_decode, decode_one_token, stop_token_ids
 from flexkv.policies import make_policy
 from flexkv.serve.sampling import sample_slots
@@ -486,7 +487,9 @@ class Engine:
         self._temperature[slot] = float(p.temperature)
         self._top_k[slot] = p.top_k
         self._top_p[slot] = float(p.top_p)
-        self._seed[slot] = p.seed if p.seed is not None else secrets.randbits(62)
+        seed = torch.tensor(p.seed if p.seed is not None else secrets.randbits(62),
+                            device=self.device)
+        self._seed[slot] = shard_of(self.model).broadcast(seed)  # tensor parallel: rank 0's seed
         self._steps[slot] = 0
         self._pos[slot, 0] = T
         self._counters["prompt_tokens_total"] += T
