@@ -217,6 +217,29 @@ def budgetless(policy: str) -> bool:
     return policy.split("+")[0] == "full"
 
 
+def resolved_params(policy: str, budget, params=None) -> dict | None:
+    """Every parameter of the policy after its defaults (budget aside), for the cell cache keys:
+    a changed default then never serves a cell computed under the old one."""
+    import dataclasses
+
+    from flexkv.policies import make_policy
+
+    try:
+        pol = make_policy(policy, budget=None if budgetless(policy) else budget, **(params or {}))
+    except ValueError:
+        return None
+    out = {}
+    while pol is not None and dataclasses.is_dataclass(pol):
+        names = [f.name for f in dataclasses.fields(pol) if f.init]
+        for n in names:
+            if n not in ("budget", "base"):
+                v = getattr(pol, n)
+                ok = v is None or isinstance(v, (bool, int, float, str, tuple, list))
+                out[f"{type(pol).name}.{n}"] = v if ok else type(v).__name__
+        pol = getattr(pol, "base", None) if "base" in names else None
+    return out
+
+
 def prefill_only(policy: str, budget=64) -> bool:
     """True for policies that compress the prompt only (decode appends without eviction)."""
     from flexkv.policies import make_policy
@@ -290,6 +313,9 @@ class Runner:
                  filler=self.filler_digest[haystack], needle=self.args.needle, chat=self.chat,
                  length=length, depth=depth, key_idx=key_idx, seed=self.args.seed,
                  max_new_tokens=self.args.max_new_tokens)
+        resolved = resolved_params(policy, budget, params)
+        if resolved:  # (none for full/tova: their cached cells keep their keys)
+            k["resolved"] = resolved
         if params:
             k["params"] = params
         return k
@@ -359,6 +385,9 @@ class Runner:
         key = dict(self.base_key, kind="ppl", policy=policy, budget=budget,
                    text=self.ppl_source["text_sha1"], prompt_tokens=a.ppl_prompt,
                    tokens=a.ppl_tokens)
+        resolved = resolved_params(policy, budget, params)
+        if resolved:
+            key["resolved"] = resolved
         if params:
             key["params"] = params
         hit = self.lookup(key)
@@ -883,14 +912,15 @@ def report(out_dir: Path, name: str, meta: dict, cfg: dict, policies: list[str],
                     best[b] = ([p for p, v in vals.items() if v == m], m)
             L += ["Lowest PPL per budget: " + "; ".join(f"{b}: {', '.join(ps)} ({v:.3f})"
                                                        for b, (ps, v) in best.items()) + ".", ""]
-        growth = [(c["policy"], c["budget"], c["vnorm_growth"]) for c in pp["cells"]
-                  if c.get("vnorm_growth") is not None]
+        growth = [(c["policy"], c["budget"], c["vnorm_curve"]) for c in pp["cells"]
+                  if c.get("vnorm_curve")]
         if growth:
-            L += ["Mean norm of the kept values at the end of the stream over the start "
-                  "(eviction keeps the model's own values, so the ratio only reflects which tokens "
-                  "are kept; cam's merge adds evicted values to the kept ones, which grow along "
-                  "the stream): " +
-                  ", ".join(f"{p}@{b}: {g:.2f}" for p, b, g in growth) + ".", ""]
+            L += ["Mean norm of the kept values over its value at the start of the stream, at the "
+                  "end (and the largest, sampled every 64 steps; eviction keeps the model's own "
+                  "values, so the ratio only reflects which tokens are kept; cam's merge adds "
+                  "evicted values to the kept ones, which grow along the stream): " +
+                  ", ".join(f"{p}@{b}: {v[-1] / v[0]:.2f} ({max(v) / v[0]:.2f})"
+                            for p, b, v in growth) + ".", ""]
         steps = [c["step_ms"] for c in pp["cells"] if "step_ms" in c]
         if steps:
             L += [f"Per-step time {min(steps):.1f}-{max(steps):.1f} ms (incl. compile when "

@@ -289,7 +289,10 @@ def check_policy(policy, reference=None, params: Callable | None = None, *,
                  max_examples: int = 8, model_strategy=None, settings=None, **fixed) -> None:
     """Check `policy` (a Policy subclass or a registered name) on hypothesis-drawn scenarios;
     raises AssertionError (with hypothesis' falsifying example) on the first violation.
-    See the module docstring for the properties and the parameter conventions."""
+    See the module docstring for the properties and the parameter conventions.
+    `model_strategy`: the models to draw (default `models()`); `settings`: a hypothesis
+    `settings` object to start from (default: derandomized, no deadline, no example database),
+    whose `max_examples` is replaced by `max_examples`."""
     props = tuple(properties)
     unknown = sorted(set(props) - set(PROPERTIES))
     if unknown:
