@@ -43,6 +43,7 @@ for the registered one. Needs hypothesis (`pip install 'flexkv[test]'`).
 from __future__ import annotations
 
 import functools
+import os
 from typing import Callable, Iterable
 
 import torch
@@ -291,7 +292,8 @@ def check_policy(policy, reference=None, params: Callable | None = None, *,
     raises AssertionError (with hypothesis' falsifying example) on the first violation.
     See the module docstring for the properties and the parameter conventions.
     `model_strategy`: the models to draw (default `models()`); `settings`: a hypothesis
-    `settings` object to start from (default: derandomized, no deadline, no example database),
+    `settings` object to start from (default: no deadline, no example database, derandomized
+    only when the environment variable CI is set, so local runs keep exploring new examples),
     whose `max_examples` is replaced by `max_examples`."""
     props = tuple(properties)
     unknown = sorted(set(props) - set(PROPERTIES))
@@ -327,7 +329,8 @@ def check_policy(policy, reference=None, params: Callable | None = None, *,
 
 
 def _given(policy, draw_kw, props, protected, exempt, max_examples, model_strategy, user_settings):
-    base = user_settings or hsettings(deadline=None, derandomize=True, database=None)
+    base = user_settings or hsettings(deadline=None, derandomize=bool(os.environ.get("CI")),
+                                      database=None)
     cfg = hsettings(base, max_examples=max_examples, suppress_health_check=[
         HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
