@@ -184,17 +184,10 @@ def run(n: int, shape: str | None, device: str, dtype: str, policies: list[str],
     with tempfile.TemporaryDirectory() as tmp:
         for tag, world, threads, nocomm in configs:
             results[tag] = launch(cfg, world, threads, nocomm, Path(tmp), tag)
-    layers = SHAPES[shape]["num_hidden_layers"]
-    ar = results[f"tp{n}"]["allreduce_us"]
     rows = []
     for i, pol in enumerate(policies):
-        ms = {tag: results[tag]["rows"][i]["decode_ms"] for tag in results}
-        per_step = 2 * layers + (layers if pol.split("+")[0] == "tova" else 0)
-        rows.append(dict(policy=pol, **{f"{t}_ms": v for t, v in ms.items()},
-                         speedup=ms["tp1"] / ms[f"tp{n}"],
-                         collective_share=1 - ms[f"tp{n}-nocomm"] / ms[f"tp{n}"],
-                         allreduces_per_step=per_step,
-                         allreduce_share_est=per_step * ar / 1e3 / ms[f"tp{n}"],
+        rows.append(dict(policy=pol, **{f"{t}_ms": results[t]["rows"][i]["decode_ms"]
+                                        for t in results},
                          kv_bytes_per_rank_tp=results[f"tp{n}"]["rows"][i]["kv_bytes_per_rank"],
                          kv_bytes_tp1=results["tp1"]["rows"][i]["kv_bytes_per_rank"]))
     try:
@@ -204,20 +197,48 @@ def run(n: int, shape: str | None, device: str, dtype: str, policies: list[str],
         commit = "unknown"
     dev = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     meta = dict(command="python bench/speed.py " + " ".join(argv), commit=commit, device=dev,
-                torch=torch.__version__, cores=os.cpu_count(), wall_s=round(time.perf_counter() - t0, 1),
+                torch=torch.__version__, cores=os.cpu_count(),
+                wall_s=round(time.perf_counter() - t0, 1),
                 load_avg=os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-                config=cfg, tp=n, allreduce_us=ar,
+                config=cfg, tp=n, allreduce_us=results[f"tp{n}"]["allreduce_us"],
                 threads={t: results[t]["threads"] for t in results})
+    return write(meta, rows, out_dir)
+
+
+def derive(meta: dict, rows: list[dict]) -> list[dict]:
+    """The ratios of each row: speedups over TP=1 (same total threads, and one thread on CPU),
+    the collective share (1 - nocomm / tpN) and its estimate from the all-reduce latency."""
+    n, layers = meta["tp"], SHAPES[meta["config"]["shape"]]["num_hidden_layers"]
+    out = []
+    for r in rows:
+        r = {k: v for k, v in r.items() if not k.startswith(("speedup", "collective", "allred"))}
+        tp, base = r[f"tp{n}_ms"], r["tp1_ms"]
+        per_step = 2 * layers + (layers if r["policy"].split("+")[0] == "tova" else 0)
+        r.update(speedup_vs_tp1=base / tp)
+        if "tp1-1thread_ms" in r:
+            r.update(speedup_vs_tp1_1thread=r["tp1-1thread_ms"] / tp)
+        r.update(collective_share=1 - r[f"tp{n}-nocomm_ms"] / tp, allreduces_per_step=per_step,
+                 allreduce_share_est=per_step * meta["allreduce_us"] / 1e3 / tp)
+        out.append(r)
+    return out
+
+
+def write(meta: dict, rows: list[dict], out_dir: Path) -> int:
+    rows = derive(meta, rows)
+    cfg, n = meta["config"], meta["tp"]
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = f"tp{n}-{device}"
+    name = f"tp{n}-{cfg['device']}"
     (out_dir / f"{name}.json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    cols = [k for k in rows[0]]
+    cols = list(rows[0])
+    load = meta["load_avg"]
     md = [f"# Speed: tensor parallel, TP=1 vs TP={n}\n",
-          f"`{meta['command']}`  \ncommit {commit}, device {dev}, torch {torch.__version__}, "
-          f"{meta['cores']} cores (load average {meta['load_avg']}), wall {meta['wall_s']} s; "
-          f"model `{shape}` {dtype}, batch {batch}, prompt {prompt}, budget {budget}, "
-          f"{new_tokens} new tokens, compile={compile}; one all-reduce of the hidden state "
-          f"{ar:.0f} us\n",
+          f"`{meta['command']}`  \ncommit {meta['commit']}, device {meta['device']}, torch "
+          f"{meta['torch']}, {meta['cores']} cores (load average at the end "
+          f"{'-' if load is None else f'{load:.1f}'}), wall {meta['wall_s']} s; model "
+          f"`{cfg['shape']}` {cfg['dtype']}, batch {cfg['batch']}, prompt {cfg['prompt']}, budget "
+          f"{cfg['budget']}, {cfg['new_tokens']} new tokens, compile={cfg['compile']}; threads per "
+          f"process {meta['threads']}; one all-reduce of the hidden state "
+          f"{meta['allreduce_us']:.0f} us\n",
           "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         md.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v)
@@ -233,6 +254,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["--worker"]:
         worker(json.loads(Path(argv[1]).read_text()))
         return 0
+    if argv[:1] == ["--render"]:  # the derived columns and the table again, from a saved json
+        saved = json.loads(Path(argv[1]).read_text())
+        return write(saved["meta"], saved["rows"], Path(argv[1]).parent)
     ap = argparse.ArgumentParser(prog="bench/tp_speed.py", description=__doc__.split("\n")[0])
     ap.add_argument("--tp", type=int, default=2)
     ap.add_argument("--tp-model", choices=sorted(SHAPES))
