@@ -81,7 +81,7 @@ def slot_bytes(model, policy, budget, prompt_max, max_tokens, dtype) -> int:
     """Bytes of K/V of one engine slot (the engine's own sizing rule)."""
     from flexkv.policies import make_policy
     a = model.args
-    caps = make_policy(policy, budget=budget).max_capacities(a.num_hidden_layers, prompt_max, max_tokens)
+    caps = make_policy(policy, budget=budget).max_capacities(model, prompt_max, max_tokens)
     return sum(2 * c * a.num_key_value_heads * a.head_dim * dtype.itemsize for c in caps)
 
 

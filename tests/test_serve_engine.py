@@ -203,6 +203,18 @@ def test_zero_recompiles_while_requests_come_and_go(tiny_llama):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.parametrize("name, kw", [("adakv", dict(budget=10, window=2)),
+                                      ("pyramidkv", dict(budget=10, window=2)),
+                                      ("h2o", dict(budget=8)), ("full", {})])
+def test_slot_capacities_hold_the_longest_request(tiny64, name, kw):
+    """The engine's per-layer slots are at least what a solo run of the longest prompt uses
+    (adakv's capacity depends on the KV-head count: the shape is bound before sizing)."""
+    eng = Engine(tiny64, None, name, max_slots=1, max_new_tokens=8, max_prompt_tokens=40, **kw)
+    solo = flexkv.policies.make_policy(name, **kw).build_cache(tiny64, 1, 40, 8)
+    assert eng.capacities == [lc.capacity for lc in solo.layers] or name == "pyramidkv"
+    assert all(e >= lc.capacity for e, lc in zip(eng.capacities, solo.layers))
+
+
 def test_kv_memory_sizes_the_slots(tiny64):
     per_full = Engine(tiny64, None, "full", max_slots=1, max_new_tokens=8, max_prompt_tokens=56).slot_kv_bytes
     eng = Engine(tiny64, None, "full", kv_memory=3 * per_full + 5, max_new_tokens=8, max_prompt_tokens=56)

@@ -134,11 +134,17 @@ class Policy:
             return capacity
         return capacity - 1
 
-    def max_capacities(self, n_layers: int, max_prompt_len: int, max_new_tokens: int) -> list[int]:
+    def bind_model(self, model) -> None:
+        """Record what the policy needs of the model's shape (layers, KV heads) before any
+        capacity is computed; called by `build_cache` and `max_capacities`."""
+
+    def max_capacities(self, model, max_prompt_len: int, max_new_tokens: int) -> list[int]:
         """Per layer, the slots that hold any prompt of at most `max_prompt_len` tokens plus
         `max_new_tokens` (a serving engine's static slot size). Capacities grow with the prompt
         for every built-in policy but pyramidkv, which overrides this."""
-        return [self.capacity(l, max_prompt_len, max_new_tokens) for l in range(n_layers)]
+        self.bind_model(model)
+        return [self.capacity(l, max_prompt_len, max_new_tokens)
+                for l in range(model.args.num_hidden_layers)]
 
     def build_cache(self, model, batch: int, prompt_len: int, max_new_tokens: int,
                     capacities: list[int] | None = None) -> KVCache:

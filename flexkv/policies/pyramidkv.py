@@ -57,10 +57,11 @@ class PyramidKV(SnapKV):
     def prefill_keep(self, layer: int, prompt_len: int) -> int:
         return pyramid_budgets(self.budget, self.window, prompt_len, self.n_layers, self.beta)[layer]
 
-    def max_capacities(self, n_layers: int, max_prompt_len: int, max_new_tokens: int) -> list[int]:
+    def max_capacities(self, model, max_prompt_len: int, max_new_tokens: int) -> list[int]:
         """A shorter prompt gives the upper layers MORE tokens (`min` rises when `max` is
         capped at T - w), so each layer's slot count is the maximum over every prompt length."""
-        self.n_layers = n_layers
+        self.bind_model(model)
+        n_layers = self.n_layers
         most = [0] * n_layers
         for T in range(1, max_prompt_len + 1):
             if not self.effective(T, max_new_tokens):

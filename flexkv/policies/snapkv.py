@@ -82,9 +82,12 @@ class SnapKV(Policy):
 
     def build_cache(self, model, batch: int, prompt_len: int, max_new_tokens: int,
                     capacities: list[int] | None = None):
+        self.bind_model(model)
+        return super().build_cache(model, batch, prompt_len, max_new_tokens, capacities)
+
+    def bind_model(self, model) -> None:
         self.n_layers = model.args.num_hidden_layers
         self.n_kv_heads = kv_heads_total(model)  # every rank's, under tensor parallelism
-        return super().build_cache(model, batch, prompt_len, max_new_tokens, capacities)
 
     # ------------------------------------------------------------------ scoring
     def protected(self, ctx: PrefillContext) -> Tensor:

@@ -262,7 +262,7 @@ class Engine:
         self.policy_name = self.policy.name
         self.max_new_tokens, self.max_prompt_tokens = max_new_tokens, max_prompt_tokens
         self.prefill_chunk, self.max_waiting = prefill_chunk, max_waiting
-        self.capacities = self.policy.max_capacities(a.num_hidden_layers, max_prompt_tokens, max_new_tokens)
+        self.capacities = self.policy.max_capacities(model, max_prompt_tokens, max_new_tokens)
         dtype = model.lm_head.weight.dtype
         self.device = model.lm_head.weight.device
         self.slot_kv_bytes = sum(2 * cap * a.num_key_value_heads * a.head_dim * dtype.itemsize
