@@ -25,7 +25,7 @@ def case(name):
 
 @case("streaming")
 def _streaming(draw, T):
-    n_sink = draw(st.integers(0, 4))
+    n_sink = draw(st.integers(0, min(4, T - 2)))  # T >= 4 (a prompt of 8+ tokens, half padding)
     return dict(budget=draw(st.integers(n_sink + 1, T - 1)), n_sink=n_sink)
 
 
