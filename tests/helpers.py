@@ -155,3 +155,34 @@ class NoCacheBuilt:
         if exc[0] is None or issubclass(exc[0], Exception):
             assert not self.built, "a cache was built before the input was rejected"
         return False
+
+
+def load_bench(name: str):
+    """Import `bench/<name>.py` (not a package) as module `bench_<name>`; registered in
+    sys.modules, where dataclasses look their module up."""
+    import importlib.util
+    import sys
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[f"bench_{name}"] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
+class torch_threads:
+    """Context manager: run with `n` torch intra-op threads, restoring the old count after
+    (tiny models on a busy 2-core machine run several times faster on one thread)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __enter__(self):
+        self.old = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+        return self
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.old)
+        return False

@@ -41,14 +41,8 @@ def case(draw):
 @SET
 @given(case(), st.booleans())
 def test_decode_flex_equals_explicit(c, with_bias):
-    B, n_kv, G, N, D, window, seed = c
-    g = torch.Generator().manual_seed(seed)
-    q = torch.randn(B, n_kv * G, 1, D, generator=g, dtype=torch.float64)
-    k, v = (torch.randn(B, n_kv, N, D, generator=g, dtype=torch.float64) for _ in range(2))
-    k_pos = torch.randint(-1, 50, (B, n_kv, N), generator=g)
-    k_pos[..., 0] = 50  # the new token itself is always cached
-    q_pos = torch.full((B, 1), 50)
-    bias = torch.rand(B, n_kv, N, generator=g, dtype=torch.float64).log() if with_bias else None
+    B, n_kv, G, N = c[:4]
+    q, k, v, k_pos, q_pos, window, bias = _decode_case(c, with_bias, torch.float64)
     o_ref, p_ref = dense(q, k, v, q_pos, k_pos, window, bias)
     sm = attention.masked_decode_score(k_pos, q_pos, G, window, bias)
     o_flex = flex_attention(q, k, v, score_mod=sm, enable_gqa=G > 1)

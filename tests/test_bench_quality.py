@@ -1,12 +1,13 @@
 """The quality benchmark's harness runs end to end on a tiny random model with a tiny
 character-level tokenizer (2 passkey cells, streaming PPL over ~50 tokens), resumes from its cell
 cache, and skips the kvpress side by side when its virtualenv is missing."""
-import importlib.util
 import json
 import pathlib
 import sys
 
 import pytest
+
+from helpers import load_bench
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -15,11 +16,7 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['cont
 
 
 def load_quality():
-    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "bench" / "quality.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_quality"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("quality")
 
 
 def tiny_tokenizer(path: pathlib.Path):

@@ -1,26 +1,19 @@
 """The serving benchmark's harness runs end to end: a tiny random llama with a byte-level
 tokenizer (as tests/test_server.py), the real server on loopback, every configuration at the
 same KV memory, the sequential baseline; no compile."""
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
+
+from helpers import load_bench
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 pytest.importorskip("httpx")
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
 
 def load_serve_bench():
-    spec = importlib.util.spec_from_file_location("bench_serve", ROOT / "bench" / "serve.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_serve"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("serve")
 
 
 def byte_tokenizer():

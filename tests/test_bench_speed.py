@@ -1,20 +1,13 @@
 """The speed benchmark's harness runs end to end (tiny random model, eager, one cell per policy)."""
-import importlib.util
 import json
-import pathlib
-import sys
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+from helpers import load_bench
 
 
 def load_speed():
-    spec = importlib.util.spec_from_file_location("bench_speed", ROOT / "bench" / "speed.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["bench_speed"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench("speed")
 
 
 def test_tiny_speed_grid(tmp_path, capsys):

@@ -51,10 +51,10 @@ def _torchrun(args: list[str], timeout: int = 600, **kw) -> subprocess.Completed
 def _one_thread():
     """The single-process references are tiny: one thread (two spin on a busy 2-core machine,
     measured 20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    from helpers import torch_threads
+
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -88,12 +88,10 @@ class LiveServer:
 def _one_torch_thread():
     """The engine thread, uvicorn and the clients share 2 cores: one intra-op thread is ~5x
     faster here than two fighting over them."""
-    import torch
+    from helpers import torch_threads
 
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with torch_threads(1):
+        yield
 
 
 @pytest.fixture(scope="module")
