@@ -56,7 +56,7 @@ def test_tiny_quality_grid(tiny_dir, tmp_path, capsys):
             "--suites", "passkey,ppl,kvpress", "--policies", "h2o", "--vam-variants", "",
             "--lengths", "420", "--depths", "0.5", "--budgets", "48", "--keys", "1",
             "--haystacks", "classic", "--max-new-tokens", "3",
-            "--text", str(text), "--ppl-prompt", "8", "--ppl-tokens", "50",
+            "--text", str(text), "--ppl-prompt", "8", "--ppl-tokens", "50", "--ppl-budgets", "48",
             "--kvpress-venv", str(tmp_path / "no-venv"), "--no-kvpress-setup",
             "--out", str(out), "--name", "tiny"]
     assert q.main(argv) == 0
@@ -82,7 +82,9 @@ def test_tiny_quality_grid(tiny_dir, tmp_path, capsys):
     assert "## Passkey retrieval" in md and "## Streaming perplexity" in md and "| h2o |" in md
     assert data["meta"]["cells_computed"] == 4
     pngs = {p.name for p in out.glob("*.png")}
-    if q._plt() is not None:
+    from quality_suites.report import _plt
+
+    if _plt() is not None:
         assert {"tiny_ppl.png", "tiny_heatmap_h2o.png", "tiny_heatmap_full.png"} <= pngs
     # resume: the same grid again computes nothing
     assert q.main(argv) == 0
@@ -99,8 +101,10 @@ def test_question_start_and_prose(tiny_dir):
     sys.path.insert(0, str(ROOT / "bench"))
     import kvpress_side as ks
 
-    q = load_quality()
-    prose = q.pydoc_prose(no_digits=True)
+    load_quality()
+    from quality_suites.common import pydoc_prose
+
+    prose = pydoc_prose(no_digits=True)
     assert len(prose) > 20000 and not any(ch.isdigit() for ch in prose)
     tok = transformers.AutoTokenizer.from_pretrained(str(tiny_dir))
     ids, _ = build_passkey_prompt(tok, 400, 0.3, "12345", filler=prose)
@@ -129,13 +133,13 @@ def test_vam_sweep_alpha_zero_is_the_base(tiny_dir, tmp_path):
     text.write_text("Pack my box with five dozen liquor jugs. " * 3)
     out = tmp_path / "out"
     assert q.main(["--model", str(tiny_dir), "--device", "cpu", "--compile", "off",
-                   "--suites", "ppl,vam", "--policies", "full", "--ppl-policies", "streaming",
-                   "--vam-variants", "", "--vam-bases", "h2o", "--alphas", "0,0.35",
-                   "--budgets", "24", "--text", str(text), "--ppl-prompt", "8",
+                   "--suites", "ppl,vam-stream", "--policies", "full", "--ppl-policies", "streaming",
+                   "--vam-variants", "", "--vam-stream-bases", "h2o", "--alphas", "0,0.35",
+                   "--budgets", "24", "--ppl-budgets", "24", "--text", str(text), "--ppl-prompt", "8",
                    "--ppl-tokens", "30", "--out", str(out), "--name", "vam"]) == 0
     data = json.loads((out / "vam.json").read_text())
     assert [c["policy"] for c in data["results"]["ppl"]["cells"]] == ["full", "streaming"]
-    cells = data["results"]["vam"]["cells"]
+    cells = data["results"]["vam-stream"]["cells"]
     by = {(c["policy"], c["alpha"]): c["ppl"] for c in cells}
     assert by[("h2o+vam", 0.0)] == pytest.approx(by[("h2o", None)], rel=1e-6)
     assert by[("h2o+vam", 0.35)] != pytest.approx(by[("h2o", None)], rel=1e-6)
