@@ -53,13 +53,16 @@ _COMMON = dict(policies=None, vam_variants=[], haystacks=["classic"], chat=False
                ppl_prompt=16, ppl_budgets=None, vam_bases=["full", "snapkv", "pyramidkv"],
                vam_stream_bases=["h2o"], ruler_budgets=[], ruler_min_full=0.5, ruler_tasks=None,
                ruler_max_new=None, fid_tokens=256)
+# the policies that evict during decode: the others (prefill-only) keep a 16-token prompt whole and
+# then append, so their streaming PPL is the full cache's by construction
+DECODE_TIME = ["full", "streaming", "h2o", "tova", "keydiff", "cam", "weightedkv"]
 PRESETS = {
     # the committed grid: sized to run on the 2-core dev CPU in <= 2 h (README: bench/quality.py)
     "cpu": dict(_COMMON, suites=["ruler", "fidelity", "passkey", "ppl", "vam"],
                 lengths=[1024, 2048], depths=[0.1, 0.5, 0.9], budgets=[128, 256],
                 heatmap_budget=128, ruler_lengths=[2048], ruler_samples=2,
-                ruler_ratios=[0.5, 0.75, 0.9], ruler_max_new=64, fid_prefix=2048, fid_samples=1,
-                ppl_tokens=4096, ppl_budgets=[256], ppl_policies=None, alphas=[0.0, 0.1, 0.35],
+                ruler_ratios=[0.75, 0.9], ruler_max_new=64, fid_prefix=2048, fid_samples=1,
+                ppl_tokens=4096, ppl_budgets=[256], ppl_policies=DECODE_TIME, alphas=[0.1, 0.35],
                 vam_ratios=[0.75]),
     # the full grid (a GPU: --device cuda)
     "gpu": dict(_COMMON, suites=["ruler", "fidelity", "passkey", "ppl", "vam", "vam-stream",

@@ -229,6 +229,38 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
     return "\n".join([line(header), "  ".join("-" * x for x in w)] + [line(r) for r in rows])
 
 
+def smallest_budgets(still_answers, answered: dict, floor: int) -> dict:
+    """{policy: (smallest budget that still answers, KV bytes held there)}: from each policy's
+    (budget, bytes) that answered, the budget is halved while `still_answers(policy, budget)`
+    returns (True, bytes) and the budget stays >= floor."""
+    out = {}
+    for p, (budget, nbytes) in answered.items():
+        while budget // 2 >= floor:
+            ok, b_bytes = still_answers(p, budget // 2)
+            if not ok:
+                break
+            budget, nbytes = budget // 2, b_bytes
+        out[p] = (budget, nbytes)
+    return out
+
+
+def tradeoff_line(smallest: dict, full_bytes, budget: int, floor: int) -> str:
+    """The demo's last line: the smallest budget at which the best policy still answers, next to
+    the memory it saves against the full cache."""
+    if not smallest:
+        return (f"trade-off: no compressing policy answered at budget {budget}; try a larger "
+                "--budget")
+    ranked = sorted(smallest.items(), key=lambda kv: (kv[1][0], kv[1][1], kv[0]))
+    parts = []
+    for p, (b, nbytes) in ranked:
+        saved = "" if not full_bytes else f", {100 * (1 - nbytes / full_bytes):.1f} % less than full"
+        parts.append(f"{p} at {b} ({_mib(nbytes)}{saved})")
+    best_p, (best_b, _) = ranked[0]
+    return (f"trade-off: smallest budget that still answers (halving from {budget}, floor "
+            f"{floor}; full cache {_mib(full_bytes) if full_bytes else 'not run'}): "
+            f"best {best_p} at {best_b} tokens/head; " + "; ".join(parts))
+
+
 def cmd_demo(args) -> int:
     import torch
 
@@ -256,25 +288,44 @@ def cmd_demo(args) -> int:
           f"{', chat template' if chat else ', plain prompt'}; compile={compile_}",
           file=sys.stderr, flush=True)
     eos = _eos_ids(tok, model)
-    rows = []
-    for p in pols:
-        budget = _default_budget(p, args.budget)
-        print(f"[flexkv] running {p} ...", end="", file=sys.stderr, flush=True)
+
+    def run(p, budget, quiet=False):
+        if not quiet:
+            print(f"[flexkv] running {p} ...", end="", file=sys.stderr, flush=True)
         t0 = time.perf_counter()
         out = flexkv.generate(model, input_ids, max_new_tokens=args.max_new_tokens, policy=p,
                               budget=budget, compile=compile_, eos_token_id=eos or None)
-        print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        if not quiet:
+            print(f" {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
         text = tok.decode(out.tokens[0, T:].tolist(), skip_special_tokens=True)
+        return out, text, extract_answer(text) == answer
+
+    rows, answered, kv = [], {}, {}
+    for p in pols:
+        budget = _default_budget(p, args.budget)
+        out, text, ok = run(p, budget)
         got = extract_answer(text)
         retained = out.cache.retained().float().mean().item()
+        kv[p] = out.cache.kv_bytes()
+        if ok and budget is not None:
+            answered[p] = (budget, kv[p])
         rows.append([p, "-" if budget is None else str(budget), got or repr(text.strip()[:12]),
-                     "yes" if got == answer else "no", str(T), _mib(out.cache.kv_bytes()),
+                     "yes" if ok else "no", str(T), _mib(kv[p]),
                      f"{retained:.0f}", f"{out.prefill_s:.2f}", _fmt_rate(out.decode_tok_s)])
     print(f"passkey retrieval, {args.model}, {T}-token prompt, depth {args.depth:g}, "
           f"device {device}, dtype {args.dtype}")
     print(f"expected key: {answer}")
     print(_table(rows, ["policy", "budget", "answer", "correct", "prompt tok", "KV held",
                         "retained/head", "prefill s", "decode tok/s"]))
+    if args.sweep:
+        def still_answers(p, budget):
+            print(f"[flexkv] sweep: {p} at budget {budget} ...", end="", file=sys.stderr, flush=True)
+            out, _, ok = run(p, budget, quiet=True)
+            print(" answers" if ok else " fails", file=sys.stderr, flush=True)
+            return ok, out.cache.kv_bytes()
+
+        smallest = smallest_budgets(still_answers, answered, args.sweep_floor)
+        print(tradeoff_line(smallest, kv.get("full"), args.budget, args.sweep_floor))
     print(f"total {time.perf_counter() - t_start:.1f} s")
     return 0
 
@@ -407,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "which SmolLM2-135M-Instruct answers far more reliably)")
     d.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (default: on CUDA only)")
+    d.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True,
+                   help="halve each answering policy's budget while it still answers and print "
+                   "the smallest budget with the memory it saves (default on)")
+    d.add_argument("--sweep-floor", type=_positive_int, default=16,
+                   help="smallest budget the sweep tries (default 16)")
     d.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (continuous batching)",

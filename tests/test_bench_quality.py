@@ -144,3 +144,81 @@ def test_vam_sweep_alpha_zero_is_the_base(tiny_dir, tmp_path):
     assert by[("h2o+vam", 0.0)] == pytest.approx(by[("h2o", None)], rel=1e-6)
     assert by[("h2o+vam", 0.35)] != pytest.approx(by[("h2o", None)], rel=1e-6)
     assert "Sanity check, alpha = 0 vs the base policy: h2o@24: equal" in (out / "vam.md").read_text()
+
+
+def test_streaming_ppl_is_the_teacher_forced_nll(tiny_dir, tmp_path):
+    """The alignment every PPL number rests on: `full`'s streaming PPL through `forced_tokens`
+    (one decode step per token) equals exp of the mean NLL of one plain teacher-forced forward
+    of transformers' model over the same ids (the logit at i predicts token i + 1)."""
+    import math
+
+    import torch
+    import transformers
+
+    q = load_quality()
+    text = tmp_path / "text.txt"
+    text.write_text("Sphinx of black quartz, judge my vow. " * 4)
+    out = tmp_path / "out"
+    P, N = 12, 60
+    assert q.main(["--model", str(tiny_dir), "--device", "cpu", "--compile", "off",
+                   "--suites", "ppl", "--policies", "full", "--text", str(text),
+                   "--ppl-prompt", str(P), "--ppl-tokens", str(N), "--out", str(out),
+                   "--name", "align"]) == 0
+    cell = json.loads((out / "align.json").read_text())["results"]["ppl"]["cells"][0]
+    tok = transformers.AutoTokenizer.from_pretrained(str(tiny_dir))
+    ids = torch.tensor([tok(text.read_text(), add_special_tokens=False)["input_ids"][:P + N]])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tiny_dir), dtype=torch.float32)
+    with torch.no_grad():
+        logits = hf(ids).logits[0, P - 1:-1].double()
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, P:], reduction="none")
+    assert cell["tokens"] == N
+    assert math.log(cell["ppl"]) == pytest.approx(float(nll.mean()), rel=1e-5, abs=1e-6)
+    # and the per-block curve is the same NLL, block by block
+    assert cell["nll_curve"][0] == pytest.approx(float(nll[:64].mean()), abs=1e-4)
+
+
+def test_tiny_ruler_fidelity_vam_grid(tiny_dir, tmp_path, ruler_wheel, monkeypatch):
+    """The ruler, fidelity and vam suites end to end on the tiny model (RULER's real data through
+    a character-level tokenizer): full first, compression only on the tasks full can do (here
+    --ruler-min-full 0 keeps every task), ratios -> budgets, KL(full || full) = 0, resume."""
+    monkeypatch.setenv("FLEXKV_RULER_WHEEL", str(ruler_wheel))
+    q = load_quality()
+    text = tmp_path / "text.txt"
+    text.write_text("How vexingly quick daft zebras jump! " * 4)
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_dir), "--device", "cpu", "--compile", "off", "--preset", "quick",
+            "--suites", "ruler,fidelity,vam", "--policies", "snapkv", "--ruler-lengths", "900",
+            "--ruler-tasks", "niah_single_1,niah_multikey_1", "--ruler-samples", "1",
+            "--ruler-ratios", "0.5", "--ruler-budgets", "64", "--ruler-min-full", "0",
+            "--ruler-max-new", "4", "--fid-prefix", "96", "--fid-tokens", "24",
+            "--vam-bases", "full,snapkv", "--vam-ratios", "0.5", "--alphas", "0,0.35",
+            "--text", str(text), "--out", str(out), "--name", "tiny"]
+    assert q.main(argv) == 0
+    data = json.loads((out / "tiny.json").read_text())
+    cells = data["results"]["ruler"]["cells"]
+    assert {(c["policy"], tuple(c["comp"] or ()), c["task"]) for c in cells} == {
+        (p, comp, t) for t in ("niah_single_1", "niah_multikey_1")
+        for p, comp in [("full", ()), ("snapkv", ("ratio", 0.5)), ("snapkv", ("budget", 64))]}
+    for c in cells:
+        assert 0 <= c["score"] <= 1 and 800 <= c["prompt_len"] <= 900
+        if c["comp"] == ["ratio", 0.5]:
+            assert c["budget_tokens"] == round(c["prompt_len"] / 2)
+        if c["policy"] == "snapkv":
+            assert c["retained"] <= c["budget_tokens"] + 4    # + the decoded tokens
+    fid = {(c["policy"], tuple(c["comp"] or ())): c for c in data["results"]["fidelity"]["cells"]}
+    assert fid[("full", ())]["kl"] == 0 and fid[("full", ())]["top1"] == 1
+    comp = fid[("snapkv", ("ratio", 0.5))]
+    assert comp["kl"] > 0 and comp["budget_tokens"] == 48 and comp["ppl"] > 1
+    vam = {(c["base"], c["alpha"]): c for c in data["results"]["vam"]["cells"]}
+    assert set(vam) == {(b, a) for b in ("full", "snapkv") for a in (None, 0.0, 0.35)}
+    for b in ("full", "snapkv"):       # alpha = 0 is the base, on both metrics
+        assert vam[(b, 0.0)]["nll"] == pytest.approx(vam[(b, None)]["nll"], rel=1e-6)
+        assert vam[(b, 0.0)]["ruler"] == vam[(b, None)]["ruler"]
+    assert vam[("snapkv", 0.35)]["nll"] != pytest.approx(vam[("snapkv", None)]["nll"], rel=1e-6)
+    md = (out / "tiny.md").read_text()
+    for head in ("## RULER", "## Fidelity to the full cache", "## VAM in its paper's regime"):
+        assert head in md
+    assert "Sanity check, alpha = 0 vs the base (continuation NLL): full: equal; snapkv: equal" in md
+    # resume: nothing recomputed
+    assert q.main(argv) == 0
+    assert json.loads((out / "tiny.json").read_text())["meta"]["cells_computed"] == 0

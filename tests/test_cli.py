@@ -207,6 +207,27 @@ def test_demo_on_tiny_model(tiny_dir, capsys):
     row = [l for l in cap.out.splitlines() if l.startswith("full")]
     assert len(row) == 1 and "MiB" in row[0]
     assert "decode tok/s" in cap.out and "retained/head" in cap.out
+    assert "trade-off: no compressing policy answered at budget 256" in cap.out
+
+
+def test_demo_sweep_finds_the_smallest_answering_budget():
+    """The sweep halves each answering policy's budget while it still answers (stopping at the
+    first failure or below the floor) and ranks the policies by that budget."""
+    limit = {"h2o": 64, "tova": 16, "snapkv": 256}          # answers iff budget >= limit
+    calls = []
+
+    def still(p, b):
+        calls.append((p, b))
+        return b >= limit[p], b * 1000
+
+    got = cli.smallest_budgets(still, {p: (256, 256_000) for p in limit}, floor=32)
+    assert got == {"h2o": (64, 64_000), "tova": (32, 32_000), "snapkv": (256, 256_000)}
+    assert ("h2o", 16) not in calls and ("tova", 16) not in calls     # never below the floor
+    assert [c for c in calls if c[0] == "h2o"] == [("h2o", 128), ("h2o", 64), ("h2o", 32)]
+    line = cli.tradeoff_line(got, 1_024_000, 256, 32)
+    assert "best tova at 32 tokens/head" in line
+    assert line.index("tova at 32") < line.index("h2o at 64") < line.index("snapkv at 256")
+    assert "96.9 % less than full" in line                # 1 - 32_000 / 1_024_000
 
 
 def test_demo_bad_policy_and_depth(tiny_dir, capsys):

