@@ -29,7 +29,6 @@ import platform
 import random
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -64,7 +63,7 @@ def pct(xs, q):
 # --------------------------------------------------------------------------- the workload
 def make_requests(tok, n, lo, hi, step, rate, seed):
     """n prompts (token-id windows of the prose corpus) and their Poisson arrival offsets (s)."""
-    from quality import pydoc_prose
+    from quality_suites.common import pydoc_prose
     corpus = list(tok(pydoc_prose(), add_special_tokens=False)["input_ids"])
     if len(corpus) <= hi:
         corpus = corpus * (hi // len(corpus) + 2)
@@ -86,35 +85,6 @@ def slot_bytes(model, policy, budget, prompt_max, max_tokens, dtype) -> int:
 
 
 # --------------------------------------------------------------------------- server + client
-class LiveServer:
-    """uvicorn serving `build_app(engine)` in a daemon thread on 127.0.0.1:<free port>."""
-
-    def __init__(self, engine, name):
-        import uvicorn
-        from flexkv.serve.api import bind_socket, build_app
-        self.sock = bind_socket("127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        cfg = uvicorn.Config(build_app(engine, name), log_level="warning", lifespan="on",
-                             timeout_graceful_shutdown=5)
-        self.server = uvicorn.Server(cfg)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 120
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(60)
-        self.sock.close()
-
-
 async def one_request(client, req, max_tokens, t0, rec):
     """Send `req` at its arrival time, stream the answer, fill `rec` (times relative to t0)."""
     await asyncio.sleep(max(0.0, t0 + req["arrival"] - time.perf_counter()))
@@ -205,7 +175,9 @@ def run_server(model, tok, cfg, policy, budget, reqs, warm) -> tuple[dict, list]
                  prefill_chunk=cfg["prefill_chunk"], max_waiting=len(reqs) + 8,
                  compile=cfg["compile"])
     print(f"[serve] {name}: {eng.max_slots} slots of {eng.slot_kv_bytes / 2**20:.2f} MiB", flush=True)
-    with LiveServer(eng, "bench") as srv:
+    from flexkv.serve.api import BackgroundServer, build_app
+
+    with BackgroundServer(build_app(eng, "bench")) as srv:
         t = time.perf_counter()       # warm-up through the engine thread (compiles, CUDA graphs)
         hs = [eng.submit(ids, SamplingParams(max_tokens=min(4, cfg["max_tokens"]), ignore_eos=True))
               for ids in warm]

@@ -375,6 +375,9 @@ def cmd_serve(args) -> int:
 
 
 # --------------------------------------------------------------------------- bench
+BENCHMARKS = ("quality", "speed", "serve", "tp_speed", "prefill_cpu")   # bench/<name>.py
+
+
 def bench_dir() -> Path | None:
     """The source checkout's bench/ directory (next to the flexkv package), if present."""
     d = Path(__file__).resolve().parent.parent / "bench"
@@ -497,10 +500,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compile the decode step (default: the engine's choice)")
     s.set_defaults(func=cmd_serve)
 
-    b = sub.add_parser("bench", help="run bench/quality.py or bench/speed.py (source checkout)",
+    b = sub.add_parser("bench", help="run a benchmark of bench/ (source checkout)",
                        description="Dispatch to the benchmarks in the source checkout's bench/ "
                        "directory; the remaining arguments go to the benchmark.")
-    b.add_argument("which", choices=["quality", "speed"])
+    b.add_argument("which", choices=list(BENCHMARKS))
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments for the benchmark")
     b.set_defaults(func=cmd_bench)
     return p
@@ -528,7 +531,7 @@ def main(argv=None) -> int:
 def _main(argv=None) -> int:
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["bench"] and len(argv) > 2 and argv[1] in ("quality", "speed"):
+    if argv[:1] == ["bench"] and len(argv) > 2 and argv[1] in BENCHMARKS:
         # everything after the benchmark's name belongs to it (even --help)
         args = argparse.Namespace(which=argv[1], args=argv[2:], func=cmd_bench)
     else:

@@ -245,6 +245,13 @@ def test_demo_default_policies():
     assert {"streaming", "h2o", "snapkv", "weightedkv"} <= set(available())
 
 
+def test_bench_dispatch_reaches_every_benchmark(capsys):
+    """`flexkv bench NAME --help` reaches bench/NAME.py's own parser for every listed benchmark."""
+    for name in cli.BENCHMARKS:
+        assert main(["bench", name, "--help"]) == 0, name
+        assert "usage:" in capsys.readouterr().out, name
+
+
 def test_bench_dispatch(tmp_path, monkeypatch, capsys):
     (tmp_path / "speed.py").write_text(
         "import json\n"

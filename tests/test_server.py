@@ -24,10 +24,9 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
-import uvicorn  # noqa: E402
 
 from flexkv.serve import Engine  # noqa: E402
-from flexkv.serve.api import IncrementalText, bind_socket, build_app  # noqa: E402
+from flexkv.serve.api import BackgroundServer, IncrementalText, build_app  # noqa: E402
 
 NAME = "tiny-llama"
 SPECIALS = ["<s>", "</s>", "<|user|>", "<|assistant|>"]
@@ -54,33 +53,6 @@ def byte_tokenizer():
     tok.chat_template = CHAT_TEMPLATE
     assert len(tok) == VOCAB
     return tok
-
-
-class LiveServer:
-    """uvicorn serving `app` in a daemon thread on 127.0.0.1:<free port>."""
-
-    def __init__(self, app):
-        self.sock = bind_socket("127.0.0.1", 0)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3)
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            assert self.thread.is_alive(), "uvicorn did not start"
-            assert time.monotonic() < deadline, "uvicorn did not start in 60 s"
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(30)
-        self.sock.close()
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -120,7 +92,7 @@ def main(model_tok):
     model, tok = model_tok
     engine = Engine(model, tok, policy="h2o", budget=32, max_slots=4, max_new_tokens=MAIN_MAX_NEW,
                     max_waiting=32, compile=False)
-    with LiveServer(build_app(engine, NAME)) as srv:
+    with BackgroundServer(build_app(engine, NAME)) as srv:
         srv.engine = engine
         yield srv
 
@@ -145,7 +117,7 @@ def aux(model_tok):
     engine = Engine(model, tok, policy="h2o", budget=32, max_slots=1, max_new_tokens=AUX_MAX_NEW,
                     max_waiting=4, compile=False)
     handles = _recording(engine)
-    with LiveServer(build_app(engine, NAME)) as srv:
+    with BackgroundServer(build_app(engine, NAME)) as srv:
         srv.engine, srv.handles = engine, handles
         yield srv
 
@@ -157,7 +129,7 @@ def held(model_tok):
     model, tok = model_tok
     engine = Engine(model, tok, policy="h2o", budget=32, max_slots=1, max_new_tokens=8,
                     max_waiting=2, compile=False)
-    with LiveServer(build_app(engine, NAME, start_engine=False)) as srv:
+    with BackgroundServer(build_app(engine, NAME, start_engine=False)) as srv:
         srv.engine = engine
         try:
             yield srv
@@ -757,7 +729,7 @@ def fuzz(model_tok):
     model, tok = model_tok
     engine = Engine(model, tok, policy="h2o", budget=32, max_slots=4, max_new_tokens=4,
                     max_waiting=32, compile=False)
-    with LiveServer(build_app(engine, NAME)) as srv:
+    with BackgroundServer(build_app(engine, NAME)) as srv:
         srv.engine = engine
         yield srv
 
@@ -786,7 +758,7 @@ def test_fuzz_api_from_its_openapi_schema(api_schema, fuzz, method, path, mode):
     post = method == "POST"
 
     @given(case=op.as_strategy(GenerationMode(mode)))
-    @settings(max_examples=25 if post else 10, deadline=None, derandomize=True, database=None,
+    @settings(max_examples=25 if post else 10, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     def check(case):
         case.call_and_validate(checks=[not_a_server_error], timeout=60)

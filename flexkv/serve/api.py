@@ -896,6 +896,44 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+class BackgroundServer:
+    """Context manager: uvicorn serving `app` in a daemon thread on `host`:<a free port> (tests,
+    benchmarks, notebooks). `url` is set once constructed; entering waits until it accepts."""
+
+    def __init__(self, app, host: str = "127.0.0.1", start_timeout_s: float = 120.0,
+                 shutdown_timeout_s: float = 30.0):
+        import threading
+
+        import uvicorn
+
+        self.sock = bind_socket(host, 0)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://{host}:{self.port}"
+        self.start_timeout_s, self.shutdown_timeout_s = start_timeout_s, shutdown_timeout_s
+        cfg = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3)
+        self.server = uvicorn.Server(cfg)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
+                                       daemon=True)
+
+    def __enter__(self):
+        import time
+
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive():
+                raise RuntimeError("uvicorn stopped before it started (see its log above)")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"uvicorn did not start in {self.start_timeout_s:g} s")
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(self.shutdown_timeout_s)
+        self.sock.close()
+
+
 def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None = 256,
           max_slots: int | None = None, kv_memory: str | int | None = None, max_new_tokens: int = 512,
           max_prompt_tokens: int | None = None, prefill_chunk: int = 512, max_waiting: int = 64,
