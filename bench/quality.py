@@ -207,6 +207,51 @@ def config(args, ap) -> dict:
     return cfg
 
 
+def summary(res: dict, cfg: dict, policies) -> list[str]:
+    """One table, policy x compression: RULER average (tasks the full cache can do), fidelity
+    KL / top-1 and the streaming PPL, for the suites that ran."""
+    if not any(res.get(s) for s in ("ruler", "fidelity")):
+        return []
+    ratios = [("ratio", x) for x in cfg["ruler_ratios"]]
+    length = cfg["ruler_lengths"][0]
+    keep = ruler.capable(res["ruler"]["cells"], cfg, length) if res.get("ruler") else []
+    ppl_b = (cfg.get("ppl_budgets") or cfg["budgets"])[0]
+    head, rows = ["policy"], []
+    if res.get("ruler"):
+        head += [f"RULER {length} @{x:g}" for _, x in ratios]
+    if res.get("fidelity"):
+        head += [f"KL @{x:g}" for _, x in ratios] + [f"top-1 @{x:g}" for _, x in ratios]
+    if res.get("ppl"):
+        head += [f"stream PPL @{ppl_b}"]
+    for p in policies:
+        row = [p]
+        if res.get("ruler"):
+            row += [_fmt(ruler.average(res["ruler"]["cells"], p, c, length, keep), 3)
+                    for c in ratios]
+        if res.get("fidelity"):
+            cells = res["fidelity"]["cells"]
+            row += [_fmt(fidelity.metric(cells, p, c, "kl"), 4) for c in ratios]
+            row += [_fmt(fidelity.metric(cells, p, c, "top1"), 3) for c in ratios]
+        if res.get("ppl"):
+            c = next((c for c in res["ppl"]["cells"] if c["policy"] == p and
+                      (p == "full" or c["budget"] == ppl_b) and "ppl" in c), None)
+            row.append("-" if c is None else f"{c['ppl']:.2f}")
+        rows.append(row)
+    from quality_suites.report import md_table
+
+    return ["## Summary", "",
+            f"RULER: average score over the tasks the full cache can do ({', '.join(keep) or '-'}), "
+            "at kvpress's compression ratio (fraction of the prompt removed); KL(full || policy) "
+            "in nats and top-1 agreement with the full cache on the essay continuation; "
+            "streaming PPL at a fixed budget ('-': not run, e.g. prefill-only policies, whose "
+            "streaming PPL is the full cache's by construction). Details per suite below.", "",
+            md_table(head, rows), ""]
+
+
+def _fmt(v, digits):
+    return "-" if v is None else f"{v:.{digits}f}"
+
+
 def report(out_dir: Path, name: str, meta: dict, cfg: dict, policies, res, notes) -> str:
     L = [f"# Quality: {name}", "", f"`{meta['command']}`  ",
          f"commit {meta['commit']}, device {meta['device']}, torch {meta['torch']}, "
@@ -215,6 +260,7 @@ def report(out_dir: Path, name: str, meta: dict, cfg: dict, policies, res, notes
          f"{meta['cells_cached']} from the cell cache)", "",
          f"Policies (registered at run time): {', '.join(policies)}", ""]
     pngs = []
+    L += summary(res, cfg, policies)
     for suite in cfg["suites"]:
         if res.get(suite):
             lines, files = SUITES[suite][1](res[suite], cfg, policies, meta, out_dir, name)

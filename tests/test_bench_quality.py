@@ -216,8 +216,11 @@ def test_tiny_ruler_fidelity_vam_grid(tiny_dir, tmp_path, ruler_wheel, monkeypat
         assert vam[(b, 0.0)]["ruler"] == vam[(b, None)]["ruler"]
     assert vam[("snapkv", 0.35)]["nll"] != pytest.approx(vam[("snapkv", None)]["nll"], rel=1e-6)
     md = (out / "tiny.md").read_text()
-    for head in ("## RULER", "## Fidelity to the full cache", "## VAM in its paper's regime"):
+    for head in ("## Summary", "## RULER", "## Fidelity to the full cache",
+                 "## VAM in its paper's regime"):
         assert head in md
+    row = next(l for l in md.splitlines() if l.startswith("| snapkv |"))   # the summary's row
+    assert row.count("|") == 1 + 4 and f"{comp['kl']:.4f}" in row     # RULER, KL, top-1
     assert "Sanity check, alpha = 0 vs the base (continuation NLL): full: equal; snapkv: equal" in md
     # resume: nothing recomputed
     assert q.main(argv) == 0
