@@ -7,17 +7,23 @@
 
 `check_policy` draws, with hypothesis, a tiny random float64 model (`models()`: a few LLaMA shapes,
 GQA or not, 1-3 layers), a prompt (`prompts()`: 8-40 tokens, batch 1-2, the second row left-padded
-or not), a chunking (`chunkings(T)`: one-shot or chunks of 1..T tokens), a number of new tokens
-(`decode_lengths()`) and the policy's parameters, then checks the properties named in
-`properties` (all by default but "recompile"):
+or not, down to 4 real tokens: rows at different fill levels), a chunking (`chunkings(T)`: one-shot
+or chunks of 1..T tokens), a number of new tokens (`decode_lengths()`) and the policy's parameters
+(the default budget, `budgets(T)`, lies below the shortest row's length T, so the prefill
+compresses, or at or above it, so eviction starts during decode), then checks the properties
+named in `properties` (all by default but "compiled"):
 
 - "reference": the static-shape implementation (what `compile=True` compiles, run eagerly) and
   the eager reference (`reference=True`) keep the same position set per (layer, row, KV head)
   after the prefill and after every decode step, generate the same tokens, and give the same
   logits (tolerance 1e-8 on a float64 model, so near-ties cannot make it flaky);
-- "budget": at every step a head retains at most its allocated `lc.budget` and, for a policy that
-  evicts at decode (`decode_evicts`), at most `budget`; with `protected(kw, last_pos)` (the
-  positions a policy must always keep, given the newest position) those are always kept;
+- "budget": the policy's declared budget holds at every step. A policy that evicts at decode
+  (`decode_evicts`): every head retains at most `budget`. One that selects at prefill only: decode
+  appends exactly one token per head per step (evicting nothing), and a head retains at most
+  `budget` + the tokens decoded so far, or, with `varying_budgets=True` (layers or heads get
+  different shares of the budget: pyramidkv, adakv, laprox), a row's mean over layers and KV
+  heads does. With `protected(kw, last_pos)` (the positions a policy must always keep, given the
+  newest position) those are always kept;
 - "permutation": shuffling every head's slots after the prefill changes nothing (slot order
   carries no meaning);
 - "batch": the first row of a batch (its neighbour left-padded or not) equals that prompt run
@@ -25,13 +31,19 @@ or not), a chunking (`chunkings(T)`: one-shot or chunks of 1..T tokens), a numbe
   legitimately depend on the padded length, e.g. pyramidkv's, so it is covered by "reference");
 - "full": a budget holding the whole prompt and every new token is exactly `policy="full"` (once,
   with the simplest parameters);
-- "recompile" (opt-in: it compiles, ~20 s on a CPU): 50 compiled decode steps run as one graph,
-  without graph breaks or recompiles (also for a second call), and give the eager tokens.
+- "compiled" (opt-in: it compiles, 1-20 s on a CPU; "recompile" is its earlier name): the
+  compiled decode step (`compile=True`) equals the eager reference (kept positions after every
+  step, tokens, logits to 1e-4: the model's RoPE and norms run in fp32, which the compiler rounds
+  differently) over `max_examples` batches of two 24-token rows, the second left-padded by 0-23
+  tokens (it may hold fewer tokens than `budget` and start evicting mid-decode), one-shot or
+  chunked, 32 new tokens each, with the simplest parameters (pass the budget to compile for,
+  e.g. `budget=12`) and the simplest model of `model_strategy` (default: 2 layers, 4 query and 2
+  KV heads): all of it one graph, without graph breaks or recompiles.
 
 Parameters: `params` is a function `(draw, T) -> dict` (T = the shortest row's real prompt
-length: a budget below T really compresses) or None; keyword arguments add or override
+length, >= 4: a budget below T really compresses) or None; keyword arguments add or override
 parameters, as hypothesis strategies or constants (`budget=st.integers(2, 30)`, `window=4`);
-without any `budget` the kit draws one in [1, T - 1]. `exempt(kw)` names properties that do
+without any `budget` the kit draws one with `budgets(T)`. `exempt(kw)` names properties that do
 not apply to a draw (e.g. cam's Bernoulli gate draws one uniform per row index, so it is not
 batch-invariant: `exempt=lambda kw: {"batch"} if kw["stochastic"] else ()`). The checks run on
 one torch thread (restored afterwards): tiny models are faster so, by ~50x on a busy 2-core CPU.
@@ -58,7 +70,7 @@ except ImportError as e:  # pragma: no cover - hypothesis is a test dependency
 import flexkv
 from flexkv.policies.registry import make_policy
 
-PROPERTIES = ("reference", "budget", "permutation", "batch", "full", "recompile")
+PROPERTIES = ("reference", "budget", "permutation", "batch", "full", "compiled", "recompile")
 DEFAULT_PROPERTIES = ("reference", "budget", "permutation", "batch", "full")
 VOCAB = 101
 # (layers, query heads, KV heads, head dim): GQA 2, 1 layer with G = 2, and plain multi-head
@@ -98,10 +110,10 @@ def models(shapes=MODEL_SHAPES, dtype: torch.dtype = torch.float64):
 @st.composite
 def prompts(draw, vocab: int = VOCAB, min_len: int = 8, max_len: int = 40, max_batch: int = 2):
     """Strategy: (input_ids [B, T], attention_mask or None, pad): row 1 (if any) may be
-    left-padded by up to T // 2 tokens."""
+    left-padded, keeping at least min(4, T // 2) real tokens (rows at different fill levels)."""
     T = draw(st.integers(min_len, max_len))
     B = draw(st.integers(1, max_batch))
-    pad = draw(st.integers(0, T // 2)) if B > 1 else 0
+    pad = draw(st.integers(0, T - min(4, T // 2))) if B > 1 else 0
     g = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
     ids = torch.randint(0, vocab, (B, T), generator=g)
     mask = None
@@ -121,9 +133,12 @@ def decode_lengths(max_new: int = 17):
     return st.integers(1, max_new)
 
 
-def budgets(T: int, low: int = 1):
-    """Strategy: a budget that compresses a T-token prompt."""
-    return st.integers(low, max(low, T - 1))
+def budgets(T: int, low: int = 1, beyond: int = 8):
+    """Strategy: a budget in [low, T - 1], which compresses a T-token prompt at prefill, or in
+    [T, T + beyond], which holds the prompt: eviction starts during decode (and a longer row of
+    the batch is compressed while this one is not)."""
+    above = st.integers(max(low, T), max(low, T) + beyond)
+    return above if low >= T else st.one_of(st.integers(low, T - 1), above)
 
 
 def _param_fn(params, fixed: dict):
@@ -207,21 +222,36 @@ def simplest(params, T: int) -> dict:
 # ------------------------------------------------------------------------------ checks
 def _check_reference(s, policy, kw):
     a, sa, _ = run(s["model"], s["ids"], policy, kw, new=s["new"], chunk=s["chunk"], mask=s["mask"])
+    _same_as_reference(s, policy, kw, a, sa, "the static path", atol=1e-8)
+
+
+def _same_as_reference(s, policy, kw, out, snaps, what, atol):
     r, sr, _ = run(s["model"], s["ids"], policy, kw, new=s["new"], chunk=s["chunk"], mask=s["mask"],
                    reference=True)
-    for step, (x, y) in enumerate(zip(sa, sr)):
-        assert x == y, f"{kw}: kept positions differ from the reference after step {step}"
-    torch.testing.assert_close(a.logits, r.logits, atol=1e-8, rtol=0)
-    assert torch.equal(a.tokens, r.tokens), f"{kw}: tokens differ from the reference"
+    for step, (x, y) in enumerate(zip(snaps, sr)):
+        assert x == y, f"{kw}: {what}'s kept positions differ from the reference after step {step}"
+    torch.testing.assert_close(out.logits, r.logits, atol=atol, rtol=0)
+    assert torch.equal(out.tokens, r.tokens), f"{kw}: {what}'s tokens differ from the reference"
 
 
-def _check_budget(s, policy, kw, protected, out, snaps, retained):
-    evicts = _policy(policy, kw).decode_evicts and kw.get("budget") is not None
-    allocated = torch.stack([lc.budget for lc in out.cache.layers])
-    for step, ret in enumerate(retained):
-        assert (ret <= allocated).all(), f"{kw}: retained more than allocated at step {step}"
-        if evicts:
-            assert (ret <= kw["budget"]).all(), f"{kw}: retained more than the budget at step {step}"
+def _check_budget(s, policy, kw, protected, varying, snaps, retained):
+    """The declared budget (not the cache's capacity, which no policy can exceed)."""
+    evicts = _policy(policy, kw).decode_evicts
+    budget = kw.get("budget")
+    for step, ret in enumerate(retained):  # ret: [L, B, Hkv]
+        if not evicts:  # a prefill-only selection: decode appends every token, evicts nothing
+            assert torch.equal(ret, retained[0] + step), \
+                f"{kw}: decode did not append exactly one token per head at step {step}"
+        if budget is None:
+            continue
+        allowed = budget if evicts else budget + step
+        if varying and not evicts:
+            mean = ret.double().mean(dim=(0, 2))  # [B]: per row, over layers and KV heads
+            assert (mean <= allowed).all(), \
+                f"{kw}: a row retained {mean.tolist()} per head on average > {allowed} at step {step}"
+        else:
+            assert (ret <= allowed).all(), \
+                f"{kw}: retained more than the budget ({int(ret.max())} > {allowed}) at step {step}"
     if protected is None:
         return
     T = s["ids"].shape[1]
@@ -262,35 +292,54 @@ def _check_full(model, policy, params):
     torch.testing.assert_close(out.logits, full.logits, atol=1e-10, rtol=0)
 
 
-def _check_recompile(policy, params):
+COMPILED_T, COMPILED_NEW = 24, 32  # the "compiled" property's prompt length and new tokens
+
+
+def _check_compiled(policy, params, max_examples, model_strategy, user_settings):
+    """One compiled graph (fixed shapes and parameters) over `max_examples` drawn batches."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
 
     from flexkv.generate import decode_one_token
 
-    model = tiny_model(dtype=torch.float32)
-    ids = torch.randint(0, model.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(3))
-    kw = simplest(params, 24)
+    model = tiny_model() if model_strategy is None else find(model_strategy, lambda _: True)
+    T = COMPILED_T
+    kw = simplest(params, T)
     torch._dynamo.reset()
-    eager = flexkv.generate(model, ids, max_new_tokens=51, policy=_policy(policy, kw))
     counters.clear()
-    comp = flexkv.generate(model, ids, max_new_tokens=51, policy=_policy(policy, kw), compile=True)
-    assert torch.equal(eager.tokens, comp.tokens), f"{kw}: compiled tokens differ from eager"
-    assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1, f"{kw}: recompiled"
-    assert not counters["graph_break"], (kw, dict(counters["graph_break"]))
-    graphs = counters["stats"]["unique_graphs"]
-    flexkv.generate(model, ids.flip(0), max_new_tokens=51, policy=_policy(policy, kw), compile=True)
-    assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1, f"{kw}: recompiled"
-    assert counters["stats"]["unique_graphs"] == graphs, f"{kw}: a new graph on the second call"
+    graphs = []
+
+    @_settings(user_settings, max_examples)
+    @given(seed=st.integers(0, 2**16), pad=st.integers(0, T - 1), chunk=chunkings(T))
+    def check(seed, pad, chunk):
+        ids = torch.randint(0, model.args.vocab_size, (2, T),
+                            generator=torch.Generator().manual_seed(seed))
+        mask = None
+        if pad:
+            mask = torch.ones(2, T, dtype=torch.long)
+            mask[1, :pad] = 0
+        s = dict(model=model, ids=ids, mask=mask, pad=pad, chunk=chunk, new=COMPILED_NEW)
+        out, snaps, _ = run(model, ids, policy, kw, new=COMPILED_NEW, chunk=chunk, mask=mask,
+                            compile=True)
+        assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1, f"{kw}: recompiled"
+        assert not counters["graph_break"], (kw, dict(counters["graph_break"]))
+        graphs.append(counters["stats"]["unique_graphs"])
+        assert graphs[-1] == graphs[0], f"{kw}: a new graph on a later call"
+        _same_as_reference(s, policy, kw, out, snaps, "the compiled step", atol=1e-4)
+
+    check()
 
 
 def check_policy(policy, reference=None, params: Callable | None = None, *,
                  properties: Iterable[str] = DEFAULT_PROPERTIES,
                  protected: Callable | None = None, exempt: Callable | None = None,
-                 max_examples: int = 8, model_strategy=None, settings=None, **fixed) -> None:
+                 varying_budgets: bool = False, max_examples: int = 8, model_strategy=None,
+                 settings=None, **fixed) -> None:
     """Check `policy` (a Policy subclass or a registered name) on hypothesis-drawn scenarios;
     raises AssertionError (with hypothesis' falsifying example) on the first violation.
     See the module docstring for the properties and the parameter conventions.
+    `varying_budgets`: the policy gives layers or KV heads different shares of `budget` (the
+    "budget" property then holds a row's mean over them to it, not every head).
     `model_strategy`: the models to draw (default `models()`); `settings`: a hypothesis
     `settings` object to start from (default: no deadline, no example database, derandomized
     only when the environment variable CI is set, so local runs keep exploring new examples),
@@ -313,12 +362,12 @@ def check_policy(policy, reference=None, params: Callable | None = None, *,
     try:
         if "full" in props:
             _check_full(tiny_model(), policy, draw_kw)
-        if "recompile" in props:
-            _check_recompile(policy, draw_kw)
-        per_draw = [p for p in props if p not in ("full", "recompile")]
+        if "compiled" in props or "recompile" in props:
+            _check_compiled(policy, draw_kw, max_examples, model_strategy, settings)
+        per_draw = [p for p in props if p not in ("full", "compiled", "recompile")]
         if per_draw:
-            _given(policy, draw_kw, per_draw, protected, exempt, max_examples, model_strategy,
-                   settings)
+            _given(policy, draw_kw, per_draw, protected, exempt, varying_budgets, max_examples,
+                   model_strategy, settings)
     finally:
         torch.set_num_threads(threads)
         if reference is not None:
@@ -328,13 +377,16 @@ def check_policy(policy, reference=None, params: Callable | None = None, *,
                 _REFS[name] = saved
 
 
-def _given(policy, draw_kw, props, protected, exempt, max_examples, model_strategy, user_settings):
+def _settings(user_settings, max_examples):
     base = user_settings or hsettings(deadline=None, derandomize=bool(os.environ.get("CI")),
                                       database=None)
-    cfg = hsettings(base, max_examples=max_examples, suppress_health_check=[
+    return hsettings(base, max_examples=max_examples, suppress_health_check=[
         HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.filter_too_much])
 
-    @cfg
+
+def _given(policy, draw_kw, props, protected, exempt, varying, max_examples, model_strategy,
+           user_settings):
+    @_settings(user_settings, max_examples)
     @given(s=scenarios(draw_kw, model_strategy))
     def check(s):
         kw = s["kw"]
@@ -347,7 +399,7 @@ def _given(policy, draw_kw, props, protected, exempt, max_examples, model_strate
         out, snaps, retained = run(s["model"], s["ids"], policy, kw, new=s["new"],
                                    chunk=s["chunk"], mask=s["mask"])
         if "budget" in todo:
-            _check_budget(s, policy, kw, protected, out, snaps, retained)
+            _check_budget(s, policy, kw, protected, varying, snaps, retained)
         if "permutation" in todo:
             _check_permutation(s, policy, kw, out, snaps)
         if "batch" in todo and s["ids"].shape[0] > 1:

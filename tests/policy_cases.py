@@ -1,19 +1,33 @@
 """Per-policy hypothesis strategies for the generic property tests (tests/test_policies.py).
 
-`CASES[name](draw, T)` returns the keyword arguments (budget + hyperparameters) for a prompt of
-T tokens; every budget drawn is below T + new tokens so the policy really compresses.
+`CASES[name](draw, T)` returns the keyword arguments (budget + hyperparameters) for a prompt
+whose shortest row has T (>= 4) tokens; budgets come from `flexkv.testing.budgets`: below T (the
+prefill compresses) or at or above it (eviction starts mid-decode, and a longer row of the batch
+may be compressed while the shorter one is not). Windows stay inside the prompt.
 `PROTECTED[name](kw, last_pos)` (optional) gives the positions a policy must always keep;
-`EXEMPT[name](kw)` (optional) the `flexkv.testing` properties that do not apply to a draw.
+`EXEMPT[name](kw)` (optional) the `flexkv.testing` properties that do not apply to a draw;
+`VARIABLE_BUDGET`: the policies whose layers or heads get different shares of the budget.
+`COMPILED`: the parameter variants whose compiled decode step is checked against the reference
+(one graph each, so every variant of every policy is compiled at least once).
 tests/test_policies.py runs `flexkv.testing.check_policy` on every entry.
 """
 from __future__ import annotations
 
 from hypothesis import strategies as st
 
+from flexkv.testing import budgets
+
 CASES = {}
 PROTECTED = {}
 EXEMPT = {}
-VARIABLE_BUDGET = set()  # policies whose per-head budgets vary (checked against lc.budget only)
+# prefill-only policies whose layers (pyramidkv) or heads (adakv, laprox) get different shares of
+# the budget: the budget property holds a row's mean over layers and heads to it
+VARIABLE_BUDGET = {"pyramidkv", "adakv", "laprox"}
+
+
+def recent(last, n):
+    """The n newest positions up to `last` (fewer when the row is shorter)."""
+    return set(range(max(0, last - n + 1), last + 1))
 
 
 def case(name):
@@ -25,65 +39,62 @@ def case(name):
 
 @case("streaming")
 def _streaming(draw, T):
-    n_sink = draw(st.integers(0, min(4, T - 2)))  # T >= 4 (a prompt of 8+ tokens, half padding)
-    return dict(budget=draw(st.integers(n_sink + 1, T - 1)), n_sink=n_sink)
+    n_sink = draw(st.integers(0, min(4, T - 2)))  # T >= 4
+    return dict(budget=draw(budgets(T, n_sink + 1)), n_sink=n_sink)
 
 
-PROTECTED["streaming"] = lambda kw, last: set(range(kw["n_sink"])) | set(
-    range(last - (kw["budget"] - kw["n_sink"]) + 1, last + 1))
+PROTECTED["streaming"] = lambda kw, last: set(range(kw["n_sink"])) | recent(
+    last, kw["budget"] - kw["n_sink"])
 
 
 @case("h2o")
 def _h2o(draw, T):
-    budget = draw(st.integers(2, T - 1))
-    recent = draw(st.one_of(st.none(), st.integers(1, budget - 1)))
-    return dict(budget=budget, recent=recent)
+    budget = draw(budgets(T, 2))
+    return dict(budget=budget, recent=draw(st.one_of(st.none(), st.integers(1, budget - 1))))
 
 
-PROTECTED["h2o"] = lambda kw, last: set(range(
-    last - (kw["recent"] if kw["recent"] is not None else kw["budget"] // 2) + 1, last + 1))
+PROTECTED["h2o"] = lambda kw, last: recent(
+    last, kw["recent"] if kw["recent"] is not None else kw["budget"] // 2)
 
 
 @case("tova")
 def _tova(draw, T):
-    return dict(budget=draw(st.integers(1, T - 1)))
+    return dict(budget=draw(budgets(T)))
 
 
 @case("keydiff")
 def _keydiff(draw, T):
     # budget >= 2: with budget 1 a decode step scores 2 keys, which are always exactly equally
     # similar to their mean (a tie in exact arithmetic that rounding decides)
-    budget = draw(st.integers(2, T - 1))
-    return dict(budget=budget, window=draw(st.integers(0, budget - 1)))
+    budget = draw(budgets(T, 2))
+    return dict(budget=budget, window=draw(st.integers(0, min(budget, T) - 1)))
 
 
-PROTECTED["keydiff"] = lambda kw, last: set(range(last - kw["window"] + 1, last + 1))
+PROTECTED["keydiff"] = lambda kw, last: recent(last, kw["window"])
 
 
 @case("laprox")
 def _laprox(draw, T):
     window = draw(st.integers(1, max(1, min(6, T - 2))))
-    budget = draw(st.integers(window + 1, T - 1))
+    budget = draw(budgets(T, window + 1))
     return dict(budget=budget, window=window, max_head_factor=draw(st.sampled_from([1, 1.5, 4])),
                 normalize=draw(st.sampled_from(["layer", "none", "output"])),
                 score=draw(st.sampled_from(["norm_product", "frobenius"])),
                 kernel=draw(st.sampled_from([7, 1, 3])))
 
 
-PROTECTED["laprox"] = lambda kw, last: set(range(last - kw["window"] + 1, last + 1))
-VARIABLE_BUDGET.add("laprox")
+PROTECTED["laprox"] = lambda kw, last: recent(last, kw["window"])
 
 
 @case("weightedkv")
 def _weightedkv(draw, T):
     n_sink = draw(st.integers(0, min(2, T - 3)))
     window = draw(st.integers(1, max(1, min(6, T - 2 - n_sink))))
-    return dict(budget=draw(st.integers(window + n_sink + 1, T - 1)), window=window,
+    return dict(budget=draw(budgets(T, window + n_sink + 1)), window=window,
                 n_sink=n_sink, bias=draw(st.sampled_from([None, "log_mass"])))
 
 
-PROTECTED["weightedkv"] = lambda kw, last: set(range(kw["n_sink"])) | set(
-    range(last - kw["window"] + 1, last + 1))
+PROTECTED["weightedkv"] = lambda kw, last: set(range(kw["n_sink"])) | recent(last, kw["window"])
 
 
 @case("cam")
@@ -91,10 +102,11 @@ def _cam(draw, T):
     import torch
 
     n_sink = draw(st.integers(0, min(4, T - 2)))
-    stochastic = draw(st.booleans())
-    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16))) if stochastic else None
-    return dict(budget=draw(st.integers(n_sink + 1, T - 1)), n_sink=n_sink,
-                merge_tokens=draw(st.integers(1, 6)), stochastic=stochastic, gate_generator=gen,
+    # a generator either way (unused unless stochastic), so a fixed stochastic=True can be set
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**16)))
+    return dict(budget=draw(budgets(T, n_sink + 1)), n_sink=n_sink,
+                merge_tokens=draw(st.integers(1, 6)), stochastic=draw(st.booleans()),
+                gate_generator=gen,
                 bias=draw(st.sampled_from([None, "log_mass"])),
                 denominator=draw(st.sampled_from(["mean", "max"])))
 
@@ -105,8 +117,8 @@ EXEMPT["cam"] = lambda kw: {"batch"} if kw["stochastic"] else set()
 
 
 def _snapkv_family(draw, T):
-    budget = draw(st.integers(2, T - 1))
-    return dict(budget=budget, window=draw(st.integers(1, budget - 1)),
+    budget = draw(budgets(T, 2))
+    return dict(budget=budget, window=draw(st.integers(1, min(budget, T) - 1)),
                 kernel=draw(st.sampled_from([5, 1, 3, 7])), pool=draw(st.sampled_from(["avg", "max"])))
 
 
@@ -126,23 +138,19 @@ def _adakv(draw, T):
 
 
 for _name in ("snapkv", "pyramidkv", "adakv"):
-    PROTECTED[_name] = lambda kw, last: set(range(last - kw["window"] + 1, last + 1))
-# prefill-only policies append during decode (retained grows past `budget`; pyramidkv's layers
-# and adakv's heads differ too): checked against lc.budget (the static capacity) only
-VARIABLE_BUDGET.update({"snapkv", "pyramidkv", "adakv"})
+    PROTECTED[_name] = lambda kw, last: recent(last, kw["window"])
 
 
 @case("kvmerger")
 def _kvmerger(draw, T):
     window = draw(st.integers(1, max(1, min(6, T - 2))))
-    return dict(budget=draw(st.integers(window + 1, T - 1)), window=window,
+    return dict(budget=draw(budgets(T, window + 1)), window=window,
                 kernel=draw(st.sampled_from([1, 3, 7])), pool=draw(st.sampled_from(["max", "avg"])),
                 skip_layers=draw(st.sampled_from([(), (0,), (-1,), None])),  # None: all 2 layers
                 bias=draw(st.sampled_from([None, "log_mass"])))
 
 
-PROTECTED["kvmerger"] = lambda kw, last: set(range(last - kw["window"] + 1, last + 1))
-VARIABLE_BUDGET.add("kvmerger")  # prefill-only: decode appends past `budget`
+PROTECTED["kvmerger"] = lambda kw, last: recent(last, kw["window"])
 
 
 def _with_vam(base):
@@ -158,4 +166,32 @@ for _base in ("h2o", "streaming", "full"):
     case(f"{_base}+vam")(_with_vam(_base))
     if _base in PROTECTED:
         PROTECTED[f"{_base}+vam"] = PROTECTED[_base]
-VARIABLE_BUDGET.add("full+vam")  # no budget: everything is kept
+
+
+# The compiled decode step against the reference (tests/test_policies.py): one graph per entry
+# (policy, fixed parameters), at budget 12 on 24-token rows whose padded neighbour may hold fewer
+# tokens than the budget (eviction mid-decode), on a one-layer model with 2 KV heads (it compiles
+# faster) but for the per-layer budgets (PER_LAYER: two layers). Every parameter that changes the
+# decode step is set at least once (bias, stochastic, denominator, VAM's alpha), and the
+# prefill-only policies' decode (appending into per-layer / per-head budgets) is compiled too.
+# kvmerger's bias=None decode is snapkv's (plain appending); the other parameters act at prefill
+# only (eager, covered by the reference tests).
+COMPILED = [
+    ("streaming", dict(n_sink=2)),
+    ("streaming+vam", dict(n_sink=2, alpha=0.35)),
+    ("h2o", dict(recent=3)),
+    ("h2o+vam", dict(recent=None, alpha=0.35)),
+    ("tova", {}),
+    ("keydiff", dict(window=2)),
+    ("weightedkv", dict(n_sink=1, window=2, bias=None)),
+    ("weightedkv", dict(n_sink=1, window=2, bias="log_mass")),
+    ("cam", dict(n_sink=2, merge_tokens=3, stochastic=False, bias=None, denominator="mean")),
+    ("cam", dict(n_sink=2, merge_tokens=3, stochastic=True, bias="log_mass", denominator="max")),
+    ("snapkv", dict(window=2)),
+    ("pyramidkv", dict(window=2, beta=4)),          # layers keep 20 and 4 of a 24-token prompt
+    ("adakv", dict(window=2, alpha=0.2)),           # per-head budgets
+    ("laprox", dict(window=2, max_head_factor=4)),  # per-layer and per-head budgets
+    ("kvmerger", dict(window=2, bias="log_mass")),  # the log_mass bias at decode
+    ("full+vam", dict(alpha=0.35)),
+]
+PER_LAYER = {"pyramidkv", "laprox"}

@@ -168,26 +168,14 @@ def test_base_must_be_a_policy():
         VAM(base="h2o")
 
 
-@pytest.mark.slow
-def test_compiled_equals_eager_nonzero_alpha(tiny_llama):
-    """The generic recompile test draws alpha = 0 for '+vam'; here alpha = 0.35: one compiled
-    graph, no graph breaks, compiled tokens == eager, and they differ from the base's."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-    from torch._dynamo.utils import counters
-
-    from flexkv.generate import decode_one_token
-
+def test_nonzero_alpha_changes_the_tokens(tiny_llama):
+    """alpha = 0.35 changes what h2o generates (the compiled step with alpha = 0.35 is checked
+    against the reference for every '+vam' base by tests/test_policies.py)."""
     ids = random_ids(2, 24, tiny_llama.args.vocab_size, seed=3)
-    kw = dict(max_new_tokens=40, policy="h2o+vam", budget=10, alpha=0.35)
-    torch._dynamo.reset()
-    eager = flexkv.generate(tiny_llama, ids, **kw)
-    counters.clear()
-    comp = flexkv.generate(tiny_llama, ids, compile=True, **kw)
-    assert torch.equal(eager.tokens, comp.tokens)
-    assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1
-    assert not counters["graph_break"]
+    vam = flexkv.generate(tiny_llama, ids, max_new_tokens=40, policy="h2o+vam", budget=10,
+                          alpha=0.35)
     base = flexkv.generate(tiny_llama, ids, max_new_tokens=40, policy="h2o", budget=10)
-    assert not torch.equal(base.tokens, eager.tokens)
+    assert not torch.equal(base.tokens, vam.tokens)
 
 
 def test_modifier_prefixed_parameter_routes_to_vam():
