@@ -182,6 +182,9 @@ def config(args, ap) -> dict:
         v = getattr(args, k, None)
         if v is not None:
             cfg[k] = v
+    if args.policies is not None and args.ppl_policies is None and cfg["ppl_policies"]:
+        # the preset's streaming-PPL list, restricted to the policies asked for
+        cfg["ppl_policies"] = [p for p in cfg["ppl_policies"] if p in ["full"] + args.policies]
     if args.kvpress and "kvpress" not in cfg["suites"]:
         cfg["suites"] = cfg["suites"] + ["kvpress"]
     bad = sorted(set(cfg["suites"]) - set(SUITES))
