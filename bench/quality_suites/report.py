@@ -68,6 +68,8 @@ def plot_lines(out_dir: Path, fname: str, title: str, ylabel: str, series: dict,
     if plt is None:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if len(series) > 10:                 # the default cycle repeats its 10 colours
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for label, ys in series.items():
         pts = [(x, y) for x, y in zip(xs, ys) if y is not None and not math.isnan(y)]
         if pts:
