@@ -214,6 +214,7 @@ class Runner:
         self.missing = 0
         self.errors: dict[tuple, int] = {}   # (suite, policy, budget, message) -> cells
         self._long_text = None
+        self._long_ids = None
 
     def long_text(self) -> tuple[str, dict]:
         """The long text of the ppl and fidelity suites: --text, else the Paul Graham essays that
@@ -229,6 +230,13 @@ class Runner:
                        f"{ruler.DATA_VERSION}), concatenated in file order")
             self._long_text = (text, dict(source=src, text_sha1=digest(text)))
         return self._long_text
+
+    def long_ids(self) -> tuple[list[int], dict]:
+        """The long text's token ids (tokenized once per run: the essays are ~3 MB)."""
+        if self._long_ids is None:
+            text, src = self.long_text()
+            self._long_ids = (self.tok(text, add_special_tokens=False)["input_ids"], src)
+        return self._long_ids
 
     def compile_for(self) -> bool:
         c = self.args.compile

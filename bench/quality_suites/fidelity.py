@@ -25,8 +25,7 @@ class Texts:
 
     def __init__(self, r, cfg):
         self.r, self.cfg = r, cfg
-        text, self.src = r.long_text()
-        self.ids = r.tok(text, add_special_tokens=False)["input_ids"]
+        self.ids, self.src = r.long_ids()
         self.ref: dict = {}                     # sample -> full's log-probs [N, V] (this run)
 
     def get(self, index: int):

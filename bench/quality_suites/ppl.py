@@ -20,9 +20,8 @@ NAME = "ppl"
 
 def stream_ids(r, cfg):
     """[1, prompt + tokens] ids of the run's long text, and its description."""
-    text, src = r.long_text()
+    ids, src = r.long_ids()
     need = cfg["ppl_prompt"] + cfg["ppl_tokens"]
-    ids = r.tok(text, add_special_tokens=False)["input_ids"]
     if len(ids) < need:
         raise ValueError(f"the PPL text ({src['source']}) has {len(ids)} tokens; the streaming PPL "
                          f"needs --ppl-prompt + --ppl-tokens = {need}")
