@@ -193,6 +193,15 @@ def compression_budget(prompt_len: int, ratio: float) -> int:
     return max(1, round(prompt_len * (1.0 - ratio)))
 
 
+def comp_budget(comp, prompt_len: int):
+    """The budget of a compression spec: None (no compression), ("ratio", x) of the prompt or
+    ("budget", b) tokens."""
+    if comp is None:
+        return None
+    kind, x = comp
+    return compression_budget(prompt_len, x) if kind == "ratio" else x
+
+
 # =========================================================================== runner
 class PolicyError(Exception):
     """A policy refused a cell (e.g. a budget below its window): noted in the report, not fatal."""

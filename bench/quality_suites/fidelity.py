@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from .common import PolicyError, budgetless, compression_budget, nll_of, tqdm
+from .common import PolicyError, budgetless, comp_budget, nll_of, tqdm
 from .report import md_table, mean, plot_lines
 from .ruler import comp_label, compressions
 
@@ -62,8 +62,7 @@ def forward(r, texts: Texts, policy, budget, index, params=None):
 
 def cell(r, texts: Texts, policy, comp, index, params=None):
     cfg = texts.cfg
-    budget = None if comp is None else (compression_budget(cfg["fid_prefix"], comp[1])
-                                        if comp[0] == "ratio" else comp[1])
+    budget = comp_budget(comp, cfg["fid_prefix"])
     key = r.key(NAME, policy, budget, params, text=texts.src["text_sha1"], index=index,
                 prefix=cfg["fid_prefix"], tokens=cfg["fid_tokens"],
                 compression=None if comp is None else list(comp))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .common import PolicyError, budgetless, compression_budget, tqdm
+from .common import PolicyError, budgetless, comp_budget, tqdm
 from .report import md_table, mean, plot_lines
 
 NAME = "ruler"
@@ -58,8 +58,7 @@ def cell(r, samples: Samples, cfg, policy, comp, task, length, index, params=Non
 
     sample, ids = samples.get(task, length, index)
     T = ids.shape[1]
-    budget = None if comp is None else (compression_budget(T, comp[1]) if comp[0] == "ratio"
-                                        else comp[1])
+    budget = comp_budget(comp, T)
     n_new = max_new(cfg, sample)
     key = r.key(NAME, policy, budget, params, task=task, length=length, index=index,
                 seed=r.args.seed, compression=None if comp is None else list(comp),
@@ -101,7 +100,7 @@ def capable(cells, cfg, length) -> list[str]:
     return [t for t in tasks_of(cfg) if fs.get(t, 0.0) >= cfg["ruler_min_full"]]
 
 
-def run(r, cfg: dict, policies: list[str], notes: list[str], bases=None, params=None) -> dict:
+def run(r, cfg: dict, policies: list[str], notes: list[str]) -> dict:
     """Full first on every task; then the compressing policies on the tasks full can do."""
     samples = Samples(r, cfg)
     cells = []

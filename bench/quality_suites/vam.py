@@ -34,25 +34,22 @@ def run(r, cfg: dict, policies: list[str], notes: list[str]) -> dict | None:
     comps = [("ratio", x) for x in cfg["vam_ratios"]]
     cells = []
     L = cfg["ruler_lengths"][0]
-    full = [dict(task=t, index=i, **ruler.cell(r, samples, cfg, "full", None, t, L, i))
+    full = [dict(policy="full", comp=None, task=t, length=L, index=i,
+                 **ruler.cell(r, samples, cfg, "full", None, t, L, i))
             for t in ruler.tasks_of(cfg) for i in range(cfg["ruler_samples"])]
-    fs = {}
-    for c in full:
-        if "score" in c:
-            fs.setdefault(c["task"], []).append(c["score"])
-    keep = [t for t, v in fs.items() if sum(v) / len(v) >= cfg["ruler_min_full"]]
+    keep = ruler.capable(full, cfg, L)
     plan = [(p, prm, base, al, c) for p, prm, base, al in variants(cfg)
             for c in ([None] if budgetless(base) else comps)]
     for p, prm, base, al, c in tqdm(plan, desc="vam", unit="point", dynamic_ncols=True):
-        rs = {(t, i): ruler.cell(r, samples, cfg, p, c, t, L, i, prm)
-              for t in keep for i in range(cfg["ruler_samples"])}
+        comp = None if c is None else list(c)
+        rs = [dict(policy=p, comp=comp, task=t, length=L,
+                   **ruler.cell(r, samples, cfg, p, c, t, L, i, prm))
+              for t in keep for i in range(cfg["ruler_samples"])]
         fd = [fidelity.cell(r, texts, p, c, i, prm) for i in range(cfg["fid_samples"])]
-        per_task = [mean([x["score"] for (t2, _), x in rs.items() if t2 == t and "score" in x])
-                    for t in keep]
-        cells.append(dict(policy=p, base=base, alpha=al, comp=None if c is None else list(c),
-                          ruler=mean(per_task) if keep and None not in per_task else None,
+        cells.append(dict(policy=p, base=base, alpha=al, comp=comp,
+                          ruler=ruler.average(rs, p, c, L, keep),
                           nll=mean([x.get("nll") for x in fd]), kl=mean([x.get("kl") for x in fd]),
-                          errors=sum("error" in x for x in [*rs.values(), *fd])))
+                          errors=sum("error" in x for x in rs + fd)))
     return dict(cells=cells, tasks=keep, length=L, n_cells=len(plan))
 
 
