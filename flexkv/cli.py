@@ -262,7 +262,6 @@ def tradeoff_line(smallest: dict, full_bytes, budget: int, floor: int) -> str:
 
 
 def cmd_demo(args) -> int:
-    import torch
 
     import flexkv
     from flexkv.passkey import build_passkey_prompt, extract_answer, random_key
@@ -350,9 +349,6 @@ def cmd_serve(args) -> int:
                        "pip install 'flexkv[serve]'") from None
     from flexkv.serve.api import bind_socket, serve
 
-    if _torchrun_world() > 1:
-        raise CLIError("flexkv serve does not run under torchrun yet (only rank 0 would receive "
-                       "requests); use flexkv generate/demo for tensor parallelism")
     params = dict(args.param or [])
     budget = args.budget if args.budget is not None else (None if args.policy == "full" else 256)
     _check_policy(args.policy, budget, params)
@@ -360,17 +356,21 @@ def cmd_serve(args) -> int:
         from flexkv.serve import parse_bytes
         parse_bytes(args.kv_memory)
     device = _device(args.device)
-    try:          # bind first: a taken port is an error now, not after loading the model
-        sock = bind_socket(args.host, args.port)
-    except OSError as e:
-        raise CLIError(f"--host/--port: cannot listen on {args.host}:{args.port}: "
-                       f"{e.strerror or e}") from None
+    sock = None
+    if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 listens, the others follow it
+        try:      # bind first: a taken port is an error now, not after loading the model
+            sock = bind_socket(args.host, args.port)
+        except OSError as e:
+            raise CLIError(f"--host/--port: cannot listen on {args.host}:{args.port}: "
+                           f"{e.strerror or e}") from None
+    from flexkv.distributed import init_from_env
+    tp = init_from_env(device)
     serve(args.model, policy=args.policy, budget=budget, max_slots=args.max_slots,
           kv_memory=args.kv_memory, max_new_tokens=args.max_new_tokens,
           max_prompt_tokens=args.max_prompt_tokens, prefill_chunk=args.prefill_chunk,
           max_waiting=args.max_waiting, host=args.host, port=args.port, device=device,
           dtype=args.dtype, compile=args.compile, served_model_name=args.served_model_name,
-          sock=sock, **params)
+          sock=sock, tp=tp, **params)
     return 0
 
 

@@ -101,6 +101,20 @@ class Shard:
             return x
         return self._wait(fc.broadcast(x.contiguous(), src, self.group))
 
+    def broadcast_object(self, obj, device, src: int = 0):
+        """Rank `src`'s picklable `obj` on every rank (the serving engine's per-step plan); the
+        other ranks' `obj` is ignored. Two broadcasts on `device`: the length, then the bytes."""
+        if not self.active:
+            return obj
+        import pickle
+
+        data = pickle.dumps(obj) if self.rank == src else b""
+        n = self.broadcast(torch.tensor([len(data)], dtype=torch.long, device=device), src)
+        buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=device)
+        if self.rank == src:
+            buf.copy_(torch.frombuffer(bytearray(data), dtype=torch.uint8))
+        return pickle.loads(self.broadcast(buf, src).cpu().numpy().tobytes())
+
 
 SINGLE = Shard()
 

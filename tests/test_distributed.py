@@ -83,6 +83,8 @@ def _jobs(ckpts) -> list[dict]:
              vocab=101, batch=1, prompt_len=20, new=COMPILED_STEPS + 1, seed=3),
         dict(name="engine", kind="engine", ckpt=str(ckpts["kv2"]), case="tova", vocab=101,
              batch=1, prompt_len=30, new=6, seed=4),
+        dict(name="follow", kind="follow", ckpt=str(ckpts["kv2"]), case="h2o", vocab=101,
+             batch=1, prompt_len=30, new=6, seed=5),
         dict(name="bad", kind="error", ckpt=str(ckpts["kv3"])),
     ]
 
@@ -179,6 +181,25 @@ def test_tp_serving_engine(tp_run):
         assert got == solo.tokens[0, len(p):].tolist()
 
 
+def test_tp_engine_follows_rank0(tp_run):
+    """Requests reach rank 0 only; rank 1 runs Engine.follow() on rank 0's plans."""
+    jobs, ranks = tp_run
+    spec = jobs["follow"]
+    f0, f1 = ranks[0]["follow"], ranks[1]["follow"]
+    assert f0["cancelled"] == "cancelled"
+    # the follower ran the same steps: same tokens delivered, same decode steps, same admissions
+    for k in ("tokens_generated_total", "decode_steps_total", "prefill_chunks_total",
+              "requests_finished_total"):
+        assert f1["metrics"][k] == f0["metrics"][k], k
+    assert f1["metrics"]["slots_used"] == 0 == f0["metrics"]["slots_used"]
+    model = _model64(spec["ckpt"])
+    name, kw = make_kwargs(spec["case"])
+    for p, got, n in zip(f0["prompts"], f0["tokens"], f0["max_tokens"]):
+        solo = flexkv.generate(model, torch.tensor([p]), max_new_tokens=n, policy=name,
+                               prefill_chunk=16, **kw)
+        assert got == solo.tokens[0, len(p):].tolist()
+
+
 # ----------------------------------------------------------------------------- bad setups
 def test_kv_heads_not_divisible(tp_run):
     msg = tp_run[1][0]["bad"]
@@ -210,16 +231,23 @@ def test_shard_args_and_single_rank_helpers(ckpts):
 
 
 # ----------------------------------------------------------------------------- CLI
-def test_torchrun_cli_generate(tmp_path, capsys):
-    from flexkv.cli import main
+def _cli_checkpoint(path: Path) -> Path:
+    """A tiny llama with 4 KV heads and the byte tokenizer of test_cli, saved at `path`."""
     from test_cli import VOCAB, _byte_tokenizer
 
     tok = _byte_tokenizer(chat=False)
-    d = make_checkpoint(tmp_path / "m", "llama", seed=5, vocab_size=VOCAB, num_attention_heads=8,
+    d = make_checkpoint(path, "llama", seed=5, vocab_size=VOCAB, num_attention_heads=8,
                         num_key_value_heads=4, head_dim=8, max_position_embeddings=256,
                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                         eos_token_id=tok.eos_token_id)
     tok.save_pretrained(str(d))
+    return d
+
+
+def test_torchrun_cli_generate(tmp_path, capsys):
+    from flexkv.cli import main
+
+    d = _cli_checkpoint(tmp_path / "m")
     argv = ["generate", "--model", str(d), "--prompt", "hello world, this is a test",
             "--policy", "tova", "--budget", "8", "--max-new-tokens", "12", "--device", "cpu"]
     r = _torchrun(["-m", "flexkv", *argv], timeout=300)
@@ -229,3 +257,82 @@ def test_torchrun_cli_generate(tmp_path, capsys):
     capsys.readouterr()
     assert main(argv) == 0
     assert r.stdout == capsys.readouterr().out and r.stdout.strip()
+
+
+def test_torchrun_cli_serve(tmp_path):
+    """`torchrun --nproc-per-node 2 -m flexkv serve`: rank 0 answers HTTP, rank 1 follows; four
+    concurrent requests (one streamed) get the single-process server's answers; Ctrl-C stops
+    both ranks."""
+    import re
+    import signal
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("uvicorn")
+    from flexkv.serve import Engine
+    from flexkv.serve.api import BackgroundServer, build_app
+
+    d = _cli_checkpoint(tmp_path / "m")
+    serve = ["serve", "--model", str(d), "--served-model-name", "tiny", "--policy", "tova",
+             "--budget", "8", "--max-slots", "2", "--max-new-tokens", "12", "--prefill-chunk",
+             "16", "--device", "cpu", "--port", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", TORCHINDUCTOR_COMPILE_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc-per-node", "2", "-m", "flexkv", *serve], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+    url = threading.Event()
+    def read():
+        for line in proc.stderr:
+            lines.append(line)
+            if re.search(r"serving tiny at http://127\.0\.0\.1:\d+/v1", line):
+                url.set()
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    bodies = [dict(prompt="hello world, this is a test", max_tokens=12, temperature=0),
+              dict(prompt="the quick brown fox", max_tokens=7, temperature=0),
+              dict(prompt="a", max_tokens=12, stream=True, temperature=0),
+              dict(prompt="tensor parallel serving " * 4, max_tokens=10, temperature=0.8,
+                   seed=11)]   # seeded sampling: the same tokens in every engine
+
+    def answers(base: str) -> list[str]:
+        def one(body):
+            with httpx.Client(base_url=base, timeout=120) as c:
+                if not body.get("stream"):
+                    r = c.post("/v1/completions", json=dict(body, model="tiny"))
+                    assert r.status_code == 200, r.text
+                    return r.json()["choices"][0]["text"]
+                with c.stream("POST", "/v1/completions", json=dict(body, model="tiny")) as r:
+                    assert r.status_code == 200
+                    data = [ln[6:] for ln in r.iter_lines() if ln.startswith("data: ")]
+                    assert data[-1] == "[DONE]"
+                    return "".join(json.loads(x)["choices"][0]["text"] for x in data[:-1])
+        with ThreadPoolExecutor(len(bodies)) as ex:
+            return list(ex.map(one, bodies))
+
+    try:
+        assert url.wait(300), "the server did not start:\n" + "".join(lines)[-6000:]
+        base = re.search(r"http://127\.0\.0\.1:\d+", "".join(lines)).group(0)
+        tp_text = answers(base)
+        with httpx.Client(base_url=base, timeout=60) as c:
+            assert c.get("/health").status_code == 200
+            metrics = c.get("/metrics").text
+        generated = re.search(r'^flexkv_generation_tokens_total\{model="tiny"\} (\d+)', metrics, re.M)
+        assert generated and int(generated.group(1)) > 0, metrics
+        assert "tensor parallel over 2 ranks" in "".join(lines)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            pytest.fail("torchrun did not stop within 60 s of Ctrl-C:\n" + "".join(lines)[-6000:])
+    model, tok = flexkv.load_model(d, dtype=torch.float32)
+    eng = Engine(model, tok, policy="tova", budget=8, max_slots=2, max_new_tokens=12,
+                 prefill_chunk=16, compile=False)
+    with BackgroundServer(build_app(eng, "tiny")) as single:
+        assert tp_text == answers(single.url)
+    assert all(tp_text)

@@ -112,6 +112,39 @@ def run_engine(job, res):
     return dict(prompts=prompts, tokens=eng.generate(prompts, params))
 
 
+def run_follow(job, res):
+    """Rank 0 alone receives requests (a background scheduler, as a server runs it: staggered
+    submissions, one cancellation); the other ranks run `Engine.follow()` until rank 0's
+    shutdown."""
+    import torch.distributed as dist
+
+    import flexkv
+    from flexkv.serve import Engine, SamplingParams
+
+    model, _ = flexkv.load_model(job["ckpt"], dtype=torch.float64, tp=True, tokenizer=False)
+    name, kw = make_kwargs(job["case"])
+    eng = Engine(model, None, policy=name, max_slots=2, max_new_tokens=job["new"],
+                 max_prompt_tokens=job["prompt_len"], prefill_chunk=16, **kw)
+    if dist.get_rank() != 0:
+        eng.follow()
+        return dict(metrics=eng.metrics())
+    ids, _ = prompt(job)
+    prompts = [ids[0].tolist(), ids[0, :25].tolist(), ids[0, 5:].tolist()]
+    new = job["new"]
+    eng.start()
+    first = [eng.submit(prompts[0], SamplingParams(max_tokens=new)),
+             eng.submit(prompts[1], SamplingParams(max_tokens=new - 2))]
+    first[0].result(timeout=300)
+    gone = eng.submit(prompts[1], SamplingParams(max_tokens=new))
+    gone.cancel()
+    last = eng.submit(prompts[2], SamplingParams(max_tokens=new))
+    tokens = [h.result(timeout=300) for h in (*first, last)]
+    gone.result(timeout=300)
+    eng.shutdown()
+    return dict(prompts=prompts, max_tokens=[new, new - 2, new], tokens=tokens,
+                cancelled=gone.finish_reason, metrics=eng.metrics())
+
+
 def run_error(job, res):
     import flexkv
 
@@ -122,7 +155,8 @@ def run_error(job, res):
     return None
 
 
-RUNNERS = {"eager": run_eager, "compiled": run_compiled, "engine": run_engine, "error": run_error}
+RUNNERS = {"eager": run_eager, "compiled": run_compiled, "engine": run_engine,
+           "follow": run_follow, "error": run_error}
 
 
 def main(spec_path: str, out_dir: str) -> None:

@@ -939,20 +939,24 @@ def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None
           max_prompt_tokens: int | None = None, prefill_chunk: int = 512, max_waiting: int = 64,
           host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", dtype: str = "float32",
           compile: bool | None = None, served_model_name: str | None = None,
-          log_level: str = "info", sock: socket.socket | None = None, **policy_params) -> None:
+          log_level: str = "info", sock: socket.socket | None = None, tp: bool = False,
+          **policy_params) -> None:
     """Load `model` (a known name, provisioned on first use as `flexkv demo` does, or a local HF
-    checkpoint dir), build the engine and the app, and serve it with uvicorn until interrupted."""
+    checkpoint dir), build the engine and the app, and serve it with uvicorn until interrupted.
+
+    `tp=True` (every rank of an initialised process group calls this, e.g. under torchrun):
+    each rank loads its shard and builds the same engine; rank 0 listens and schedules, the
+    other ranks follow its plans (`Engine.follow`) until rank 0 shuts down."""
     import torch
     import uvicorn
 
     import flexkv
+    from flexkv.distributed import shard_of
     from flexkv.serve import Engine
 
-    if sock is None:
-        sock = bind_socket(host, port)
     t0 = time.perf_counter()
     print(f"[flexkv] loading {model} ({device}, {dtype}) ...", file=sys.stderr, flush=True)
-    m, tok = flexkv.load_model(model, device=device, dtype=getattr(torch, dtype))
+    m, tok = flexkv.load_model(model, device=device, dtype=getattr(torch, dtype), tp=tp)
     if tok is None:
         raise ValueError(f"model {model}: the checkpoint has no tokenizer (tokenizer.json or tokenizer.model)")
     print(f"[flexkv] loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
@@ -960,12 +964,19 @@ def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None
     engine = Engine(m, tok, policy=policy, budget=budget, max_new_tokens=max_new_tokens,
                     prefill_chunk=prefill_chunk, max_prompt_tokens=max_prompt_tokens,
                     max_waiting=max_waiting, compile=compile, **slots, **policy_params)
+    shard = shard_of(m)
+    if shard.rank != 0:
+        engine.follow()
+        return
+    if sock is None:
+        sock = bind_socket(host, port)
     name = served_model_name or model
+    where = f", tensor parallel over {shard.world} ranks" if shard.active else ""
     app = build_app(engine, name)
     h, p = sock.getsockname()[:2]
     shown = f"[{h}]" if ":" in h else h
     print(f"[flexkv] serving {name} at http://{shown}:{p}/v1 (policy {policy}, budget {budget}, "
-          f"{engine.max_slots} slots, up to {max_waiting} waiting; Ctrl-C stops)", file=sys.stderr,
+          f"{engine.max_slots} slots, up to {max_waiting} waiting{where}; Ctrl-C stops)", file=sys.stderr,
           flush=True)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

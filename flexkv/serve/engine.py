@@ -18,6 +18,13 @@ iteration:
    anyway); a request that hits a stop token or its `max_tokens` frees its slot at once (the row
    is cleared, so the next request starts from a clean slot).
 
+Each iteration starts from a *plan* (`_Plan`: the requests that arrived and the cancellations
+seen since the last one, and whether to stop), snapshotted under the lock so that a request
+arriving mid-step waits for the next one. On a tensor-parallel model rank 0's scheduler makes the
+plan and broadcasts it (`Shard.broadcast_object`); every other rank applies the same plan and
+runs the same step (`Engine.follow()`, or the same `generate` calls on every rank), so the ranks'
+collectives line up and only rank 0 needs to receive requests (`flexkv serve` under torchrun).
+
 A request's tokens equal `flexkv.generate` on that prompt alone (same policy, `max_new_tokens =
 max_tokens`, `prefill_chunk`): the slot's row goes through the same prefill and the same
 decode-step code, and rows never interact (tests/test_serve_engine.py).
@@ -32,7 +39,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -198,6 +205,14 @@ class RequestHandle:
 
 
 @dataclass
+class _Plan:
+    """One scheduler iteration's inputs, decided by rank 0 (the only rank under a single process)."""
+    submit: list            # [_Running]: requests that join the waiting queue, in order
+    cancel: frozenset       # request ids to cancel (waiting or running)
+    stop: bool = False      # the engine is shutting down: no step
+
+
+@dataclass
 class _Running:
     handle: RequestHandle
     stop_ids: frozenset
@@ -232,7 +247,14 @@ class Engine:
     reported as `engine.max_slots`). `max_prompt_tokens` (default: the model's context minus
     `max_new_tokens`) and `max_new_tokens` size every slot once, for the longest request.
     `compile` (default: on CUDA) compiles the decode step; `max_waiting` bounds the queue.
-    Extra keyword arguments are the policy's parameters, as in `flexkv.generate`."""
+    Extra keyword arguments are the policy's parameters, as in `flexkv.generate`.
+
+    On a tensor-parallel model (`flexkv.load_model(..., tp=True)`) build the engine on every rank
+    with the same arguments; then either call the same `generate` on every rank, or submit on
+    rank 0 only (`start()`, a server) while every other rank runs `follow()`."""
+
+    HEARTBEAT_S = 10.0   # tensor parallel: an idle rank 0 sends an empty plan this often, so the
+                         # followers' pending broadcast never reaches the process group's timeout
 
     def __init__(self, model, tokenizer=None, policy="full", budget=None, *, max_slots: int | None = None,
                  kv_memory=None, max_new_tokens: int = 256, max_prompt_tokens: int | None = None,
@@ -297,7 +319,9 @@ class Engine:
         self._seed = torch.zeros(S, dtype=torch.long, device=dev)
         self._steps = torch.zeros(S, dtype=torch.long, device=dev)
 
+        self._shard = shard_of(model)
         self._slots: list[_Running | None] = [None] * S
+        self._inbox: list[_Running] = []      # submitted since the last plan
         self._decoding: set[int] = set()      # slots whose request is decoding
         self._prefilling: deque[int] = deque()  # slots whose prompt is being prefilled, oldest first
         self._waiting: deque[_Running] = deque()
@@ -306,6 +330,7 @@ class Engine:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._closed = False                  # the stop plan went out: no more steps
         self._counters = dict(tokens_generated_total=0, prompt_tokens_total=0,
                               requests_finished_total=0, requests_submitted_total=0,
                               decode_steps_total=0, prefill_chunks_total=0)
@@ -336,21 +361,37 @@ class Engine:
     def start(self) -> "Engine":
         """Run the scheduler in a background thread (for servers)."""
         if self._thread is None:
-            self._stopping = False
+            self._stopping = self._closed = False
             self._thread = threading.Thread(target=self._loop, name="flexkv-engine", daemon=True)
             self._thread.start()
         return self
 
+    def follow(self) -> None:
+        """Tensor parallel, ranks other than 0: run rank 0's scheduler plans until it shuts down
+        (blocks; every request arrives through rank 0's `submit`)."""
+        if not self._shard.active or self._shard.rank == 0:
+            raise RuntimeError("Engine.follow() runs on ranks other than 0 of a tensor-parallel "
+                               "model; rank 0 serves the requests (start() or generate())")
+        while not self._closed:
+            try:
+                self.step()
+            except Exception:  # noqa: BLE001 - rank 0 fails the same step; stay in step with it
+                self._fail_all(traceback.format_exc())
+
     def shutdown(self) -> None:
-        """Stop the background scheduler; unfinished requests end as "cancelled"."""
+        """Stop the background scheduler; unfinished requests end as "cancelled". Tensor parallel:
+        rank 0's shutdown ends the other ranks' `follow()`."""
         with self._lock:
             self._stopping = True
             self._wake.notify_all()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        elif self._shard.active and self._shard.rank == 0 and not self._closed:
+            self.step()   # the stop plan, for ranks in follow()
         with self._lock:
-            pending = list(self._waiting) + [r for r in self._slots if r is not None]
+            pending = [*self._inbox, *self._waiting, *(r for r in self._slots if r is not None)]
+            self._inbox.clear()
             self._waiting.clear()
         for r in pending:
             r.handle._finish("cancelled")
@@ -362,7 +403,7 @@ class Engine:
         with self._lock:
             used = sum(r is not None for r in self._slots)
             out = dict(running=len(self._decoding), prefilling=len(self._prefilling),
-                       waiting=len(self._waiting), slots_total=self.max_slots, slots_used=used,
+                       waiting=len(self._waiting) + len(self._inbox), slots_total=self.max_slots, slots_used=used,
                        kv_bytes_allocated=self.cache.kv_bytes(),
                        kv_bytes_held=used * self.slot_kv_bytes, **self._counters)
         return out
@@ -390,20 +431,24 @@ class Engine:
 
     def _submit(self, prompt, params, bounded: bool) -> RequestHandle:
         params = params or SamplingParams()
-        prompt = self._check(prompt, params)
-        handle = RequestHandle(f"req-{next(self._ids)}", prompt, params)
-        handle._on_cancel = self._poke
-        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        req = self._request(f"req-{next(self._ids)}", self._check(prompt, params), params)
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
-            if bounded and len(self._waiting) >= self.max_waiting:
-                raise QueueFull(f"{len(self._waiting)} requests are already waiting "
+            waiting = len(self._waiting) + len(self._inbox)
+            if bounded and waiting >= self.max_waiting:
+                raise QueueFull(f"{waiting} requests are already waiting "
                                 f"(max_waiting={self.max_waiting}); retry later")
-            self._waiting.append(_Running(handle, stops))
+            self._inbox.append(req)
             self._counters["requests_submitted_total"] += 1
             self._wake.notify_all()
-        return handle
+        return req.handle
+
+    def _request(self, request_id: str, prompt: list[int], params: SamplingParams) -> _Running:
+        handle = RequestHandle(request_id, prompt, params)
+        handle._on_cancel = self._poke
+        stops = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else self.eos_ids)
+        return _Running(handle, stops)
 
     def _poke(self) -> None:
         with self._lock:
@@ -411,18 +456,20 @@ class Engine:
 
     # ------------------------------------------------------------------ the scheduler
     def has_work(self) -> bool:
-        return bool(self._waiting or self._prefilling or self._decoding)
+        return bool(self._inbox or self._waiting or self._prefilling or self._decoding)
 
     def _loop(self) -> None:
-        while True:
+        heartbeat = self.HEARTBEAT_S if self._shard.active else None
+        while not self._closed:
             with self._lock:
                 while not self._stopping and not self.has_work():
-                    self._wake.wait()
-                if self._stopping:
-                    return
+                    if not self._wake.wait(heartbeat) and heartbeat is not None:
+                        break   # idle: an empty plan keeps the followers' broadcast alive
             try:
                 self.step()
             except Exception:  # noqa: BLE001 - a failing step must not kill the server
+                if self._stopping:
+                    return      # e.g. another rank already gone at shutdown
                 self._fail_all(traceback.format_exc())
 
     def _fail_all(self, error: str) -> None:
@@ -433,22 +480,66 @@ class Engine:
 
     @torch.no_grad()
     def step(self) -> None:
-        """One scheduler iteration: cancellations, admission, one prefill chunk, one decode step."""
-        self._reap_cancelled()
+        """One scheduler iteration: the plan (new requests, cancellations), admission, one prefill
+        chunk, one decode step. After the stop plan (shutdown) it does nothing."""
+        if self._closed:
+            return
+        plan = self._plan()
+        if plan.stop:
+            self._closed = True
+            return
+        self._reap_cancelled(plan.cancel)
         self._admit()
         self._prefill_one_chunk()
         if self._decoding:
             self._decode()
 
-    def _reap_cancelled(self) -> None:
+    def _plan(self) -> _Plan:
+        """This iteration's plan: rank 0's snapshot of what arrived since the last one, the same
+        on every rank (broadcast under tensor parallelism); its requests join the waiting queue."""
         with self._lock:
-            gone = [r for r in self._waiting if r.handle._cancel_requested]
+            new, self._inbox = self._inbox, []
+            live = [*self._waiting, *new, *(r for r in self._slots if r is not None)]
+            plan = _Plan(new, frozenset(r.handle.request_id for r in live
+                                        if r.handle._cancel_requested), self._stopping)
+        if self._shard.active:
+            plan = self._plan_of_rank0(plan)
+        with self._lock:
+            self._waiting.extend(plan.submit)
+        return plan
+
+    def _plan_of_rank0(self, mine: _Plan) -> _Plan:
+        sent = ([(r.handle.request_id, r.handle.prompt, r.handle.params) for r in mine.submit],
+                sorted(mine.cancel), mine.stop)
+        submit, cancel, stop = self._shard.broadcast_object(sent, self.device)
+        if self._shard.rank == 0:
+            return mine
+        # the same request submitted here too (the same generate() on every rank): keep its
+        # handle, so that call returns; otherwise (a server's follower) a mirror of rank 0's
+        local = {r.handle.request_id: r for r in mine.submit}
+        reqs = []
+        for rid, prompt, params in submit:
+            r = local.pop(rid, None)
+            if r is not None and r.handle.prompt != prompt:
+                raise RuntimeError(f"request {rid}: rank {self._shard.rank} was given another "
+                                   "prompt than rank 0 (call generate() with the same requests "
+                                   "on every rank, or submit on rank 0 only)")
+            reqs.append(r or self._request(rid, prompt, params))
+        with self._lock:   # submitted here but not (yet) on rank 0: a later plan takes them
+            self._inbox[:0] = local.values()
+        return _Plan(reqs, frozenset(cancel), stop)
+
+    def _reap_cancelled(self, cancel: frozenset) -> None:
+        if not cancel:
+            return
+        with self._lock:
+            gone = [r for r in self._waiting if r.handle.request_id in cancel]
             for r in gone:
                 self._waiting.remove(r)
         for r in gone:
             r.handle._finish("cancelled")
         for s, r in enumerate(self._slots):
-            if r is not None and r.handle._cancel_requested:
+            if r is not None and r.handle.request_id in cancel:
                 r.handle._finish("cancelled")
                 self._free(s)
 
