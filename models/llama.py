@@ -80,13 +80,23 @@ def rope_inv_freq(args: ModelArgs) -> Tensor:
     return torch.where(is_mid, mid, scaled).float()
 
 
-def apply_rope(x: Tensor, pos: Tensor, inv_freq: Tensor) -> Tensor:
-    """x: [B, H, T, D]; pos: [B, T] (int). Rotate-half convention (HF)."""
-    freqs = pos.clamp(min=0).to(torch.float32)[:, None, :, None] * inv_freq  # [B, 1, T, D/2]
-    cos, sin = freqs.cos(), freqs.sin()
-    x1, x2 = x.float().chunk(2, dim=-1)
+def rope_cos_sin(pos: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+    """pos: [B, T] (int) -> (cos, sin), each [B, 1, T, D/2] fp32: made once per forward and
+    shared by every layer (eager decode on CPU pays per op: bench/NOTES.md, entry 12)."""
+    freqs = pos.clamp(min=0).to(torch.float32)[:, None, :, None] * inv_freq
+    return freqs.cos(), freqs.sin()
+
+
+def _f32(x: Tensor) -> Tensor:
+    return x if x.dtype == torch.float32 else x.float()
+
+
+def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
+    """x: [B, H, T, D]; rope: `rope_cos_sin`'s. Rotate-half convention (HF), in fp32."""
+    cos, sin = rope
+    x1, x2 = _f32(x).chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out.to(x.dtype)
+    return out if out.dtype == x.dtype else out.to(x.dtype)
 
 
 class RMSNorm(nn.Module):
@@ -96,9 +106,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
+        xf = _f32(x)
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight * (xf if xf.dtype == x.dtype else xf.to(x.dtype))
 
 
 class Attention(nn.Module):
@@ -115,22 +125,22 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
         self.o_proj = nn.Linear(self.n_head * hd, d, bias=False)
 
-    def _qkv(self, x: Tensor, pos: Tensor, inv_freq: Tensor):
+    def _qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        return apply_rope(q, pos, inv_freq), apply_rope(k, pos, inv_freq), v
+        return apply_rope(q, rope), apply_rope(k, rope), v
 
     def _out(self, o: Tensor) -> Tensor:  # o: [B, H, T, D]
         B, _, T, _ = o.shape
         return self.shard.all_reduce(self.o_proj(o.transpose(1, 2).reshape(B, T, -1)))
 
-    def forward(self, x: Tensor, pos: Tensor, inv_freq: Tensor, mode: str, lc=None, policy=None,
-                extra=None) -> Tensor:
+    def forward(self, x: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor], mode: str, lc=None,
+                policy=None, extra=None) -> Tensor:
         """mode: "plain" (no cache), "prefill" (write/compress `lc`; extra = the ChunkInfo),
         "decode" (one token per row; extra = the `active` rows [B] bool)."""
-        q, k, v = self._qkv(x, pos, inv_freq)
+        q, k, v = self._qkv(x, rope)
         if mode == "plain":
             o = attention.prefill_attention(q, k, v, pos, pos, window=self.window)
         elif mode == "prefill":
@@ -161,9 +171,9 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
-    def forward(self, x: Tensor, pos: Tensor, inv_freq: Tensor, mode: str, lc=None, policy=None,
-                extra=None) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), pos, inv_freq, mode, lc, policy, extra)
+    def forward(self, x: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor], mode: str, lc=None,
+                policy=None, extra=None) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), pos, rope, mode, lc, policy, extra)
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -196,9 +206,10 @@ class Transformer(nn.Module):
     def _run(self, input_ids: Tensor, pos: Tensor, mode: str, cache=None, policy=None, extra=None,
              last_only: bool = False) -> Tensor:
         x = self.model.embed_tokens(input_ids)
+        rope = rope_cos_sin(pos, self.inv_freq)
         for i, layer in enumerate(self.layers):
             lc = None if cache is None else cache.layers[i]
-            x = layer(x, pos, self.inv_freq, mode, lc, policy, extra)
+            x = layer(x, pos, rope, mode, lc, policy, extra)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
