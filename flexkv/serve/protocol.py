@@ -1,0 +1,261 @@
+"""The OpenAI-compatible protocol of `flexkv serve`: the request and response bodies as pydantic
+models (as vLLM's `entrypoints/openai/protocol.py`). Strict types, unknown fields forbidden; the
+OpenAI fields this server does not implement are accepted only at their neutral values
+(`Neutral`). `flexkv.serve.api` turns validation errors into OpenAI-shaped 400s and these
+bodies into engine requests."""
+from __future__ import annotations
+
+import json
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MAX_PROMPT_CHARS = 4_000_000     # a body bound before tokenizing; the token limit is the engine's
+MAX_STOP = 16                    # stop strings per request
+MAX_STOP_CHARS = 1024
+
+
+# --------------------------------------------------------------------------- request models
+_STRICT = ConfigDict(strict=True, extra="forbid")
+
+
+class Neutral:
+    """OpenAI fields this server does not implement: accepted only at these (neutral) values."""
+
+    COMPLETION = {"echo": (None, False), "logprobs": (None,), "best_of": (None, 1),
+                  "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+                  "logit_bias": (None, {}), "suffix": (None, "")}
+    CHAT = {"logprobs": (None, False), "top_logprobs": (None, 0),
+            "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+            "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+            "parallel_tool_calls": (None, True, False), "functions": (None, []),
+            "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+            "modalities": (None, ["text"]), "store": (None, False),
+            "service_tier": (None, "auto", "default")}
+
+    @staticmethod
+    def same(value, allowed) -> bool:
+        """Equal as JSON values (false is not 0, 0 and 0.0 are the same number)."""
+        if value is None or allowed is None or isinstance(value, bool) or isinstance(allowed, bool):
+            return value is allowed
+        if isinstance(allowed, (int, float)):
+            return isinstance(value, (int, float)) and value == allowed
+        return type(value) is type(allowed) and value == allowed
+
+    @staticmethod
+    def check(table: dict, name: str, value):
+        allowed = table[name]
+        if not any(Neutral.same(value, a) for a in allowed):
+            shown = " or ".join(json.dumps(a) for a in allowed)
+            raise ValueError(f"not supported by this server; only {shown} is accepted")
+        return value
+
+
+class StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = Field(False, description="send a last chunk with `usage` (and no choices)")
+
+
+class SamplingFields(BaseModel):
+    model_config = _STRICT
+
+    model: str | None = Field(None, description="the served model's name (optional)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, allow_inf_nan=False,
+                               description="0 = greedy (OpenAI's default is 1)")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    top_k: int = Field(0, ge=-1, le=1_000_000, description="extension: 0 or -1 = off")
+    seed: int | None = Field(None, ge=0, le=2**63 - 1)
+    stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings; the "
+                                         "text ends before the first one (not included)")
+    n: int = Field(1, ge=1, le=128, description="only 1 is supported")
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = Field(False, description="extension: do not stop at the end-of-sequence token")
+    user: str | None = Field(None, description="ignored")
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v):
+        if v != 1:
+            raise ValueError(f"only n=1 is supported by this server (one choice per request), got {v}")
+        return v
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v):
+        stops = [v] if isinstance(v, str) else (v or [])
+        if len(stops) > MAX_STOP:
+            raise ValueError(f"at most {MAX_STOP} stop strings, got {len(stops)}")
+        for s in stops:
+            if not s or len(s) > MAX_STOP_CHARS:
+                raise ValueError(f"each stop string must have 1 to {MAX_STOP_CHARS} characters, "
+                                 f"got {len(s)}")
+        return v
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    def stop_list(self) -> list[str]:
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
+
+
+class CompletionRequest(SamplingFields):
+    """`POST /v1/completions`."""
+
+    prompt: str | list[int] = Field(description="a non-empty string, or a non-empty list of token ids")
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="default 16 (at most the "
+                                   "server's --max-new-tokens)")
+    echo: bool | None = None
+    logprobs: int | None = None
+    best_of: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    suffix: str | None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        if len(v) == 0:
+            raise ValueError("the prompt must not be empty")
+        if isinstance(v, str) and len(v) > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt is too long ({len(v)} characters, at most {MAX_PROMPT_CHARS})")
+        if isinstance(v, list) and any(t < 0 for t in v):
+            raise ValueError("token ids must be >= 0")
+        return v
+
+    @field_validator(*Neutral.COMPLETION)
+    @classmethod
+    def _neutral(cls, v, info):
+        return Neutral.check(Neutral.COMPLETION, info.field_name, v)
+
+
+class TextPart(BaseModel):
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    def text(self) -> str:
+        return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+
+class ChatCompletionRequest(SamplingFields):
+    """`POST /v1/chat/completions`."""
+
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="default: as many as fit "
+                                   "(at most the server's --max-new-tokens)")
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1,
+                                              description="OpenAI's newer name of max_tokens")
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    tools: list[dict] | None = None
+    tool_choice: str | dict | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
+    response_format: dict | None = None
+    modalities: list[str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    metadata: dict[str, str] | None = Field(None, description="ignored")
+
+    @field_validator("messages")
+    @classmethod
+    def _messages(cls, v):
+        total = sum(len(m.text()) for m in v)
+        if total > MAX_PROMPT_CHARS:
+            raise ValueError(f"the messages are too long ({total} characters, at most {MAX_PROMPT_CHARS})")
+        return v
+
+    @field_validator(*Neutral.CHAT)
+    @classmethod
+    def _neutral(cls, v, info):
+        return Neutral.check(Neutral.CHAT, info.field_name, v)
+
+
+# --------------------------------------------------------------------------- response models
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "flexkv"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(BaseModel):
+    status: str
