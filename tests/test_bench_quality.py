@@ -193,7 +193,14 @@ def test_tiny_ruler_fidelity_vam_grid(tiny_dir, tmp_path, ruler_wheel, monkeypat
             "--ruler-max-new", "4", "--fid-prefix", "96", "--fid-tokens", "24",
             "--vam-bases", "full,snapkv", "--vam-ratios", "0.5", "--alphas", "0,0.35",
             "--text", str(text), "--out", str(out), "--name", "tiny"]
+    from quality_suites import fidelity
+
+    full_passes = []
+    forward = fidelity.forward
+    monkeypatch.setattr(fidelity, "forward", lambda r, texts, policy, *a, **k: (
+        full_passes.append(policy) if policy == "full" else None) or forward(r, texts, policy, *a, **k))
     assert q.main(argv) == 0
+    assert full_passes == ["full"]   # one reference pass, shared by the fidelity and vam suites
     data = json.loads((out / "tiny.json").read_text())
     cells = data["results"]["ruler"]["cells"]
     assert {(c["policy"], tuple(c["comp"] or ()), c["task"]) for c in cells} == {

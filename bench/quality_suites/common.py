@@ -224,6 +224,9 @@ class Runner:
         self.errors: dict[tuple, int] = {}   # (suite, policy, budget, message) -> cells
         self._long_text = None
         self._long_ids = None
+        # full-cache references this run computed, shared by the suites that need the same one
+        # (fidelity's log-probs, also read by the vam suite): key -> tensor
+        self.references: dict[tuple, object] = {}
 
     def long_text(self) -> tuple[str, dict]:
         """The long text of the ppl and fidelity suites: --text, else the Paul Graham essays that

@@ -26,7 +26,6 @@ class Texts:
     def __init__(self, r, cfg):
         self.r, self.cfg = r, cfg
         self.ids, self.src = r.long_ids()
-        self.ref: dict = {}                     # sample -> full's log-probs [N, V] (this run)
 
     def get(self, index: int):
         n = self.cfg["fid_prefix"] + self.cfg["fid_tokens"]
@@ -37,13 +36,15 @@ class Texts:
         return torch.tensor([self.ids[lo:lo + n]], dtype=torch.long)
 
     def reference(self, index: int) -> torch.Tensor:
-        """The full cache's log-probs on sample `index` (computed once per run)."""
-        if index not in self.ref:
+        """The full cache's log-probs on sample `index` [N, V]: computed once per run (the
+        Runner keeps them, so the fidelity and vam suites share one reference pass)."""
+        key = (NAME, self.src["text_sha1"], self.cfg["fid_prefix"], self.cfg["fid_tokens"], index)
+        if key not in self.r.references:
             lp, _ = forward(self.r, self, "full", None, index)
             if lp is None:
                 raise RuntimeError("fidelity: the full cache failed on the reference run")
-            self.ref[index] = lp
-        return self.ref[index]
+            self.r.references[key] = lp
+        return self.r.references[key]
 
 
 def forward(r, texts: Texts, policy, budget, index, params=None):
