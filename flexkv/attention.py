@@ -133,6 +133,24 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Ten
     return flex_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse, bias)
 
 
+# Above this many mask entries (B x H x Tq x Tk) the prefill's block mask comes from a compiled
+# `create_block_mask`, which reduces each 128 x 128 block inside the kernel; the eager one
+# materialises the whole boolean mask and the mask_mod's int64 index grids (~9 B per entry:
+# ~300 GB for 32 heads at a 32K prefill). Below it the eager one is cheaper than a compile.
+BLOCK_MASK_EAGER_MAX = 2**26
+_compiled_block_mask = None
+
+
+def prefill_block_mask(mask_mod, B: int, H: int, Tq: int, Tk: int, device):
+    """`create_block_mask` for a prefill; compiled above `BLOCK_MASK_EAGER_MAX` mask entries."""
+    global _compiled_block_mask
+    if B * H * Tq * Tk <= BLOCK_MASK_EAGER_MAX or torch.compiler.is_compiling():
+        return create_block_mask(mask_mod, B, H, Tq, Tk, device=device)
+    if _compiled_block_mask is None:
+        _compiled_block_mask = torch.compile(create_block_mask)
+    return _compiled_block_mask(mask_mod, B, H, Tq, Tk, device=device)
+
+
 def flex_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
                            window: int | None = None, return_lse: bool = False,
                            bias: Tensor | None = None):
@@ -142,7 +160,7 @@ def flex_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos
     k_pos = _per_head(k_pos, n_kv)
     group = H // n_kv
     mask = slot_mask(q_pos, k_pos, group, window)
-    block_mask = create_block_mask(mask, B, H, Tq, k.shape[2], device=q.device)
+    block_mask = prefill_block_mask(mask, B, H, Tq, k.shape[2], q.device)
     extra = {} if bias is None else {"score_mod": key_bias(bias, group)}
     if not return_lse:
         return _flex(q, k, v, block_mask=block_mask, enable_gqa=group > 1, **extra)

@@ -330,3 +330,24 @@ def test_triton_decode_kernel():
             torch.testing.assert_close(o.double(), o_ref, atol=atol, rtol=0)
             torch.testing.assert_close(p.double().reshape(p_ref.shape), p_ref,
                                        atol=atol if dtype == torch.float32 else 1e-2, rtol=0)
+
+
+def test_large_prefill_block_mask_is_compiled_and_equal(monkeypatch):
+    """Above BLOCK_MASK_EAGER_MAX entries the prefill's block mask comes from a compiled
+    create_block_mask (no B x H x T x T mask in memory: what a 32K CUDA prefill needs); it equals
+    the eager one on a padded, windowed mask with per-head cached positions."""
+    B, n_kv, G, S, T = 2, 2, 2, 40, 300
+    g = torch.Generator().manual_seed(0)
+    cached = torch.randint(-1, 200, (B, n_kv, S), generator=g)
+    q_pos = (200 + torch.arange(T)).expand(B, T).clone()
+    q_pos[1, :7] = -1                                         # a padded row
+    k_pos = torch.cat([cached, q_pos[:, None, :].expand(B, n_kv, T)], dim=2)
+    mask = attention.slot_mask(q_pos, k_pos, G, window=96)
+    H, Tk = n_kv * G, S + T
+    eager = attention.create_block_mask(mask, B, H, T, Tk, device="cpu")
+    monkeypatch.setattr(attention, "BLOCK_MASK_EAGER_MAX", B * H * T * Tk - 1)
+    compiled = attention.prefill_block_mask(mask, B, H, T, Tk, "cpu")
+    assert attention._compiled_block_mask is not None
+    for name in ("kv_num_blocks", "full_kv_num_blocks"):   # partial / full blocks per row
+        assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
+    assert torch.equal(eager.to_dense(), compiled.to_dense())
