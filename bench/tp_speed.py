@@ -78,7 +78,7 @@ def no_comm() -> None:
     from flexkv.distributed import Shard
 
     Shard.all_reduce = lambda self, x: x * 1
-    Shard.gather_heads = lambda self, x, dim=1: torch.cat([x] * self.world, dim=dim)
+    Shard.gather = lambda self, x, dim: torch.cat([x] * self.world, dim=dim)
     Shard.broadcast = lambda self, x, src=0: x
 
 
@@ -213,7 +213,8 @@ def derive(meta: dict, rows: list[dict]) -> list[dict]:
     for r in rows:
         r = {k: v for k, v in r.items() if not k.startswith(("speedup", "collective", "allred"))}
         tp, base = r[f"tp{n}_ms"], r["tp1_ms"]
-        per_step = 2 * layers + (layers if r["policy"].split("+")[0] == "tova" else 0)
+        per_step = 2 * layers + (layers if r["policy"].split("+")[0] == "tova" else 0) + 1
+        # (+1: the vocab-parallel embedding's; its logits all-gather is not counted here)
         r.update(speedup_vs_tp1=base / tp)
         if "tp1-1thread_ms" in r:
             r.update(speedup_vs_tp1_1thread=r["tp1-1thread_ms"] / tp)

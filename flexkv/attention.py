@@ -124,10 +124,7 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Ten
     Returns o [B, H, Tq, D] (and lse [B, H, Tq] with return_lse). Fully masked queries (left
     padding) give o = 0. `bias` [B, Hkv, Tk] (optional, e.g. `log_mass`) is added to every
     query's score on key `kv` through a score_mod."""
-    B, H, Tq, _ = q.shape
-    n_kv = k.shape[1]
-    k_pos = _per_head(k_pos, n_kv)
-    group = H // n_kv
+    k_pos = _per_head(k_pos, k.shape[1])
     if not q.is_cuda and not torch.compiler.is_compiling():
         return dense_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse, bias)
     return flex_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse, bias)
@@ -341,7 +338,7 @@ def explicit_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_
                               window: int | None = None, bias: Tensor | None = None):
     """Plain matmul + softmax decode attention that also returns the probabilities."""
     B, H, _, D = q.shape
-    n_kv, S = k.shape[1], k.shape[2]
+    n_kv = k.shape[1]
     group = H // n_kv
     qg = q.view(B, n_kv, group, D)
     dt = torch.promote_types(q.dtype, torch.float32)

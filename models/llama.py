@@ -38,6 +38,7 @@ class ModelArgs:
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral: keys with q_pos - k_pos >= window are masked
+    vocab_shards: int = 1  # tensor parallel: embedding and lm_head rows split over this many ranks
     model_type: str = "llama"
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
@@ -180,7 +181,7 @@ class DecoderLayer(nn.Module):
 class Backbone(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.embed_tokens = nn.Embedding(args.vocab_size // args.vocab_shards, args.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(args, i) for i in range(args.num_hidden_layers))
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
@@ -194,7 +195,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.model = Backbone(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size // args.vocab_shards, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
@@ -205,14 +206,32 @@ class Transformer(nn.Module):
 
     def _run(self, input_ids: Tensor, pos: Tensor, mode: str, cache=None, policy=None, extra=None,
              last_only: bool = False) -> Tensor:
-        x = self.model.embed_tokens(input_ids)
+        x = self.embed(input_ids)
         rope = rope_cos_sin(pos, self.inv_freq)
         for i, layer in enumerate(self.layers):
             lc = None if cache is None else cache.layers[i]
             x = layer(x, pos, rope, mode, lc, policy, extra)
         if last_only:
             x = x[:, -1:]
-        return self.lm_head(self.model.norm(x))
+        return self.logits(self.model.norm(x))
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        """Token embeddings. Vocab-parallel (`args.vocab_shards` > 1, tensor parallel): this rank
+        holds rows [rank * n, (rank + 1) * n); other ranks' ids embed to 0 here and the ranks'
+        parts are summed (exact: one non-zero term per token)."""
+        if self.args.vocab_shards == 1:
+            return self.model.embed_tokens(input_ids)
+        n = self.model.embed_tokens.num_embeddings
+        local = input_ids - self.shard.rank * n
+        mine = (local >= 0) & (local < n)
+        x = self.model.embed_tokens(local.clamp(0, n - 1))
+        return self.shard.all_reduce(torch.where(mine[..., None], x, torch.zeros_like(x)))
+
+    def logits(self, h: Tensor) -> Tensor:
+        """[..., vocab_size] logits; vocab-parallel: this rank's columns, then every rank's
+        gathered in vocabulary order (each element is computed as the one-rank head would)."""
+        out = self.lm_head(h)
+        return out if self.args.vocab_shards == 1 else self.shard.gather(out, dim=-1)
 
     def forward(self, input_ids: Tensor, pos: Tensor | None = None) -> Tensor:
         if pos is None:

@@ -62,8 +62,8 @@ def ckpts(tmp_path_factory):
     d = tmp_path_factory.mktemp("tp")
     return dict(
         kv2=make_checkpoint(d / "kv2", "llama", seed=0),  # helpers.TINY: 4 heads, 2 KV heads
-        kv4=make_checkpoint(d / "kv4", "llama", seed=1, num_attention_heads=8,
-                            num_key_value_heads=4, head_dim=8),
+        kv4=make_checkpoint(d / "kv4", "llama", seed=1, num_attention_heads=8,  # vocab-parallel
+                            num_key_value_heads=4, head_dim=8, vocab_size=102),
         kv3=make_checkpoint(d / "kv3", "llama", seed=2, hidden_size=48, num_attention_heads=6,
                             num_key_value_heads=3, head_dim=8),
         mistral=make_checkpoint(d / "mistral", "mistral", seed=3, sliding_window=8),
@@ -142,6 +142,10 @@ def test_tp_equals_single_process(tp_run, job):
     assert ranks[0]["world"] == 2 and ranks[0]["backend"] == "gloo"
     n_kv = {"kv2": 2, "kv4": 4, "mistral": 2}[job]
     assert ranks[0][job]["full"]["pos"][0].shape[1] == n_kv // 2  # each rank: its KV heads only
+    # kv4's vocabulary (102) splits over 2 ranks: half the embedding and head rows on each; the
+    # others' (101) does not: replicated
+    rows = 51 if job == "kv4" else 101
+    assert all(r[f"{job}_head_rows"] == (rows, rows) for r in ranks)
     bad = []
     for case in spec["cases"]:
         _, ref = single(spec, case)
@@ -222,6 +226,11 @@ def test_shard_args_and_single_rank_helpers(ckpts):
     local = shard_args(args, Shard(rank=1, world=2, group="g"))
     assert (local.num_attention_heads, local.num_key_value_heads, local.intermediate_size,
             local.head_dim, local.hidden_size) == (4, 2, 48, 8, 64)
+    assert (local.vocab_size, local.vocab_shards) == (args.vocab_size, 2)   # 32000 splits
+    odd = shard_args(ModelArgs(vocab_size=101, hidden_size=64, intermediate_size=96,
+                               num_attention_heads=8, num_key_value_heads=4),
+                     Shard(rank=0, world=2, group="g"))
+    assert odd.vocab_shards == 1                                           # replicated
     with pytest.raises(ValueError, match=r"allowed tensor-parallel sizes .*\[1, 2, 4\]"):
         shard_args(args, Shard(rank=0, world=3, group="g"))
     x = torch.randn(2, 3, 5)

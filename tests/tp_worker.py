@@ -67,6 +67,8 @@ def run_eager(job, res):
 
     model, _ = flexkv.load_model(job["ckpt"], dtype=torch.float64, tp=True, tokenizer=False)
     res["local_kv_heads"] = model.args.num_key_value_heads
+    res[f"{job['name']}_head_rows"] = (model.lm_head.weight.shape[0],
+                                       model.model.embed_tokens.weight.shape[0])
     ids, mask = prompt(job)
     out = {}
     for case in job["cases"]:
