@@ -21,15 +21,45 @@ def kvpress_side():
     return ks
 
 
+def venv_python(r, notes: list[str], what: str):
+    """The kvpress virtualenv's python (created first with --kvpress-setup), or None with a note
+    that `what` was skipped."""
+    venv = Path(r.args.kvpress_venv)
+    py = kvpress_side().ensure_venv(venv, setup=r.args.kvpress_setup,
+                                    log=lambda m: print(m, file=sys.stderr))
+    if py is None:
+        notes.append(f"{what} skipped: no kvpress virtualenv at {venv} "
+                     "(run with --kvpress-setup to create it)")
+    return py
+
+
+def ask_worker(r, py, requests: list[dict], on_result, desc: str, notes: list[str]) -> None:
+    """Run `requests` through the kvpress worker, `on_result(res)` for each answer (cached-only
+    runs count them as missing instead)."""
+    if not requests:
+        return
+    if r.args.cached_only:
+        r.missing += len(requests)
+        return
+    ks = kvpress_side()
+    bar = tqdm(total=len(requests), desc=desc, unit="cell", dynamic_ncols=True)
+
+    def one(res):
+        on_result(res)
+        bar.update(1)
+
+    err = ks.run_worker(py, ks.model_dir(r.args.model), requests, device=r.device.type,
+                        dtype=r.args.dtype, on_result=one)
+    bar.close()
+    if err:
+        notes.append(f"kvpress worker: {err}")
+
+
 def run(r, cfg: dict, policies: list[str], notes: list[str]) -> dict | None:
     ks = kvpress_side()
-
     a = r.args
-    venv = Path(a.kvpress_venv)
-    py = ks.ensure_venv(venv, setup=a.kvpress_setup, log=lambda m: print(m, file=sys.stderr))
+    py = venv_python(r, notes, "kvpress side by side")
     if py is None:
-        notes.append(f"kvpress side by side skipped: no kvpress virtualenv at {venv} "
-                     "(run with --kvpress-setup to create it)")
         return None
     pairs = [(p, press) for p, press in ks.PRESS_FOR.items() if p in policies]
     lengths = a.kvpress_lengths or cfg["lengths"]
@@ -55,7 +85,6 @@ def run(r, cfg: dict, policies: list[str], notes: list[str]) -> dict | None:
     # the kvpress side
     from flexkv.passkey import extract_answer
 
-    model_dir = ks.model_dir(a.model)
     requests, keyed = [], {}
     for h, L, d, ki in plan:
         ids, answer = prompts.get(h, L, d, ki)
@@ -77,25 +106,14 @@ def run(r, cfg: dict, policies: list[str], notes: list[str]) -> dict | None:
                                              press=press, mode=mode, budget=b,
                                              params=ks.press_params(press),
                                              max_new_tokens=a.max_new_tokens))
-    if requests and a.cached_only:
-        r.missing += len(requests)
-    elif requests:
-        bar = tqdm(total=len(requests), desc="kvpress: kvpress side", unit="cell",
-                   dynamic_ncols=True)
+    def on_result(res):
+        key, *_rest, answer = keyed[res["id"]]
+        text = r.tok.decode(res["tokens"], skip_special_tokens=True)
+        got = extract_answer(text)
+        r.cache.put(key, dict(answer=answer, got=got, text=text[:80], correct=got == answer,
+                              kept=res.get("kept"), wall_s=res.get("wall_s")))
 
-        def on_result(res):
-            key, *_rest, answer = keyed[res["id"]]
-            text = r.tok.decode(res["tokens"], skip_special_tokens=True)
-            got = extract_answer(text)
-            r.cache.put(key, dict(answer=answer, got=got, text=text[:80], correct=got == answer,
-                                  kept=res.get("kept"), wall_s=res.get("wall_s")))
-            bar.update(1)
-
-        err = ks.run_worker(py, model_dir, requests, device=r.device.type, dtype=a.dtype,
-                            on_result=on_result)
-        bar.close()
-        if err:
-            notes.append(f"kvpress worker: {err}")
+    ask_worker(r, py, requests, on_result, "kvpress: kvpress side", notes)
     rows = []
     for rid, (key, p, press, mode, b, L, d, ki, answer) in keyed.items():
         res = r.cache.peek(key)
@@ -106,7 +124,7 @@ def run(r, cfg: dict, policies: list[str], notes: list[str]) -> dict | None:
                          key_idx=ki, kvpress_correct=res["correct"], kvpress_got=res["got"],
                          kvpress_kept=res.get("kept"), flexkv_correct=fx.get("correct"),
                          flexkv_got=fx.get("got"), answer=answer))
-    return dict(rows=rows, venv=str(venv), kvpress_version=ks.KVPRESS_VERSION,
+    return dict(rows=rows, venv=str(Path(a.kvpress_venv)), kvpress_version=ks.KVPRESS_VERSION,
                 modes=ks.MODE_DOC, press_params={p: ks.press_params(s) for p, s in pairs},
                 flex_params={p: ks.flex_params(p) for p, _ in pairs},
                 wall_s=round(time.perf_counter() - t0, 1), lengths=lengths, depths=depths,

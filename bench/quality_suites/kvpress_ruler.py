@@ -9,13 +9,12 @@ kvpress's own RULER numbers are made). Scored with RULER's metric, as the ruler 
 """
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 
 from . import ruler as ruler_suite
 from .common import comp_budget, tqdm
-from .kvpress import kvpress_side
+from .kvpress import ask_worker, kvpress_side, venv_python
 from .report import md_table, mean
 
 NAME = "kvpress-ruler"
@@ -26,11 +25,8 @@ def run(r, cfg: dict, policies: list[str], notes: list[str]) -> dict | None:
 
     ks = kvpress_side()
     a = r.args
-    venv = Path(a.kvpress_venv)
-    py = ks.ensure_venv(venv, setup=a.kvpress_setup, log=lambda m: print(m, file=sys.stderr))
+    py = venv_python(r, notes, "kvpress RULER side by side")
     if py is None:
-        notes.append(f"kvpress RULER side by side skipped: no kvpress virtualenv at {venv} "
-                     "(run with --kvpress-setup to create it)")
         return None
     pairs = [(p, press) for p, press in ks.PRESS_FOR.items() if p in policies]
     ratios = [("ratio", x) for x in cfg["ruler_ratios"]]
@@ -74,24 +70,13 @@ def run(r, cfg: dict, policies: list[str], notes: list[str]) -> dict | None:
                                                      ctx_len=ctx_len, press=press, mode=mode,
                                                      budget=b, params=ks.press_params(press),
                                                      max_new_tokens=n_new))
-    if requests and a.cached_only:
-        r.missing += len(requests)
-    elif requests:
-        bar = tqdm(total=len(requests), desc="kvpress-ruler: kvpress side", unit="cell",
-                   dynamic_ncols=True)
+    def on_result(res):
+        key, *_rest, sample = keyed[res["id"]]
+        pred = r.tok.decode(res["tokens"], skip_special_tokens=True)
+        r.cache.put(key, dict(score=ruler.score(sample.task, pred, sample.outputs),
+                              pred=pred[:160], kept=res.get("kept"), wall_s=res.get("wall_s")))
 
-        def on_result(res):
-            key, *_rest, sample = keyed[res["id"]]
-            pred = r.tok.decode(res["tokens"], skip_special_tokens=True)
-            r.cache.put(key, dict(score=ruler.score(sample.task, pred, sample.outputs),
-                                  pred=pred[:160], kept=res.get("kept"), wall_s=res.get("wall_s")))
-            bar.update(1)
-
-        err = ks.run_worker(py, ks.model_dir(a.model), requests, device=r.device.type,
-                            dtype=a.dtype, on_result=on_result)
-        bar.close()
-        if err:
-            notes.append(f"kvpress worker: {err}")
+    ask_worker(r, py, requests, on_result, "kvpress-ruler: kvpress side", notes)
     rows = []
     for key, p, press, mode, c, t, L, i, _ in keyed.values():
         res = r.cache.peek(key)
@@ -99,7 +84,7 @@ def run(r, cfg: dict, policies: list[str], notes: list[str]) -> dict | None:
             rows.append(dict(policy=p, press=press or "none", mode=mode,
                              comp=None if c is None else list(c), task=t, length=L, index=i,
                              score=res["score"], pred=res["pred"], kept=res.get("kept")))
-    return dict(flexkv=cells, kvpress=rows, venv=str(venv), kvpress_version=ks.KVPRESS_VERSION,
+    return dict(flexkv=cells, kvpress=rows, venv=str(Path(a.kvpress_venv)), kvpress_version=ks.KVPRESS_VERSION,
                 modes=ks.MODE_DOC, press_params={p: ks.press_params(s) for p, s in pairs},
                 flex_params={p: ks.flex_params(p) for p, _ in pairs},
                 wall_s=round(time.perf_counter() - t0, 1))
