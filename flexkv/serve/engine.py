@@ -403,7 +403,8 @@ class Engine:
         with self._lock:
             used = sum(r is not None for r in self._slots)
             out = dict(running=len(self._decoding), prefilling=len(self._prefilling),
-                       waiting=len(self._waiting) + len(self._inbox), slots_total=self.max_slots, slots_used=used,
+                       waiting=len(self._waiting) + len(self._inbox),
+                       slots_total=self.max_slots, slots_used=used,
                        kv_bytes_allocated=self.cache.kv_bytes(),
                        kv_bytes_held=used * self.slot_kv_bytes, **self._counters)
         return out
