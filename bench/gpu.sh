@@ -3,15 +3,16 @@
 #
 #   FLEXKV_COMMIT=<sha> bash bench/gpu.sh "$OUT" [stage...]
 #
-# stages: tests  decode-candidates  speed-4k  speed-32k  speed-b8  (or all; default: tests).
+# stages: tests  decode-candidates  speed-4k  speed-32k  speed-b8  serve  (default: tests).
+# serve needs .whl and .gpu-kit carried (bash bench/gpu_kit.sh makes both).
 # bench/GPU.md lists the device calls to make, in order, with their expected times.
 #
 # Setup: wheels carried in .whl/ (if any) are installed into /tmp/site (PYTHONPATH); flexkv is
 # installed editable without network (setuptools is on the machine), or, failing that, made
 # importable through a .pth (flexkv.models maps to models/, as pyproject's package-dir says).
 # Then bench/gpu_run.py runs each stage in a subprocess with a time limit and writes OUT/summary.md
-# (printed at the end), OUT/run.log, OUT/tests.xml and the JSON results: at most 6 files, all at
-# the top of OUT. The whole call keeps inside FLEXKV_GPU_BUDGET_S (default 570 s: under the
+# (printed at the end), OUT/run.log, OUT/tests.xml and the JSON/markdown results, all at the top
+# of OUT. The whole call keeps inside FLEXKV_GPU_BUDGET_S (default 570 s: under the
 # device tool's 10-minute limit per command).
 #
 # FLEXKV_GPU_DRYRUN=1 rehearses everything on a machine without a GPU (tiny sizes, CPU).
@@ -28,7 +29,7 @@ export FLEXKV_COMMIT=${FLEXKV_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null |
 LOG="$OUT/run.log"
 echo "===== setup $(date -u +%FT%TZ) commit $FLEXKV_COMMIT" >>"$LOG"
 
-# 1. carried wheels (none are needed for the stages as they stand: see bench/GPU.md)
+# 1. carried wheels (the serve stage's HTTP stack: bench/gpu_kit.sh)
 if compgen -G ".whl/*.whl" >/dev/null; then
     if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
             --target /tmp/site .whl/*.whl >>"$LOG" 2>&1; then

@@ -5,10 +5,11 @@ that fits one device call. `bash bench/gpu.sh OUT [stage...]` sets up the machin
 
 Every stage runs in a subprocess with a time limit (its own, and what is left of the call's
 `FLEXKV_GPU_BUDGET_S`, default 570 s, counted from `FLEXKV_GPU_T0`); its output goes to
-OUT/run.log. OUT receives at most 6 files, all at its top level (the device tool returns 8):
+OUT/run.log. OUT receives files at its top level only (the device tool returns 8 per call):
 summary.md (environment, stage table, test failures, the candidates table, the speed tables;
 rewritten after every stage and printed at the end), run.log, tests.xml (JUnit),
-decode-candidates.json and one <preset>.json per speed stage.
+decode-candidates.json, one <preset>.json per speed stage, serve-gpu.{json,md} (serve stage).
+No call fits more stages than leave 8 files.
 
 Back on the CPU machine, the speed JSONs go into the repository:
 
@@ -77,12 +78,33 @@ def _candidates_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
             f"{max(30.0, limit - 20):.0f}"] + (["--quick"] if DRY else []), {}
 
 
+KIT_MODEL = ROOT / ".gpu-kit" / "smollm2-135m-instruct"  # bench/gpu_kit.sh; carried
+
+
+def _serve_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
+    """Issue 10's GPU row: the server at equal KV memory, `full` then budget 256 and 512, the
+    default model's shape with random weights (the checkpoint cannot be carried), 1K-4K prompts
+    in steps of 1K (four prefill shapes to compile, not seven), 128 tokens each. Every
+    configuration's table row is written as soon as it ends; no sequential row (a compiled
+    `generate` of `full` recompiles for every prompt length)."""
+    if DRY:
+        sizes = ["--preset", "cpu", "--requests", "3", "--prompt-min", "48", "--prompt-max", "96",
+                 "--max-tokens", "4", "--rate", "0", "--time-limit", "120", "--budgets", "32",
+                 "--policies", "h2o"]
+    else:
+        sizes = ["--preset", "gpu", "--requests", "96", "--prompt-step", "1024", "--time-limit",
+                 "60", "--policies", "h2o,streaming", "--budgets", "256,512"]
+    return [PY, "bench/serve.py", *sizes, "--model", str(KIT_MODEL), "--random-weights",
+            "--sequential", "none", "--out", str(out), "--name", "serve-gpu"], {}
+
+
 STAGES = {
     "tests": dict(make=_pytest_cmd, limit=480, file="tests.xml"),
     "decode-candidates": dict(make=_candidates_cmd, limit=360, file="decode-candidates.json"),
     "speed-4k": dict(make=_speed_cmd("gpu-8b-4k"), limit=570, preset="gpu-8b-4k"),
     "speed-32k": dict(make=_speed_cmd("gpu-8b-32k"), limit=570, preset="gpu-8b-32k"),
     "speed-b8": dict(make=_speed_cmd("gpu-8b-b8"), limit=570, preset="gpu-8b-b8"),
+    "serve": dict(make=_serve_cmd, limit=570, file="serve-gpu.json"),
 }
 
 
@@ -209,6 +231,8 @@ def write_summary(out: Path, env: dict, results: list[dict]) -> str:
                 parts += ["\n## decode-candidates\n", candidates_md(out / "decode-candidates.json")]
             elif r.get("file", "").endswith(".json") and name.startswith("speed"):
                 parts += [f"\n## {name}\n", speed_md(out / r["file"])]
+            elif name == "serve" and (out / "serve-gpu.md").exists():
+                parts += ["\n## serve\n", (out / "serve-gpu.md").read_text()]
         except Exception as e:  # noqa: BLE001 - the summary must always be written
             parts.append(f"\n({name}: could not summarise: {e!r})")
     text = "\n".join(parts) + "\n"

@@ -84,6 +84,20 @@ def slot_bytes(model, policy, budget, prompt_max, max_tokens, dtype) -> int:
     return sum(2 * c * a.num_key_value_heads * a.head_dim * dtype.itemsize for c in caps)
 
 
+def random_model(path, device, dtype):
+    """(model, tokenizer): the architecture and tokenizer of the checkpoint directory `path`
+    (config.json, tokenizer files; no weights needed), random weights."""
+    from transformers import AutoTokenizer
+
+    from flexkv.models.llama import ModelArgs
+    from speed import random_transformer
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise SystemExit(f"--random-weights: {path} has no config.json (bench/gpu_kit.sh makes one)")
+    args = ModelArgs.from_hf_config(json.loads((path / "config.json").read_text()))
+    return random_transformer(args, device, dtype), AutoTokenizer.from_pretrained(str(path))
+
+
 # --------------------------------------------------------------------------- server + client
 async def one_request(client, req, max_tokens, t0, rec):
     """Send `req` at its arrival time, stream the answer, fill `rec` (times relative to t0)."""
@@ -255,7 +269,8 @@ def markdown(meta, cfg, rows) -> str:
              f"commit {meta['commit']}, device {meta['device']} ({meta['cpus']} cores), torch "
              f"{meta['torch']}, {meta['threads']} torch threads, wall {meta['wall_s']} s, load "
              f"average (1/5/15 min) {ld(meta['load_start'])} at the start, {ld(meta['load_end'])} at the end",
-             "", f"Model {cfg['model']} ({cfg['dtype']}), {cfg['requests']} requests: prompts of "
+             "", f"Model {cfg['model']} ({cfg['dtype']}, weights: {cfg.get('weights', 'checkpoint')}), "
+             f"{cfg['requests']} requests: prompts of "
              f"{cfg['prompt_min']}-{cfg['prompt_max']} tokens (random windows of pydoc_data.topics prose), "
              f"{cfg['max_tokens']} greedy tokens each (ignore_eos), Poisson arrivals at {cfg['rate']} "
              f"req/s (seed {cfg['seed']}), time limit {cfg['time_limit']:g} s per configuration; every "
@@ -300,6 +315,11 @@ def main(argv=None) -> int:
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
     ap.add_argument("--sequential", help="configs to also run through flexkv.generate one at a "
                     "time, e.g. full,h2o@256 (default: full; 'none' for none)", default="full")
+    ap.add_argument("--random-weights", action="store_true",
+                    help="--model is a directory with config.json and the tokenizer only: the "
+                    "weights are drawn at random (seeded). For the lent GPU, which cannot fetch "
+                    "the checkpoint; throughput does not depend on the weights (every request "
+                    "runs --max-tokens tokens: ignore_eos)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", help="result file stem (default: the preset)")
@@ -319,7 +339,11 @@ def main(argv=None) -> int:
     import flexkv
     from flexkv.serve.engine import parse_bytes
     t_start, load_start = time.perf_counter(), list(os.getloadavg())
-    model, tok = flexkv.load_model(cfg["model"], device=device, dtype=dtype)
+    if args.random_weights:
+        model, tok = random_model(cfg["model"], device, dtype)
+    else:
+        model, tok = flexkv.load_model(cfg["model"], device=device, dtype=dtype)
+    cfg["weights"] = "random (N(0, 0.02), seed 0)" if args.random_weights else "checkpoint"
     full_bytes = slot_bytes(model, "full", None, cfg["prompt_max"], cfg["max_tokens"], dtype)
     cfg["kv_memory"] = parse_bytes(args.kv_memory) if args.kv_memory else cfg["full_slots"] * full_bytes
     reqs = make_requests(tok, cfg["requests"], cfg["prompt_min"], cfg["prompt_max"],

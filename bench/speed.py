@@ -162,20 +162,26 @@ class _default_dtype:
         torch.set_default_dtype(self.prev)
 
 
+def random_transformer(args, device, dtype, seed: int = 0):
+    """A flexkv Transformer of shape `args` with random weights (N(0, 0.02), norms 1; seeded),
+    made directly on `device` in `dtype`: speed does not depend on the weights."""
+    from flexkv.models.llama import Transformer, rope_inv_freq
+
+    torch.manual_seed(seed)
+    with torch.device(device), _default_dtype(dtype):  # no fp32 copy of 8B weights
+        model = Transformer(args)
+    model.inv_freq = rope_inv_freq(args).to(device)  # RoPE frequencies stay fp32
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
+    return model.eval()
+
+
 def build_models(spec, device, dtype, with_hf: bool):
-    from flexkv.models.llama import ModelArgs, Transformer
+    from flexkv.models.llama import ModelArgs
 
     if spec in ("llama-3.1-8b-shape", "tiny"):
         cfg = LLAMA31_8B if spec != "tiny" else TINY
-        from flexkv.models.llama import rope_inv_freq
-        args = ModelArgs(**cfg)
-        torch.manual_seed(0)
-        with torch.device(device), _default_dtype(dtype):  # no fp32 copy of 8B weights
-            model = Transformer(args)
-        model.inv_freq = rope_inv_freq(args).to(device)  # RoPE frequencies stay fp32
-        for p in model.parameters():
-            torch.nn.init.normal_(p, std=0.02) if p.dim() > 1 else torch.nn.init.ones_(p)
-        model.eval()
+        model = random_transformer(ModelArgs(**cfg), device, dtype)
         hf = None
         if with_hf:
             from transformers import LlamaConfig, LlamaForCausalLM

@@ -327,6 +327,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tens
     if not need_probs and use_flex_decode(q):
         score_mod = masked_decode_score(k_pos, q_pos, group, window, bias)
         return flex_attention(q, k, v, score_mod=score_mod, enable_gqa=group > 1), None
+    if not need_probs and use_sdpa_decode(q, bias):
+        return sdpa_decode_attention(q, k, v, k_pos, q_pos, window, bias), None
     path = decode_probs_path(q, k)
     if not need_probs:
         path = "explicit" if path == "explicit" else "lowp"
@@ -352,6 +354,32 @@ def explicit_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_
     probs = torch.softmax(scores, dim=-1)
     o = torch.einsum("bkgs,bksd->bkgd", probs, v.to(dt)).to(q.dtype)
     return o.reshape(B, H, 1, D), probs
+
+
+def use_sdpa_decode(q: Tensor, bias: Tensor | None) -> bool:
+    """Eager decode without probabilities (CPU `generate`, the serving engine's eager step):
+    one SDPA call instead of the matmul path's ~15 ops per layer (eager dispatch is a cost on
+    CPU, bench/NOTES.md entry 13). Not inside compiled code (inductor fuses the matmul path),
+    not when DECODE_PROBS asks for the explicit reference, and not with a bias on a
+    low-precision cache (SDPA's mask would round the bias to the cache dtype; the matmul path
+    adds it to fp32 scores)."""
+    return (not torch.compiler.is_compiling() and DECODE_PROBS != "explicit"
+            and (bias is None or q.dtype not in _LOW))
+
+
+def sdpa_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor,
+                          window: int | None = None, bias: Tensor | None = None) -> Tensor:
+    """Decode attention output only, through SDPA: each KV head's G query heads are G query
+    rows over that head's slots (no GQA expansion), the valid slots a boolean mask, a bias an
+    additive one. q: [B, H, 1, D] -> o [B, H, 1, D]. Every active row holds at least the token
+    just written; an idle row's output is discarded by the caller."""
+    B, H, _, D = q.shape
+    n_kv = k.shape[1]
+    mask = _decode_ok(k_pos, q_pos, window)  # [B, Hkv, 1, S]
+    if bias is not None:
+        mask = torch.where(mask, bias[:, :, None, :].to(q.dtype), _NEG_INF)
+    o = F.scaled_dot_product_attention(q.reshape(B, n_kv, H // n_kv, D), k, v, attn_mask=mask)
+    return o.reshape(B, H, 1, D)
 
 
 def _decode_ok(k_pos: Tensor, q_pos: Tensor, window: int | None) -> Tensor:

@@ -82,10 +82,12 @@ def rope_inv_freq(args: ModelArgs) -> Tensor:
 
 
 def rope_cos_sin(pos: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
-    """pos: [B, T] (int) -> (cos, sin), each [B, 1, T, D/2] fp32: made once per forward and
-    shared by every layer (eager decode on CPU pays per op: bench/NOTES.md, entry 12)."""
+    """pos: [B, T] (int) -> (cos, sin), each [B, 1, T, D] fp32, laid out for `apply_rope`:
+    `cos` is (cos, cos), `sin` is (-sin, sin) over the two halves. Made once per forward and
+    shared by every layer (eager decode on CPU pays per op: bench/NOTES.md, entries 12-13)."""
     freqs = pos.clamp(min=0).to(torch.float32)[:, None, :, None] * inv_freq
-    return freqs.cos(), freqs.sin()
+    cos, sin = freqs.cos(), freqs.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def _f32(x: Tensor) -> Tensor:
@@ -93,10 +95,12 @@ def _f32(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, rope: tuple[Tensor, Tensor]) -> Tensor:
-    """x: [B, H, T, D]; rope: `rope_cos_sin`'s. Rotate-half convention (HF), in fp32."""
+    """x: [B, H, T, D]; rope: `rope_cos_sin`'s. Rotate-half convention (HF), in fp32:
+    (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin), as `x * cos + roll(x, D/2) * sin` (four ops;
+    bit for bit the same sums, `a + b * -s` being `a - b * s` in IEEE arithmetic)."""
     cos, sin = rope
-    x1, x2 = _f32(x).chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    xf = _f32(x)
+    out = xf * cos + xf.roll(x.shape[-1] // 2, dims=-1) * sin
     return out if out.dtype == x.dtype else out.to(x.dtype)
 
 

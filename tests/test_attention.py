@@ -47,8 +47,10 @@ def test_decode_flex_equals_explicit(c, with_bias):
     sm = attention.masked_decode_score(k_pos, q_pos, G, window, bias)
     o_flex = flex_attention(q, k, v, score_mod=sm, enable_gqa=G > 1)
     o_exp, p_exp = attention.explicit_decode_attention(q, k, v, k_pos, q_pos, window, bias)
+    o_sdpa = attention.sdpa_decode_attention(q, k, v, k_pos, q_pos, window, bias)
     torch.testing.assert_close(o_flex, o_ref)
     torch.testing.assert_close(o_exp, o_ref)
+    torch.testing.assert_close(o_sdpa, o_ref)
     torch.testing.assert_close(p_exp.reshape(B, -1, 1, N), p_ref)
 
 
@@ -267,6 +269,30 @@ def test_decode_attention_follows_decode_probs(monkeypatch, path):
     monkeypatch.setattr(attention, "DECODE_PROBS", "nope")
     with pytest.raises(ValueError, match="DECODE_PROBS"):
         attention.decode_attention(q, k, v, k_pos, q_pos, window, bias, need_probs=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_decode_without_probs_takes_sdpa_when_exact(monkeypatch, dtype, with_bias):
+    """Eager decode without probabilities runs one SDPA call, except with a bias on a
+    low-precision cache (the bias would be rounded to bf16 in SDPA's mask) and under the
+    explicit reference; every case equals dense attention."""
+    c = (2, 2, 4, 37, 16, 20, 3)
+    q, k, v, k_pos, q_pos, window, bias = _decode_case(c, with_bias, dtype)
+    calls = []
+    real = attention.sdpa_decode_attention
+    monkeypatch.setattr(attention, "sdpa_decode_attention",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    o, none = attention.decode_attention(q, k, v, k_pos, q_pos, window, bias)
+    assert none is None and o.dtype == dtype
+    assert len(calls) == (0 if with_bias and dtype == torch.bfloat16 else 1)
+    o_ref, _ = dense(*(x.double() for x in (q, k, v)), q_pos, k_pos, window,
+                     None if bias is None else bias.double())
+    tol = 3e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(o.double(), o_ref, atol=tol, rtol=0)
+    monkeypatch.setattr(attention, "DECODE_PROBS", "explicit")
+    attention.decode_attention(q, k, v, k_pos, q_pos, window, bias)
+    assert len(calls) == (0 if with_bias and dtype == torch.bfloat16 else 1)
 
 
 @SET

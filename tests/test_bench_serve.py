@@ -79,3 +79,35 @@ def test_bad_arguments():
     bench = load_serve_bench()
     with pytest.raises(SystemExit):
         bench.main(["--prompt-min", "100", "--prompt-max", "50"])
+
+
+def test_random_weights_from_config_and_tokenizer_only(tiny_dir, tmp_path):
+    """`--random-weights` (the GPU serve stage: the checkpoint cannot be carried) needs only the
+    directory's config.json and tokenizer; a directory without config.json is refused."""
+    import shutil
+
+    import torch
+
+    kit = tmp_path / "kit"
+    kit.mkdir()
+    for f in tiny_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, kit / f.name)
+    bench = load_serve_bench()
+    threads = torch.get_num_threads()
+    try:
+        rc = bench.main(["--preset", "cpu", "--model", str(kit), "--random-weights",
+                         "--prompt-min", "40", "--prompt-max", "60", "--max-tokens", "3",
+                         "--requests", "2", "--rate", "0", "--policies", "h2o", "--budgets", "16",
+                         "--no-compile", "--sequential", "none", "--out", str(tmp_path),
+                         "--name", "rnd"])
+        with pytest.raises(SystemExit, match="no config.json"):
+            bench.main(["--model", str(tmp_path / "nowhere"), "--random-weights"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    data = json.loads((tmp_path / "rnd.json").read_text())
+    assert [r["config"] for r in data["rows"]] == ["full", "h2o@16"]
+    assert all(r["completed"] == 2 and r["out_tokens"] == 6 for r in data["rows"])
+    assert data["config"]["weights"].startswith("random")
+    assert "weights: random" in (tmp_path / "rnd.md").read_text()

@@ -256,7 +256,7 @@ class Policy:
         o, probs = attention.decode_attention(q, lc.k, lc.v, lc.pos, q_pos, window=attn.window,
                                               bias=self.decode_bias(lc), need_probs=self.needs_decode_probs)
         # an idle row may hold no token at all (all scores -inf): its output is 0, never NaN
-        o = torch.where(active[:, None, None, None], o, 0.0)
+        o = torch.where(active.view(-1, 1, 1, 1), o, 0.0)
         ctx = DecodeContext(attn.layer_idx, lc, q, o, probs, slot, q_pos, attn, active)
         self.decode_scores(ctx)
         if self.decode_evicts:

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from flexkv.policies.base import Policy
+from flexkv.cache import LayerCache
+from flexkv.policies.base import Policy, PrefillContext
 from flexkv.policies.registry import register
 
 
@@ -23,3 +24,13 @@ class Full(Policy):
 
     def effective(self, prompt_len: int, max_new_tokens: int) -> bool:
         return False
+
+    def store(self, lc: LayerCache, ctx: PrefillContext) -> None:
+        """Every token is kept: when they fit as they come (a one-shot prefill or a first chunk;
+        slot order carries no meaning) they are loaded without the priority sort and the gather
+        of K and V (bench/NOTES.md entry 13). A later chunk's tokens follow the cache's whole
+        capacity, empty slots included, so those go through the base's top-k store."""
+        if ctx.pos.shape[-1] <= lc.capacity:
+            lc.load(ctx.k, ctx.v, ctx.pos, ctx.stats)
+        else:
+            super().store(lc, ctx)
