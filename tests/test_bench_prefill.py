@@ -1,0 +1,37 @@
+"""bench/prefill_cpu.py's table from recorded trials (no model, no kvpress): the ratio of minima
+and the median of per-round ratios, and `render` rewriting the table from the JSON."""
+import json
+
+from helpers import load_bench
+
+
+def _trials():
+    # round by round: flexkv then kvpress per policy; round 1 is disturbed on flexkv's side only
+    walls = {("flexkv", "full"): [10.0, 14.0, 9.6], ("kvpress", "full"): [10.5, 10.0, 10.0],
+             ("flexkv", "h2o"): [5.0, 5.0, 5.0]}
+    out = []
+    for i in range(3):
+        for (impl, pol), w in walls.items():
+            out.append(dict(impl=impl, policy=pol, press=None, attn=None, kept=4, wall_s=w[i],
+                            prefill_s=w[i] - 1, decode_s=1.0, load=[0.5, 0.6]))
+    return out
+
+
+def test_per_round_median_and_render(tmp_path):
+    pc = load_bench("prefill_cpu")
+    rows = {(r["impl"], r["policy"]): r for r in pc.summarize(_trials(), 256, 32)}
+    f = rows[("flexkv", "full")]
+    assert f["e2e_vs_kvpress"] == 9.6 / 10.0                       # minimum over minimum
+    assert f["e2e_vs_kvpress_rounds"] == [10.0 / 10.5, 14.0 / 10.0, 9.6 / 10.0]
+    assert f["e2e_vs_kvpress_median"] == 9.6 / 10.0                 # the disturbed round drops out
+    assert rows[("flexkv", "h2o")]["e2e_vs_kvpress_median"] is None  # no kvpress row
+    assert rows[("kvpress", "full")]["e2e_vs_kvpress_median"] is None
+    meta = dict(command="x", commit="c", torch="t", threads=2, cores=2, cpu="cpu", wall_s=1,
+                prompt_tokens=10, length=8, new_tokens=32, budget=256, trials=3,
+                load_before="-", load_after="-", policies=["full", "h2o"], notes=["n"])
+    path = tmp_path / "cpu-8"
+    path.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=[], trials=_trials())))
+    md = pc.render(path)
+    assert md == path.with_suffix(".md").read_text()
+    assert "| 0.96 | 0.96 (0.95, 1.40, 0.96) |" in md
+    assert json.loads(path.with_suffix(".json").read_text())["rows"]  # rows recomputed
