@@ -19,8 +19,9 @@ Timing: `--trials` rounds (each configuration once per round, after a warm-up on
 the table reports each configuration's minimum over the rounds (the least disturbed one) and,
 for the flexkv / kvpress ratio, also the median over rounds of each round's ratio (the two sides
 of a policy run back to back, so a round's ratio sees one machine state); the json keeps every
-trial, and `python bench/prefill_cpu.py render <results path>` rewrites the table from it. Other jobs on a shared machine slow any trial: the load average is
-recorded before and after each measurement and in the results; compare ratios taken in one run.
+trial, and `python bench/prefill_cpu.py render <results path>` rewrites the table from it.
+Other jobs on a shared machine slow any trial: the load average is recorded before and after
+each measurement and in the results; compare ratios taken in one run.
 Results: `<out>.md` and `<out>.json` (default bench/results/prefill/cpu-<length>), stamped with
 the command, commit, torch/transformers/kvpress versions, threads and wall time.
 
@@ -255,8 +256,8 @@ def markdown(rows, meta) -> str:
     lines += ["", "e2e = prefill + decode, measured around `flexkv.generate` / the worker's "
               "prefill and decode loop (tokenisation and model loading excluded). "
               "`e2e flexkv/kvpress` divides the two sides' minima; the per-round column divides "
-             "each round's two runs, which ran back to back. "
-             "`max load`: the highest 1-minute load average seen around the row's trials "
+              "each round's two runs, which ran back to back. "
+              "`max load`: the highest 1-minute load average seen around the row's trials "
               f"(the machine has {meta['cores']} cores; above that, other jobs shared them)."]
     if meta.get("notes"):
         lines += [""] + [f"- {n}" for n in meta["notes"]]
