@@ -321,8 +321,9 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tens
                      need_probs: bool = False):
     """q: [B, H, 1, D]; k, v: [B, Hkv, S, D]; k_pos: [B, Hkv, S]; q_pos: [B, 1].
     Returns (o [B, H, 1, D], probs [B, Hkv, G, S] or None). Without `need_probs`: the flex
-    decoding kernel inside compiled CUDA code, else the matmul path ("explicit" when
-    DECODE_PROBS says so, else "lowp"); with it: the `DECODE_PROBS` path."""
+    decoding kernel inside compiled CUDA code, one SDPA call in eager code (`use_sdpa_decode`),
+    else the matmul path ("explicit" when DECODE_PROBS says so, else "lowp"); with it: the
+    `DECODE_PROBS` path."""
     group = q.shape[1] // k.shape[1]
     if not need_probs and use_flex_decode(q):
         score_mod = masked_decode_score(k_pos, q_pos, group, window, bias)
