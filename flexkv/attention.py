@@ -264,9 +264,10 @@ def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_po
 # ---------------------------------------------------------------------------- decode
 def use_flex_decode(q: Tensor) -> bool:
     """Flex for decode inside compiled code on CUDA (where it is the fused flex-decoding kernel);
-    everywhere else the explicit path: eager flex re-traces its score_mod every call, and on CPU
-    the compiled flex decode measured ~5x slower than the compiled explicit path (default model,
-    129 slots: 1890 vs 344 ms/token, bench/NOTES.md). Both are tested equal."""
+    everywhere else SDPA (eager) or the matmul path (compiled): eager flex re-traces its
+    score_mod every call, and on CPU the compiled flex decode measured ~5x slower than the
+    compiled matmul path (default model, 129 slots: 1890 vs 344 ms/token, bench/NOTES.md). All
+    are tested equal."""
     return q.is_cuda and torch.compiler.is_compiling()
 
 
