@@ -430,18 +430,30 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             if handle.finish_reason is None and not text.stopped:
                 handle.cancel()        # disconnected, or this handler itself was cancelled
 
-    def stream_response(prep: _Prepared, handle, chunk, first=None, usage_obj=None) -> StreamingResponse:
+    def stream_response(prep: _Prepared, handle, rid: str, kind: str, created: int, choice,
+                        first=None) -> StreamingResponse:
+        """Server-sent events of one request: `choice(piece, reason)` makes an event's choice
+        (`first`, if given, is sent before any token); every event is the OpenAI envelope of
+        `kind` ("text_completion" / "chat.completion.chunk"), with `usage` null in each and a
+        last usage-only event when the request asked for usage."""
         text = IncrementalText(tok, prep.stops)
+
+        def event(choices: list, usage_obj=None) -> dict:
+            obj = {"id": rid, "object": kind, "created": created, "model": model_name,
+                   "choices": choices}
+            if prep.include_usage:
+                obj["usage"] = usage_obj
+            return obj
 
         async def events():
             done = False
             try:
                 if first is not None:
-                    yield _sse(first)
+                    yield _sse(event([first]))
                 async for token_id in handle:
                     piece = text.add(token_id)
                     if piece:
-                        yield _sse(chunk(piece, None))
+                        yield _sse(event([choice(piece, None)]))
                     if text.stopped:
                         handle.cancel()
                         break
@@ -451,9 +463,9 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                     yield _sse({"error": {"message": e.message, "type": e.type, "param": None,
                                           "code": e.code}})
                 else:
-                    yield _sse(chunk(text.finish(), reason))
+                    yield _sse(event([choice(text.finish(), reason)]))
                     if prep.include_usage:
-                        yield _sse(usage_obj(usage(handle, text)))
+                        yield _sse(event([], usage(handle, text)))
                 yield "data: [DONE]\n\n"
                 done = True
             finally:
@@ -472,17 +484,9 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         handle = submit(prep, chat=False)
         rid, t = f"cmpl-{handle.request_id}", _now()
         if prep.stream:
-            def chunk(piece, reason):
-                obj = {"id": rid, "object": "text_completion", "created": t, "model": model_name,
-                       "choices": [{"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}]}
-                if prep.include_usage:
-                    obj["usage"] = None
-                return obj
-
-            def usage_obj(u):
-                return {"id": rid, "object": "text_completion", "created": t, "model": model_name,
-                        "choices": [], "usage": u}
-            return stream_response(prep, handle, chunk, usage_obj=usage_obj)
+            def choice(piece, reason):
+                return {"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}
+            return stream_response(prep, handle, rid, "text_completion", t, choice)
         text = IncrementalText(tok, prep.stops)
         if not await run_blocking(request, handle, text):
             return Response(status_code=499)
@@ -499,21 +503,13 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         handle = submit(prep, chat=True)
         rid, t = f"chatcmpl-{handle.request_id}", _now()
         if prep.stream:
-            def chunk(piece, reason, delta=None):
+            def choice(piece, reason, delta=None):
                 delta = {"content": piece} if delta is None else delta
                 if reason is not None and not piece:
                     delta = {}
-                obj = {"id": rid, "object": "chat.completion.chunk", "created": t, "model": model_name,
-                       "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]}
-                if prep.include_usage:
-                    obj["usage"] = None
-                return obj
-
-            def usage_obj(u):
-                return {"id": rid, "object": "chat.completion.chunk", "created": t, "model": model_name,
-                        "choices": [], "usage": u}
-            first = chunk("", None, delta={"role": "assistant", "content": ""})
-            return stream_response(prep, handle, chunk, first=first, usage_obj=usage_obj)
+                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
+            first = choice("", None, delta={"role": "assistant", "content": ""})
+            return stream_response(prep, handle, rid, "chat.completion.chunk", t, choice, first=first)
         text = IncrementalText(tok, prep.stops)
         if not await run_blocking(request, handle, text):
             return Response(status_code=499)
