@@ -40,6 +40,10 @@ DRY = os.environ.get("FLEXKV_GPU_DRYRUN") == "1"
 T0 = float(os.environ.get("FLEXKV_GPU_T0") or time.time())
 BUDGET = float(os.environ.get("FLEXKV_GPU_BUDGET_S") or 570)
 SPEED_TMP = Path("/tmp/flexkv-speed")
+# kept on the machine between device calls (a machine stays warm 30 s after a call): the
+# candidates' result, so that a speed stage in the next call uses the fastest path without
+# FLEXKV_DECODE_PROBS having to be read off the summary and typed in
+STATE = Path(os.environ.get("FLEXKV_GPU_STATE") or "/tmp/flexkv-gpu-state")
 
 
 def remaining() -> float:
@@ -101,11 +105,31 @@ def _serve_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
 STAGES = {
     "tests": dict(make=_pytest_cmd, limit=480, file="tests.xml"),
     "decode-candidates": dict(make=_candidates_cmd, limit=360, file="decode-candidates.json"),
-    "speed-4k": dict(make=_speed_cmd("gpu-8b-4k"), limit=570, preset="gpu-8b-4k"),
-    "speed-32k": dict(make=_speed_cmd("gpu-8b-32k"), limit=570, preset="gpu-8b-32k"),
-    "speed-b8": dict(make=_speed_cmd("gpu-8b-b8"), limit=570, preset="gpu-8b-b8"),
+    "speed-4k": dict(make=_speed_cmd("gpu-8b-4k"), limit=570, preset="gpu-8b-4k",
+                     probs_at=["S=4097 B=1"]),
+    "speed-32k": dict(make=_speed_cmd("gpu-8b-32k"), limit=570, preset="gpu-8b-32k",
+                      probs_at=["S=32769 B=1", "S=4097 B=1"]),
+    "speed-b8": dict(make=_speed_cmd("gpu-8b-b8"), limit=570, preset="gpu-8b-b8",
+                     probs_at=["S=4097 B=8", "S=4097 B=1"]),
     "serve": dict(make=_serve_cmd, limit=570, file="serve-gpu.json"),
 }
+
+
+def decode_probs_for(keys: list[str], out: Path) -> tuple[str | None, str]:
+    """The DECODE_PROBS path a speed stage runs with, and why: FLEXKV_DECODE_PROBS when set, else
+    the fastest path that decode-candidates measured at the first of `keys` it has (this call's
+    OUT, else the copy an earlier call on this machine left in STATE), else flexkv's default."""
+    if os.environ.get("FLEXKV_DECODE_PROBS"):
+        return None, f"{os.environ['FLEXKV_DECODE_PROBS']} (FLEXKV_DECODE_PROBS)"
+    for src in (out / "decode-candidates.json", STATE / "decode-candidates.json"):
+        try:
+            fastest = json.loads(src.read_text()).get("fastest", {})
+        except (OSError, ValueError):
+            continue
+        for key in keys:
+            if key in fastest:
+                return fastest[key], f"{fastest[key]} (fastest in decode-candidates at {key})"
+    return None, "flexkv's default (no FLEXKV_DECODE_PROBS, no decode-candidates result)"
 
 
 def run_stage(name: str, out: Path, log: Path) -> dict:
@@ -118,6 +142,11 @@ def run_stage(name: str, out: Path, log: Path) -> dict:
     limit = min(spec["limit"] * (6 if DRY else 1), left)  # a CPU rehearsal compiles slower
     cmd, extra_env = spec["make"](out, limit)
     env = dict(os.environ, PYTHONUNBUFFERED="1", **extra_env)
+    if "probs_at" in spec:
+        keys = spec["probs_at"] + (["S=65 B=1"] if DRY else [])  # the --quick candidates' size
+        path, res["decode_probs"] = decode_probs_for(keys, out)
+        if path:
+            env["FLEXKV_DECODE_PROBS"] = path
     t = time.time()
     with open(log, "a") as f:
         f.write(f"\n===== stage {name}: {' '.join(cmd)} (limit {limit:.0f} s)\n")
@@ -141,6 +170,9 @@ def run_stage(name: str, out: Path, log: Path) -> dict:
             res["file"] = f"{preset}.json"
     elif (out / spec["file"]).exists():
         res["file"] = spec["file"]
+        if name == "decode-candidates":
+            STATE.mkdir(parents=True, exist_ok=True)
+            shutil.copy(out / spec["file"], STATE / spec["file"])
     return res
 
 
@@ -218,9 +250,9 @@ def candidates_md(path: Path) -> str:
 def write_summary(out: Path, env: dict, results: list[dict]) -> str:
     parts = ["# flexkv GPU run\n",
              "`" + " ".join(f"{k}={v}" for k, v in env.items()) + "`\n",
-             "| stage | status | seconds | file |", "|---|---|---|---|"]
-    parts += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('file', '-')} |"
-              for r in results]
+             "| stage | status | seconds | file | decode probabilities |", "|---|---|---|---|---|"]
+    parts += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('file', '-')} | "
+              f"{r.get('decode_probs', '-')} |" for r in results]
     for r in results:
         name = r["stage"]
         try:

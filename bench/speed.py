@@ -317,15 +317,17 @@ def stamp(argv, wall_s, device) -> dict:
     # the GPU machine gets a copy of the working tree without .git: gpu.sh passes FLEXKV_COMMIT
     commit = commit or os.environ.get("FLEXKV_COMMIT", "") or "unknown"
     dev = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    from flexkv import attention
     return dict(command="python bench/speed.py " + " ".join(argv), commit=commit, device=dev,
                 torch=torch.__version__, wall_s=round(wall_s, 1),
-                threads=torch.get_num_threads())
+                threads=torch.get_num_threads(), decode_probs=attention.DECODE_PROBS)
 
 
 def markdown(meta, rows, bw) -> str:
     head = (f"# Speed: {meta['preset']}\n\n`{meta['command']}`  \ncommit {meta['commit']}, "
             f"device {meta['device']}, torch {meta['torch']}, wall {meta['wall_s']} s, "
-            f"copy bandwidth {bw / 1e9:.1f} GB/s\n\n")
+            f"copy bandwidth {bw / 1e9:.1f} GB/s, decode probabilities "
+            f"{meta.get('decode_probs', 'not recorded')} (`flexkv.attention.DECODE_PROBS`)\n\n")
     cols = ["impl", "policy", "prompt", "budget", "batch", "decode_ms", "tok_s", "floor_ms",
             "frac_floor", "prefill_plain_s", "prefill_s", "prefill_chunked_s", "peak_mem_gb",
             "chunked_peak_mem_gb", "compile_s", "recompiles"]
