@@ -19,6 +19,7 @@ Triton kernel (CUDA graphs keep working). Without Triton (CPU CI) `HAS_TRITON` i
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 from torch import Tensor
@@ -32,14 +33,17 @@ except ImportError:  # CPU-only installs
     triton = tl = None
     HAS_TRITON = False
 
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter (the tests)
 BLOCK_S = 64
 TARGET_PROGRAMS = 1024  # enough (batch row, KV head, chunk) programs to fill an H100 a few times
 
 
 def supported(q: Tensor, k: Tensor) -> bool:
-    """What the kernel handles: fp16/bf16/fp32 caches, head dim a power of two >= 16."""
+    """What the kernel handles: CUDA tensors (any device under `TRITON_INTERPRET=1`), fp16/bf16/fp32
+    caches, head dim a power of two >= 16."""
     D = k.shape[-1]
-    return (HAS_TRITON and k.dtype in (torch.float16, torch.bfloat16, torch.float32)
+    return (HAS_TRITON and (k.is_cuda or INTERPRET)
+            and k.dtype in (torch.float16, torch.bfloat16, torch.float32)
             and D >= 16 and (D & (D - 1)) == 0)
 
 
@@ -107,8 +111,9 @@ def decode_attention_probs(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos
     """q: [B, H, 1, D]; k, v: [B, Hkv, S, D]; k_pos: [B, Hkv, S]; q_pos: [B, 1]; bias:
     [B, Hkv, S] or None. Returns (o [B, H, 1, D] in q's dtype, probs [B, Hkv, G, S] fp32)."""
     if not supported(q, k):
-        raise ValueError("flexkv.triton_decode needs Triton, an fp16/bf16/fp32 cache and a "
-                         f"power-of-two head dim >= 16, got {k.dtype}, head dim {k.shape[-1]} "
+        raise ValueError("flexkv.triton_decode needs Triton, CUDA tensors (or TRITON_INTERPRET=1), "
+                         "an fp16/bf16/fp32 cache and a power-of-two head dim >= 16, got a "
+                         f"{k.dtype} cache on {k.device}, head dim {k.shape[-1]} "
                          f"(Triton installed: {HAS_TRITON})")
     B, H, _, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]

@@ -330,6 +330,23 @@ def test_split_s_combine_equals_dense(c, with_bias):
     assert td.chunking(S, B * n_kv)[0] % td.BLOCK_S == 0
 
 
+def test_triton_kernel_needs_cuda_or_the_interpreter(monkeypatch):
+    """With Triton installed (a CUDA build of torch on a machine without a GPU), CPU tensors go to
+    "lowp" instead of a kernel launch that finds no driver; under TRITON_INTERPRET=1 they run."""
+    from flexkv import triton_decode as td
+
+    q, k = torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 8, 16, dtype=torch.bfloat16)
+    monkeypatch.setattr(td, "HAS_TRITON", True)
+    monkeypatch.setattr(td, "INTERPRET", False)
+    assert not td.supported(q, k)
+    with pytest.raises(ValueError, match="CUDA tensors"):
+        td.decode_attention_probs(q, k, k, torch.zeros(1, 2, 8, dtype=torch.long),
+                                  torch.zeros(1, 1, dtype=torch.long))
+    monkeypatch.setattr(td, "INTERPRET", True)
+    assert td.supported(q, k)
+    assert not td.supported(q, k[..., :12])  # head dim not a power of two
+
+
 def test_triton_decode_kernel():
     """The Triton kernel itself equals dense attention: on CUDA, or on CPU under Triton's
     interpreter (TRITON_INTERPRET=1 set before flexkv is imported; skipped without Triton)."""
