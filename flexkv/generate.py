@@ -56,6 +56,27 @@ def compiled_decode(device: torch.device):
     return _COMPILED[key]
 
 
+def cuda_graph_thread_state() -> None:
+    """Give the calling Python thread CUDA-graph trees' per-thread state, so that a compiled
+    `reduce-overhead` step can first run in it (the serving engine's thread). torch 2.11 keeps
+    its tree managers in a `threading.local` set only in the thread that imported
+    `torch._inductor.cudagraph_trees` (and in autograd's threads), so the first call from any
+    other thread fails an assertion (pytorch/pytorch#123177); later torch sets it up per thread
+    on first use (pytorch/pytorch#184357, its `_initialize_tls`), which this does the same way.
+    A no-op there and in a thread that already has the state."""
+    import collections
+    import threading
+
+    from torch._inductor import cudagraph_trees as trees
+    if hasattr(trees, "_initialize_tls") or hasattr(trees.local, "tree_manager_containers") \
+            or torch._C._is_key_in_tls("tree_manager_containers"):
+        return
+    trees.local.tree_manager_containers = {}
+    trees.local.tree_manager_locks = collections.defaultdict(threading.Lock)
+    torch._C._stash_obj_in_tls("tree_manager_containers", trees.local.tree_manager_containers)
+    torch._C._stash_obj_in_tls("tree_manager_locks", trees.local.tree_manager_locks)
+
+
 def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
            top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
     """logits [B, V] -> tokens [B] without host sync (Gumbel/exponential race for sampling)."""

@@ -419,33 +419,10 @@ def test_h2o_bf16_each_decode_probs_path(tiny_llama_dir, dev, monkeypatch, path)
 
 
 # ------------------------------------------------------------------------------------ serving
-def test_serving_engine_step_replays_a_cuda_graph(model32, dev):
-    """The engine's decode step (compiled with CUDA graphs, its default on CUDA) over 2 slots
-    while 3 requests of different lengths come and go: one dynamo graph, zero CUDA-graph skips,
-    a replay per step; each request's greedy tokens equal its solo `flexkv.generate` run up to
-    the end, or up to a step where the solo run's top-2 logit margin is below fp32 noise (a
-    batch of 2 may round differently from a batch of 1)."""
-    from flexkv import serve
-    model = model32
-    prompts = [random_ids(1, L, model.args.vocab_size, seed=20 + L)[0].tolist()
-               for L in (20, 31, 12)]
-    n_new = 40
-    torch._dynamo.reset()
-    eng = serve.Engine(model, None, policy="h2o", budget=16, max_slots=2,
-                       max_new_tokens=n_new, prefill_chunk=8)
-    params = serve.SamplingParams(max_tokens=n_new, temperature=0)
-    try:
-        eng.generate(prompts[:1], serve.SamplingParams(max_tokens=4, temperature=0))  # compile
-        counters.clear()
-        with GraphReplays() as r, cudagraph_or_error():
-            outs = eng.generate(prompts, params)
-    finally:
-        eng.shutdown()
-    if CUDA:
-        assert decode_graphs() == 1, f"engine: recompiled ({decode_graphs()} graphs)"
-        assert cudagraph_skips() == 0, dict(counters["inductor"])
-        # 3 requests x 40 tokens on 2 slots: at least 60 decode steps, all replays
-        assert r.n >= n_new * 3 // 2 - 4, f"engine: {r.n} CUDA-graph replays"
+def _check_engine_tokens(model, dev, prompts, outs, n_new):
+    """Each request's greedy tokens equal its solo `flexkv.generate` run up to the end, or up to a
+    step where the solo run's top-2 logit margin is below fp32 noise (a batch may round
+    differently from a batch of 1)."""
     for p, got in zip(prompts, outs):
         ids = torch.tensor([p], device=dev)
         solo = flexkv.generate(model, ids, max_new_tokens=n_new, policy="h2o", budget=16,
@@ -458,3 +435,49 @@ def test_serving_engine_step_replays_a_cuda_graph(model32, dev):
             margin = (top2[0] - top2[1]).item()
             assert margin < 1e-3, (f"engine tokens differ from the solo run at step {differ[0]} "
                                    f"where the solo top-2 margin is {margin:.3g}")
+
+
+def test_serving_engine_step_replays_a_cuda_graph(model32, dev):
+    """The engine's decode step (compiled with CUDA graphs, its default on CUDA) while 3 requests
+    of different lengths come and go on 2 slots: one dynamo graph, zero CUDA-graph skips, a
+    replay per step, tokens equal to the solo runs. Then an engine of 3 slots run by its own
+    thread (`start()`, as the server does), which compiles and records its step there: on
+    torch 2.11 that thread needs `cuda_graph_thread_state` (pytorch/pytorch#123177)."""
+    from flexkv import serve
+    model = model32
+    prompts = [random_ids(1, L, model.args.vocab_size, seed=20 + L)[0].tolist()
+               for L in (20, 31, 12)]
+    n_new = 40
+    torch._dynamo.reset()
+    params = serve.SamplingParams(max_tokens=n_new, temperature=0)
+    eng = serve.Engine(model, None, policy="h2o", budget=16, max_slots=2,
+                       max_new_tokens=n_new, prefill_chunk=8)
+    try:
+        eng.generate(prompts[:1], serve.SamplingParams(max_tokens=4, temperature=0))  # compile
+        counters.clear()
+        with GraphReplays() as r, cudagraph_or_error():
+            outs = eng.generate(prompts, params)
+    finally:
+        eng.shutdown()
+    if CUDA:
+        assert decode_graphs() == 1, f"engine: recompiled ({decode_graphs()} graphs)"
+        assert cudagraph_skips() == 0, dict(counters["inductor"])
+        # 3 requests x 40 tokens on 2 slots: at least 60 decode steps, all replays
+        assert r.n >= n_new * 3 // 2 - 4, f"engine: {r.n} CUDA-graph replays"
+    _check_engine_tokens(model, dev, prompts, outs, n_new)
+
+    threaded = serve.Engine(model, None, policy="h2o", budget=16, max_slots=3,
+                            max_new_tokens=n_new, prefill_chunk=8).start()
+    try:
+        counters.clear()
+        with GraphReplays() as r, cudagraph_or_error():
+            handles = [threaded.submit(p, params) for p in prompts]
+            outs = [h.result(timeout=600) for h in handles]
+        reasons = [h.finish_reason for h in handles]
+    finally:
+        threaded.shutdown()
+    assert reasons == ["length"] * 3, [h.error for h in handles]  # the engine thread's traceback
+    if CUDA:
+        assert cudagraph_skips() == 0, dict(counters["inductor"])
+        assert r.n >= n_new - 8, f"engine thread: {r.n} CUDA-graph replays"
+    _check_engine_tokens(model, dev, prompts, outs, n_new)

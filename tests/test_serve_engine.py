@@ -317,3 +317,33 @@ def test_background_thread_async_iteration_and_cancel(tiny64):
         assert eng.metrics()["slots_used"] == 0
     finally:
         eng.shutdown()
+
+
+def test_cuda_graph_state_in_the_engine_thread():
+    """The engine's thread gets CUDA-graph trees' per-thread state before its first compiled
+    step: on torch 2.11 a thread other than the one that imported `cudagraph_trees` failed an
+    assertion there (pytorch/pytorch#123177). Device-free: `get_container` only builds an
+    object; the CUDA run of the engine's thread is in test_cuda.py."""
+    import threading
+
+    from torch._inductor import cudagraph_trees as trees  # imported here, in the main thread
+
+    from flexkv.generate import cuda_graph_thread_state
+
+    got, errors = [], []
+
+    def engine_thread():
+        try:
+            cuda_graph_thread_state()
+            got.append(trees.get_container(0))
+            cuda_graph_thread_state()  # a second call changes nothing
+            got.append(trees.get_container(0))
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    t = threading.Thread(target=engine_thread)
+    t.start()
+    t.join()
+    assert not errors, errors
+    assert got[0] is got[1]
+    assert trees.get_container(0) is not got[0]  # the thread's own, not the main thread's

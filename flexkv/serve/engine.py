@@ -46,7 +46,8 @@ from torch import Tensor
 
 from flexkv.cache import KVCache
 from flexkv.distributed import shard_of
-from flexkv.generate import Prefill, compiled_decode, decode_one_token, stop_token_ids
+from flexkv.generate import (Prefill, compiled_decode, cuda_graph_thread_state, decode_one_token,
+                             stop_token_ids)
 from flexkv.policies import make_policy
 from flexkv.serve.sampling import sample_slots
 
@@ -460,6 +461,8 @@ class Engine:
         return bool(self._inbox or self._waiting or self._prefilling or self._decoding)
 
     def _loop(self) -> None:
+        if self.device.type == "cuda" and self._step_fn is not decode_one_token:
+            cuda_graph_thread_state()  # torch 2.11: CUDA graphs in a thread of our own
         heartbeat = self.HEARTBEAT_S if self._shard.active else None
         while not self._closed:
             with self._lock:
