@@ -29,3 +29,19 @@ def test_bad_arguments():
     speed = load_speed()
     with pytest.raises(SystemExit):
         speed.main(["--preset", "tiny", "--new-tokens", "1"])
+
+
+@pytest.mark.slow
+def test_transformers_static_compile_baseline_recompiles_nothing_while_timed():
+    """The static-cache + compile baseline times warm code: transformers sizes a static cache per
+    `generate` call (the longest so far), so a warm-up shorter than the timed run used to make
+    the timed run recompile, and its compile time landed in decode_ms."""
+    import torch
+
+    speed = load_speed()
+    _, hf = speed.build_models("tiny", torch.device("cpu"), torch.float32, True)
+    ids = torch.randint(0, 100, (1, 24), generator=torch.Generator().manual_seed(0))
+    row = speed.run_hf(hf, ids, "static-compile", 6, 1e10)
+    assert row.recompiles == 0
+    assert row.compile_s is not None and row.compile_s > 0
+    assert 0 < row.decode_ms < 1e3 * row.compile_s  # a step, not a compile
