@@ -287,7 +287,7 @@ def run_hf(hf, ids, mode, new_tokens, bw) -> Row:
         return time.perf_counter() - t
 
     static = mode == "static-compile"
-    warm = new_tokens if static else 3  # static: compiles, records, sizes the cache for the timed runs
+    warm = new_tokens if static else 3  # static: compiles, records, sizes the timed runs' cache
     first = timed(warm)
     graphs = counters["stats"]["unique_graphs"]
     peak_reset(device)

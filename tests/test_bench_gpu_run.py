@@ -36,5 +36,6 @@ def test_summary_names_the_path(tmp_path):
     res = [dict(stage="speed-4k", status="ok", seconds=1.0,
                 decode_probs="triton (fastest in decode-candidates at S=4097 B=1)")]
     text = gr.write_summary(tmp_path, dict(torch="x"), res)
-    assert "| speed-4k | ok | 1.0 | - | triton (fastest in decode-candidates at S=4097 B=1) |" in text
+    row = "| speed-4k | ok | 1.0 | - | triton (fastest in decode-candidates at S=4097 B=1) |"
+    assert row in text
     assert (tmp_path / "summary.md").read_text() == text
