@@ -51,7 +51,8 @@ PRESETS = {
                       prompts=[4096], budgets=[512], batches=[1],
                       policies=["full", "streaming", "h2o", "snapkv", "tova", "weightedkv",
                                 "h2o+vam"],
-                      hf=["static-compile", "eager"], hf_after=3, new_tokens=128, chunk=2048),
+                      hf=["static-compile", "eager"], hf_after=3, new_tokens=128, chunk=2048,
+                      long_policy="h2o", long_steps=1000),  # issue 9: 1000 steps, 0 recompiles
     "gpu-8b-32k": dict(model="llama-3.1-8b-shape", device="cuda", dtype="bfloat16",
                        prompts=[32768], budgets=[2048], batches=[1],
                        policies=["streaming", "h2o", "snapkv", "laprox", "full", "tova"],
@@ -70,7 +71,7 @@ PRESETS = {
                 chunk=256),
     "tiny": dict(model="tiny", device="cpu", dtype="float32", prompts=[64], budgets=[16],
                  batches=[1], policies=["full", "streaming", "h2o"], hf=["eager"], new_tokens=8,
-                 chunk=32),
+                 chunk=32, long_policy="h2o", long_steps=24),
 }
 
 
@@ -94,6 +95,10 @@ class Row:
     recompiles: int | None
     kv_slots: int | None
     error: str | None = None       # set when the row failed (out of memory, ...) or was skipped
+    cudagraph_skips: int | None = None  # inductor's CUDA-graph skips in the warm-up + timed run
+    long_steps: int | None = None       # a long run of the same shapes (the preset's long_policy):
+    long_recompiles: int | None = None  # its decode steps, dynamo graphs made
+    long_cudagraph_skips: int | None = None  # and CUDA-graph skips during it
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -138,6 +143,11 @@ def peak_reset(device):
 
 def peak_gb(device):
     return torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
+
+
+def cudagraph_skips() -> int:
+    from torch._dynamo.utils import counters
+    return counters["inductor"]["cudagraph_skips"]
 
 
 def n_graphs() -> int:
@@ -218,11 +228,17 @@ def plain_prefill_s(model, ids) -> float:
 STEADY_SKIP = 4  # decode steps left out of the CUDA timing (CUDA-graph warm-up / re-record)
 
 
-def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw) -> Row:
+def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw,
+               long_steps: int | None = None) -> Row:
+    """One compiled (or eager) flexkv cell: warm-up, the timed run (steady-state CUDA-event
+    timing on CUDA), a chunked prefill; with `long_steps` (compiled), then a run of that many
+    new tokens with the same shapes, counting recompiles and CUDA-graph skips (issue 9's
+    1000-step check: a decode-time policy's capacity does not depend on the run's length)."""
     import flexkv
     device = ids.device
     kw = {} if policy.startswith("full") else {"budget": budget}
     B, T = ids.shape
+    skips = cudagraph_skips()
     t = time.perf_counter()  # warm-up with the timed run's shapes (capacity depends on max_new)
     warm = flexkv.generate(model, ids, max_new_tokens=new_tokens, policy=policy, compile=compile, **kw)
     sync(device)
@@ -241,6 +257,7 @@ def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw) -> Ro
                           **cb, **kw)
     peak = peak_gb(device)
     recompiles = (n_graphs() - graphs) if compile else None
+    skips = cudagraph_skips() - skips if compile else None
     steps = out.new_tokens - 1
     decode_ms = 1e3 * out.decode_s / steps
     skip = STEADY_SKIP
@@ -254,10 +271,18 @@ def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw) -> Ro
     chunk_peak = peak_gb(device)
     kv_read = out.cache.kv_bytes()  # every slot is read each step (static shapes)
     floor_ms = 1e3 * (weight_bytes(model) + kv_read) / bw
-    return Row("flexkv" + ("+compile" if compile else ""), policy, T,
-               None if policy.startswith("full") else budget, B, decode_ms, 1e3 * B / decode_ms,
-               floor_ms, floor_ms / decode_ms, out.prefill_s, float("nan"), chunked.prefill_s,
-               peak, chunk_peak, compile_s, recompiles, out.cache.slots())
+    row = Row("flexkv" + ("+compile" if compile else ""), policy, T,
+              None if policy.startswith("full") else budget, B, decode_ms, 1e3 * B / decode_ms,
+              floor_ms, floor_ms / decode_ms, out.prefill_s, float("nan"), chunked.prefill_s,
+              peak, chunk_peak, compile_s, recompiles, out.cache.slots(), cudagraph_skips=skips)
+    if long_steps and compile:
+        graphs, skips = n_graphs(), cudagraph_skips()
+        long = flexkv.generate(model, ids, max_new_tokens=long_steps, policy=policy,
+                               compile=True, **kw)
+        row.long_steps = long.new_tokens - 1
+        row.long_recompiles = n_graphs() - graphs
+        row.long_cudagraph_skips = cudagraph_skips() - skips
+    return row
 
 
 @torch.no_grad()
@@ -340,6 +365,9 @@ def markdown(meta, rows, bw) -> str:
     cols = ["impl", "policy", "prompt", "budget", "batch", "decode_ms", "tok_s", "floor_ms",
             "frac_floor", "prefill_plain_s", "prefill_s", "prefill_chunked_s", "peak_mem_gb",
             "chunked_peak_mem_gb", "compile_s", "recompiles"]
+    for extra in ("cudagraph_skips", "long_steps", "long_recompiles", "long_cudagraph_skips"):
+        if any(getattr(r, extra) is not None for r in rows):
+            cols.append(extra)
     if any(r.error for r in rows):
         cols.append("error")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
@@ -464,8 +492,9 @@ def main(argv=None) -> int:
             if pol is None:
                 continue
             for budget in ([None] if pol.startswith("full") else cfg["budgets"]):
+                long = cfg.get("long_steps") if pol == cfg.get("long_policy") else None
                 row = cell(lambda: run_flexkv(model, ids, pol, budget, cfg["new_tokens"],
-                                              cfg["chunk"], not args.no_compile, bw),
+                                              cfg["chunk"], not args.no_compile, bw, long),
                            impl, pol, T, budget, B)
                 row.prefill_plain_s = plain
                 rows.append(row)

@@ -45,3 +45,19 @@ def test_transformers_static_compile_baseline_recompiles_nothing_while_timed():
     assert row.recompiles == 0
     assert row.compile_s is not None and row.compile_s > 0
     assert 0 < row.decode_ms < 1e3 * row.compile_s  # a step, not a compile
+
+
+@pytest.mark.slow
+def test_compiled_cell_counts_recompiles_over_a_long_run(tmp_path):
+    """A compiled cell records CUDA-graph skips, and the preset's long_policy gets a long run of
+    the same shapes (issue 9: 0 recompiles and 0 CUDA-graph skips across 1000 decode steps on
+    the GPU; 24 tokens on the tiny preset)."""
+    speed = load_speed()
+    assert speed.main(["--preset", "tiny", "--policies", "h2o,streaming", "--no-hf",
+                       "--out", str(tmp_path)]) == 0
+    rows = {r["policy"]: r for r in json.loads((tmp_path / "tiny.json").read_text())["rows"]}
+    h2o, streaming = rows["h2o"], rows["streaming"]
+    assert (h2o["long_steps"], h2o["long_recompiles"], h2o["long_cudagraph_skips"]) == (23, 0, 0)
+    assert h2o["recompiles"] == 0 and h2o["cudagraph_skips"] == 0
+    assert streaming["long_steps"] is None  # only the preset's long_policy
+    assert "long_recompiles" in (tmp_path / "tiny.md").read_text()
