@@ -368,11 +368,30 @@ def markdown(meta, rows, bw) -> str:
     for extra in ("cudagraph_skips", "long_steps", "long_recompiles", "long_cudagraph_skips"):
         if any(getattr(r, extra) is not None for r in rows):
             cols.append(extra)
+    # issue 9's ratios, where the row they compare with is in the table: decode time over
+    # `streaming`'s at the same prompt, budget and batch (the <= 1.05 policy-overhead target),
+    # and tokens/s over transformers static+compile's at the same prompt and batch (>= 3.3x)
+    ok = [r for r in rows if not r.error and r.impl.startswith("flexkv")]
+    streaming = {(r.prompt, r.budget, r.batch): r.decode_ms for r in ok if r.policy == "streaming"}
+    hf_static = {(r.prompt, r.batch): r.tok_s for r in rows
+                 if r.impl == "transformers-static-compile" and not r.error}
+    derived = {}
+    for r in ok:
+        x = {}
+        if r.budget is not None and (r.prompt, r.budget, r.batch) in streaming:
+            x["x_streaming_ms"] = r.decode_ms / streaming[(r.prompt, r.budget, r.batch)]
+        if (r.prompt, r.batch) in hf_static:
+            x["x_hf_static_tok_s"] = r.tok_s / hf_static[(r.prompt, r.batch)]
+        derived[id(r)] = x
+    for extra in ("x_streaming_ms", "x_hf_static_tok_s"):
+        if any(extra in x for x in derived.values()):
+            cols.append(extra)
     if any(r.error for r in rows):
         cols.append("error")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        d = asdict(r)
+        d = {**asdict(r), "x_streaming_ms": None, "x_hf_static_tok_s": None,
+             **derived.get(id(r), {})}
         cells = []
         for c in cols:
             v = d[c]

@@ -61,3 +61,32 @@ def test_compiled_cell_counts_recompiles_over_a_long_run(tmp_path):
     assert h2o["recompiles"] == 0 and h2o["cudagraph_skips"] == 0
     assert streaming["long_steps"] is None  # only the preset's long_policy
     assert "long_recompiles" in (tmp_path / "tiny.md").read_text()
+
+
+def test_markdown_ratios_against_streaming_and_transformers_static():
+    """The table's issue-9 ratios: decode time over `streaming`'s at the same prompt, budget and
+    batch, and tokens/s over transformers static+compile's at the same prompt and batch; only
+    where those rows exist."""
+    speed = load_speed()
+    nan = float("nan")
+
+    def row(impl, policy, budget, ms, batch=1, error=None):
+        return speed.Row(impl, policy, 4096, budget, batch, ms, 1e3 * batch / ms, 1.0, 1 / ms,
+                         1.0, nan, None, None, None, None, 0, 10, error)
+
+    rows = [row("flexkv+compile", "streaming", 512, 5.0), row("flexkv+compile", "h2o", 512, 5.5),
+            row("flexkv+compile", "h2o", 512, 9.0, batch=8),  # no streaming row at batch 8
+            row("transformers-static-compile", "full", None, 20.0),
+            row("flexkv+compile", "tova", 512, nan, error="skipped: time budget")]
+    md = speed.markdown(dict(preset="p", command="c", commit="x", device="d", torch="t",
+                             wall_s=1), rows, 1e12)
+    head, _, *body = [line for line in md.splitlines() if line.startswith("|")]
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    table = [dict(zip(cols, (c.strip() for c in line.strip("|").split("|")))) for line in body]
+    assert [(t["policy"], t["batch"], t["x_streaming_ms"], t["x_hf_static_tok_s"])
+            for t in table] == [("streaming", "1", "1", "4"), ("h2o", "1", "1.1", "3.64"),
+                                ("h2o", "8", "-", "-"), ("full", "1", "-", "-"),
+                                ("tova", "1", "-", "-")]
+    plain = speed.markdown(dict(preset="p", command="c", commit="x", device="d", torch="t",
+                                wall_s=1), rows[3:4], 1e12)
+    assert "x_streaming_ms" not in plain and "x_hf_static_tok_s" not in plain
