@@ -370,7 +370,8 @@ def markdown(meta, rows, bw) -> str:
             cols.append(extra)
     # issue 9's ratios, where the row they compare with is in the table: decode time over
     # `streaming`'s at the same prompt, budget and batch (the <= 1.05 policy-overhead target),
-    # and tokens/s over transformers static+compile's at the same prompt and batch (>= 3.3x)
+    # tokens/s over transformers static+compile's at the same prompt and batch (>= 3.3x), and
+    # one-shot prefill time over a plain causal prefill's (snapkv / laprox at 32K: <= 1.3x)
     ok = [r for r in rows if not r.error and r.impl.startswith("flexkv")]
     streaming = {(r.prompt, r.budget, r.batch): r.decode_ms for r in ok if r.policy == "streaming"}
     hf_static = {(r.prompt, r.batch): r.tok_s for r in rows
@@ -382,8 +383,10 @@ def markdown(meta, rows, bw) -> str:
             x["x_streaming_ms"] = r.decode_ms / streaming[(r.prompt, r.budget, r.batch)]
         if (r.prompt, r.batch) in hf_static:
             x["x_hf_static_tok_s"] = r.tok_s / hf_static[(r.prompt, r.batch)]
+        if r.prefill_plain_s > 0:  # False for nan (a failed plain prefill)
+            x["x_plain_prefill"] = r.prefill_s / r.prefill_plain_s
         derived[id(r)] = x
-    for extra in ("x_streaming_ms", "x_hf_static_tok_s"):
+    for extra in ("x_streaming_ms", "x_hf_static_tok_s", "x_plain_prefill"):
         if any(extra in x for x in derived.values()):
             cols.append(extra)
     if any(r.error for r in rows):
@@ -391,7 +394,7 @@ def markdown(meta, rows, bw) -> str:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
         d = {**asdict(r), "x_streaming_ms": None, "x_hf_static_tok_s": None,
-             **derived.get(id(r), {})}
+             "x_plain_prefill": None, **derived.get(id(r), {})}
         cells = []
         for c in cols:
             v = d[c]

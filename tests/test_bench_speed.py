@@ -72,7 +72,7 @@ def test_markdown_ratios_against_streaming_and_transformers_static():
 
     def row(impl, policy, budget, ms, batch=1, error=None):
         return speed.Row(impl, policy, 4096, budget, batch, ms, 1e3 * batch / ms, 1.0, 1 / ms,
-                         1.0, nan, None, None, None, None, 0, 10, error)
+                         2.0, 1.0, None, None, None, None, 0, 10, error)
 
     rows = [row("flexkv+compile", "streaming", 512, 5.0), row("flexkv+compile", "h2o", 512, 5.5),
             row("flexkv+compile", "h2o", 512, 9.0, batch=8),  # no streaming row at batch 8
@@ -87,6 +87,7 @@ def test_markdown_ratios_against_streaming_and_transformers_static():
             for t in table] == [("streaming", "1", "1", "4"), ("h2o", "1", "1.1", "3.64"),
                                 ("h2o", "8", "-", "-"), ("full", "1", "-", "-"),
                                 ("tova", "1", "-", "-")]
+    assert [t["x_plain_prefill"] for t in table] == ["2", "2", "2", "-", "-"]  # prefill 2 s / 1 s
     plain = speed.markdown(dict(preset="p", command="c", commit="x", device="d", torch="t",
                                 wall_s=1), rows[3:4], 1e12)
-    assert "x_streaming_ms" not in plain and "x_hf_static_tok_s" not in plain
+    assert "x_streaming_ms" not in plain and "x_plain_prefill" not in plain
