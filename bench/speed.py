@@ -393,11 +393,10 @@ def markdown(meta, rows, bw) -> str:
         cols.append("error")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        d = {**asdict(r), "x_streaming_ms": None, "x_hf_static_tok_s": None,
-             "x_plain_prefill": None, **derived.get(id(r), {})}
+        d = asdict(r) | derived.get(id(r), {})
         cells = []
         for c in cols:
-            v = d[c]
+            v = d.get(c)  # a ratio absent for this row
             cells.append("-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return head + "\n".join(lines) + "\n"

@@ -99,8 +99,9 @@ def sample(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
 
 def _agree(tokens: Tensor, model, temperature: float) -> Tensor:
     """Tensor parallel: every rank has the same full logits (the head on the all-reduced hidden
-    state, replicated or vocab-parallel with the logits all-gathered), so greedy tokens agree; sampled ones are rank 0's (one RNG decides, whatever
-    the other ranks' generators hold). A no-op on one rank."""
+    state, replicated or vocab-parallel with the logits all-gathered), so greedy tokens agree;
+    sampled ones are rank 0's (one RNG decides, whatever the other ranks' generators hold). A
+    no-op on one rank."""
     shard = shard_of(model)
     return shard.broadcast(tokens) if shard.active and temperature > 0 else tokens
 
