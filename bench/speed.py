@@ -27,6 +27,10 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:  # bench/'s own modules (kernel_profile), also when loaded by path
+    sys.path.insert(0, str(ROOT))
+import kernel_profile  # noqa: E402
+
 RESULTS = ROOT / "results" / "speed"
 
 LLAMA31_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336,
@@ -99,6 +103,8 @@ class Row:
     long_steps: int | None = None       # a long run of the same shapes (the preset's long_policy):
     long_recompiles: int | None = None  # its decode steps, dynamo graphs made
     long_cudagraph_skips: int | None = None  # and CUDA-graph skips during it
+    kernels: dict | None = None  # compiled cells: where a decode step's time goes (kernel_profile)
+    chunked_bound_gb: float | None = None  # issue 9's bound on chunked_peak_mem_gb (GPU rows)
 
 
 # ------------------------------------------------------------------------------ measurements
@@ -228,12 +234,32 @@ def plain_prefill_s(model, ids) -> float:
 STEADY_SKIP = 4  # decode steps left out of the CUDA timing (CUDA-graph warm-up / re-record)
 
 
+def free(device):
+    """Return what dropped references held (so a peak measured next counts only its own run)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def chunked_bound_gb(model, budget, chunk, batch) -> float:
+    """Issue 9's bound on a chunked prefill's peak memory: every weight plus twice the KV of
+    `budget + chunk` tokens per sequence (the budget kept, one chunk arriving)."""
+    a = model.args
+    params = {id(p): p.numel() * p.element_size() for p in model.parameters()}
+    kv_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * \
+        next(model.parameters()).element_size()
+    return (sum(params.values()) + 2 * (budget + chunk) * kv_token * batch) / 2**30
+
+
 def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw,
-               long_steps: int | None = None) -> Row:
+               long_steps: int | None = None, profile: bool = False) -> Row:
     """One compiled (or eager) flexkv cell: warm-up, the timed run (steady-state CUDA-event
-    timing on CUDA), a chunked prefill; with `long_steps` (compiled), then a run of that many
-    new tokens with the same shapes, counting recompiles and CUDA-graph skips (issue 9's
-    1000-step check: a decode-time policy's capacity does not depend on the run's length)."""
+    timing on CUDA), with `profile` (compiled) a profiled run of the same shapes (the per-kernel
+    breakdown of its steady decode steps: `kernel_profile`), a chunked prefill; with
+    `long_steps` (compiled), then a run of that many new tokens with the same shapes, counting
+    recompiles and CUDA-graph skips (issue 9's 1000-step check: a decode-time policy's capacity
+    does not depend on the run's length). Each run's cache is dropped before the next run, so a
+    peak (`peak_mem_gb`, `chunked_peak_mem_gb`) holds the weights and that run only."""
     import flexkv
     device = ids.device
     kw = {} if policy.startswith("full") else {"budget": budget}
@@ -243,6 +269,9 @@ def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw,
     warm = flexkv.generate(model, ids, max_new_tokens=new_tokens, policy=policy, compile=compile, **kw)
     sync(device)
     first = time.perf_counter() - t
+    warm_prefill_s, warm_steps = warm.prefill_s, warm.new_tokens - 1
+    del warm
+    free(device)
     graphs = n_graphs() if compile else None
     peak_reset(device)
     events = []  # on CUDA: one event per token, recorded without a host sync
@@ -264,17 +293,35 @@ def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw,
     if len(events) > skip + 2:  # steady state: leave out the first steps (a new cache's CUDA
         torch.cuda.synchronize()  # graph is re-recorded for its buffer addresses)
         decode_ms = events[skip].elapsed_time(events[-1]) / (len(events) - 1 - skip)
-    compile_s = max(0.0, first - warm.prefill_s - (warm.new_tokens - 1) * decode_ms / 1e3) \
+    prefill_s, kv_read, slots = out.prefill_s, out.cache.kv_bytes(), out.cache.slots()
+    del out  # kv_read: every slot is read each step (static shapes)
+    free(device)
+    compile_s = max(0.0, first - warm_prefill_s - warm_steps * decode_ms / 1e3) \
         if compile else None
+    kernels = None
+    if profile and compile:
+        try:
+            kernels = kernel_profile.profile_decode(
+                lambda cb: flexkv.generate(model, ids, max_new_tokens=new_tokens, policy=policy,
+                                           compile=True, callback=cb, **kw),
+                new_tokens, device, skip=STEADY_SKIP + 2)
+        except Exception as e:  # noqa: BLE001 - the breakdown is extra: keep the row
+            kernels = dict(error=f"{type(e).__name__}: {str(e).strip()[:160]}")
+        free(device)
     peak_reset(device)
     chunked = flexkv.generate(model, ids, max_new_tokens=2, policy=policy, prefill_chunk=chunk, **kw)
     chunk_peak = peak_gb(device)
-    kv_read = out.cache.kv_bytes()  # every slot is read each step (static shapes)
+    chunked_prefill_s = chunked.prefill_s
+    del chunked
+    free(device)
     floor_ms = 1e3 * (weight_bytes(model) + kv_read) / bw
     row = Row("flexkv" + ("+compile" if compile else ""), policy, T,
               None if policy.startswith("full") else budget, B, decode_ms, 1e3 * B / decode_ms,
-              floor_ms, floor_ms / decode_ms, out.prefill_s, float("nan"), chunked.prefill_s,
-              peak, chunk_peak, compile_s, recompiles, out.cache.slots(), cudagraph_skips=skips)
+              floor_ms, floor_ms / decode_ms, prefill_s, float("nan"), chunked_prefill_s,
+              peak, chunk_peak, compile_s, recompiles, slots, cudagraph_skips=skips,
+              kernels=kernels)
+    if chunk_peak is not None and not policy.startswith("full"):
+        row.chunked_bound_gb = chunked_bound_gb(model, budget, chunk, B)
     if long_steps and compile:
         graphs, skips = n_graphs(), cudagraph_skips()
         long = flexkv.generate(model, ids, max_new_tokens=long_steps, policy=policy,
@@ -371,7 +418,8 @@ def markdown(meta, rows, bw) -> str:
     # issue 9's ratios, where the row they compare with is in the table: decode time over
     # `streaming`'s at the same prompt, budget and batch (the <= 1.05 policy-overhead target),
     # tokens/s over transformers static+compile's at the same prompt and batch (>= 3.3x), and
-    # one-shot prefill time over a plain causal prefill's (snapkv / laprox at 32K: <= 1.3x)
+    # one-shot prefill time over a plain causal prefill's (snapkv / laprox at 32K: <= 1.3x), and
+    # a chunked prefill's peak memory over weights + 2 x (budget + chunk) KV (<= 1 at 32K)
     ok = [r for r in rows if not r.error and r.impl.startswith("flexkv")]
     streaming = {(r.prompt, r.budget, r.batch): r.decode_ms for r in ok if r.policy == "streaming"}
     hf_static = {(r.prompt, r.batch): r.tok_s for r in rows
@@ -385,8 +433,10 @@ def markdown(meta, rows, bw) -> str:
             x["x_hf_static_tok_s"] = r.tok_s / hf_static[(r.prompt, r.batch)]
         if r.prefill_plain_s > 0:  # False for nan (a failed plain prefill)
             x["x_plain_prefill"] = r.prefill_s / r.prefill_plain_s
+        if r.chunked_bound_gb and r.chunked_peak_mem_gb is not None:
+            x["x_chunked_bound"] = r.chunked_peak_mem_gb / r.chunked_bound_gb
         derived[id(r)] = x
-    for extra in ("x_streaming_ms", "x_hf_static_tok_s", "x_plain_prefill"):
+    for extra in ("x_streaming_ms", "x_hf_static_tok_s", "x_plain_prefill", "x_chunked_bound"):
         if any(extra in x for x in derived.values()):
             cols.append(extra)
     if any(r.error for r in rows):
@@ -399,7 +449,7 @@ def markdown(meta, rows, bw) -> str:
             v = d.get(c)  # a ratio absent for this row
             cells.append("-" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v))
         lines.append("| " + " | ".join(cells) + " |")
-    return head + "\n".join(lines) + "\n"
+    return head + "\n".join(lines) + "\n" + kernel_profile.markdown(rows)
 
 
 def main(argv=None) -> int:
@@ -421,6 +471,8 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-probs", choices=("explicit", "lowp", "flex_lse", "triton"),
                     help="flexkv.attention.DECODE_PROBS for this run (how policies that need "
                          "attention probabilities get them; default: the library's)")
+    ap.add_argument("--no-profile", action="store_true",
+                    help="skip the profiled run of each compiled cell (the per-kernel breakdown)")
     ap.add_argument("--time-budget", type=float, metavar="S",
                     help="start no cell that would end after S seconds of this run (it is "
                          "recorded as skipped); results are written after every cell")
@@ -481,9 +533,7 @@ def main(argv=None) -> int:
             msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
             row = failed_row(impl, pol, T, budget, B, msg)
         finally:
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free(device)
         longest[0] = max(longest[0], time.perf_counter() - t)
         return row
 
@@ -497,9 +547,7 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001 - e.g. out of memory: the rows say so
             print(f"  plain prefill T={T} B={B} failed: {type(e).__name__}: {e}", flush=True)
             plain = float("nan")
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            free(device)
         hf_after = min(cfg.get("hf_after", len(cfg["policies"])), len(cfg["policies"]))
         for i, pol in enumerate(cfg["policies"] + [None]):
             if i == hf_after and hf is not None:
@@ -515,7 +563,8 @@ def main(argv=None) -> int:
             for budget in ([None] if pol.startswith("full") else cfg["budgets"]):
                 long = cfg.get("long_steps") if pol == cfg.get("long_policy") else None
                 row = cell(lambda: run_flexkv(model, ids, pol, budget, cfg["new_tokens"],
-                                              cfg["chunk"], not args.no_compile, bw, long),
+                                              cfg["chunk"], not args.no_compile, bw, long,
+                                              profile=not args.no_profile),
                            impl, pol, T, budget, B)
                 row.prefill_plain_s = plain
                 rows.append(row)

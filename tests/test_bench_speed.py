@@ -60,7 +60,12 @@ def test_compiled_cell_counts_recompiles_over_a_long_run(tmp_path):
     assert (h2o["long_steps"], h2o["long_recompiles"], h2o["long_cudagraph_skips"]) == (23, 0, 0)
     assert h2o["recompiles"] == 0 and h2o["cudagraph_skips"] == 0
     assert streaming["long_steps"] is None  # only the preset's long_policy
-    assert "long_recompiles" in (tmp_path / "tiny.md").read_text()
+    md = (tmp_path / "tiny.md").read_text()
+    assert "long_recompiles" in md
+    # every compiled cell carries its per-kernel breakdown (steady steps of a profiled run)
+    for r in (h2o, streaming):
+        assert r["kernels"]["steps"] == 5 and r["kernels"]["kernel_ms"] > 0, r["kernels"]
+    assert "Where a decode step's time goes" in md
 
 
 def test_markdown_ratios_against_streaming_and_transformers_static():
@@ -91,3 +96,25 @@ def test_markdown_ratios_against_streaming_and_transformers_static():
     plain = speed.markdown(dict(preset="p", command="c", commit="x", device="d", torch="t",
                                 wall_s=1), rows[3:4], 1e12)
     assert "x_streaming_ms" not in plain and "x_plain_prefill" not in plain
+
+
+def test_chunked_prefill_peak_against_issue_9_bound():
+    """`x_chunked_bound`: a chunked prefill's peak over weights + 2 x (budget + chunk) KV; only
+    for rows that measured a peak (CUDA) and have a budget."""
+    import torch
+    speed = load_speed()
+    model, _ = speed.build_models("tiny", torch.device("cpu"), torch.float32, False)
+    a = model.args
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    kv_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * 4
+    assert speed.chunked_bound_gb(model, 16, 32, 2) * 2**30 == weights + 2 * 48 * kv_token * 2
+    rows = [speed.Row("flexkv+compile", "h2o", 4096, 512, 1, 5.0, 200.0, 4.0, 0.8, 1.0, 1.0,
+                      0.5, 3.0, 3.0, 1.0, 0, 10, chunked_bound_gb=2.0),
+            speed.Row("flexkv+compile", "full", 4096, None, 1, 5.0, 200.0, 4.0, 0.8, 1.0, 1.0,
+                      0.5, 3.0, 3.0, 1.0, 0, 10)]
+    md = speed.markdown(dict(preset="p", command="c", commit="x", device="d", torch="t",
+                             wall_s=1), rows, 1e12)
+    head, _, h2o, full = [line for line in md.splitlines() if line.startswith("|")]
+    cols = [c.strip() for c in head.strip("|").split("|")]
+    assert cols[-1] == "x_chunked_bound"
+    assert h2o.rstrip(" |").endswith("1.5") and full.rstrip(" |").endswith("-")
