@@ -26,7 +26,8 @@ httpx = pytest.importorskip("httpx")
 
 
 from flexkv.serve import Engine  # noqa: E402
-from flexkv.serve.api import BackgroundServer, IncrementalText, build_app  # noqa: E402
+from flexkv.serve.api import BackgroundServer, build_app  # noqa: E402
+from flexkv.serve.detokenize import IncrementalText  # noqa: E402
 
 NAME = "tiny-llama"
 SPECIALS = ["<s>", "</s>", "<|user|>", "<|assistant|>"]

@@ -43,6 +43,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flexkv.serve import QueueFull, SamplingParams
+from flexkv.serve.detokenize import IncrementalText
 from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest,
                                    ChatCompletionResponse, ChatMessage, CompletionChoice,
                                    CompletionRequest, CompletionResponse, ErrorResponse,
@@ -125,80 +126,6 @@ def _engine_error_param(message: str, chat: bool) -> str | None:
     if head.startswith("prompt"):
         return "messages" if chat else "prompt"
     return head if head in _ENGINE_PARAMS else None
-
-
-# --------------------------------------------------------------------------- detokenization
-class IncrementalText:
-    """Token ids in, text out, for one request. Each new id is decoded together with the few ids
-    before it (vLLM's incremental detokenization: the text of `ids[prefix:]` minus that of
-    `ids[prefix:read]`, so word-initial spaces and byte-level merges come out as a whole decode
-    would give them, at a cost per token that does not grow with the output). Held back: an
-    incomplete character (a trailing U+FFFD) and any tail that could be the start of a stop
-    string. At the first stop string the text is cut before it and `stopped` is set; `finish()`
-    releases the rest."""
-
-    def __init__(self, tokenizer, stop=()):
-        self.tok = tokenizer
-        self.stop = [s for s in stop if s]
-        self.maxstop = max((len(s) for s in self.stop), default=0)
-        self.ids: list[int] = []
-        self.text = ""          # the text of ids[:read] (complete characters), cut at a stop
-        self.sent = 0           # characters of `text` released
-        self.stopped = False
-        self._prefix = 0        # ids[prefix:read]: the context decoded before the new ids
-        self._read = 0
-
-    def _decode(self, ids) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
-
-    def _advance(self, final: bool = False) -> None:
-        if self._read == len(self.ids):
-            return
-        before = self._decode(self.ids[self._prefix:self._read])
-        after = self._decode(self.ids[self._prefix:])
-        if len(after) > len(before) and (final or not after.endswith("\ufffd")):
-            self.text += after[len(before):]
-            self._prefix, self._read = self._read, len(self.ids)
-
-    def _held(self, text: str) -> int:
-        for k in range(min(len(text), self.maxstop - 1), 0, -1):
-            tail = text[-k:]
-            if any(s.startswith(tail) for s in self.stop):
-                return k
-        return 0
-
-    def add(self, token_id: int) -> str:
-        """Feed one generated id; returns the text that can be sent now (maybe "")."""
-        if self.stopped:
-            return ""
-        self.ids.append(int(token_id))
-        self._advance()
-        if self.stop:
-            start = max(0, self.sent - self.maxstop)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
-            if hits:
-                self.stopped = True
-                self.text = self.text[:min(hits)]
-                return self._release(len(self.text))
-            return self._release(len(self.text) - self._held(self.text))
-        return self._release(len(self.text))
-
-    def _release(self, end: int) -> str:
-        if end <= self.sent:
-            return ""
-        out = self.text[self.sent:end]
-        self.sent = end
-        return out
-
-    def finish(self) -> str:
-        """Everything not yet released: the held-back tail and an incomplete last character."""
-        if not self.stopped:
-            self._advance(final=True)
-        return self._release(len(self.text))
-
-    @property
-    def n_tokens(self) -> int:
-        return len(self.ids)
 
 
 # --------------------------------------------------------------------------- the app
