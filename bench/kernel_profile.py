@@ -48,8 +48,8 @@ def short_name(name: str, width: int = 90) -> str:
 
 def breakdown(kernels: list[tuple[str, float]], steps: int, top: int = 8) -> dict:
     """[(name, microseconds)] recorded over `steps` decode steps -> per-step totals: the sum of
-    kernel time (`kernel_ms`), per class, and the `top` kernels by time (ms per step, calls per
-    step, share of the kernel time)."""
+    kernel time (`kernel_ms`), kernel launches, the time per class, and the `top` kernels by
+    time (ms per step, calls per step, share of the kernel time); `kernels`: distinct names."""
     per: dict[str, list[float]] = {}
     for name, us in kernels:
         tot = per.setdefault(name, [0.0, 0])
@@ -61,6 +61,7 @@ def breakdown(kernels: list[tuple[str, float]], steps: int, top: int = 8) -> dic
         classes[kernel_class(name)] += us / steps / 1e3
     ranked = sorted(per.items(), key=lambda kv: -kv[1][0])[:top]
     return dict(steps=steps, kernel_ms=total_us / steps / 1e3, kernels=len(per),
+                launches=len(kernels) / steps,
                 classes=classes,
                 top=[dict(name=short_name(n), cls=kernel_class(n), ms=us / steps / 1e3,
                           calls=n_calls / steps, share=us / total_us if total_us else 0.0)
@@ -121,14 +122,14 @@ def markdown(rows, top: int = 5) -> str:
     out = [f"\n## Where a decode step's time goes ({k0['source']}, torch.profiler, "
            f"{k0['steps']} steps per row; ms per step)\n",
            "| impl | policy | prompt | budget | batch | floor_ms | decode_ms (timed) | kernel_ms | "
-           + " | ".join(cls_names) + " | kernel / timed |",
-           "|" + "---|" * (9 + len(cls_names))]
+           + " | ".join(cls_names) + " | kernel / timed | launches |",
+           "|" + "---|" * (10 + len(cls_names))]
     for r in rows:
         k = r.kernels
         out.append(f"| {r.impl} | {r.policy} | {r.prompt} | {r.budget if r.budget is not None else '-'}"
                    f" | {r.batch} | {r.floor_ms:.3g} | {r.decode_ms:.3g} | {k['kernel_ms']:.3g} | "
                    + " | ".join(f"{k['classes'].get(c, 0.0):.3g}" for c in cls_names)
-                   + f" | {k['kernel_ms'] / r.decode_ms:.2f} |")
+                   + f" | {k['kernel_ms'] / r.decode_ms:.2f} | {k.get('launches', 0):.0f} |")
     for r in rows:
         out += [f"\n{r.impl} {r.policy} prompt {r.prompt} budget {r.budget} batch {r.batch}: "
                 f"{r.kernels['kernels']} distinct kernels\n",

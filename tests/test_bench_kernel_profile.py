@@ -36,7 +36,7 @@ def test_breakdown_per_step(kp):
                     ("sm90_xmma_gemm_bf16", 10.0), ("triton_tem_fused_flex_decoding_0", 20.0),
                     ("triton_poi_fused_add_1", 5.0)]
     b = kp.breakdown(kernels, steps=4, top=2)
-    assert b["steps"] == 4 and b["kernels"] == 3
+    assert b["steps"] == 4 and b["kernels"] == 3 and b["launches"] == 5
     assert b["kernel_ms"] == pytest.approx(0.075)
     assert b["classes"] == pytest.approx(dict(attention=0.02, gemm=0.05, copy=0.0, fused=0.005))
     assert [(t["name"], t["cls"], t["calls"]) for t in b["top"]] == [
@@ -65,6 +65,7 @@ def test_profile_decode_records_only_the_steady_steps(kp):
     assert b["source"] == "CPU operators" and b["steps"] == 6
     mm = [t for t in b["top"] if t["name"] == "aten::mm"]
     assert mm and mm[0]["calls"] == 1.0  # one per step: the prefill's seven are not in it
+    assert b["launches"] >= 1.0
     assert len(calls) == 19
     assert kp.profile_decode(lambda cb: run(cb, n=2), 2, torch.device("cpu")) is None
 
@@ -81,7 +82,7 @@ def test_markdown_section(kp):
             row("tova", dict(error="RuntimeError: CUPTI")),
             speed.failed_row("flexkv+compile", "cam", 4096, 512, 1, "skipped: time budget")]
     md = kp.markdown(rows)
-    assert "CUPTI kernels" in md and "| flexkv+compile | h2o | 4096 | 512 | 1 | 4 | 5 | 4 | 1 | 3 | 0 | 0 | 0.80 |" in md
+    assert "CUPTI kernels" in md and "| flexkv+compile | h2o | 4096 | 512 | 1 | 4 | 5 | 4 | 1 | 3 | 0 | 0 | 0.80 | 2 |" in md
     assert "| `sm90_gemm` | gemm | 3 | 1 | 75% |" in md
     assert "tova prompt 4096 budget 512 batch 1: profile failed: RuntimeError: CUPTI" in md
     assert "cam" not in md

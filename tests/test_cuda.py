@@ -15,7 +15,9 @@ tests` runs them on the GPU machine:
   run of the same shapes makes no host sync (`torch.cuda.set_sync_debug_mode("error")` from its
   5th step on);
 - the serving engine's step replays a CUDA graph with one dynamo graph and no skips, and its
-  tokens equal `flexkv.generate` run alone on each request.
+  tokens equal `flexkv.generate` run alone on each request;
+- the speed tables' per-kernel breakdown (bench/kernel_profile.py) sees the kernels replayed
+  from a CUDA graph, without a recompile or a skip.
 
 `FLEXKV_CUDA_TESTS_ON_CPU=1` runs this module on CPU instead (a dry run of the test logic; the
 CUDA-only checks are skipped); `FLEXKV_CUDA_TESTS_POLICIES=h2o,streaming` restricts the
@@ -481,3 +483,36 @@ def test_serving_engine_step_replays_a_cuda_graph(model32, dev):
         assert cudagraph_skips() == 0, dict(counters["inductor"])
         assert r.n >= n_new - 8, f"engine thread: {r.n} CUDA-graph replays"
     _check_engine_tokens(model, dev, prompts, outs, n_new)
+
+
+def test_kernel_profile_sees_the_replayed_graphs_kernels(model32, dev):
+    """bench/kernel_profile.py (the speed tables' per-kernel breakdown) on a compiled
+    `reduce-overhead` decode: the profiled run recompiles nothing, skips no CUDA graph, replays,
+    and CUPTI's records include the kernels replayed from the graph (several distinct ones,
+    each step's attention among them). Runs in `bench/gpu.sh ... tests`, before the speed stages
+    rely on it (FLEXKV_NO_PROFILE=1 turns the breakdown off there)."""
+    from helpers import load_bench
+    kp = load_bench("kernel_profile")
+    ids = random_ids(1, PROMPT, model32.args.vocab_size, seed=5).to(dev)
+    n_new = 24
+
+    def run(callback=None):
+        return flexkv.generate(model32, ids, max_new_tokens=n_new, policy="h2o", budget=16,
+                               compile=True, **({"callback": callback} if callback else {}))
+
+    torch._dynamo.reset()
+    run()  # compile and record
+    counters.clear()
+    with GraphReplays() as r:
+        b = kp.profile_decode(run, n_new, dev, skip=4, max_active=10)
+    assert decode_graphs() == 1 and not counters["graph_break"]
+    assert b is not None and b["steps"] == 10, b
+    assert b["kernel_ms"] > 0 and b["kernels"] >= 3, b
+    if CUDA:
+        assert cudagraph_skips() == 0, dict(counters["inductor"])
+        assert r.n >= n_new - 6, f"{r.n} CUDA-graph replays"
+        assert b["source"] == "CUPTI kernels"
+        assert b["classes"]["attention"] + b["classes"]["gemm"] > 0, b
+        # every kernel of every step, not one record per replay: at least an attention and a
+        # GEMM per layer
+        assert b["launches"] >= 2 * model32.args.num_hidden_layers, b
