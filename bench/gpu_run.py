@@ -249,12 +249,15 @@ def candidates_md(path: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
+def stage_table(results: list[dict]) -> list[str]:
+    return (["| stage | status | seconds | file | decode probabilities |", "|---|---|---|---|---|"]
+            + [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('file', '-')} | "
+               f"{r.get('decode_probs', '-')} |" for r in results])
+
+
 def write_summary(out: Path, env: dict, results: list[dict]) -> str:
     parts = ["# flexkv GPU run\n",
-             "`" + " ".join(f"{k}={v}" for k, v in env.items()) + "`\n",
-             "| stage | status | seconds | file | decode probabilities |", "|---|---|---|---|---|"]
-    parts += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('file', '-')} | "
-              f"{r.get('decode_probs', '-')} |" for r in results]
+             "`" + " ".join(f"{k}={v}" for k, v in env.items()) + "`\n"] + stage_table(results)
     for r in results:
         name = r["stage"]
         try:
@@ -297,6 +300,8 @@ def cmd_run(args) -> int:
             tail = (out / "run.log").read_text(errors="replace").splitlines()[-25:]
             print("\n".join("    " + x for x in tail), flush=True)
     print(write_summary(out, env, results), flush=True)
+    # again at the very end: the reply's output_tail keeps the last 12,000 characters only
+    print("\n".join(["", "(stages, again)"] + stage_table(results)), flush=True)
     return 0 if all(r["status"] == "ok" for r in results) else 1
 
 
