@@ -129,12 +129,14 @@ def copy_bandwidth(device, dtype) -> float:
     return 2 * x.numel() * x.element_size() * reps / (time.perf_counter() - t)
 
 
+def param_bytes(model) -> int:
+    """Bytes of every parameter (`parameters()` yields a tied one once)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def weight_bytes(model) -> int:
-    seen, total = set(), 0
-    for p in model.parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            total += p.numel() * p.element_size()
+    """Bytes of the weights a decode step streams."""
+    total = param_bytes(model)
     # the embedding table is gathered (one row per token), not streamed, unless tied to lm_head
     emb = model.model.embed_tokens.weight
     if emb is not model.lm_head.weight:
@@ -245,10 +247,9 @@ def chunked_bound_gb(model, budget, chunk, batch) -> float:
     """Issue 9's bound on a chunked prefill's peak memory: every weight plus twice the KV of
     `budget + chunk` tokens per sequence (the budget kept, one chunk arriving)."""
     a = model.args
-    params = {id(p): p.numel() * p.element_size() for p in model.parameters()}
     kv_token = 2 * a.num_hidden_layers * a.num_key_value_heads * a.head_dim * \
         next(model.parameters()).element_size()
-    return (sum(params.values()) + 2 * (budget + chunk) * kv_token * batch) / 2**30
+    return (param_bytes(model) + 2 * (budget + chunk) * kv_token * batch) / 2**30
 
 
 def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw,
