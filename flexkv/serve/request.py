@@ -8,8 +8,6 @@ import threading
 import time
 from dataclasses import dataclass
 
-FINISH_REASONS = ("stop", "length", "cancelled", "error")
-
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
