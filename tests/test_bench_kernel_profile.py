@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from helpers import load_bench
+from test_bench_speed import META
 
 
 @pytest.fixture(scope="module")
@@ -87,6 +88,5 @@ def test_markdown_section(kp):
     assert "tova prompt 4096 budget 512 batch 1: profile failed: RuntimeError: CUPTI" in md
     assert "cam" not in md
     assert kp.markdown([rows[2]]) == ""
-    full = speed.markdown(dict(preset="p", command="c", commit="x", device="d", torch="t",
-                               wall_s=1), rows, 1e12)
+    full = speed.markdown(META, rows, 1e12)
     assert full.endswith(md)

@@ -1,4 +1,5 @@
 """The speed benchmark's harness runs end to end (tiny random model, eager, one cell per policy)."""
+import itertools
 import json
 
 import pytest
@@ -6,8 +7,20 @@ import pytest
 from helpers import load_bench
 
 
+META = dict(preset="p", command="c", commit="x", device="d", torch="t", wall_s=1)
+
+
 def load_speed():
     return load_bench("speed")
+
+
+def first_table(md: str) -> list[dict]:
+    """The rows of the first markdown table in `md`, as {column: cell text}."""
+    lines = md.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    block = list(itertools.takewhile(lambda line: line.startswith("|"), lines[start:]))
+    split = lambda line: [c.strip() for c in line.strip("|").split("|")]  # noqa: E731
+    return [dict(zip(split(block[0]), split(line))) for line in block[2:]]
 
 
 def test_tiny_speed_grid(tmp_path, capsys):
@@ -83,18 +96,13 @@ def test_markdown_ratios_against_streaming_and_transformers_static():
             row("flexkv+compile", "h2o", 512, 9.0, batch=8),  # no streaming row at batch 8
             row("transformers-static-compile", "full", None, 20.0),
             row("flexkv+compile", "tova", 512, nan, error="skipped: time budget")]
-    md = speed.markdown(dict(preset="p", command="c", commit="x", device="d", torch="t",
-                             wall_s=1), rows, 1e12)
-    head, _, *body = [line for line in md.splitlines() if line.startswith("|")]
-    cols = [c.strip() for c in head.strip("|").split("|")]
-    table = [dict(zip(cols, (c.strip() for c in line.strip("|").split("|")))) for line in body]
+    table = first_table(speed.markdown(META, rows, 1e12))
     assert [(t["policy"], t["batch"], t["x_streaming_ms"], t["x_hf_static_tok_s"])
             for t in table] == [("streaming", "1", "1", "4"), ("h2o", "1", "1.1", "3.64"),
                                 ("h2o", "8", "-", "-"), ("full", "1", "-", "-"),
                                 ("tova", "1", "-", "-")]
     assert [t["x_plain_prefill"] for t in table] == ["2", "2", "2", "-", "-"]  # prefill 2 s / 1 s
-    plain = speed.markdown(dict(preset="p", command="c", commit="x", device="d", torch="t",
-                                wall_s=1), rows[3:4], 1e12)
+    plain = speed.markdown(META, rows[3:4], 1e12)
     assert "x_streaming_ms" not in plain and "x_plain_prefill" not in plain
 
 
@@ -112,9 +120,6 @@ def test_chunked_prefill_peak_against_issue_9_bound():
                       0.5, 3.0, 3.0, 1.0, 0, 10, chunked_bound_gb=2.0),
             speed.Row("flexkv+compile", "full", 4096, None, 1, 5.0, 200.0, 4.0, 0.8, 1.0, 1.0,
                       0.5, 3.0, 3.0, 1.0, 0, 10)]
-    md = speed.markdown(dict(preset="p", command="c", commit="x", device="d", torch="t",
-                             wall_s=1), rows, 1e12)
-    head, _, h2o, full = [line for line in md.splitlines() if line.startswith("|")]
-    cols = [c.strip() for c in head.strip("|").split("|")]
-    assert cols[-1] == "x_chunked_bound"
-    assert h2o.rstrip(" |").endswith("1.5") and full.rstrip(" |").endswith("-")
+    h2o, full = first_table(speed.markdown(META, rows, 1e12))
+    assert list(h2o)[-1] == "x_chunked_bound"
+    assert (h2o["x_chunked_bound"], full["x_chunked_bound"]) == ("1.5", "-")
