@@ -64,6 +64,12 @@ def test_tiny_serve_bench(tiny_dir, tmp_path):
         assert r["ttft_p50_s"] > 0 and r["ttft_p99_s"] >= r["ttft_p50_s"]
         assert r["tpot_p50_ms"] > 0 and r["tpot_p99_ms"] >= r["tpot_p50_ms"]
         assert r["tok_cpu_s"] > 0 and r["load1"] >= 0
+        if "one at a time" not in r["config"]:   # the engine's own counters, per configuration
+            # busy can pass 1 a little: the last step also frees the finished slots after the
+            # answer went out (on a run this short, a noticeable part of it)
+            assert 0 < r["busy"] <= 1.5 and r["engine_s"] > 0, r
+            assert r["prefill_chunks"] >= 6 and r["decode_steps"] >= 5, r   # >= 1 chunk per prompt
+            assert r["prefill_ms_chunk"] > 0 and r["decode_ms_step"] > 0 and 0 < r["prefill_share"] < 1
     slots = {r["config"]: r["slots"] for r in data["rows"]}
     assert slots["full"] == 2                              # the default kv_memory: 2 full slots
     assert slots["streaming@16"] > slots["streaming@32"] > slots["full"]  # same memory, more slots
@@ -73,6 +79,47 @@ def test_tiny_serve_bench(tiny_dir, tmp_path):
     for c in configs:
         assert f"| {c} |" in md
     assert "TTFT p99 s" in md and "out tok/CPU-s" in md and "Target (budget 256" not in md  # no budget-256 row here
+    assert "engine busy" in md and "prefill ms/chunk" in md and "offered load 300 output tok/s" in md
+
+
+def row(config, budget, tok_s, busy, completed=96, requests=96):
+    return dict(config=config, budget=budget, tok_s=tok_s, busy=busy, completed=completed,
+                requests=requests)
+
+
+def with_ratios(rows):
+    for r in rows:
+        r["x_full"] = r["tok_s"] / rows[0]["tok_s"]
+    return rows
+
+
+def test_verdict_says_when_the_run_measured_capacity():
+    """The target line: met / not met, and when the run cannot settle it: `full` cut at the time
+    limit (its tok/s counts completed requests only), or a server that waited for requests (its
+    tok/s is the offered load's, a lower bound on its capacity)."""
+    v = load_serve_bench().verdict
+    assert v([row("full", None, 100.0, 1.0)]) is None                       # no budget-256 row
+    met = v(with_ratios([row("full", None, 100.0, 0.99), row("h2o@256", 256, 450.0, 0.97),
+                         row("streaming@256", 256, 420.0, 0.98)]))
+    assert "Target" in met and ": met in this run" in met and "h2o@256: 4.50x" in met
+    assert "busy" not in met and "inflated" not in met
+    idle = v(with_ratios([row("full", None, 100.0, 0.99), row("h2o@256", 256, 300.0, 0.40)]))
+    assert "not met" in idle and "h2o@256 was busy 40 %" in idle and "lower bound" in idle
+    cut = v(with_ratios([row("full", None, 100.0, 1.0, completed=60), row("h2o@256", 256, 500.0, 1.0)]))
+    assert ": met in this run" in cut and "60/96" in cut and "does not settle" in cut
+    lost = v(with_ratios([row("full", None, 100.0, 1.0), row("h2o@256", 256, 500.0, 1.0, completed=90)]))
+    assert "not met" in lost and "90/96 completed" in lost
+
+
+def test_engine_use_from_two_metrics_snapshots():
+    m0 = dict(decode_steps_total=10, tokens_generated_total=30, prefill_chunks_total=4,
+              prefill_seconds_total=1.0, decode_seconds_total=2.0)
+    m1 = dict(decode_steps_total=110, tokens_generated_total=530, prefill_chunks_total=14,
+              prefill_seconds_total=1.5, decode_seconds_total=3.5)
+    u = load_serve_bench().engine_use(m0, m1)
+    assert u["mean_batch"] == 5.0 and u["decode_steps"] == 100 and u["prefill_chunks"] == 10
+    assert u["engine_s"] == 2.0 and u["prefill_share"] == 0.25
+    assert u["prefill_ms_chunk"] == 50.0 and u["decode_ms_step"] == 15.0
 
 
 def test_bad_arguments():

@@ -129,6 +129,31 @@ def test_seeded_sampling_is_batch_independent(tiny64):
     assert other_seed != alone  # (8 draws over a 20-token support: equal by chance ~never)
 
 
+def test_metrics_count_chunks_steps_and_the_time_in_each(tiny64):
+    """The scheduler's counters: one prefill chunk per `prefill_chunk` tokens of each prompt, one
+    decode step per token after the first, and the wall seconds in each phase (which the serving
+    benchmark divides into ms per chunk / per step and the engine's busy share)."""
+    import time
+    V = tiny64.args.vocab_size
+    eng = Engine(tiny64, None, "h2o", budget=6, max_slots=2, max_new_tokens=5, max_prompt_tokens=40,
+                 prefill_chunk=8)
+    m0 = eng.metrics()
+    assert m0["prefill_seconds_total"] == m0["decode_seconds_total"] == 0.0
+    t = time.perf_counter()
+    outs = eng.generate([random_prompt(20, 1, V), random_prompt(9, 2, V)],
+                        SamplingParams(max_tokens=5, ignore_eos=True))
+    wall = time.perf_counter() - t
+    m = eng.metrics()
+    assert [len(o) for o in outs] == [5, 5]
+    assert m["prefill_chunks_total"] == 3 + 2                   # ceil(20 / 8) + ceil(9 / 8)
+    assert m["prompt_tokens_total"] == 29 and m["tokens_generated_total"] == 10
+    # the second prompt's chunks run between the first request's decode steps; each request's
+    # first token comes from its prefill, the other 4 from decode steps shared while both run
+    assert 4 <= m["decode_steps_total"] <= 8
+    assert m["prefill_seconds_total"] > 0 and m["decode_seconds_total"] > 0
+    assert m["prefill_seconds_total"] + m["decode_seconds_total"] <= wall
+
+
 def test_reused_slot_is_fresh_and_finishing_does_not_disturb_others(tiny64):
     V = tiny64.args.vocab_size
     prompts = [random_prompt(n, n + 7, V) for n in (9, 25, 14, 31)]

@@ -355,15 +355,20 @@ def test_models_health_metrics(client, main):
     text = client.get("/metrics").text
     assert "# TYPE flexkv_generation_tokens_total counter" in text
     assert "# TYPE flexkv_kv_bytes_held gauge" in text
+    assert "# TYPE flexkv_prefill_seconds_total counter" in text
 
 
 def test_completion_equals_generate(client, main, model_tok):
     model, tok = model_tok
     prompt = "The llama said"
     ids = tok(prompt)["input_ids"]
-    before = _metrics(client)["flexkv_generation_tokens_total"]
+    m0 = _metrics(client)
+    before = m0["flexkv_generation_tokens_total"]
     text, reason, usage = _ask(client, {"model": NAME, "prompt": prompt, "max_tokens": 12,
                                         "temperature": 0, "ignore_eos": True})
+    m1 = _metrics(client)
+    for name in ("flexkv_prefill_seconds_total", "flexkv_decode_seconds_total"):
+        assert m1[name] > m0[name], name   # the request's prefill and decode steps were timed
     assert text == _decode(tok, _reference(model, ids, 12))
     assert reason == "length"
     assert usage == {"prompt_tokens": len(ids), "completion_tokens": 12, "total_tokens": len(ids) + 12}

@@ -162,6 +162,10 @@ def _metric_lines(engine, model_name: str, http_counters: dict) -> str:
         ("tokens_generated_total", "flexkv_generation_tokens_total", "counter", "tokens generated"),
         ("prompt_tokens_total", "flexkv_prompt_tokens_total", "counter", "prompt tokens prefilled"),
         ("requests_finished_total", "flexkv_requests_finished_total", "counter", "requests finished (any reason)"),
+        ("prefill_seconds_total", "flexkv_prefill_seconds_total", "counter",
+         "wall seconds the scheduler spent running prefill chunks"),
+        ("decode_seconds_total", "flexkv_decode_seconds_total", "counter",
+         "wall seconds the scheduler spent in decode steps (sampling and token delivery included)"),
         ("kv_bytes_allocated", "flexkv_kv_bytes_allocated", "gauge", "bytes of the static KV cache buffers"),
         ("kv_bytes_held", "flexkv_kv_bytes_held", "gauge", "bytes of KV held by the running requests"),
     ]

@@ -35,6 +35,7 @@ import itertools
 import re
 import secrets
 import threading
+import time
 import traceback
 from collections import deque
 from dataclasses import dataclass
@@ -179,7 +180,8 @@ class Engine:
         self._closed = False                  # the stop plan went out: no more steps
         self._counters = dict(tokens_generated_total=0, prompt_tokens_total=0,
                               requests_finished_total=0, requests_submitted_total=0,
-                              decode_steps_total=0, prefill_chunks_total=0)
+                              decode_steps_total=0, prefill_chunks_total=0,
+                              prefill_seconds_total=0.0, decode_seconds_total=0.0)
 
     # ------------------------------------------------------------------ public API
     def submit(self, prompt, params: SamplingParams | None = None) -> RequestHandle:
@@ -246,6 +248,11 @@ class Engine:
                 self._free(s)
 
     def metrics(self) -> dict:
+        """Gauges (running, prefilling, waiting, slots, KV bytes) and counters since the start:
+        requests, tokens, decode steps and prefill chunks, and the scheduler's wall seconds in
+        prefill chunks and in decode steps (sampling and token delivery included; a CUDA prefill
+        chunk is synchronized before its time is read, so its kernels are not counted as the
+        next decode step's). Their sum against elapsed time is how busy the engine was."""
         with self._lock:
             used = sum(r is not None for r in self._slots)
             out = dict(running=len(self._decoding), prefilling=len(self._prefilling),
@@ -339,9 +346,16 @@ class Engine:
             return
         self._reap_cancelled(plan.cancel)
         self._admit()
-        self._prefill_one_chunk()
+        t0 = time.perf_counter()
+        if self._prefill_one_chunk():
+            if self.device.type == "cuda":   # the chunk's kernels are prefill time, not decode's
+                torch.cuda.synchronize(self.device)
+            t1 = time.perf_counter()
+            self._counters["prefill_seconds_total"] += t1 - t0
+            t0 = t1
         if self._decoding:
-            self._decode()
+            self._decode()                   # ends with a host read of the new tokens (a sync)
+            self._counters["decode_seconds_total"] += time.perf_counter() - t0
 
     def _plan(self) -> _Plan:
         """This iteration's plan: rank 0's snapshot of what arrived since the last one, the same
@@ -411,15 +425,16 @@ class Engine:
                                   self.prefill_chunk, n_new)
             self._prefilling.append(slot)
 
-    def _prefill_one_chunk(self) -> None:
+    def _prefill_one_chunk(self) -> bool:
+        """The oldest prefilling request's next chunk (False: none is prefilling)."""
         if not self._prefilling:
-            return
+            return False
         slot = self._prefilling[0]
         req = self._slots[slot]
         logits = req.prefill.step()
         self._counters["prefill_chunks_total"] += 1
         if logits is None:
-            return
+            return True
         self._prefilling.popleft()
         self.cache.copy_row(req.scratch, 0, slot)
         req.prefill, req.scratch = None, None
@@ -439,6 +454,7 @@ class Engine:
         self._decoding.add(slot)
         self._active[slot] = True
         self._deliver({slot: int(first[0])})
+        return True
 
     def _sample(self, logits: Tensor, rows: Tensor) -> Tensor:
         return sample_slots(logits, self._temperature[rows], self._top_k[rows], self._top_p[rows],
