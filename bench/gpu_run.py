@@ -90,7 +90,10 @@ KIT_MODEL = ROOT / ".gpu-kit" / "smollm2-135m-instruct"  # bench/gpu_kit.sh; car
 def _serve_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
     """Issue 10's GPU row: the server at equal KV memory, `full` then budget 256 and 512, the
     default model's shape with random weights (the checkpoint cannot be carried), 1K-4K prompts
-    in steps of 1K (four prefill shapes to compile, not seven), 128 tokens each. Every
+    in steps of 1K (four prompt shapes to compile, not seven), prefill chunks of 2048 (the preset's:
+    an eager CUDA prefill chunk costs about the same host time at 1K as at 2K tokens, so fewer
+    chunks per prompt, bench/NOTES.md), 128 tokens each, arrivals at 100 req/s (above every
+    configuration's capacity: the table's `engine busy` checks it). Every
     configuration's table row is written as soon as it ends; no sequential row (a compiled
     `generate` of `full` recompiles for every prompt length)."""
     if DRY:

@@ -51,7 +51,7 @@ PRESETS = {
     "gpu": dict(model="smollm2-135m-instruct", device="cuda", dtype="bfloat16", prompt_min=1024,
                 prompt_max=4096, prompt_step=512, max_tokens=128, requests=200, rate=100.0,
                 time_limit=300.0, policies="streaming,h2o,snapkv", budgets="256,512", compile=True,
-                threads=None, prefill_chunk=1024, full_slots=2),
+                threads=None, prefill_chunk=2048, full_slots=2),
 }
 
 

@@ -123,6 +123,14 @@ def test_seeded_sampling_is_batch_independent(tiny64):
                          [SamplingParams(max_tokens=8, temperature=1.0, seed=s) for s in (1, 2)]
                          + [sp] + [SamplingParams(max_tokens=3)])
     assert outs[2] == alone
+    # every request, sampled or greedy, equals its run alone; the greedy one (4th) takes the slot
+    # a sampled request left, and the sampled ones run beside it (the engine samples only the
+    # slots with temperature > 0 and takes the argmax for the others)
+    params = [SamplingParams(max_tokens=8, temperature=1.0, seed=s) for s in (1, 2)] + [
+        SamplingParams(max_tokens=3)]
+    for prompt, p, got in zip(others[:2] + others[2:], params, outs[:2] + outs[3:]):
+        one = Engine(tiny64, None, "h2o", budget=6, max_slots=1, max_new_tokens=8, max_prompt_tokens=32)
+        assert one.generate([prompt], p)[0] == got
     other_seed = Engine(tiny64, None, "h2o", budget=6, max_slots=1, max_new_tokens=8,
                         max_prompt_tokens=32).generate([target], SamplingParams(
                             max_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=99))[0]

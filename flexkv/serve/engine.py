@@ -170,6 +170,8 @@ class Engine:
         self._slots: list[_Running | None] = [None] * S
         self._inbox: list[_Running] = []      # submitted since the last plan
         self._decoding: set[int] = set()      # slots whose request is decoding
+        self._sampling: set[int] = set()      # decoding slots with temperature > 0 (host-side,
+        self._sampling_rows: Tensor | None = None  # so an all-greedy step is one argmax)
         self._prefilling: deque[int] = deque()  # slots whose prompt is being prefilled, oldest first
         self._waiting: deque[_Running] = deque()
         self._lock = threading.Lock()
@@ -448,21 +450,34 @@ class Engine:
         self._steps[slot] = 0
         self._pos[slot, 0] = T
         self._counters["prompt_tokens_total"] += T
-        first = self._sample(logits, torch.tensor([slot], device=self.device))
+        first = (self._sample(logits, torch.tensor([slot], device=self.device)) if p.temperature > 0
+                 else logits.argmax(dim=-1))
         self._steps[slot] = 1
         self._tok[slot, 0] = first[0]
         self._decoding.add(slot)
+        if p.temperature > 0:
+            self._sampling.add(slot)
+            self._sampling_rows = None
         self._active[slot] = True
         self._deliver({slot: int(first[0])})
         return True
 
     def _sample(self, logits: Tensor, rows: Tensor) -> Tensor:
+        """The tokens of slots `rows` from their logits [len(rows), V]: `sample_slots` gives each
+        row what it gives that row in any batch (greedy rows: the argmax)."""
         return sample_slots(logits, self._temperature[rows], self._top_k[rows], self._top_p[rows],
                             self._seed[rows], self._steps[rows])
 
     def _decode(self) -> None:
         logits = self._step_fn(self.model, self.cache, self.policy, self._tok, self._pos, self._active)
-        nxt = sample_slots(logits, self._temperature, self._top_k, self._top_p, self._seed, self._steps)
+        # greedy slots need only the argmax; the sampler (a sort and a hash over the vocabulary
+        # per row) runs on the sampling slots alone, which the host knows without a sync
+        nxt = logits.argmax(dim=-1)
+        if self._sampling:
+            if self._sampling_rows is None:
+                self._sampling_rows = torch.tensor(sorted(self._sampling), device=self.device)
+            rows = self._sampling_rows
+            nxt[rows] = self._sample(logits[rows], rows)
         self._counters["decode_steps_total"] += 1
         self._tok.copy_(torch.where(self._active[:, None], nxt[:, None], self._tok))
         self._pos.add_(self._active[:, None].long())
@@ -492,6 +507,9 @@ class Engine:
             req = self._slots[slot]
             self._slots[slot] = None
             self._decoding.discard(slot)
+            if slot in self._sampling:
+                self._sampling.discard(slot)
+                self._sampling_rows = None
             if slot in self._prefilling:
                 self._prefilling.remove(slot)
             if req is not None:
