@@ -12,6 +12,7 @@ all masking is expressed on positions, never on slot indices: slot order carries
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 import weakref
@@ -19,7 +20,7 @@ import weakref
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.nn.attention.flex_attention import and_masks, create_block_mask, flex_attention
+from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, flex_attention
 
 try:  # torch >= 2.9 returns the LSE through return_aux; return_lse is deprecated
     from torch.nn.attention.flex_attention import AuxRequest as _AuxRequest
@@ -119,15 +120,19 @@ def _per_head(k_pos: Tensor, n_kv: int) -> Tensor:
 # ---------------------------------------------------------------------------- prefill
 def prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
                       window: int | None = None, return_lse: bool = False,
-                      bias: Tensor | None = None):
+                      bias: Tensor | None = None, keys_end_with_queries: bool = False):
     """q: [B, H, Tq, D]; k, v: [B, Hkv, Tk, D]; q_pos: [B, Tq]; k_pos: [B, Tk] or [B, Hkv, Tk].
     Returns o [B, H, Tq, D] (and lse [B, H, Tq] with return_lse). Fully masked queries (left
     padding) give o = 0. `bias` [B, Hkv, Tk] (optional, e.g. `log_mass`) is added to every
-    query's score on key `kv` through a score_mod."""
-    k_pos = _per_head(k_pos, k.shape[1])
+    query's score on key `kv` through a score_mod. `keys_end_with_queries`: the last Tq keys are
+    the queries' own tokens, in order, after Tk - Tq cached slots of earlier positions (what a
+    prefill chunk attends over): the flex path then builds its block mask from that structure
+    (`chunk_block_mask`) instead of evaluating the mask on every entry."""
     if not q.is_cuda and not torch.compiler.is_compiling():
-        return dense_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse, bias)
-    return flex_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse, bias)
+        return dense_prefill_attention(q, k, v, q_pos, _per_head(k_pos, k.shape[1]), window,
+                                       return_lse, bias)
+    return flex_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse, bias,
+                                  keys_end_with_queries)
 
 
 # Above this many mask entries (B x H x Tq x Tk) the prefill's block mask comes from a compiled
@@ -148,16 +153,63 @@ def prefill_block_mask(mask_mod, B: int, H: int, Tq: int, Tk: int, device):
     return _compiled_block_mask(mask_mod, B, H, Tq, Tk, device=device)
 
 
+@functools.lru_cache(maxsize=32)
+def _chunk_blocks(Tq: int, Tk: int, device: str, full_below_diagonal: bool) -> BlockMask:
+    """The block structure of `chunk_block_mask` (no mask_mod), shared by every layer."""
+    bs = _BLOCK
+    n_q, n_k, off = -(-Tq // bs), -(-Tk // bs), Tk - Tq
+    m = torch.arange(n_q, device=device)
+    q_last = torch.clamp((m + 1) * bs, max=Tq) - 1       # the block's last query row
+    n_any = torch.clamp((off + q_last) // bs + 1, max=n_k)  # kv blocks 0..n_any-1 may be visible
+    if full_below_diagonal:                               # wholly at or below the first row's key
+        n_full = torch.minimum((off + m * bs + 1) // bs, n_any)
+    else:
+        n_full = torch.zeros_like(n_any)
+    kb = torch.arange(n_k, device=device)
+    partial_idx = torch.clamp(n_full[:, None] + kb[None, :], max=n_k - 1)
+    full = dict(full_kv_num_blocks=n_full.to(torch.int32)[None, None],
+                full_kv_indices=kb.expand(n_q, n_k).to(torch.int32)[None, None]) \
+        if full_below_diagonal else {}
+    return BlockMask.from_kv_blocks((n_any - n_full).to(torch.int32)[None, None],
+                                    partial_idx.to(torch.int32)[None, None], BLOCK_SIZE=bs,
+                                    seq_lengths=(Tq, Tk), **full)
+
+
+_BLOCK = 128   # FlexAttention's default sparse block size
+
+
+def chunk_block_mask(mask_mod, Tq: int, Tk: int, device, full_below_diagonal: bool = False) -> BlockMask:
+    """The block mask of a prefill chunk whose last Tq keys are its queries' own tokens, in order,
+    after Tk - Tq cached slots holding earlier positions: key j can be visible to query i only if
+    j <= Tk - Tq + i, so every block on or below that diagonal is visited with `mask_mod` applied
+    (empty slots, padding, the window) and the others are skipped. With `full_below_diagonal` (a
+    one-shot causal prefill: every key valid, positions consecutive, no window) the blocks wholly
+    below the diagonal are full (no mask_mod), as `create_block_mask` would find them.
+
+    Built from block counts, O(blocks) work once per chunk shape and shared by every layer
+    (B = H = 1, broadcast), where `create_block_mask` evaluates the mask on all B x H x Tq x Tk
+    entries, per layer (~100 ops and ~9 bytes per entry, eagerly). Superset of the exact block
+    mask, never a subset: the output is the same (tests/test_attention.py)."""
+    s = _chunk_blocks(Tq, Tk, str(device), full_below_diagonal)
+    return BlockMask(s.seq_lengths, s.kv_num_blocks, s.kv_indices, s.full_kv_num_blocks,
+                     s.full_kv_indices, s.q_num_blocks, s.q_indices, s.full_q_num_blocks,
+                     s.full_q_indices, s.BLOCK_SIZE, mask_mod)
+
+
 def flex_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
                            window: int | None = None, return_lse: bool = False,
-                           bias: Tensor | None = None):
+                           bias: Tensor | None = None, keys_end_with_queries: bool = False):
     """FlexAttention with the position block mask (the CUDA path; compiled there)."""
     B, H, Tq, _ = q.shape
-    n_kv = k.shape[1]
+    n_kv, Tk = k.shape[1], k.shape[2]
     k_pos = _per_head(k_pos, n_kv)
     group = H // n_kv
     mask = slot_mask(q_pos, k_pos, group, window)
-    block_mask = prefill_block_mask(mask, B, H, Tq, k.shape[2], q.device)
+    if keys_end_with_queries:
+        full = window is None and Tk == Tq and causal_range(q_pos, k_pos)
+        block_mask = chunk_block_mask(mask, Tq, Tk, q.device, full)
+    else:
+        block_mask = prefill_block_mask(mask, B, H, Tq, Tk, q.device)
     extra = {} if bias is None else {"score_mod": key_bias(bias, group)}
     if not return_lse:
         return _flex(q, k, v, block_mask=block_mask, enable_gqa=group > 1, **extra)

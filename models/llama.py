@@ -147,7 +147,8 @@ class Attention(nn.Module):
         "decode" (one token per row; extra = the `active` rows [B] bool)."""
         q, k, v = self._qkv(x, rope)
         if mode == "plain":
-            o = attention.prefill_attention(q, k, v, pos, pos, window=self.window)
+            o = attention.prefill_attention(q, k, v, pos, pos, window=self.window,
+                                            keys_end_with_queries=True)
         elif mode == "prefill":
             o = policy.prefill_layer(self, lc, q, k, v, pos, extra)
         else:

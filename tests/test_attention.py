@@ -5,7 +5,7 @@ import math
 import pytest
 
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.nn.attention.flex_attention import flex_attention
 
@@ -394,3 +394,136 @@ def test_large_prefill_block_mask_is_compiled_and_equal(monkeypatch):
     for name in ("kv_num_blocks", "full_kv_num_blocks"):   # partial / full blocks per row
         assert torch.equal(getattr(eager, name), getattr(compiled, name)), name
     assert torch.equal(eager.to_dense(), compiled.to_dense())
+
+
+@st.composite
+def chunk_case(draw):
+    """A prefill chunk over a cache: block-spanning sizes (FlexAttention's blocks are 128)."""
+    B, n_kv, G = draw(st.integers(1, 2)), draw(st.integers(1, 2)), draw(st.sampled_from([1, 2]))
+    S = draw(st.sampled_from([0, 0, 5, 128, 200]))           # cached slots (0: a first chunk)
+    T = draw(st.sampled_from([1, 7, 128, 129, 300]))
+    pad = draw(st.integers(0, T - 1)) if draw(st.booleans()) else 0
+    window = draw(st.one_of(st.none(), st.sampled_from([1, 50, 200])))
+    return B, n_kv, G, S, T, pad, window, draw(st.integers(0, 1000)), draw(st.booleans())
+
+
+def _chunk_inputs(c):
+    B, n_kv, G, S, T, pad, window, seed, per_head = c
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, n_kv * G, T, 8, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, n_kv, S + T, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    start = 300
+    q_pos = (start + torch.arange(T)).expand(B, T).clone()
+    q_pos[-1] = torch.where(torch.arange(T) < pad, -1, start + torch.arange(T) - pad)  # left pad
+    cached = torch.randint(-1, start, (B, n_kv if per_head else 1, S), generator=g).expand(B, n_kv, S)
+    k_pos = torch.cat([cached, q_pos[:, None, :].expand(B, n_kv, T)], dim=2) if S else \
+        q_pos[:, None, :].expand(B, n_kv, T)
+    return q, k, v, q_pos, k_pos, window
+
+
+@settings(max_examples=12, deadline=None)
+@given(chunk_case())
+@example((1, 1, 2, 0, 129, 0, None, 0, False))     # one-shot causal: full blocks, a 1-row last block
+@example((2, 2, 2, 200, 300, 17, 50, 1, True))     # cache + chunk, padding, window, per-head slots
+def test_chunk_block_mask_gives_the_exact_attention(c):
+    """The flex prefill path with the structural block mask (`keys_end_with_queries`, what every
+    prefill chunk takes on CUDA) equals dense attention and its LSE: padded rows, per-head cached
+    positions with empty slots, windows, sizes across several 128-blocks, first chunks (whose
+    causal blocks become full when the positions are a plain range)."""
+    q, k, v, q_pos, k_pos, window = _chunk_inputs(c)
+    o_ref, _ = dense(q, k, v, q_pos, k_pos, window)
+    o, lse = attention.flex_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse=True,
+                                              keys_end_with_queries=True)
+    torch.testing.assert_close(o, o_ref)
+    ok = o_ref.abs().sum(-1) > 0                       # rows with a visible key
+    torch.testing.assert_close(lse[ok], _masked_lse(q, k, q_pos, k_pos, window)[ok])
+
+
+@settings(max_examples=12, deadline=None)
+@given(chunk_case())
+def test_chunk_block_mask_covers_every_visible_key(c):
+    """Every (query, key) entry that the mask lets through lies in a block the structural block
+    mask visits, and a block it marks full (no mask_mod applied) is visible on every real query
+    row; on a one-shot causal prefill it has exactly create_block_mask's full blocks, except a
+    last, short query block (create_block_mask counts its padding rows as masked)."""
+    q, k, v, q_pos, k_pos, window = _chunk_inputs(c)
+    B, H, T = q.shape[0], q.shape[1], q.shape[2]
+    Tk, G, bs = k.shape[2], H // k.shape[1], 128
+    kp = k_pos.repeat_interleave(G, dim=1)[:, :, None, :]
+    ok = (kp >= 0) & (kp <= q_pos[:, None, :, None])                     # [B, H, T, Tk]
+    if window is not None:
+        ok &= q_pos[:, None, :, None] - kp < window
+    full = window is None and Tk == T and attention.causal_range(q_pos, k_pos)
+    mask = attention.slot_mask(q_pos, k_pos, G, window)
+    mine = attention.chunk_block_mask(mask, T, Tk, "cpu", full)
+    visited = mine.to_dense().bool()[0, 0]                               # [Q blocks, KV blocks]
+    cells = visited.repeat_interleave(bs, 0)[:T].repeat_interleave(bs, 1)[:, :Tk]
+    assert (cells | ~ok).all(), "a visible key lies in a skipped block"
+    if not full:
+        assert mine.full_kv_num_blocks is None
+        return
+    for m in range(visited.shape[0]):
+        for b in mine.full_kv_indices[0, 0, m, :int(mine.full_kv_num_blocks[0, 0, m])].tolist():
+            assert ok[:, :, m * bs:(m + 1) * bs, b * bs:(b + 1) * bs].all(), (m, b)
+    exact = attention.create_block_mask(mask, B, H, T, Tk, device="cpu").full_kv_num_blocks
+    whole = T // bs                                                      # query blocks without padding
+    assert torch.equal(mine.full_kv_num_blocks[..., :whole].expand_as(exact[..., :whole]),
+                       exact[..., :whole])
+
+
+@pytest.mark.parametrize("c", [(2, 2, 2, 200, 300, 17, 50, 1, True),   # cache + chunk, pad, window
+                               (1, 1, 2, 0, 300, 0, None, 0, False)])    # one-shot causal: full blocks
+def test_chunk_block_mask_in_the_compiled_kernel(c):
+    """Eager flex (the CPU tests above) applies the mask_mod everywhere and ignores the block
+    structure; the compiled kernel (CUDA's path; inductor's CPU template here) skips the blocks
+    the mask leaves out and applies no mask_mod on full blocks, so a wrong structure shows only
+    there. Two shapes, ~10 s of compile each."""
+    q, k, v, q_pos, k_pos, window = _chunk_inputs(c)
+    G = q.shape[1] // k.shape[1]
+    full = window is None and k.shape[2] == q.shape[2] and attention.causal_range(q_pos, k_pos)
+    assert full == (c[3] == 0)
+    bm = attention.chunk_block_mask(attention.slot_mask(q_pos, k_pos, G, window), q.shape[2],
+                                    k.shape[2], "cpu", full)
+    torch._dynamo.reset()
+    o = torch.compile(flex_attention, fullgraph=True, dynamic=False)(
+        q.float(), k.float(), v.float(), block_mask=bm, enable_gqa=G > 1)
+    o_ref, _ = dense(q, k, v, q_pos, k_pos, window)
+    torch.testing.assert_close(o.double(), o_ref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("policy, kw", [("full", {}), ("h2o", {"budget": 150}), ("snapkv", {"budget": 150}),
+                                        ("streaming", {"budget": 150}), ("cam", {"budget": 150})])
+def test_model_prefill_through_the_flex_chunk_path_equals_dense(tiny_llama_dir, monkeypatch, policy, kw):
+    """The CUDA prefill path (flex with the structural block mask) at the model's real call sites:
+    a float64 tiny llama, a left-padded batch of two 300-token prompts in chunks of 130 (several
+    128-blocks, cached slots ahead of every chunk after the first), 6 greedy tokens. Forcing the
+    flex path on CPU gives the dense path's tokens, logits and kept positions."""
+    import flexkv
+
+    model, _ = flexkv.load_model(tiny_llama_dir, dtype=torch.float64)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, model.args.vocab_size, (2, 300), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, :37] = 0                                            # a left-padded row
+
+    def run():
+        out = flexkv.generate(model, ids, max_new_tokens=6, policy=policy, prefill_chunk=130,
+                              attention_mask=mask, output_logits=True, **kw)
+        return out.tokens, out.logits, [lc.pos.clone() for lc in out.cache.layers]
+
+    dense_tokens, dense_logits, dense_pos = run()
+    calls = []
+
+    def flex_everywhere(q, k, v, q_pos, k_pos, window=None, return_lse=False, bias=None,
+                        keys_end_with_queries=False):
+        calls.append(keys_end_with_queries)
+        return attention.flex_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse, bias,
+                                                keys_end_with_queries)
+
+    monkeypatch.setattr(attention, "prefill_attention", flex_everywhere)
+    tokens, logits, pos = run()
+    assert calls and all(calls)                                 # every call site declares the layout
+    assert torch.equal(tokens, dense_tokens)
+    torch.testing.assert_close(logits, dense_logits)
+    for a, b in zip(pos, dense_pos):
+        assert torch.equal(a.sort(-1).values, b.sort(-1).values)

@@ -221,7 +221,8 @@ class Policy:
             P = torch.cat([lc.pos, new_pos], dim=2)
             stats = {n: torch.cat([getattr(lc, n), zeros[n]], dim=2) for n in lc.stat_names}
         res = attention.prefill_attention(q, K, V, q_pos, P, window=attn.window,
-                                          return_lse=self.needs_lse, bias=self.prefill_bias(P, stats))
+                                          return_lse=self.needs_lse, bias=self.prefill_bias(P, stats),
+                                          keys_end_with_queries=True)   # [cached slots | chunk]
         o, lse = res if self.needs_lse else (res, None)
         ctx = PrefillContext(attn.layer_idx, q, K, V, P, q_pos, lse, stats, attn.window, attn,
                              info, lc.budget)
