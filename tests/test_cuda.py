@@ -257,16 +257,20 @@ def test_compiled_flex_prefill_equals_sdpa(dev, dtype):
         q, k, v = (x.to(dev, dtype) for x in (q, k, v))
         q_pos, k_pos = q_pos.to(dev), k_pos.to(dev)
         bias = None if bias is None else bias.to(dev)
-        o_f, lse_f = attention.flex_prefill_attention(q, k, v, q_pos, k_pos, window, True, bias)
         o_d = attention.dense_prefill_attention(q, k, v, q_pos, k_pos, window, False, bias)
         o_r, _, lse_r = dense_attention(q, k, v, q_pos, k_pos, window, bias)
-        msg = f"case {case} {dtype}"
-        torch.testing.assert_close(o_f.float(), o_d.float(), **tol, msg=lambda m: f"{msg}: {m}")
-        torch.testing.assert_close(o_f.double(), o_r, **tol, msg=lambda m: f"{msg}: {m}")
-        if lse_f is not None:
-            rows = lse_r.isfinite()
-            torch.testing.assert_close(lse_f.double()[rows], lse_r[rows], atol=1e-3, rtol=1e-4,
-                                       msg=lambda m: f"{msg}: lse: {m}")
+        # both block masks: create_block_mask's, and the chunk structure the model's prefill uses
+        # (the keys here are [cached | the chunk's tokens], as there)
+        for structural in (False, True):
+            o_f, lse_f = attention.flex_prefill_attention(q, k, v, q_pos, k_pos, window, True, bias,
+                                                          keys_end_with_queries=structural)
+            msg = f"case {case} {dtype} chunk_block_mask={structural}"
+            torch.testing.assert_close(o_f.float(), o_d.float(), **tol, msg=lambda m: f"{msg}: {m}")
+            torch.testing.assert_close(o_f.double(), o_r, **tol, msg=lambda m: f"{msg}: {m}")
+            if lse_f is not None:
+                rows = lse_r.isfinite()
+                torch.testing.assert_close(lse_f.double()[rows], lse_r[rows], atol=1e-3, rtol=1e-4,
+                                           msg=lambda m: f"{msg}: lse: {m}")
 
 
 DECODE_CASES = [  # B, n_kv, G, S, D, window, bias
