@@ -190,7 +190,8 @@ def chunk_block_mask(mask_mod, Tq: int, Tk: int, device, full_below_diagonal: bo
     (B = H = 1, broadcast), where `create_block_mask` evaluates the mask on all B x H x Tq x Tk
     entries, per layer (~100 ops and ~9 bytes per entry, eagerly). Superset of the exact block
     mask, never a subset: the output is the same (tests/test_attention.py)."""
-    s = _chunk_blocks(Tq, Tk, str(device), full_below_diagonal)
+    build = _chunk_blocks.__wrapped__ if torch.compiler.is_compiling() else _chunk_blocks  # traced: no cache
+    s = build(Tq, Tk, str(device), full_below_diagonal)
     return BlockMask(s.seq_lengths, s.kv_num_blocks, s.kv_indices, s.full_kv_num_blocks,
                      s.full_kv_indices, s.q_num_blocks, s.q_indices, s.full_q_num_blocks,
                      s.full_q_indices, s.BLOCK_SIZE, mask_mod)
