@@ -1,7 +1,7 @@
 """Serving benchmark: the OpenAI-compatible server under a bounded open-loop load, every
 configuration at the same KV memory.
 
-    python bench/serve.py --preset cpu      # the default model on this CPU (~20 min, shorter sizes)
+    python bench/serve.py --preset cpu      # the default model on this CPU (~9 min, shorter sizes)
     python bench/serve.py --preset gpu      # the issue's sizes: 1K-4K prompts, 128-token answers, cuda
 
 Per configuration (`full`, then every policy x budget) the real server runs on a free loopback
