@@ -439,6 +439,23 @@ def test_chunk_block_mask_gives_the_exact_attention(c):
     torch.testing.assert_close(lse[ok], _masked_lse(q, k, q_pos, k_pos, window)[ok])
 
 
+def assert_structure_covers(q, k, q_pos, k_pos, window):
+    """Every (query, key) entry the position mask lets through lies in a block that
+    `chunk_block_mask` visits. Returns (the block mask, the dense mask [B, H, Tq, Tk], full)."""
+    T, Tk, G, bs = q.shape[2], k.shape[2], q.shape[1] // k.shape[1], 128
+    kp = k_pos.repeat_interleave(G, dim=1)[:, :, None, :]
+    ok = (kp >= 0) & (kp <= q_pos[:, None, :, None])                     # [B, H, T, Tk]
+    if window is not None:
+        ok &= q_pos[:, None, :, None] - kp < window
+    full = window is None and Tk == T and attention.causal_range(q_pos, k_pos)
+    mine = attention.chunk_block_mask(attention.slot_mask(q_pos, k_pos, G, window), T, Tk,
+                                      q.device, full)
+    visited = mine.to_dense().bool()[0, 0]                               # [Q blocks, KV blocks]
+    cells = visited.repeat_interleave(bs, 0)[:T].repeat_interleave(bs, 1)[:, :Tk]
+    assert (cells | ~ok).all(), "a visible key lies in a skipped block"
+    return mine, ok, full
+
+
 @settings(max_examples=12, deadline=None)
 @given(chunk_case())
 def test_chunk_block_mask_covers_every_visible_key(c):
@@ -448,24 +465,16 @@ def test_chunk_block_mask_covers_every_visible_key(c):
     last, short query block (create_block_mask counts its padding rows as masked)."""
     q, k, v, q_pos, k_pos, window = _chunk_inputs(c)
     B, H, T = q.shape[0], q.shape[1], q.shape[2]
-    Tk, G, bs = k.shape[2], H // k.shape[1], 128
-    kp = k_pos.repeat_interleave(G, dim=1)[:, :, None, :]
-    ok = (kp >= 0) & (kp <= q_pos[:, None, :, None])                     # [B, H, T, Tk]
-    if window is not None:
-        ok &= q_pos[:, None, :, None] - kp < window
-    full = window is None and Tk == T and attention.causal_range(q_pos, k_pos)
-    mask = attention.slot_mask(q_pos, k_pos, G, window)
-    mine = attention.chunk_block_mask(mask, T, Tk, "cpu", full)
-    visited = mine.to_dense().bool()[0, 0]                               # [Q blocks, KV blocks]
-    cells = visited.repeat_interleave(bs, 0)[:T].repeat_interleave(bs, 1)[:, :Tk]
-    assert (cells | ~ok).all(), "a visible key lies in a skipped block"
+    Tk, bs = k.shape[2], 128
+    mine, ok, full = assert_structure_covers(q, k, q_pos, k_pos, window)
+    visited = mine.to_dense().bool()[0, 0]
     if not full:
         assert mine.full_kv_num_blocks is None
         return
     for m in range(visited.shape[0]):
         for b in mine.full_kv_indices[0, 0, m, :int(mine.full_kv_num_blocks[0, 0, m])].tolist():
             assert ok[:, :, m * bs:(m + 1) * bs, b * bs:(b + 1) * bs].all(), (m, b)
-    exact = attention.create_block_mask(mask, B, H, T, Tk, device="cpu").full_kv_num_blocks
+    exact = attention.create_block_mask(mine.mask_mod, B, H, T, Tk, device="cpu").full_kv_num_blocks
     whole = T // bs                                                      # query blocks without padding
     assert torch.equal(mine.full_kv_num_blocks[..., :whole].expand_as(exact[..., :whole]),
                        exact[..., :whole])
@@ -497,7 +506,9 @@ def test_model_prefill_through_the_flex_chunk_path_equals_dense(tiny_llama_dir, 
     """The CUDA prefill path (flex with the structural block mask) at the model's real call sites:
     a float64 tiny llama, a left-padded batch of two 300-token prompts in chunks of 130 (several
     128-blocks, cached slots ahead of every chunk after the first), 6 greedy tokens. Forcing the
-    flex path on CPU gives the dense path's tokens, logits and kept positions."""
+    flex path on CPU gives the dense path's tokens, logits and kept positions, and at every call
+    the chunk structure covers every (query, key) the real positions let through (eager flex
+    ignores the block structure, so that is checked directly)."""
     import flexkv
 
     model, _ = flexkv.load_model(tiny_llama_dir, dtype=torch.float64)
@@ -517,6 +528,7 @@ def test_model_prefill_through_the_flex_chunk_path_equals_dense(tiny_llama_dir, 
     def flex_everywhere(q, k, v, q_pos, k_pos, window=None, return_lse=False, bias=None,
                         keys_end_with_queries=False):
         calls.append(keys_end_with_queries)
+        assert_structure_covers(q, k, q_pos, attention._per_head(k_pos, k.shape[1]), window)
         return attention.flex_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse, bias,
                                                 keys_end_with_queries)
 
