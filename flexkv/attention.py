@@ -167,12 +167,13 @@ def _chunk_blocks(Tq: int, Tk: int, device: str, full_below_diagonal: bool) -> B
         n_full = torch.zeros_like(n_any)
     kb = torch.arange(n_k, device=device)
     partial_idx = torch.clamp(n_full[:, None] + kb[None, :], max=n_k - 1)
-    full = dict(full_kv_num_blocks=n_full.to(torch.int32)[None, None],
-                full_kv_indices=kb.expand(n_q, n_k).to(torch.int32)[None, None]) \
-        if full_below_diagonal else {}
+    # full-block tensors even when there are none (counts 0): one mask structure for every chunk,
+    # so the compiled flex kernel is not specialised twice for the same shapes
     return BlockMask.from_kv_blocks((n_any - n_full).to(torch.int32)[None, None],
-                                    partial_idx.to(torch.int32)[None, None], BLOCK_SIZE=bs,
-                                    seq_lengths=(Tq, Tk), **full)
+                                    partial_idx.to(torch.int32)[None, None],
+                                    n_full.to(torch.int32)[None, None],
+                                    kb.expand(n_q, n_k).to(torch.int32)[None, None],
+                                    BLOCK_SIZE=bs, seq_lengths=(Tq, Tk))
 
 
 _BLOCK = 128   # FlexAttention's default sparse block size
