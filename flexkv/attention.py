@@ -198,6 +198,13 @@ def chunk_block_mask(mask_mod, Tq: int, Tk: int, device, full_below_diagonal: bo
                      s.full_q_indices, s.BLOCK_SIZE, mask_mod)
 
 
+def plain_causal(q_pos: Tensor, k_pos: Tensor, window: int | None) -> bool:
+    """A one-shot causal prefill (the keys are the queries' own tokens, positions a plain range,
+    no window): the mask is causality by index, so `chunk_block_mask` may mark the blocks below
+    the diagonal full."""
+    return window is None and k_pos.shape[-1] == q_pos.shape[-1] and causal_range(q_pos, k_pos)
+
+
 def flex_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
                            window: int | None = None, return_lse: bool = False,
                            bias: Tensor | None = None, keys_end_with_queries: bool = False):
@@ -208,8 +215,7 @@ def flex_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos
     group = H // n_kv
     mask = slot_mask(q_pos, k_pos, group, window)
     if keys_end_with_queries:
-        full = window is None and Tk == Tq and causal_range(q_pos, k_pos)
-        block_mask = chunk_block_mask(mask, Tq, Tk, q.device, full)
+        block_mask = chunk_block_mask(mask, Tq, Tk, q.device, plain_causal(q_pos, k_pos, window))
     else:
         block_mask = prefill_block_mask(mask, B, H, Tq, Tk, q.device)
     extra = {} if bias is None else {"score_mod": key_bias(bias, group)}

@@ -447,7 +447,7 @@ def assert_structure_covers(q, k, q_pos, k_pos, window):
     ok = (kp >= 0) & (kp <= q_pos[:, None, :, None])                     # [B, H, T, Tk]
     if window is not None:
         ok &= q_pos[:, None, :, None] - kp < window
-    full = window is None and Tk == T and attention.causal_range(q_pos, k_pos)
+    full = attention.plain_causal(q_pos, k_pos, window)
     mine = attention.chunk_block_mask(attention.slot_mask(q_pos, k_pos, G, window), T, Tk,
                                       q.device, full)
     visited = mine.to_dense().bool()[0, 0]                               # [Q blocks, KV blocks]
@@ -489,7 +489,7 @@ def test_chunk_block_mask_in_the_compiled_kernel(c):
     there. Two shapes, ~10 s of compile each."""
     q, k, v, q_pos, k_pos, window = _chunk_inputs(c)
     G = q.shape[1] // k.shape[1]
-    full = window is None and k.shape[2] == q.shape[2] and attention.causal_range(q_pos, k_pos)
+    full = attention.plain_causal(q_pos, k_pos, window)
     assert full == (c[3] == 0)
     bm = attention.chunk_block_mask(attention.slot_mask(q_pos, k_pos, G, window), q.shape[2],
                                     k.shape[2], "cpu", full)

@@ -450,12 +450,13 @@ class Engine:
         self._steps[slot] = 0
         self._pos[slot, 0] = T
         self._counters["prompt_tokens_total"] += T
-        first = (self._sample(logits, torch.tensor([slot], device=self.device)) if p.temperature > 0
+        sampling = p.temperature > 0
+        first = (self._sample(logits, torch.tensor([slot], device=self.device)) if sampling
                  else logits.argmax(dim=-1))
         self._steps[slot] = 1
         self._tok[slot, 0] = first[0]
         self._decoding.add(slot)
-        if p.temperature > 0:
+        if sampling:
             self._sampling.add(slot)
             self._sampling_rows = None
         self._active[slot] = True
