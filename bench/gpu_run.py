@@ -13,12 +13,14 @@ No call fits more stages than leave 8 files.
 
 Back on the CPU machine, the speed JSONs go into the repository:
 
-    python bench/gpu_run.py merge OUT/gpu-8b-4k.json OUT/gpu-8b-32k.json --into bench/results/speed/h100
+    python bench/gpu_run.py merge bench/results/gpu/gpu-8b-4k.json bench/results/gpu/gpu-8b-32k.json
 
-merges presets into one h100.json + h100.md (rows, each stamped with its preset's device, torch
-and commit). `FLEXKV_GPU_DRYRUN=1` swaps every stage for a tiny CPU version (the tests on CPU for
-two policies, the candidates at toy sizes, the tiny speed preset): a rehearsal of the whole
-pipeline on a machine without a GPU.
+merges presets into one bench/results/speed/<gpu>.{json,md}, <gpu> from the presets' device
+(h200 on the H200 machine; rows each stamped with its preset's device, torch and commit).
+A stage may carry its own limit, `tests:240`, below its default (STAGES), so that a 15-minute
+lease's calls share their time as bench/GPU.md plans. `FLEXKV_GPU_DRYRUN=1` swaps every stage
+for a tiny CPU version (the tests on CPU for two policies, the candidates at toy sizes, the tiny
+speed preset): a rehearsal of the whole pipeline on a machine without a GPU.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -44,6 +47,9 @@ SPEED_TMP = Path("/tmp/flexkv-speed")
 # candidates' result, so that a speed stage in the next call uses the fastest path without
 # FLEXKV_DECODE_PROBS having to be read off the summary and typed in
 STATE = Path(os.environ.get("FLEXKV_GPU_STATE") or "/tmp/flexkv-gpu-state")
+# what an earlier lease measured and committed (bench/GPU.md: every call's files are committed
+# under bench/results/gpu/), read when neither this call nor this machine has a candidates result
+COMMITTED = ROOT / "bench" / "results" / "gpu" / "decode-candidates.json"
 
 
 def remaining() -> float:
@@ -56,13 +62,18 @@ def _pytest_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
     cmd = [PY, "-m", "pytest", "-q", "-rfE", "tests/test_cuda.py",
            "tests/test_attention.py::test_triton_decode_kernel",
            f"--junitxml={out / 'tests.xml'}", "-o", "junit_family=xunit1"]
+    # tests not started 75 s before the limit are skipped (tests/conftest.py), so pytest ends
+    # on its own and writes tests.xml rather than being killed without a report
+    env["FLEXKV_TEST_DEADLINE"] = f"{time.time() + limit - 75:.0f}"
     if DRY:
         env.update(FLEXKV_CUDA_TESTS_ON_CPU="1", FLEXKV_CUDA_TESTS_POLICIES="h2o,full+vam")
     else:
         try:
             import xdist  # noqa: F401
-            cmd += ["-n", "4", "--dist", "load"]  # the per-policy compiles run side by side
-            env["TORCHINDUCTOR_COMPILE_THREADS"] = "4"
+            # the per-policy compiles run side by side, on every core (H200 machine: 16)
+            workers = max(2, min(8, (os.cpu_count() or 8) // 2))
+            cmd += ["-n", str(workers), "--dist", "load"]
+            env["TORCHINDUCTOR_COMPILE_THREADS"] = "2"
         except ImportError:
             pass
     return cmd, env
@@ -123,10 +134,11 @@ STAGES = {
 def decode_probs_for(keys: list[str], out: Path) -> tuple[str | None, str]:
     """The DECODE_PROBS path a speed stage runs with, and why: FLEXKV_DECODE_PROBS when set, else
     the fastest path that decode-candidates measured at the first of `keys` it has (this call's
-    OUT, else the copy an earlier call on this machine left in STATE), else flexkv's default."""
+    OUT, else the copy an earlier call on this machine left in STATE, else the result an earlier
+    lease committed, COMMITTED), else flexkv's default."""
     if os.environ.get("FLEXKV_DECODE_PROBS"):
         return None, f"{os.environ['FLEXKV_DECODE_PROBS']} (FLEXKV_DECODE_PROBS)"
-    for src in (out / "decode-candidates.json", STATE / "decode-candidates.json"):
+    for src in (out / "decode-candidates.json", STATE / "decode-candidates.json", COMMITTED):
         try:
             fastest = json.loads(src.read_text()).get("fastest", {})
         except (OSError, ValueError):
@@ -137,14 +149,32 @@ def decode_probs_for(keys: list[str], out: Path) -> tuple[str | None, str]:
     return None, "flexkv's default (no FLEXKV_DECODE_PROBS, no decode-candidates result)"
 
 
-def run_stage(name: str, out: Path, log: Path) -> dict:
+def parse_stage(arg: str) -> tuple[str, float | None]:
+    """`name` or `name:seconds` (a limit below the stage's own, e.g. `tests:240`, so that the
+    stages after it in the same call keep their time)."""
+    name, _, secs = arg.partition(":")
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {', '.join(STAGES)} or all")
+    if not secs:
+        return name, None
+    try:
+        limit = float(secs)
+    except ValueError:
+        limit = -1.0
+    if not 45 <= limit <= STAGES[name]["limit"]:
+        raise ValueError(f"stage limit in {arg!r} must be seconds in [45, {STAGES[name]['limit']}]")
+    return name, limit
+
+
+def run_stage(name: str, out: Path, log: Path, own_limit: float | None = None) -> dict:
     spec = STAGES[name]
     left = remaining() - 15
     res = dict(stage=name, status="", seconds=0.0)
     if left < 45:
         res["status"] = f"not started: {left + 15:.0f} s left of the call's budget"
         return res
-    limit = min(spec["limit"] * (6 if DRY else 1), left)  # a CPU rehearsal compiles slower
+    limit = own_limit or spec["limit"]
+    limit = min(limit * (6 if DRY else 1), left)  # a CPU rehearsal compiles slower
     cmd, extra_env = spec["make"](out, limit)
     env = dict(os.environ, PYTHONUNBUFFERED="1", **extra_env)
     if "probs_at" in spec:
@@ -214,8 +244,11 @@ def junit_summary(path: Path) -> tuple[str, list[str]]:
     suites = [root] if root.tag == "testsuite" else list(root)
     n = {k: sum(int(s.get(k, 0)) for s in suites) for k in ("tests", "failures", "errors",
                                                                "skipped")}
-    fails = []
+    fails, late = [], []
     for case in root.iter("testcase"):
+        skip = case.find("skipped")
+        if skip is not None and "time ran out" in (skip.get("message") or ""):
+            late.append(case.get("name"))
         for kind in ("failure", "error"):
             el = case.find(kind)
             if el is not None:
@@ -224,6 +257,9 @@ def junit_summary(path: Path) -> tuple[str, list[str]]:
                              f"{msg[0][:300] if msg else ''}")
     head = (f"{n['tests']} tests: {n['tests'] - n['failures'] - n['errors'] - n['skipped']} "
             f"passed, {n['failures']} failed, {n['errors']} errors, {n['skipped']} skipped")
+    if late:  # the deadline's skips: what a later call must still run
+        head += f" ({len(late)} not run, out of time: {', '.join(late[:12])}" + \
+            (", ..." if len(late) > 12 else "") + ")"
     return head, fails
 
 
@@ -281,21 +317,22 @@ def write_summary(out: Path, env: dict, results: list[dict]) -> str:
 
 
 def cmd_run(args) -> int:
-    out = Path(args.out).resolve()
-    out.mkdir(parents=True, exist_ok=True)
     stages = args.stages or ["tests"]
     if stages == ["all"]:
         stages = list(STAGES)
-    bad = [s for s in stages if s not in STAGES]
-    if bad:
-        print(f"unknown stage(s) {bad}; stages: {', '.join(STAGES)} or all", file=sys.stderr)
+    try:
+        stages = [parse_stage(s) for s in stages]
+    except ValueError as e:
+        print(e, file=sys.stderr)
         return 2
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
     env = environment()
     results = []
     write_summary(out, env, results)
-    for name in stages:
+    for name, own_limit in stages:
         print(f"[gpu_run] {name} ... ({remaining():.0f} s left of the call)", flush=True)
-        res = run_stage(name, out, out / "run.log")
+        res = run_stage(name, out, out / "run.log", own_limit)
         results.append(res)
         print(f"[gpu_run] {name}: {res['status']} in {res['seconds']} s", flush=True)
         write_summary(out, env, results)
@@ -432,8 +469,19 @@ def cmd_candidates(args) -> int:
 
 
 # ------------------------------------------------------------------------------------ merge
+def device_slug(metas: list[dict]) -> str:
+    """The results' file name for the GPU the presets ran on: 'NVIDIA H200' -> 'h200',
+    'NVIDIA H100 80GB HBM3' -> 'h100'; presets from different GPUs are not merged."""
+    devices = sorted({m.get("device", "") for m in metas})
+    if len(devices) != 1:
+        raise ValueError(f"presets from different devices {devices}: merge each device's apart")
+    m = re.search(r"\b([A-Za-z]{1,2}\d{2,4}[A-Za-z]?)\b", devices[0].replace("NVIDIA", ""))
+    return m.group(1).lower() if m else "gpu"
+
+
 def cmd_merge(args) -> int:
-    """Several presets' JSON -> one <into>.json + <into>.md (the issue's h100.{json,md})."""
+    """Several presets' JSON -> one <into>.json + <into>.md (the issue's speed results, named
+    after the GPU they ran on: bench/results/speed/h200.{json,md} on the H200 machine)."""
     sys.path.insert(0, str(ROOT / "bench"))
     import speed as sp
     presets, rows = [], []
@@ -443,7 +491,7 @@ def cmd_merge(args) -> int:
         presets.append(meta)
         for r in data["rows"]:
             rows.append(dict(r, preset=meta["preset"]))
-    into = Path(args.into)
+    into = Path(args.into or ROOT / "bench" / "results" / "speed" / device_slug(presets))
     into.parent.mkdir(parents=True, exist_ok=True)
     into.with_suffix(".json").write_text(json.dumps(dict(presets=presets, rows=rows), indent=1))
     md = ["# Speed on the GPU machine\n",
@@ -469,7 +517,8 @@ def main(argv=None) -> int:
                    help="start no compile that would end after this many seconds")
     m = sub.add_parser("merge", help="merge speed JSONs into one json + md")
     m.add_argument("files", nargs="+")
-    m.add_argument("--into", default=str(ROOT / "bench" / "results" / "speed" / "h100"))
+    m.add_argument("--into", default=None,
+                   help="path without suffix (default: bench/results/speed/<gpu>, e.g. h200)")
     args = ap.parse_args(argv)
     return {"run": cmd_run, "_candidates": cmd_candidates, "merge": cmd_merge}[args.cmd](args)
 

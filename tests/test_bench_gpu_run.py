@@ -1,7 +1,10 @@
 """bench/gpu_run.py without a GPU: which decode-probabilities path a speed stage runs with (the
-environment, else this call's candidates, else the copy an earlier call on the machine left), and
-the summary naming it."""
+environment, else this call's candidates, else the copy an earlier call on the machine left, else
+what an earlier lease committed), the summary naming it, per-stage limits and the merged results'
+file name."""
 import json
+
+import pytest
 
 from helpers import load_bench
 
@@ -16,10 +19,13 @@ def test_decode_probs_for(tmp_path, monkeypatch):
     out, state = tmp_path / "out", tmp_path / "state"
     out.mkdir()
     monkeypatch.setattr(gr, "STATE", state)
+    monkeypatch.setattr(gr, "COMMITTED", tmp_path / "repo" / "decode-candidates.json")
     monkeypatch.delenv("FLEXKV_DECODE_PROBS", raising=False)
     keys = ["S=32769 B=1", "S=4097 B=1"]
     path, why = gr.decode_probs_for(keys, out)
     assert path is None and "default" in why
+    _candidates(gr.COMMITTED, {"S=4097 B=1": "flex_recompute"})  # an earlier lease, committed
+    assert gr.decode_probs_for(keys, out)[0] == "flex_recompute"
     _candidates(state / "decode-candidates.json", {"S=4097 B=1": "flex_lse"})  # an earlier call
     assert gr.decode_probs_for(keys, out)[0] == "flex_lse"                 # the fallback key
     _candidates(out / "decode-candidates.json", {"S=32769 B=1": "triton", "S=4097 B=1": "lowp"})
@@ -39,3 +45,47 @@ def test_summary_names_the_path(tmp_path):
     row = "| speed-4k | ok | 1.0 | - | triton (fastest in decode-candidates at S=4097 B=1) |"
     assert row in text
     assert (tmp_path / "summary.md").read_text() == text
+
+
+def test_stage_limits():
+    gr = load_bench("gpu_run")
+    assert gr.parse_stage("tests") == ("tests", None)
+    assert gr.parse_stage("tests:240") == ("tests", 240.0)
+    for bad in ["tests:10", "tests:9999", "tests:x", "speed-16k", "serve:"]:
+        if bad == "serve:":
+            assert gr.parse_stage(bad) == ("serve", None)
+            continue
+        with pytest.raises(ValueError, match="stage"):
+            gr.parse_stage(bad)
+    assert gr.main(["run", "/tmp/never-made", "tests:5"]) == 2   # refused before anything runs
+
+
+def test_merged_results_named_after_the_gpu():
+    gr = load_bench("gpu_run")
+    assert gr.device_slug([dict(device="NVIDIA H200")] * 2) == "h200"
+    assert gr.device_slug([dict(device="NVIDIA H100 80GB HBM3")]) == "h100"
+    assert gr.device_slug([dict(device="NVIDIA A100-SXM4-80GB")]) == "a100"
+    assert gr.device_slug([dict(device="something else")]) == "gpu"
+    with pytest.raises(ValueError, match="different devices"):
+        gr.device_slug([dict(device="NVIDIA H200"), dict(device="NVIDIA H100")])
+
+
+def test_tests_past_the_deadline_are_reported_not_run(tmp_path):
+    """A pytest run whose deadline has passed skips every test and still writes its JUnit file;
+    the summary names them as not run."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    gr = load_bench("gpu_run")
+    xml = tmp_path / "tests.xml"
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, FLEXKV_TEST_DEADLINE="1")   # long past
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q",
+                        "tests/test_bench_gpu_run.py::test_stage_limits", f"--junitxml={xml}"],
+                       cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    head, fails = gr.junit_summary(xml)
+    assert head.startswith("1 tests: 0 passed") and "1 not run, out of time: test_stage_limits" in head
+    assert fails == []
