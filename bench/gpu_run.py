@@ -106,7 +106,9 @@ def _serve_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
     chunks per prompt, bench/NOTES.md), 128 tokens each, arrivals at 100 req/s (above every
     configuration's capacity: the table's `engine busy` checks it). Every
     configuration's table row is written as soon as it ends; no sequential row (a compiled
-    `generate` of `full` recompiles for every prompt length)."""
+    `generate` of `full` recompiles for every prompt length). The servers compile their prefill
+    chunks too (`compile_prefill`: an eager chunk is host-bound there, bench/NOTES.md session 9)
+    unless FLEXKV_SERVE_COMPILE_PREFILL=0."""
     if DRY:
         sizes = ["--preset", "cpu", "--requests", "3", "--prompt-min", "48", "--prompt-max", "96",
                  "--max-tokens", "4", "--rate", "0", "--time-limit", "120", "--budgets", "32",
@@ -114,6 +116,8 @@ def _serve_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
     else:
         sizes = ["--preset", "gpu", "--requests", "96", "--prompt-step", "1024", "--time-limit",
                  "60", "--policies", "h2o,streaming", "--budgets", "256,512"]
+    if os.environ.get("FLEXKV_SERVE_COMPILE_PREFILL") != "0":
+        sizes.append("--compile-prefill")
     return [PY, "bench/serve.py", *sizes, "--model", str(KIT_MODEL), "--random-weights",
             "--sequential", "none", "--out", str(out), "--name", "serve-gpu"], {}
 

@@ -47,11 +47,11 @@ PRESETS = {
     "cpu": dict(model="smollm2-135m-instruct", device="cpu", dtype="float32", prompt_min=512,
                 prompt_max=1024, prompt_step=1, max_tokens=64, requests=12, rate=0.5,
                 time_limit=900.0, policies="streaming,h2o", budgets="256,512", compile=False,
-                threads=1, prefill_chunk=512, full_slots=2),
+                compile_prefill=False, threads=1, prefill_chunk=512, full_slots=2),
     "gpu": dict(model="smollm2-135m-instruct", device="cuda", dtype="bfloat16", prompt_min=1024,
                 prompt_max=4096, prompt_step=512, max_tokens=128, requests=200, rate=100.0,
                 time_limit=300.0, policies="streaming,h2o,snapkv", budgets="256,512", compile=True,
-                threads=None, prefill_chunk=2048, full_slots=2),
+                compile_prefill=False, threads=None, prefill_chunk=2048, full_slots=2),
 }
 
 
@@ -227,7 +227,7 @@ def run_server(model, tok, cfg, policy, budget, reqs, warm) -> tuple[dict, list]
     eng = Engine(model, tok, policy=policy, budget=budget, kv_memory=cfg["kv_memory"],
                  max_new_tokens=cfg["max_tokens"], max_prompt_tokens=cfg["prompt_max"],
                  prefill_chunk=cfg["prefill_chunk"], max_waiting=len(reqs) + 8,
-                 compile=cfg["compile"])
+                 compile=cfg["compile"], compile_prefill=cfg["compile_prefill"])
     print(f"[serve] {name}: {eng.max_slots} slots of {eng.slot_kv_bytes / 2**20:.2f} MiB", flush=True)
     from flexkv.serve.api import BackgroundServer, build_app
 
@@ -348,7 +348,8 @@ def markdown(meta, cfg, rows) -> str:
              f"(seed {cfg['seed']}), time limit {cfg['time_limit']:g} s per configuration; every "
              f"server at kv_memory = {cfg['kv_memory'] / 2**20:.1f} MiB ({cfg['full_slots']} `full` "
              f"slots at {cfg['prompt_max']} + {cfg['max_tokens']} tokens); prefill chunk "
-             f"{cfg['prefill_chunk']}, compile {'on' if cfg['compile'] else 'off'}. TTFT from sending "
+             f"{cfg['prefill_chunk']}, compile {'on' if cfg['compile'] else 'off'}, compiled prefill "
+             f"{'on' if cfg.get('compile_prefill') else 'off'}. TTFT from sending "
              "(queueing included); TPOT = (last - first token time) / (tokens - 1); out tok/s = "
              "completed output tokens / (first send to last answer); mean batch = tokens per decode step; "
              "engine busy = the engine's seconds in prefill chunks and decode steps over the run's "
@@ -392,6 +393,8 @@ def main(argv=None) -> int:
     ap.add_argument("--policies", help="comma-separated (default: the preset's)")
     ap.add_argument("--budgets", help="comma-separated (default: 256,512)")
     ap.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=None,
+                    help="the servers' compile_prefill (default: the preset's, off)")
     ap.add_argument("--sequential", help="configs to also run through flexkv.generate one at a "
                     "time, e.g. full,h2o@256 (default: full; 'none' for none)", default="full")
     ap.add_argument("--random-weights", action="store_true",

@@ -128,7 +128,7 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Ten
     the queries' own tokens, in order, after Tk - Tq cached slots of earlier positions (what a
     prefill chunk attends over): the flex path then builds its block mask from that structure
     (`chunk_block_mask`) instead of evaluating the mask on every entry."""
-    if not q.is_cuda and not torch.compiler.is_compiling():
+    if not q.is_cuda:  # eager or compiled (a compiled chunk prefill on CPU: SDPA traces)
         return dense_prefill_attention(q, k, v, q_pos, _per_head(k_pos, k.shape[1]), window,
                                        return_lse, bias)
     return flex_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse, bias,
@@ -299,7 +299,7 @@ def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_po
     H, Tq = q.shape[1], q.shape[2]
     group = H // k.shape[1]
     k_pos = _per_head(k_pos, k.shape[1])
-    if bias is not None and not bool(bias.any()):
+    if bias is not None and not torch.compiler.is_compiling() and not bool(bias.any()):
         bias = None  # all zero (log_mass before any merge): the same scores
     if bias is None and (window is None or window >= Tq) and causal_range(q_pos, k_pos):
         o, lse = _sdpa(q, k, v, group, None, True, return_lse)

@@ -369,7 +369,8 @@ def cmd_serve(args) -> int:
           kv_memory=args.kv_memory, max_new_tokens=args.max_new_tokens,
           max_prompt_tokens=args.max_prompt_tokens, prefill_chunk=args.prefill_chunk,
           max_waiting=args.max_waiting, host=args.host, port=args.port, device=device,
-          dtype=args.dtype, compile=args.compile, served_model_name=args.served_model_name,
+          dtype=args.dtype, compile=args.compile, compile_prefill=args.compile_prefill,
+          served_model_name=args.served_model_name,
           sock=sock, tp=tp, **params)
     return 0
 
@@ -498,6 +499,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (default: the engine's choice)")
+    s.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=False,
+                   help="compile the prefill chunk too (one chunk shape, the last chunk padded; "
+                   "fewer, fused kernels where eager prefill is host-bound, e.g. a small model "
+                   "on a GPU; default off)")
     s.set_defaults(func=cmd_serve)
 
     b = sub.add_parser("bench", help="run a benchmark of bench/ (source checkout)",

@@ -6,7 +6,9 @@ Sampling (temperature, top-k, top-p) and stopping run as tensor ops: no host syn
 """
 from __future__ import annotations
 
+import itertools
 import time
+import types
 from dataclasses import dataclass, field
 
 import torch
@@ -48,12 +50,57 @@ def decode_one_token(model, cache: KVCache, policy, token: Tensor, pos: Tensor,
 _COMPILED: dict[str, object] = {}
 
 
+def allow_recompiles(n: int = 64) -> None:
+    """Let one compiled function hold `n` graphs (dynamo's default is 8, past which a
+    `fullgraph=True` function fails): every engine or `generate` configuration in a process
+    (policy, slot count, capacities) is a graph of the same compiled unit."""
+    cfg = torch._dynamo.config
+    key = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, key, max(getattr(cfg, key), n))
+
+
 def compiled_decode(device: torch.device):
     mode = "reduce-overhead" if device.type == "cuda" else None
     key = f"{device.type}:{mode}"
+    allow_recompiles()
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(decode_one_token, fullgraph=True, mode=mode, dynamic=False)
     return _COMPILED[key]
+
+
+def prefill_one_chunk(model, cache: KVCache, policy, input_ids: Tensor, pos: Tensor,
+                      info: ChunkInfo) -> Tensor:
+    """One prompt chunk through `cache` (input_ids, pos: [B, C]) -> the chunk's last logits
+    [B, 1, V]. The unit the serving engine compiles (`compiled_prefill`) when asked to."""
+    return model.prefill(input_ids, pos, cache, policy, info)
+
+
+_ENGINE_IDS = itertools.count()
+
+
+def compiled_prefill():
+    """A new compiled `prefill_one_chunk` for one serving engine (`fullgraph=True`; no CUDA
+    graphs: each request's scratch cache is a new allocation). It compiles once per
+    `ChunkInfo.first` value, and, for the policies whose chunk reads the prompt length or the
+    decode room (snapkv, pyramidkv, adakv, laprox), once more when those ints first change, after
+    which dynamo treats them as symbolic (automatic dynamic): no recompile per prompt length.
+    Tensor shapes never become symbolic: every tensor of a call is marked static (an engine's
+    chunks all have the chunk's shape, `Prefill(pad=True)`, and its caches are static), and the
+    function runs on a renamed copy of the code, so dynamo's per-function bookkeeping (which ints
+    changed) is the engine's own, not shared with another engine of other sizes."""
+    fn = prefill_one_chunk
+    name = f"{fn.__name__}_engine{next(_ENGINE_IDS)}"
+    names = dict(co_name=name, **({"co_qualname": name} if hasattr(fn.__code__, "co_qualname") else {}))
+    own = types.FunctionType(fn.__code__.replace(**names), fn.__globals__, name)
+    allow_recompiles()
+    compiled = torch.compile(own, fullgraph=True, dynamic=None)
+
+    def run_chunk(model, cache: KVCache, policy, input_ids: Tensor, pos: Tensor, info: ChunkInfo):
+        for t in (input_ids, pos, *cache.buffers()):
+            torch._dynamo.mark_static(t)
+        return compiled(model, cache, policy, input_ids, pos, info)
+
+    return run_chunk
 
 
 def cuda_graph_thread_state() -> None:
@@ -196,16 +243,38 @@ class Prefill:
     """A prompt's prefill into `cache`, one chunk at a time (`chunk` tokens, None = one shot),
     the policy compressing after each chunk and `finish_prefill` after the last. `generate` runs
     it to the end; the serving engine runs one chunk between decode steps. What a chunk needs to
-    know (first, last, prompt length) travels in a `ChunkInfo` through the model's forward."""
+    know (first, last, prompt length) travels in a `ChunkInfo` through the model's forward.
+
+    `pad=True` (a compiled prefill, `compiled_prefill`): every chunk has exactly `chunk` tokens,
+    the last one left-padded (pad id 0, position -1, which no attention, score or cache row
+    counts) and each passed as a [B, chunk] tensor of the same strides, so one compiled graph
+    serves every prompt length. The chunk boundaries, and so what a compressing policy keeps,
+    are those of the unpadded run. `run_chunk`: the function a chunk goes through
+    (default `prefill_one_chunk`)."""
 
     def __init__(self, model, cache: KVCache, policy, input_ids: Tensor, pos: Tensor,
-                 chunk: int | None = None, max_new_tokens: int = 0):
+                 chunk: int | None = None, max_new_tokens: int = 0, *, pad: bool = False,
+                 run_chunk=None):
         self.model, self.cache, self.policy = model, cache, policy
         self.input_ids, self.pos = input_ids, pos
         self.T = input_ids.shape[1]
         self.chunk = chunk or self.T
         self.max_new_tokens = max_new_tokens
+        self.run_chunk = run_chunk or prefill_one_chunk
         self.start = 0
+        self.padded = None
+        if pad:  # padded[0][i], padded[1][i]: chunk i's ids and positions, each [B, chunk]
+            B, C = input_ids.shape[0], self.chunk
+            n_pad = -self.T % C
+            cut = self.T - (self.T % C if n_pad else 0)  # where the last (padded) chunk starts
+            fill = (torch.zeros(B, n_pad, dtype=input_ids.dtype, device=input_ids.device),
+                    torch.full((B, n_pad), -1, dtype=pos.dtype, device=pos.device))
+            ids_pos = [torch.cat([x[:, :cut], f, x[:, cut:]], dim=1).split(C, dim=1)
+                       for x, f in zip((input_ids, pos), fill)]
+            # each chunk its own [B, C] tensor with standard strides (a view of the whole would
+            # carry the prompt's length in its strides and base: one more graph per length)
+            self.padded = [[torch.empty(B, C, dtype=x.dtype, device=x.device).copy_(x) for x in xs]
+                           for xs in ids_pos]
 
     @property
     def done(self) -> bool:
@@ -217,8 +286,11 @@ class Prefill:
         s, e = self.start, min(self.T, self.start + self.chunk)
         info = ChunkInfo(first=s == 0, last=e == self.T, prompt_len=self.T,
                          max_new_tokens=self.max_new_tokens)
-        logits = self.model.prefill(self.input_ids[:, s:e], self.pos[:, s:e], self.cache,
-                                    self.policy, info)
+        if self.padded is None:
+            ids, pos = self.input_ids[:, s:e], self.pos[:, s:e]
+        else:
+            ids, pos = self.padded[0][s // self.chunk], self.padded[1][s // self.chunk]
+        logits = self.run_chunk(self.model, self.cache, self.policy, ids, pos, info)
         self.start = e
         if not self.done:
             return None

@@ -425,14 +425,15 @@ def test_h2o_bf16_each_decode_probs_path(tiny_llama_dir, dev, monkeypatch, path)
 
 
 # ------------------------------------------------------------------------------------ serving
-def _check_engine_tokens(model, dev, prompts, outs, n_new):
+def _check_engine_tokens(model, dev, prompts, outs, n_new, policy="h2o", **kw):
     """Each request's greedy tokens equal its solo `flexkv.generate` run up to the end, or up to a
     step where the solo run's top-2 logit margin is below fp32 noise (a batch may round
     differently from a batch of 1)."""
+    kw = kw or dict(budget=16)
     for p, got in zip(prompts, outs):
         ids = torch.tensor([p], device=dev)
-        solo = flexkv.generate(model, ids, max_new_tokens=n_new, policy="h2o", budget=16,
-                               prefill_chunk=8, output_logits=True)
+        solo = flexkv.generate(model, ids, max_new_tokens=n_new, policy=policy, prefill_chunk=8,
+                               output_logits=True, **kw)
         want = solo.tokens[0, len(p):].tolist()
         assert len(got) == n_new
         differ = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
@@ -487,6 +488,39 @@ def test_serving_engine_step_replays_a_cuda_graph(model32, dev):
         assert cudagraph_skips() == 0, dict(counters["inductor"])
         assert r.n >= n_new - 8, f"engine thread: {r.n} CUDA-graph replays"
     _check_engine_tokens(model, dev, prompts, outs, n_new)
+
+
+@pytest.mark.parametrize("name, kw", [("h2o", dict(budget=16)),
+                                      ("snapkv", dict(budget=16, window=4))])
+def test_serving_engine_compiled_prefill(model32, dev, name, kw):
+    """`compile_prefill=True` in the engine's own thread (as the server runs it): compiled
+    FlexAttention inside the compiled chunk, padded last chunks, the prompt length symbolic for
+    snapkv; the tokens equal the solo runs, and the decode step still replays its CUDA graph
+    with no skip (the prefill's graphs are not CUDA graphs)."""
+    from flexkv import serve
+    if name not in POLICIES:
+        pytest.skip(f"{name} not in FLEXKV_CUDA_TESTS_POLICIES")
+    model = model32
+    prompts = [random_ids(1, L, model.args.vocab_size, seed=30 + L)[0].tolist()
+               for L in (20, 31, 12, 8)]
+    n_new = 24
+    params = serve.SamplingParams(max_tokens=n_new, temperature=0)
+    eng = serve.Engine(model, None, policy=name, max_slots=2, max_new_tokens=n_new,
+                       prefill_chunk=8, compile_prefill=True, **kw).start()
+    try:
+        counters.clear()
+        with GraphReplays() as r, cudagraph_or_error():
+            handles = [eng.submit(p, params) for p in prompts]
+            outs = [h.result(timeout=600) for h in handles]
+        reasons = [h.finish_reason for h in handles]
+    finally:
+        eng.shutdown()
+    assert reasons == ["length"] * len(prompts), [h.error for h in handles]
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    if CUDA:
+        assert cudagraph_skips() == 0, dict(counters["inductor"])
+        assert r.n >= n_new * 2 - 8, f"{r.n} CUDA-graph replays"
+    _check_engine_tokens(model, dev, prompts, outs, n_new, policy=name, **kw)
 
 
 def test_kernel_profile_sees_the_replayed_graphs_kernels(model32, dev):

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+from unittest import mock
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 
 import flexkv
 from flexkv.cache import LayerCache
+from flexkv.generate import prefill_one_chunk
 from flexkv.policies import H2O
 from flexkv.serve import Engine, QueueFull, SamplingParams
 from policy_cases import CASES
@@ -65,8 +67,9 @@ def schedule(draw, name):
                          seed=draw(st.integers(0, 2**16)),
                          cancel_at=draw(st.one_of(st.none(), st.integers(0, 12)))))
     slots = draw(st.integers(1, 3))
-    chunk = draw(st.one_of(st.none(), st.integers(1, 12)))
-    return kw, reqs, slots, chunk
+    padded = draw(st.booleans())   # the compiled prefill's chunks (run eagerly here)
+    chunk = draw(st.integers(1, 12) if padded else st.one_of(st.none(), st.integers(1, 12)))
+    return kw, reqs, slots, chunk, padded
 
 
 def random_prompt(T, seed, vocab):
@@ -77,10 +80,13 @@ def random_prompt(T, seed, vocab):
 @SETTINGS
 @given(data=st.data())
 def test_engine_equals_solo_generate(tiny64, name, data):
-    kw, reqs, slots, chunk = data.draw(schedule(name))
+    """`padded`: the engine as `compile_prefill=True` runs it (every chunk `chunk` tokens, the last
+    one left-padded with position -1), the chunk function eager, so the tokens stay exact."""
+    kw, reqs, slots, chunk, padded = data.draw(schedule(name))
     V = tiny64.args.vocab_size
-    eng = Engine(tiny64, None, name, max_slots=slots, max_new_tokens=MAX_NEW,
-                 max_prompt_tokens=MAX_PROMPT, prefill_chunk=chunk, **kw)
+    with mock.patch("flexkv.serve.engine.compiled_prefill", lambda: prefill_one_chunk):
+        eng = Engine(tiny64, None, name, max_slots=slots, max_new_tokens=MAX_NEW,
+                     max_prompt_tokens=MAX_PROMPT, prefill_chunk=chunk, compile_prefill=padded, **kw)
     prompts = [random_prompt(r["T"], r["seed"], V) for r in reqs]
     want = [solo(tiny64, p, r["max_tokens"], chunk, name, kw) for p, r in zip(prompts, reqs)]
     handles = [None] * len(reqs)
@@ -236,6 +242,37 @@ def test_zero_recompiles_while_requests_come_and_go(tiny_llama):
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
+@pytest.mark.slow
+def test_compiled_prefill_equals_eager_with_a_bounded_number_of_graphs(tiny64):
+    """`compile_prefill=True`: the same greedy tokens as the eager engine, for a policy whose
+    chunk reads only `ChunkInfo.first` (h2o) and one whose chunk also reads the prompt length and
+    decode room (snapkv); prompts of many lengths (shorter than a chunk, a multiple of it, and
+    between) compile at most 2 graphs for h2o (first chunk, later chunk) and 3 for snapkv (its
+    prompt length made symbolic after its first change); a second engine of other sizes compiles
+    its own graphs, as few, and nothing breaks the graph."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    graphs = lambda: counters["stats"]["unique_graphs"]  # noqa: E731
+    V = tiny64.args.vocab_size
+    lengths = [3, 8, 11, 16, 21, 30, 37]
+    prompts = [random_prompt(T, 100 + T, V) for T in lengths]
+    params = [SamplingParams(max_tokens=2 + T % 5) for T in lengths]
+    h2o_other = dict(max_slots=3, prefill_chunk=6, budget=11)
+    for name, kw, most, others in [("h2o", dict(budget=9), 2, [{}, h2o_other]),
+                                   ("snapkv", dict(budget=9, window=3), 3, [{}])]:
+        for other in others:
+            common = dict(dict(max_slots=2, max_new_tokens=MAX_NEW, max_prompt_tokens=MAX_PROMPT,
+                               prefill_chunk=8, **kw), **other)
+            want = Engine(tiny64, None, name, **common).generate(prompts, params)
+            before = graphs()
+            got = Engine(tiny64, None, name, compile_prefill=True, **common).generate(prompts, params)
+            assert got == want, (name, other)
+            assert graphs() - before <= most, (name, other, graphs() - before)
+    assert not counters["graph_break"], dict(counters["graph_break"])
+
+
 @pytest.mark.parametrize("name, kw", [("adakv", dict(budget=10, window=2)),
                                       ("pyramidkv", dict(budget=10, window=2)),
                                       ("h2o", dict(budget=8)), ("full", {})])
@@ -270,6 +307,8 @@ def test_kv_memory_sizes_the_slots(tiny64):
     (dict(max_new_tokens=0), "max_new_tokens"),
     (dict(max_new_tokens=8, max_prompt_tokens=600), "max_prompt_tokens"),
     (dict(prefill_chunk=0), "prefill_chunk"),
+    (dict(compile_prefill=1), "compile_prefill"),
+    (dict(compile_prefill=True, prefill_chunk=None), "compile_prefill=True needs an int prefill_chunk"),
     (dict(policy="nope"), "unknown policy"),
     (dict(policy="h2o", budget=0), "budget"),
 ])

@@ -808,12 +808,14 @@ def test_cli_serve_bad_arguments_exit_2(tiny_chat_dir, capsys):
 
 
 def test_cli_serve_end_to_end(tiny_chat_dir):
-    """`python -m flexkv serve` in a subprocess: it prints its address, answers, stops on SIGINT."""
+    """`python -m flexkv serve` in a subprocess: it prints its address, answers, stops on SIGINT.
+    With `--compile-prefill`: the engine's thread compiles the prefill chunk (tiny model, CPU)."""
     import signal
 
     cmd = [sys.executable, "-m", "flexkv", "serve", "--model", str(tiny_chat_dir), "--port", "0",
            "--policy", "h2o", "--budget", "16", "--param", "recent=4", "--max-slots", "2",
-           "--max-new-tokens", "8", "--served-model-name", "tiny"]
+           "--max-new-tokens", "8", "--served-model-name", "tiny", "--compile-prefill",
+           "--prefill-chunk", "8"]
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     try:
@@ -827,11 +829,13 @@ def test_cli_serve_end_to_end(tiny_chat_dir):
             m = re.search(r"serving tiny at (http://\S+)/v1", line)
             if m:
                 url = m.group(1)
-        with httpx.Client(base_url=url, timeout=60) as c:
+        with httpx.Client(base_url=url, timeout=300) as c:  # the first request compiles
             _wait_until(lambda: _ok(c), timeout=60, what="the server")
-            r = c.post("/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 4,
+            prompt = "hi there, a prompt of more than one chunk"
+            r = c.post("/v1/completions", json={"model": "tiny", "prompt": prompt, "max_tokens": 4,
                                                 "temperature": 0, "ignore_eos": True})
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 4
+            assert r.json()["usage"]["prompt_tokens"] > 8
         p.send_signal(signal.SIGINT)
         assert p.wait(60) in (0, 130)
     finally:

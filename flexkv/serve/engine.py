@@ -45,8 +45,8 @@ from torch import Tensor
 
 from flexkv.cache import KVCache
 from flexkv.distributed import shard_of
-from flexkv.generate import (Prefill, compiled_decode, cuda_graph_thread_state, decode_one_token,
-                             stop_token_ids)
+from flexkv.generate import (Prefill, compiled_decode, compiled_prefill, cuda_graph_thread_state,
+                             decode_one_token, stop_token_ids)
 from flexkv.policies import make_policy
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
 from flexkv.serve.sampling import sample_slots
@@ -93,7 +93,10 @@ class Engine:
     prefill_chunk=512)`, or `kv_memory="2GiB"` instead of `max_slots` (the slot count that fits,
     reported as `engine.max_slots`). `max_prompt_tokens` (default: the model's context minus
     `max_new_tokens`) and `max_new_tokens` size every slot once, for the longest request.
-    `compile` (default: on CUDA) compiles the decode step; `max_waiting` bounds the queue.
+    `compile` (default: on CUDA) compiles the decode step; `compile_prefill=True` compiles the
+    prefill chunk too (`flexkv.generate.compiled_prefill`: one chunk shape, the last chunk of a
+    prompt left-padded, the same tokens; fewer, fused kernels per chunk where eager prefill is
+    host-bound, e.g. a small model on a GPU); `max_waiting` bounds the queue.
     Extra keyword arguments are the policy's parameters, as in `flexkv.generate`.
 
     On a tensor-parallel model (`flexkv.load_model(..., tp=True)`) build the engine on every rank
@@ -106,7 +109,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, policy="full", budget=None, *, max_slots: int | None = None,
                  kv_memory=None, max_new_tokens: int = 256, max_prompt_tokens: int | None = None,
                  prefill_chunk: int | None = 512, max_waiting: int = 256, compile: bool | None = None,
-                 **policy_params):
+                 compile_prefill: bool = False, **policy_params):
         a = model.args
         ctx = a.max_position_embeddings
         if not _is_int(max_new_tokens) or not 1 <= max_new_tokens < ctx:
@@ -119,6 +122,14 @@ class Engine:
                              f"(context {ctx} - max_new_tokens {max_new_tokens}), got {max_prompt_tokens!r}")
         if prefill_chunk is not None and (not _is_int(prefill_chunk) or prefill_chunk < 1):
             raise ValueError(f"prefill_chunk must be None (one shot) or an int >= 1, got {prefill_chunk!r}")
+        if not isinstance(compile_prefill, bool):
+            raise ValueError(f"compile_prefill must be True or False, got {compile_prefill!r}")
+        if compile_prefill and prefill_chunk is None:
+            raise ValueError("compile_prefill=True needs an int prefill_chunk (the one chunk shape "
+                             "that is compiled), got prefill_chunk=None")
+        if compile_prefill and shard_of(model).active:
+            raise ValueError("compile_prefill=True is not supported on a tensor-parallel model "
+                             "(its prefill runs eagerly); leave it False")
         if not _is_int(max_waiting) or max_waiting < 1:
             raise ValueError(f"max_waiting must be an int >= 1, got {max_waiting!r}")
         if max_slots is not None and kv_memory is not None:
@@ -155,6 +166,12 @@ class Engine:
         self.context = ctx
         compile = self.device.type == "cuda" if compile is None else compile
         self._step_fn = compiled_decode(self.device) if compile else decode_one_token
+        # a compiled prefill runs chunks of one shape: the last chunk padded, and never longer
+        # than the longest prompt (a prompt within one chunk is then one padded chunk)
+        self.compile_prefill = compile_prefill
+        self._prefill_fn = compiled_prefill() if compile_prefill else None
+        self._chunk = (min(prefill_chunk, max_prompt_tokens) if compile_prefill
+                       else prefill_chunk)
 
         S, dev = max_slots, self.device
         self._tok = torch.zeros(S, 1, dtype=torch.long, device=dev)
@@ -423,8 +440,8 @@ class Engine:
             n_new = h.params.max_tokens
             req.scratch = self.policy.build_cache(self.model, 1, len(h.prompt), n_new,
                                                   capacities=self.capacities)
-            req.prefill = Prefill(self.model, req.scratch, self.policy, ids, pos,
-                                  self.prefill_chunk, n_new)
+            req.prefill = Prefill(self.model, req.scratch, self.policy, ids, pos, self._chunk,
+                                  n_new, pad=self.compile_prefill, run_chunk=self._prefill_fn)
             self._prefilling.append(slot)
 
     def _prefill_one_chunk(self) -> bool:
