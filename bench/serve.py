@@ -436,6 +436,8 @@ def main(argv=None) -> int:
     # the sequential compiled decode: a `full` cache's size is prompt + max_tokens), else one short
     warm_all = [by_len[n] for n in lengths]
     warm = warm_all if device.type == "cuda" else [reqs[0]["ids"][:32]]
+    if cfg["compile_prefill"] and device.type != "cuda":  # its graphs: a later chunk, and a
+        warm += [by_len[n] for n in lengths[-2:]]         # second prompt length (snapkv's int)
     if cfg["compile"]:  # one compiled decode graph per configuration (slots x capacity, policy)
         import torch._dynamo.config as dc
         key = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"

@@ -370,8 +370,7 @@ def cmd_serve(args) -> int:
           max_prompt_tokens=args.max_prompt_tokens, prefill_chunk=args.prefill_chunk,
           max_waiting=args.max_waiting, host=args.host, port=args.port, device=device,
           dtype=args.dtype, compile=args.compile, compile_prefill=args.compile_prefill,
-          served_model_name=args.served_model_name,
-          sock=sock, tp=tp, **params)
+          served_model_name=args.served_model_name, sock=sock, tp=tp, **params)
     return 0
 
 
