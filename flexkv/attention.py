@@ -271,8 +271,12 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, group: int, mask: Tensor | None, caus
     """SDPA -> (o, lse or None). With `want_lse` (on CPU) the flash kernel's own LSE [B, H, Tq]
     (fp32+; a fully masked row gets o = 0 and lse = 0, flex gives -inf: both make the column sums'
     exp(score - lse) 0 there). That op takes no GQA flag or boolean mask: K/V are repeated per
-    query head (small next to the scores) and the mask becomes additive."""
-    if want_lse and _FLASH_CPU is not None and q.device.type == "cpu":
+    query head (small next to the scores) and the mask becomes additive. Not inside compiled
+    code (a compiled CPU chunk prefill): torch 2.11's inductor misreads that op's LSE there
+    (transposed strides; h2o's column sums came out wrong), so the LSE is None and its consumers
+    normalise the rows themselves."""
+    if want_lse and _FLASH_CPU is not None and q.device.type == "cpu" \
+            and not torch.compiler.is_compiling():
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if mask is not None and mask.dtype == torch.bool:
