@@ -1,6 +1,6 @@
 """Decode/prefill speed of flexkv policies against Hugging Face transformers, in one run.
 
-    python bench/speed.py --preset gpu-8b         # H100: Llama-3.1-8B shape, random bf16 weights
+    python bench/speed.py --preset gpu-8b         # GPU (H100/H200): Llama-3.1-8B shape, random bf16 weights
     python bench/speed.py --preset cpu            # CPU: the default model, flexkv compiled vs HF eager
     flexkv bench speed --preset ...               # the same through the CLI
     python bench/speed.py --tp 2                  # TP=1 vs TP=2 (torchrun; bench/tp_speed.py)
