@@ -438,10 +438,6 @@ def main(argv=None) -> int:
     warm = warm_all if device.type == "cuda" else [reqs[0]["ids"][:32]]
     if cfg["compile_prefill"] and device.type != "cuda":  # its graphs: a later chunk, and a
         warm += [by_len[n] for n in lengths[-2:]]         # second prompt length (snapkv's int)
-    if cfg["compile"]:  # one compiled decode graph per configuration (slots x capacity, policy)
-        import torch._dynamo.config as dc
-        key = "recompile_limit" if hasattr(dc, "recompile_limit") else "cache_size_limit"
-        setattr(dc, key, max(getattr(dc, key), 64))
     # budget-major (full, every policy at the first budget, then the next budget): a run cut
     # short by a time limit (the GPU stage) still has the budget-256 rows the target is about
     configs = [("full", None)] + [(p, int(b)) for b in str(cfg["budgets"]).split(",")

@@ -32,6 +32,16 @@ warnings.filterwarnings("ignore", message="flex_attention called without torch.c
 _compiled_flex = None
 
 
+def allow_recompiles(n: int = 64) -> None:
+    """Let one compiled function hold `n` graphs (dynamo's default is 8, past which a
+    `fullgraph=True` function fails and another falls back to eager): every prefill shape of the
+    compiled flex, every engine or `generate` configuration of the compiled decode step (policy,
+    slot count, capacities) is a graph of the same compiled unit."""
+    cfg = torch._dynamo.config
+    key = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, key, max(getattr(cfg, key), n))
+
+
 def _flex(*args, **kwargs):
     """FlexAttention, compiled on CUDA (eager flex is a slow reference there). On CPU the eager
     path is used outside compiled regions: compiled CPU flex cannot return the LSE."""
@@ -39,13 +49,9 @@ def _flex(*args, **kwargs):
     q = args[0]
     if q.is_cuda and not torch.compiler.is_compiling():
         if _compiled_flex is None:
-            # one graph per prefill shape (prompt/chunk length, per-layer capacity): allow many
+            # one graph per prefill shape (prompt/chunk length, per-layer capacity): many,
             # before dynamo would fall back to the (materialising) eager flex
-            cfg = torch._dynamo.config
-            if hasattr(cfg, "recompile_limit"):
-                cfg.recompile_limit = max(cfg.recompile_limit, 64)
-            else:  # pragma: no cover - older torch
-                cfg.cache_size_limit = max(cfg.cache_size_limit, 64)
+            allow_recompiles()
             _compiled_flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
         return _compiled_flex(*args, **kwargs)
     return flex_attention(*args, **kwargs)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from flexkv.attention import allow_recompiles
 from flexkv.cache import KVCache
 from flexkv.distributed import shard_of
 from flexkv.policies import ChunkInfo, make_policy
@@ -48,15 +49,6 @@ def decode_one_token(model, cache: KVCache, policy, token: Tensor, pos: Tensor,
 
 
 _COMPILED: dict[str, object] = {}
-
-
-def allow_recompiles(n: int = 64) -> None:
-    """Let one compiled function hold `n` graphs (dynamo's default is 8, past which a
-    `fullgraph=True` function fails): every engine or `generate` configuration in a process
-    (policy, slot count, capacities) is a graph of the same compiled unit."""
-    cfg = torch._dynamo.config
-    key = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
-    setattr(cfg, key, max(getattr(cfg, key), n))
 
 
 def compiled_decode(device: torch.device):
