@@ -258,7 +258,7 @@ class Prefill:
         if pad:  # padded[0][i], padded[1][i]: chunk i's ids and positions, each [B, chunk]
             B, C = input_ids.shape[0], self.chunk
             n_pad = -self.T % C
-            cut = self.T - (self.T % C if n_pad else 0)  # where the last (padded) chunk starts
+            cut = self.T - self.T % C  # where the last chunk starts (it takes the padding)
             fill = (torch.zeros(B, n_pad, dtype=input_ids.dtype, device=input_ids.device),
                     torch.full((B, n_pad), -1, dtype=pos.dtype, device=pos.device))
             ids_pos = [torch.cat([x[:, :cut], f, x[:, cut:]], dim=1).split(C, dim=1)

@@ -51,10 +51,8 @@ def test_stage_limits():
     gr = load_bench("gpu_run")
     assert gr.parse_stage("tests") == ("tests", None)
     assert gr.parse_stage("tests:240") == ("tests", 240.0)
-    for bad in ["tests:10", "tests:9999", "tests:x", "speed-16k", "serve:"]:
-        if bad == "serve:":
-            assert gr.parse_stage(bad) == ("serve", None)
-            continue
+    assert gr.parse_stage("serve:") == ("serve", None)
+    for bad in ["tests:10", "tests:9999", "tests:x", "speed-16k"]:
         with pytest.raises(ValueError, match="stage"):
             gr.parse_stage(bad)
     assert gr.main(["run", "/tmp/never-made", "tests:5"]) == 2   # refused before anything runs
