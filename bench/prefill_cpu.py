@@ -3,6 +3,8 @@
     python bench/prefill_cpu.py                    # 4K passkey prompt + 32 greedy tokens, 3 trials
     python bench/prefill_cpu.py --length 1024 --trials 1 --no-kvpress     # a quick look
     python bench/prefill_cpu.py --out bench/results/prefill/mine.md      # elsewhere
+    python bench/prefill_cpu.py --prefill-chunk 512 --no-kvpress --pairs full,streaming,snapkv,h2o,tova
+                                                  # flexkv's chunked prefill (cpu-4096-chunk512)
 
 Rows, per policy: flexkv `generate` (eager decode, as `flexkv demo` runs on CPU; exactly
 `--new-tokens` greedy tokens, no stop token) and kvpress 0.5.5's press for the same method on
@@ -164,13 +166,14 @@ def _uptime() -> str:
         return "load average: %.2f, %.2f, %.2f" % os.getloadavg()
 
 
-def run_flexkv(model, ids, policy: str, budget: int | None, new_tokens: int) -> dict:
+def run_flexkv(model, ids, policy: str, budget: int | None, new_tokens: int,
+               prefill_chunk: int | None = None) -> dict:
     import flexkv
 
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     out = flexkv.generate(model, ids, max_new_tokens=new_tokens, policy=policy,
-                          budget=None if policy == "full" else budget)
+                          budget=None if policy == "full" else budget, prefill_chunk=prefill_chunk)
     wall = time.perf_counter() - t0
     return dict(wall_s=wall, prefill_s=out.prefill_s, decode_s=out.decode_s,
                 kept=int(out.cache.retained().max()), tokens=out.tokens[0, ids.shape[1]:].tolist(),
@@ -237,6 +240,8 @@ def markdown(rows, meta) -> str:
              f"(`build_passkey_prompt(tok, {meta['length']}, 0.5, ...)`), default model, fp32; "
              f"{meta['new_tokens']} greedy tokens (no stop token); budget {meta['budget']} "
              f"tokens per head (kvpress: compression_ratio 1 - (budget + 0.5) / T). "
+             + (f"flexkv prefills in chunks of {meta['prefill_chunk']} tokens (the policy "
+                "compressing between chunks). " if meta.get("prefill_chunk") else "") +
              f"Min over {meta['trials']} trials per row (a warm-up first).", "",
              f"Load before: `{meta['load_before']}`", "",
              f"Load after: `{meta['load_after']}`", "",
@@ -294,9 +299,15 @@ def main(argv=None) -> int:
     ap.add_argument("--kvpress-venv", default=str(ROOT / ".kvpress-venv"))
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--note", action="append", default=[], help="a line for the results' notes")
+    ap.add_argument("--prefill-chunk", type=int, default=None,
+                    help="flexkv prefills in chunks of this many tokens (needs --no-kvpress: "
+                    "kvpress has no chunked prefill to compare with)")
     ap.add_argument("--out", default=None, help="results path without suffix "
-                    "(default bench/results/prefill/cpu-<length>)")
+                    "(default bench/results/prefill/cpu-<length>[-chunk<N>])")
     args = ap.parse_args(argv)
+    if args.prefill_chunk is not None and (args.prefill_chunk < 1 or not args.no_kvpress):
+        ap.error("--prefill-chunk: a positive token count, with --no-kvpress "
+                 f"(got {args.prefill_chunk}{'' if args.no_kvpress else ' without --no-kvpress'})")
 
     import torch
 
@@ -344,11 +355,12 @@ def main(argv=None) -> int:
         wb = min(args.budget, warm_ids.shape[1] - 8)
         if impl == "flexkv":
             flexkv.generate(model, warm_ids, max_new_tokens=2, policy=p,
-                            budget=None if p == "full" else wb)
+                            budget=None if p == "full" else wb, prefill_chunk=args.prefill_chunk)
         else:
             worker.ask(dict(kv_req(p, warm_ids), budget=wb, new_tokens=2))
     trials = []
-    out = Path(args.out) if args.out else RESULTS / f"cpu-{args.length}"
+    chunked = "" if args.prefill_chunk is None else f"-chunk{args.prefill_chunk}"
+    out = Path(args.out) if args.out else RESULTS / f"cpu-{args.length}{chunked}"
     out = out.with_suffix("") if out.suffix in (".md", ".json") else out
     out.parent.mkdir(parents=True, exist_ok=True)
 
@@ -357,6 +369,7 @@ def main(argv=None) -> int:
         meta = _stamp(argv, time.perf_counter() - t_start, args.threads, meta_extra)
         meta.update(length=args.length, prompt_tokens=T, new_tokens=args.new_tokens,
                     budget=args.budget, trials=rounds, policies=pairs + only,
+                    prefill_chunk=args.prefill_chunk,
                     load_before=load_before, load_after=_uptime(), notes=notes)
         md = markdown(rows, meta)
         out.with_suffix(".md").write_text(md)
@@ -368,7 +381,7 @@ def main(argv=None) -> int:
     for r in range(args.trials):
         for impl, p in configs:
             if impl == "flexkv":
-                res = run_flexkv(model, ids, p, args.budget, args.new_tokens)
+                res = run_flexkv(model, ids, p, args.budget, args.new_tokens, args.prefill_chunk)
                 res.update(attn=None, press=None)
             else:
                 req = kv_req(p, ids)

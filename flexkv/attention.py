@@ -136,7 +136,7 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Ten
     (`chunk_block_mask`) instead of evaluating the mask on every entry."""
     if not q.is_cuda:  # eager or compiled (a compiled chunk prefill on CPU: SDPA traces)
         return dense_prefill_attention(q, k, v, q_pos, _per_head(k_pos, k.shape[1]), window,
-                                       return_lse, bias)
+                                       return_lse, bias, keys_end_with_queries)
     return flex_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse, bias,
                                   keys_end_with_queries)
 
@@ -256,10 +256,20 @@ def causal_range(q_pos: Tensor, k_pos: Tensor) -> bool:
             or (T > 1 and k_pos.stride(2) != q_pos.stride(1))
             or (B > 1 and k_pos.stride(0) != q_pos.stride(0))):
         return False
+    return plain_range(q_pos)
+
+
+def plain_range(q_pos: Tensor) -> bool:
+    """Whether every row of `q_pos` [B, T] is consecutive positions from one >= 0 (no padding).
+    One host sync per `q_pos` tensor, memoised across layers (every layer of a chunk gets the
+    same `q_pos` object). Never inside compiled code (False there)."""
+    if torch.compiler.is_compiling() or q_pos.dim() != 2 or q_pos.shape[1] == 0:
+        return False
     ref, version, answer = _RANGE_MEMO
     if ref is not None and ref() is q_pos and version == q_pos._version:
         return answer
-    answer = bool((q_pos[:, 0] >= 0).all()) and (T == 1 or bool((q_pos.diff(dim=1) == 1).all()))
+    answer = bool((q_pos[:, 0] >= 0).all()) and (q_pos.shape[1] == 1
+                                                  or bool((q_pos.diff(dim=1) == 1).all()))
     _RANGE_MEMO[:] = [weakref.ref(q_pos), q_pos._version, answer]
     return answer
 
@@ -295,7 +305,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, group: int, mask: Tensor | None, caus
 
 def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
                             window: int | None = None, return_lse: bool = False,
-                            bias: Tensor | None = None):
+                            bias: Tensor | None = None, keys_end_with_queries: bool = False):
     """The same attention as `flex_prefill_attention` through SDPA: the CPU path (eager
     FlexAttention materialises every score with its mods re-traced; measured slower than SDPA on
     the default model). Tested equal to the flex path (tests/test_attention.py).
@@ -303,9 +313,12 @@ def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_po
     When the positions are a causal range (`causal_range`: one-shot prefill, no padding) and
     neither a window shorter than the prompt nor a nonzero bias changes the mask, SDPA runs with
     `is_causal=True` and no mask: its CPU flash kernel skips the blocks above the diagonal (about
-    half the work of the masked call, bench/NOTES.md). Otherwise a dense position mask. With
-    `return_lse` the LSE comes from the same kernel (`_sdpa`); where that op is missing it is
-    `(o, None)` and `scores.column_sums` normalises the rows itself."""
+    half the work of the masked call, bench/NOTES.md). A later chunk (`keys_end_with_queries`:
+    [cached slots | the chunk's own tokens], see `prefill_attention`) whose queries are such a
+    range, with no bias or window, is two flash calls merged by their LSEs (`_chunk_attention`):
+    the cached slots behind a per-key validity mask, the chunk with `is_causal`. Otherwise a
+    dense position mask. With `return_lse` the LSE comes from the same kernel (`_sdpa`); where
+    that op is missing it is `(o, None)` and `scores.column_sums` normalises the rows itself."""
     H, Tq = q.shape[1], q.shape[2]
     group = H // k.shape[1]
     k_pos = _per_head(k_pos, k.shape[1])
@@ -313,6 +326,10 @@ def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_po
         bias = None  # all zero (log_mass before any merge): the same scores
     if bias is None and (window is None or window >= Tq) and causal_range(q_pos, k_pos):
         o, lse = _sdpa(q, k, v, group, None, True, return_lse)
+        return (o, lse) if return_lse else o
+    if (keys_end_with_queries and bias is None and window is None and k.shape[2] > Tq
+            and _FLASH_CPU is not None and q.device.type == "cpu" and plain_range(q_pos)):
+        o, lse = _chunk_attention(q, k, v, k_pos[:, :, :k.shape[2] - Tq], group)
         return (o, lse) if return_lse else o
     shared = k_pos.stride(1) == 0  # one position row for every head (one-shot prefill)
     kp = (k_pos[:, :1] if shared else k_pos)[:, :, None, :]  # [B, 1 or Hkv, 1, N]
@@ -329,6 +346,28 @@ def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_po
     o, lse = _sdpa(q, k, v, group, mask, False, return_lse)
     o = o.masked_fill(~ok.any(dim=-1, keepdim=True), 0.0)  # fully masked (padding) rows: 0
     return (o, lse) if return_lse else o
+
+
+def _chunk_attention(q: Tensor, k: Tensor, v: Tensor, cached_pos: Tensor, group: int):
+    """A later prefill chunk on CPU: q [B, H, T, D] over k, v [B, Hkv, n + T, D], the n cached
+    slots (positions `cached_pos` [B, Hkv, n], -1 = empty, all before the chunk's) then the
+    chunk's own T tokens, whose positions are a consecutive range. Every query sees every valid
+    cached slot, and the chunk causally by index; so: one flash call over the cached slots with
+    a per-key mask (no [T, n + T] mask to build or read), one `is_causal` call over the chunk
+    (its upper triangle skipped), merged by their LSEs. -> o [B, H, T, D], lse [B, H, T]."""
+    n = cached_pos.shape[-1]
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    valid = cached_pos.repeat_interleave(group, dim=1)[:, :, None, :] >= 0     # [B, H, 1, n]
+    key_mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, _NEG_INF)
+    o_c, lse_c = _FLASH_CPU(q, k[:, :, :n], v[:, :, :n], 0.0, False, attn_mask=key_mask)[:2]
+    o_t, lse_t = _FLASH_CPU(q, k[:, :, n:], v[:, :, n:], 0.0, True)[:2]
+    # a head with no valid cached slot: that call's rows are empty (the op reports lse 0 there)
+    lse_c = lse_c.masked_fill(~valid.any(dim=-1), -math.inf)
+    lse = torch.logaddexp(lse_c, lse_t)
+    w_c, w_t = (lse_c - lse).exp()[..., None], (lse_t - lse).exp()[..., None]
+    o = torch.where(w_c > 0, o_c * w_c, 0.0) + o_t * w_t
+    return o.to(q.dtype), lse
 
 
 # ---------------------------------------------------------------------------- decode

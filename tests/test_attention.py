@@ -1,6 +1,7 @@
 """FlexAttention paths equal plain dense attention on random inputs (eager flex; the compiled
 decode step runs the same score_mod and is covered by the recompile tests)."""
 import math
+from unittest import mock
 
 import pytest
 
@@ -150,6 +151,63 @@ def test_causal_range_paths_equal_reference(c, bias_kind, dtype, wide_window, st
     if eff is None:
         torch.testing.assert_close(scores._transposed_column_sums(q, k, lse, bias).double(),
                                    cs_ref, **tol)
+
+
+@SET
+@given(case(), st.sampled_from(["none", "random"]), st.sampled_from([torch.float64, torch.float32]),
+       st.integers(0, 8), st.booleans())
+def test_later_chunk_split_paths_equal_reference(c, bias_kind, dtype, S, empty_head):
+    """A later prefill chunk on CPU, [cached slots (per-head positions, some empty) | the chunk's
+    own tokens] with consecutive query positions: the attention as two flash calls merged by
+    their LSEs (`_chunk_attention`, no bias) and the column sums as two transposed flash passes
+    (with or without a bias) equal dense attention; so do the masked paths they replace, and a
+    head whose cached slots are all empty (its cached call contributes nothing)."""
+    B, n_kv, G, T, D, _, seed = c
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, n_kv * G, T, D, generator=g, dtype=torch.float64)
+    k, v = (torch.randn(B, n_kv, S + T, D, generator=g, dtype=torch.float64) for _ in range(2))
+    cached = torch.randint(-1, 30, (B, n_kv, S), generator=g)
+    if empty_head:
+        cached[0, -1] = -1
+    q_pos = (30 + torch.arange(T)).expand(B, T).contiguous()
+    k_pos = torch.cat([cached, q_pos[:, None, :].expand(B, n_kv, T)], dim=2)
+    bias = None if bias_kind == "none" else torch.rand(B, n_kv, S + T, generator=g,
+                                                       dtype=torch.float64).log()
+    o_ref, p_ref = dense(q, k, v, q_pos, k_pos, None, bias)
+    lse_ref = _masked_lse(q, k, q_pos, k_pos, None, bias)
+    cs_ref = p_ref.sum(dim=2).view(B, n_kv, G, S + T).mean(dim=2)
+    q, k, v = (x.to(dtype) for x in (q, k, v))
+    bias = None if bias is None else bias.to(dtype)
+    tol = dict(atol=1e-12, rtol=1e-12) if dtype == torch.float64 else dict(atol=1e-4, rtol=1e-5)
+    calls = []
+    real = attention._chunk_attention
+    for split in (True, False):  # the split paths, then the masked ones
+        with mock.patch.object(attention, "_chunk_attention",
+                               side_effect=lambda *a: calls.append(1) or real(*a)):
+            o, lse = attention.dense_prefill_attention(q, k, v, q_pos, k_pos, None, True, bias,
+                                                       keys_end_with_queries=split)
+        torch.testing.assert_close(o.double(), o_ref, **tol)
+        torch.testing.assert_close(lse.double(), lse_ref, **tol)
+        cs = scores.column_sums(q, k, q_pos, k_pos, lse, bias=bias, keys_end_with_queries=split)
+        torch.testing.assert_close(cs.double(), cs_ref, **tol)
+    assert len(calls) == (S > 0 and bias is None)  # taken once: a chunk after cached slots, no bias
+
+
+def test_later_chunk_split_needs_a_plain_range():
+    """Left padding (the compiled prefill's last chunk), a window or a bias keep the masked path."""
+    B, n_kv, G, S, T, D = 1, 1, 2, 4, 6, 8
+    q = torch.randn(B, n_kv * G, T, D, dtype=torch.float64)
+    k, v = (torch.randn(B, n_kv, S + T, D, dtype=torch.float64) for _ in range(2))
+    plain = (10 + torch.arange(T)).expand(B, T).contiguous()
+    padded = torch.where(torch.arange(T) < 2, -1, 8 + torch.arange(T)).expand(B, T).contiguous()
+    for q_pos, window, bias in [(padded, None, None), (plain, 3, None),
+                                (plain, None, torch.rand(B, n_kv, S + T, dtype=torch.float64))]:
+        k_pos = torch.cat([torch.arange(S).expand(B, n_kv, S), q_pos[:, None, :]], dim=2)
+        o_ref, _ = dense(q, k, v, q_pos, k_pos, window, bias)
+        with mock.patch.object(attention, "_chunk_attention", side_effect=AssertionError):
+            o = attention.dense_prefill_attention(q, k, v, q_pos, k_pos, window, bias=bias,
+                                                  keys_end_with_queries=True)
+        torch.testing.assert_close(o, o_ref)
 
 
 def test_causal_range_detection():

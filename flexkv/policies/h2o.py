@@ -46,7 +46,8 @@ class H2O(Policy):
         return f"budget must exceed the recent window {self.recent}"
 
     def prefill_scores(self, ctx: PrefillContext) -> dict[str, Tensor]:
-        cs = column_sums(ctx.q, ctx.k, ctx.q_pos, ctx.pos, ctx.lse, ctx.window)
+        cs = column_sums(ctx.q, ctx.k, ctx.q_pos, ctx.pos, ctx.lse, ctx.window,
+                         keys_end_with_queries=True)   # ctx.k: [cached | chunk]
         return {"score": ctx.stats["score"] + cs}
 
     def prefill_priority(self, ctx: PrefillContext) -> Tensor:

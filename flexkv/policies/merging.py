@@ -63,7 +63,7 @@ class CumulativeAttention:
 
     def prefill_scores(self, ctx: PrefillContext) -> dict[str, Tensor]:
         cs = column_sums(ctx.q, ctx.k, ctx.q_pos, ctx.pos, ctx.lse, ctx.window,
-                         bias=self.prefill_bias(ctx.pos, ctx.stats))
+                         bias=self.prefill_bias(ctx.pos, ctx.stats), keys_end_with_queries=True)
         return {**ctx.stats, "score": ctx.stats["score"] + cs}
 
     def decode_scores(self, ctx: DecodeContext) -> None:

@@ -49,24 +49,36 @@ def window_probs(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, w: int,
 
 
 def column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor | None,
-                window: int | None = None, block: int = 256, bias: Tensor | None = None) -> Tensor:
+                window: int | None = None, block: int = 256, bias: Tensor | None = None,
+                keys_end_with_queries: bool = False) -> Tensor:
     """H2O's prefill score: sum over all queries of the group-mean attention each key receives,
     recomputed blockwise from the attention's log-sum-exp (never materialises Tq x N at once).
     lse: [B, H, Tq], or None: then each block's rows are normalised directly (a softmax).
     bias: [B, Hkv, N], the score bias the attention used (if any). -> [B, Hkv, N].
+    `keys_end_with_queries`: the keys are [cached slots of earlier positions | the queries' own
+    tokens] (a prefill chunk, as in `attention.prefill_attention`).
 
     With the LSE and positions that are a causal range (`attention.causal_range`: one-shot
     prefill without padding) query block [s, e) only scores keys [s - window + 1, e)
-    (`_causal_column_sums`): about half the work of the general masked path."""
+    (`_causal_column_sums`): about half the work of the general masked path. On CPU without a
+    window, the sums are transposed flash passes (`_transposed_column_sums`), for a later chunk
+    whose queries are such a range too: one over the cached slots, one causal over the chunk."""
     B, H, Tq, _ = q.shape
-    n_kv = k.shape[1]
+    n_kv, N = k.shape[1], k.shape[2]
     dt = torch.promote_types(q.dtype, torch.float32)
-    if lse is not None and k.shape[2] == Tq and causal_range(q_pos, k_pos):
+    if lse is not None and N == Tq and causal_range(q_pos, k_pos):
         if window is not None and window >= Tq:
             window = None  # no query is that far from a key
         if window is None and q.device.type == "cpu" and _transposed_ok():
             return _transposed_column_sums(q, k, lse, bias)
         return _causal_column_sums(q, k, lse, window, block, bias)
+    if (lse is not None and keys_end_with_queries and window is None and N > Tq
+            and q.device.type == "cpu" and attention.plain_range(q_pos) and _transposed_ok()):
+        n = N - Tq
+        b_c, b_t = (None, None) if bias is None else (bias[..., :n], bias[..., n:])
+        cached = _transposed_column_sums(q, k[:, :, :n], lse, b_c, causal=False)
+        return torch.cat([cached.masked_fill(k_pos[:, :, :n] < 0, 0.0),
+                          _transposed_column_sums(q, k[:, :, n:], lse, b_t)], dim=2)
     q, k = q.to(dt), k.to(dt)  # once, not per block
     lse_g = None if lse is None else lse.view(B, n_kv, H // n_kv, Tq).to(dt)
     out = torch.zeros(B, n_kv, k.shape[2], dtype=dt, device=k.device)
@@ -128,27 +140,32 @@ def _causal_column_sums(q: Tensor, k: Tensor, lse: Tensor, window: int | None, b
     return out / G
 
 
-def _transposed_column_sums(q: Tensor, k: Tensor, lse: Tensor, bias: Tensor | None) -> Tensor:
-    """`column_sums` for plain causality (key j visible to query i iff j <= i), no window, on CPU.
+def _transposed_column_sums(q: Tensor, k: Tensor, lse: Tensor, bias: Tensor | None,
+                            causal: bool = True) -> Tensor:
+    """`column_sums` on CPU, no window, for plain causality (key j visible to query i iff j <= i)
+    or, with `causal=False`, for keys every query sees (a chunk's valid cached slots; the caller
+    zeroes the empty ones).
 
     c_j = sum_{i >= j} exp(q_i.k_j / sqrt(D) + b_j - lse_i) is itself a log-sum-exp: that of the
     attention run backwards, with the keys as queries, the queries as keys and `-lse_i` as an
     additive key bias, which is causal once both sequences are reversed. SDPA's CPU flash kernel
     computes it with its causal block skipping and returns its LSE, so the scores are computed
     once more inside the kernel, in cache, never materialised: about one more causal attention
-    pass (bench/NOTES.md). q [B, H, T, D], k [B, Hkv, T, D], lse [B, H, T] -> [B, Hkv, T]."""
-    B, H, T, _ = q.shape
-    n_kv = k.shape[1]
+    pass (bench/NOTES.md). q [B, H, Tq, D], k [B, Hkv, N, D] (N = Tq when causal), lse
+    [B, H, Tq] -> [B, Hkv, N]."""
+    B, H, Tq, _ = q.shape
+    n_kv, N = k.shape[1], k.shape[2]
     G = H // n_kv
     dt = torch.promote_types(q.dtype, torch.float32)  # -lse as a mask must not round to bf16
-    keys = q.to(dt).flip(2)                                      # [B, H, T, D] reversed
-    queries = k.to(dt).repeat_interleave(G, dim=1).flip(2)       # one copy per query head
-    # [B, H, 1, T]; contiguous: the kernel is ~3x slower on a strided mask (the flash op's own
+    order = (lambda x: x.flip(2)) if causal else (lambda x: x)   # reversed sequences if causal
+    keys = order(q.to(dt))                                       # [B, H, Tq, D]
+    queries = order(k.to(dt).repeat_interleave(G, dim=1))        # one copy per query head
+    # [B, H, 1, Tq]; contiguous: the kernel is ~3x slower on a strided mask (the flash op's own
     # LSE is laid out [B, T, H])
-    key_bias = lse.to(dt).flip(2).neg_().contiguous()[:, :, None, :]
+    key_bias = order(lse.to(dt)).neg().contiguous()[:, :, None, :]
     # the values are never used (only the LSE is): the keys stand in, no extra tensor
-    _, lse_t = attention._FLASH_CPU(queries, keys, keys, 0.0, True, attn_mask=key_bias)
-    lse_t = lse_t.flip(2).view(B, n_kv, G, T)
+    _, lse_t = attention._FLASH_CPU(queries, keys, keys, 0.0, causal, attn_mask=key_bias)[:2]
+    lse_t = order(lse_t).view(B, n_kv, G, N)
     if bias is not None:
         lse_t = lse_t + bias.to(dt)[:, :, None, :]
     return lse_t.exp().mean(dim=2)
