@@ -230,7 +230,10 @@ def _rounds(r) -> str:
 
 
 def markdown(rows, meta) -> str:
-    lines = [f"# CPU prefill and end to end: flexkv vs kvpress {meta.get('kvpress', '')}", "",
+    title = f"flexkv vs kvpress {meta['kvpress']}" if meta.get("kvpress") else "flexkv"
+    if meta.get("prefill_chunk"):
+        title += f", flexkv's prefill in chunks of {meta['prefill_chunk']}"
+    lines = [f"# CPU prefill and end to end: {title}", "",
              f"`{meta['command']}`", "",
              f"commit {meta['commit']}, torch {meta['torch']}, transformers "
              f"{meta.get('transformers', '-')}, kvpress {meta.get('kvpress', '-')}, "

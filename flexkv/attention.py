@@ -133,7 +133,8 @@ def prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Ten
     query's score on key `kv` through a score_mod. `keys_end_with_queries`: the last Tq keys are
     the queries' own tokens, in order, after Tk - Tq cached slots of earlier positions (what a
     prefill chunk attends over): the flex path then builds its block mask from that structure
-    (`chunk_block_mask`) instead of evaluating the mask on every entry."""
+    (`chunk_block_mask`) instead of evaluating the mask on every entry, and the dense path splits
+    the call in two (`_chunk_attention`) where the chunk's positions are a plain range."""
     if not q.is_cuda:  # eager or compiled (a compiled chunk prefill on CPU: SDPA traces)
         return dense_prefill_attention(q, k, v, q_pos, _per_head(k_pos, k.shape[1]), window,
                                        return_lse, bias, keys_end_with_queries)

@@ -73,6 +73,8 @@ def test_prefill_and_column_sums(c, pad):
         torch.testing.assert_close(o, o_ref)
         cs = scores.column_sums(q, k, pos, k_pos, lse, window, block=7)
         torch.testing.assert_close(cs, ref)
+    # the CUDA path (one transposed flex pass; eager here), from the flex attention's LSE
+    torch.testing.assert_close(scores._flex_column_sums(q, k, pos, k_pos, lse, window, None), ref)
 
 
 @SET
@@ -94,6 +96,8 @@ def test_prefill_over_a_compressed_cache_with_bias(c, per_head):
         torch.testing.assert_close(o, o_ref)
         cs = scores.column_sums(q, k, q_pos, k_pos, lse, window, bias=bias)
         torch.testing.assert_close(cs, p_ref.sum(dim=2).view(B, n_kv, G, S + T).mean(dim=2))
+        torch.testing.assert_close(scores._flex_column_sums(q, k, q_pos, k_pos, lse, window, bias),
+                                   cs)
 
 
 def _masked_lse(q, k, q_pos, k_pos, window=None, bias=None):

@@ -38,6 +38,7 @@ from torch._dynamo.utils import counters
 
 import flexkv
 from flexkv import attention
+from flexkv.policies import scores
 from helpers import LLAMA3_SCALING, hf_greedy, hf_model, make_checkpoint, random_ids
 from policy_cases import CASES
 
@@ -239,7 +240,8 @@ PREFILL_CASES = [  # B, n_kv, G, Tq, cached, D, window, bias, pad
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_compiled_flex_prefill_equals_sdpa(dev, dtype):
     """`flex_prefill_attention` (compiled FlexAttention on CUDA) equals the SDPA path and fp64
-    dense attention: o, and the LSE (rows with at least one key)."""
+    dense attention: o, and the LSE (rows with at least one key); so do the column sums from
+    that LSE."""
     tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     for case in PREFILL_CASES:
         B, n_kv, G, Tq, cached, D, window, with_bias, pad = case
@@ -258,7 +260,7 @@ def test_compiled_flex_prefill_equals_sdpa(dev, dtype):
         q_pos, k_pos = q_pos.to(dev), k_pos.to(dev)
         bias = None if bias is None else bias.to(dev)
         o_d = attention.dense_prefill_attention(q, k, v, q_pos, k_pos, window, False, bias)
-        o_r, _, lse_r = dense_attention(q, k, v, q_pos, k_pos, window, bias)
+        o_r, p_r, lse_r = dense_attention(q, k, v, q_pos, k_pos, window, bias)
         # both block masks: create_block_mask's, and the chunk structure the model's prefill uses
         # (the keys here are [cached | the chunk's tokens], as there)
         for structural in (False, True):
@@ -271,6 +273,13 @@ def test_compiled_flex_prefill_equals_sdpa(dev, dtype):
                 rows = lse_r.isfinite()
                 torch.testing.assert_close(lse_f.double()[rows], lse_r[rows], atol=1e-3, rtol=1e-4,
                                            msg=lambda m: f"{msg}: lse: {m}")
+        # h2o's column sums from that LSE (on CUDA: one transposed flex pass)
+        cs_r = p_r.sum(dim=2).view(B, n_kv, G, N).mean(dim=2)
+        cs = scores.column_sums(q, k, q_pos, k_pos, lse_f, window, bias=bias,
+                                keys_end_with_queries=True)
+        cs_tol = dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else dict(atol=0.05, rtol=0.03)
+        torch.testing.assert_close(cs.double(), cs_r, **cs_tol,
+                                   msg=lambda m: f"case {case} {dtype}: column sums: {m}")
 
 
 DECODE_CASES = [  # B, n_kv, G, S, D, window, bias

@@ -58,14 +58,18 @@ def column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor 
     `keys_end_with_queries`: the keys are [cached slots of earlier positions | the queries' own
     tokens] (a prefill chunk, as in `attention.prefill_attention`).
 
-    With the LSE and positions that are a causal range (`attention.causal_range`: one-shot
-    prefill without padding) query block [s, e) only scores keys [s - window + 1, e)
+    On CUDA (with the LSE) one FlexAttention pass computes them for any mask
+    (`_flex_column_sums`). With the LSE and positions that are a causal range
+    (`attention.causal_range`: one-shot prefill without padding) query block [s, e) only scores
+    keys [s - window + 1, e)
     (`_causal_column_sums`): about half the work of the general masked path. On CPU without a
     window, the sums are transposed flash passes (`_transposed_column_sums`), for a later chunk
     whose queries are such a range too: one over the cached slots, one causal over the chunk."""
     B, H, Tq, _ = q.shape
     n_kv, N = k.shape[1], k.shape[2]
     dt = torch.promote_types(q.dtype, torch.float32)
+    if lse is not None and q.is_cuda:
+        return _flex_column_sums(q, k, q_pos, k_pos, lse, window, bias)
     if lse is not None and N == Tq and causal_range(q_pos, k_pos):
         if window is not None and window >= Tq:
             window = None  # no query is that far from a key
@@ -169,6 +173,52 @@ def _transposed_column_sums(q: Tensor, k: Tensor, lse: Tensor, bias: Tensor | No
     if bias is not None:
         lse_t = lse_t + bias.to(dt)[:, :, None, :]
     return lse_t.exp().mean(dim=2)
+
+
+def _flex_column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor,
+                      window: int | None, bias: Tensor | None) -> Tensor:
+    """`column_sums` as one FlexAttention pass (the CUDA path; compiled there, eager elsewhere):
+    the attention transposed. Each key j is a query row over the chunk's queries, the G query
+    heads of its KV head side by side as G * Tq columns (`q` viewed [B, Hkv, G * Tq, D]: no
+    copy); a score_mod subtracts each column's LSE, the block mask is `attention.slot_mask`
+    transposed (key slot valid, key position <= query position, the window), so the row's LSE is
+    log sum_{g, i} exp(q_gi.k_j / sqrt(D) - lse_gi) = log(G * c_j), in the attention's dtype with
+    fp32 accumulation, never materialised, in about one attention pass (the blocks the mask
+    rules out are skipped) where the blockwise path runs fp32 matmuls and ~5 elementwise passes
+    over every score. The values are never used (only the LSE is).
+    q [B, H, Tq, D], k [B, Hkv, N, D], q_pos [B, Tq], k_pos [B, Hkv, N], lse [B, H, Tq],
+    bias [B, Hkv, N] -> [B, Hkv, N] (fp32, fp64 for fp64)."""
+    B, H, Tq, D = q.shape
+    n_kv, N = k.shape[1], k.shape[2]
+    G = H // n_kv
+    dt = torch.promote_types(q.dtype, torch.float32)
+    cols = q.reshape(B, n_kv, G * Tq, D)                       # column g * Tq + i: head g's query i
+    col_lse = lse.to(dt).reshape(B, n_kv, G * Tq)
+    col_pos = q_pos.repeat(1, G)                               # [B, G * Tq]
+
+    def minus_query_lse(score, b, h, r, c):
+        return score - col_lse[b, h, c]
+
+    def key_sees_query(b, h, r, c):
+        kp, qp = k_pos[b, h, r], col_pos[b, c]
+        ok = (kp >= 0) & (kp <= qp)
+        return ok & (qp - kp < window) if window is not None else ok
+
+    mask = attention.prefill_block_mask(key_sees_query, B, n_kv, N, G * Tq, q.device)
+    # values: a copy of the columns, never read back; the keys themselves as values (aliased
+    # inputs) crash dynamo's guard check on flex's next call (torch 2.13)
+    vals = cols.clone()
+    if attention._AuxRequest is not None:
+        _, aux = attention._flex(k, cols, vals, score_mod=minus_query_lse, block_mask=mask,
+                                 return_aux=attention._AuxRequest(lse=True))
+        row_lse = aux.lse
+    else:  # pragma: no cover - torch < 2.9
+        _, row_lse = attention._flex(k, cols, vals, score_mod=minus_query_lse, block_mask=mask,
+                                     return_lse=True)
+    row_lse = row_lse.to(dt)                                   # [B, Hkv, N]; -inf: no column
+    if bias is not None:
+        row_lse = row_lse + bias.to(dt)
+    return row_lse.exp() / G
 
 
 _TRANSPOSED: list = []  # [bool] once checked
