@@ -273,6 +273,8 @@ def test_compiled_flex_prefill_equals_sdpa(dev, dtype):
                 rows = lse_r.isfinite()
                 torch.testing.assert_close(lse_f.double()[rows], lse_r[rows], atol=1e-3, rtol=1e-4,
                                            msg=lambda m: f"{msg}: lse: {m}")
+        if window is not None:  # two cases (one-shot with 8B's heads, a chunk with a bias):
+            continue            # each is one more flex compile in a time-boxed GPU stage
         # h2o's column sums from that LSE (on CUDA: one transposed flex pass)
         cs_r = p_r.sum(dim=2).view(B, n_kv, G, N).mean(dim=2)
         cs = scores.column_sums(q, k, q_pos, k_pos, lse_f, window, bias=bias,
