@@ -59,12 +59,12 @@ def column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor 
     tokens] (a prefill chunk, as in `attention.prefill_attention`).
 
     On CUDA (with the LSE) one FlexAttention pass computes them for any mask
-    (`_flex_column_sums`). With the LSE and positions that are a causal range
-    (`attention.causal_range`: one-shot prefill without padding) query block [s, e) only scores
-    keys [s - window + 1, e)
-    (`_causal_column_sums`): about half the work of the general masked path. On CPU without a
-    window, the sums are transposed flash passes (`_transposed_column_sums`), for a later chunk
-    whose queries are such a range too: one over the cached slots, one causal over the chunk."""
+    (`_flex_column_sums`). Elsewhere, with the LSE and positions that are a causal range
+    (`attention.causal_range`: one-shot prefill without padding), query block [s, e) only scores
+    keys [s - window + 1, e) (`_causal_column_sums`): about half the work of the general masked
+    path. On CPU without a window, the sums are transposed flash passes
+    (`_transposed_column_sums`), for a later chunk whose queries are such a range too: one over
+    the cached slots, one causal over the chunk."""
     B, H, Tq, _ = q.shape
     n_kv, N = k.shape[1], k.shape[2]
     dt = torch.promote_types(q.dtype, torch.float32)
@@ -179,8 +179,8 @@ def _flex_column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: T
                       window: int | None, bias: Tensor | None) -> Tensor:
     """`column_sums` as one FlexAttention pass (the CUDA path; compiled there, eager elsewhere):
     the attention transposed. Each key j is a query row over the chunk's queries, the G query
-    heads of its KV head side by side as G * Tq columns (`q` viewed [B, Hkv, G * Tq, D]: no
-    copy); a score_mod subtracts each column's LSE, the block mask is `attention.slot_mask`
+    heads of its KV head side by side as G * Tq columns (`q` reshaped [B, Hkv, G * Tq, D]); a
+    score_mod subtracts each column's LSE, the block mask is `attention.slot_mask`
     transposed (key slot valid, key position <= query position, the window), so the row's LSE is
     log sum_{g, i} exp(q_gi.k_j / sqrt(D) - lse_gi) = log(G * c_j), in the attention's dtype with
     fp32 accumulation, never materialised, in about one attention pass (the blocks the mask
