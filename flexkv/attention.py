@@ -205,6 +205,33 @@ def chunk_block_mask(mask_mod, Tq: int, Tk: int, device, full_below_diagonal: bo
                      s.full_q_indices, s.BLOCK_SIZE, mask_mod)
 
 
+@functools.lru_cache(maxsize=32)
+def _transposed_chunk_blocks(Tk: int, Tq: int, device: str) -> BlockMask:
+    """The block structure of `transposed_chunk_block_mask` (no mask_mod)."""
+    s = _chunk_blocks(Tq, Tk, device, False)
+    # the chunk structure's transposed index (which query blocks visit each key block), which
+    # BlockMask keeps for the backward pass, is the forward structure of the transposed call
+    # full-block tensors with counts 0 (as `_chunk_blocks`), of their own: inductor's CPU flex
+    # template loses one of two aliased index inputs
+    return BlockMask.from_kv_blocks(s.q_num_blocks, s.q_indices, torch.zeros_like(s.q_num_blocks),
+                                    torch.zeros_like(s.q_indices), BLOCK_SIZE=_BLOCK,
+                                    seq_lengths=(Tk, Tq))
+
+
+def transposed_chunk_block_mask(mask_mod, Tk: int, Tq: int, device) -> BlockMask:
+    """`chunk_block_mask` transposed: the Tk keys of a prefill chunk ([cached slots | the chunk's
+    own tokens]) as the rows, its Tq queries as the columns, `mask_mod(b, h, key, query)`; every
+    visited block is partial (mask_mod applied). What the column sums run on CUDA
+    (`scores._flex_column_sums`): no per-entry mask evaluation, where `create_block_mask` over
+    Tk x Tq would evaluate ~10^10 entries per layer at 32K."""
+    build = _transposed_chunk_blocks.__wrapped__ if torch.compiler.is_compiling() \
+        else _transposed_chunk_blocks
+    s = build(Tk, Tq, str(device))
+    return BlockMask(s.seq_lengths, s.kv_num_blocks, s.kv_indices, s.full_kv_num_blocks,
+                     s.full_kv_indices, s.q_num_blocks, s.q_indices, s.full_q_num_blocks,
+                     s.full_q_indices, s.BLOCK_SIZE, mask_mod)
+
+
 def plain_causal(q_pos: Tensor, k_pos: Tensor, window: int | None) -> bool:
     """A one-shot causal prefill (the keys are the queries' own tokens, positions a plain range,
     no window): the mask is causality by index, so `chunk_block_mask` may mark the blocks below

@@ -74,7 +74,9 @@ def test_prefill_and_column_sums(c, pad):
         cs = scores.column_sums(q, k, pos, k_pos, lse, window, block=7)
         torch.testing.assert_close(cs, ref)
     # the CUDA path (one transposed flex pass; eager here), from the flex attention's LSE
-    torch.testing.assert_close(scores._flex_column_sums(q, k, pos, k_pos, lse, window, None), ref)
+    for structural in (False, True):
+        torch.testing.assert_close(scores._flex_column_sums(q, k, pos, k_pos, lse, window, None,
+                                                            structural), ref)
 
 
 @SET
@@ -96,8 +98,9 @@ def test_prefill_over_a_compressed_cache_with_bias(c, per_head):
         torch.testing.assert_close(o, o_ref)
         cs = scores.column_sums(q, k, q_pos, k_pos, lse, window, bias=bias)
         torch.testing.assert_close(cs, p_ref.sum(dim=2).view(B, n_kv, G, S + T).mean(dim=2))
-        torch.testing.assert_close(scores._flex_column_sums(q, k, q_pos, k_pos, lse, window, bias),
-                                   cs)
+        for structural in (False, True):
+            torch.testing.assert_close(scores._flex_column_sums(q, k, q_pos, k_pos, lse, window,
+                                                                bias, structural), cs)
 
 
 def _masked_lse(q, k, q_pos, k_pos, window=None, bias=None):
@@ -562,6 +565,57 @@ def test_chunk_block_mask_in_the_compiled_kernel(c):
     torch.testing.assert_close(o.double(), o_ref, atol=1e-5, rtol=1e-5)
 
 
+@settings(max_examples=12, deadline=None)
+@given(chunk_case())
+@example((2, 2, 2, 200, 300, 17, 50, 1, True))     # cache + chunk, padding, window, per-head slots
+def test_transposed_chunk_block_mask_covers_every_visible_pair(c):
+    """The column sums' block mask on CUDA (keys as rows, queries as columns): every (key,
+    query) pair the position mask lets through lies in a visited block, none is marked full,
+    and the sums from it equal dense attention's (eager flex)."""
+    q, k, v, q_pos, k_pos, window = _chunk_inputs(c)
+    T, Tk, G, bs = q.shape[2], k.shape[2], q.shape[1] // k.shape[1], 128
+    _, ok, _ = assert_structure_covers(q, k, q_pos, k_pos, window)      # [B, H, T, Tk]
+    fwd = attention.slot_mask(q_pos, k_pos, G, window)
+    mine = attention.transposed_chunk_block_mask(lambda b, h, r, c: fwd(b, h, c, r), Tk, T, "cpu")
+    visited = mine.to_dense().bool()[0, 0]                               # [key blocks, query blocks]
+    cells = visited.repeat_interleave(bs, 0)[:Tk].repeat_interleave(bs, 1)[:, :T]
+    assert (cells | ~ok.transpose(-1, -2)).all(), "a visible pair lies in a skipped block"
+    assert (mine.full_kv_num_blocks == 0).all()
+    o_ref, p_ref = dense(q, k, v, q_pos, k_pos, window)
+    lse = _masked_lse(q, k, q_pos, k_pos, window)
+    ref = p_ref.sum(dim=2).view(q.shape[0], k.shape[1], G, Tk).mean(dim=2)
+    torch.testing.assert_close(scores._flex_column_sums(q, k, q_pos, k_pos, lse, window, None, True),
+                               ref)
+
+
+def test_transposed_chunk_block_mask_in_the_compiled_kernel():
+    """The transposed structure in the compiled kernel (which skips unvisited blocks, where eager
+    flex does not): the column sums' pass (keys as rows over the queries, the queries' LSE
+    subtracted) gives dense attention's output for that problem; a chunk after a cache, with
+    padding, a window and per-head slots (~10 s of compile)."""
+    q, k, v, q_pos, k_pos, window = _chunk_inputs((2, 2, 2, 200, 300, 17, 50, 1, True))
+    B, H, T, D = q.shape
+    Tk, G = k.shape[2], H // k.shape[1]
+    lse = _masked_lse(q, k, q_pos, k_pos, window).float()
+    lse = torch.where(lse.isfinite(), lse, 0.0)                          # padded queries: masked anyway
+    fwd = attention.slot_mask(q_pos, k_pos, G, window)
+    bm = attention.transposed_chunk_block_mask(lambda b, h, r, c: fwd(b, h, c, r), Tk, T, "cpu")
+    rows = k.repeat_interleave(G, dim=1).float()
+    vals = torch.randn(B, H, T, D, dtype=torch.float64)
+    torch._dynamo.reset()
+    o = torch.compile(flex_attention, fullgraph=True, dynamic=False)(
+        rows, q.float(), vals.float(), block_mask=bm,
+        score_mod=lambda s, b, h, r, c: s - lse[b, h, c])
+    kp = k_pos.repeat_interleave(G, dim=1)[:, :, :, None]                # [B, H, Tk, 1]
+    qp = q_pos[:, None, None, :]
+    ok = (kp >= 0) & (kp <= qp)
+    if window is not None:
+        ok &= qp - kp < window
+    s = rows.double() @ q.transpose(-1, -2) / math.sqrt(D) - lse.double()[:, :, None, :]
+    p = torch.nan_to_num(s.masked_fill(~ok, -math.inf).softmax(-1), nan=0.0)
+    torch.testing.assert_close(o.double(), p @ vals, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("policy, kw", [("full", {}), ("h2o", {"budget": 150}), ("snapkv", {"budget": 150}),
                                         ("streaming", {"budget": 150}), ("cam", {"budget": 150})])
 def test_model_prefill_through_the_flex_chunk_path_equals_dense(tiny_llama_dir, monkeypatch, policy, kw):
@@ -570,8 +624,11 @@ def test_model_prefill_through_the_flex_chunk_path_equals_dense(tiny_llama_dir, 
     128-blocks, cached slots ahead of every chunk after the first), 6 greedy tokens. Forcing the
     flex path on CPU gives the dense path's tokens, logits and kept positions, and at every call
     the chunk structure covers every (query, key) the real positions let through (eager flex
-    ignores the block structure, so that is checked directly)."""
+    ignores the block structure, so that is checked directly). h2o's and cam's column sums take
+    the CUDA path too (one transposed flex pass over the chunk's transposed structure)."""
     import flexkv
+    from flexkv.policies import h2o as h2o_module
+    from flexkv.policies import merging as merging_module
 
     model, _ = flexkv.load_model(tiny_llama_dir, dtype=torch.float64)
     g = torch.Generator().manual_seed(3)
@@ -594,9 +651,19 @@ def test_model_prefill_through_the_flex_chunk_path_equals_dense(tiny_llama_dir, 
         return attention.flex_prefill_attention(q, k, v, q_pos, k_pos, window, return_lse, bias,
                                                 keys_end_with_queries)
 
+    cs_calls = []
+
+    def flex_column_sums(q, k, q_pos, k_pos, lse, window=None, block=256, bias=None,
+                         keys_end_with_queries=False):  # the CUDA path's column sums
+        cs_calls.append(keys_end_with_queries)
+        return scores._flex_column_sums(q, k, q_pos, k_pos, lse, window, bias, keys_end_with_queries)
+
     monkeypatch.setattr(attention, "prefill_attention", flex_everywhere)
+    monkeypatch.setattr(h2o_module, "column_sums", flex_column_sums)
+    monkeypatch.setattr(merging_module, "column_sums", flex_column_sums)
     tokens, logits, pos = run()
     assert calls and all(calls)                                 # every call site declares the layout
+    assert all(cs_calls) and bool(cs_calls) == (policy in ("h2o", "cam"))
     assert torch.equal(tokens, dense_tokens)
     torch.testing.assert_close(logits, dense_logits)
     for a, b in zip(pos, dense_pos):

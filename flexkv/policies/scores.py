@@ -69,7 +69,7 @@ def column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor 
     n_kv, N = k.shape[1], k.shape[2]
     dt = torch.promote_types(q.dtype, torch.float32)
     if lse is not None and q.is_cuda:
-        return _flex_column_sums(q, k, q_pos, k_pos, lse, window, bias)
+        return _flex_column_sums(q, k, q_pos, k_pos, lse, window, bias, keys_end_with_queries)
     if lse is not None and N == Tq and causal_range(q_pos, k_pos):
         if window is not None and window >= Tq:
             window = None  # no query is that far from a key
@@ -176,49 +176,52 @@ def _transposed_column_sums(q: Tensor, k: Tensor, lse: Tensor, bias: Tensor | No
 
 
 def _flex_column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor,
-                      window: int | None, bias: Tensor | None) -> Tensor:
+                      window: int | None, bias: Tensor | None,
+                      keys_end_with_queries: bool = False) -> Tensor:
     """`column_sums` as one FlexAttention pass (the CUDA path; compiled there, eager elsewhere):
-    the attention transposed. Each key j is a query row over the chunk's queries, the G query
-    heads of its KV head side by side as G * Tq columns (`q` reshaped [B, Hkv, G * Tq, D]); a
-    score_mod subtracts each column's LSE, the block mask is `attention.slot_mask`
-    transposed (key slot valid, key position <= query position, the window), so the row's LSE is
-    log sum_{g, i} exp(q_gi.k_j / sqrt(D) - lse_gi) = log(G * c_j), in the attention's dtype with
-    fp32 accumulation, never materialised, in about one attention pass (the blocks the mask
-    rules out are skipped) where the blockwise path runs fp32 matmuls and ~5 elementwise passes
-    over every score. The values are never used (only the LSE is).
+    the attention transposed. Each key j (repeated for the G query heads of its KV head) is a
+    query row over the chunk's queries; a score_mod subtracts each query's LSE and the mask is
+    `attention.slot_mask` with the roles swapped, so row (h, j)'s LSE is
+    log sum_i exp(q_hi.k_j / sqrt(D) - lse_hi) = log c_hj, in the attention's dtype with fp32
+    accumulation, never materialised, in about one attention pass where the blockwise path runs
+    fp32 matmuls and ~5 elementwise passes over every score. With `keys_end_with_queries` the
+    block mask is the chunk's structure transposed (`attention.transposed_chunk_block_mask`: the
+    blocks no query can see are skipped, nothing evaluated per entry), else
+    `attention.prefill_block_mask`. The values are never used (only the LSE is).
     q [B, H, Tq, D], k [B, Hkv, N, D], q_pos [B, Tq], k_pos [B, Hkv, N], lse [B, H, Tq],
     bias [B, Hkv, N] -> [B, Hkv, N] (fp32, fp64 for fp64)."""
     B, H, Tq, D = q.shape
     n_kv, N = k.shape[1], k.shape[2]
     G = H // n_kv
     dt = torch.promote_types(q.dtype, torch.float32)
-    cols = q.reshape(B, n_kv, G * Tq, D)                       # column g * Tq + i: head g's query i
-    col_lse = lse.to(dt).reshape(B, n_kv, G * Tq)
-    col_pos = q_pos.repeat(1, G)                               # [B, G * Tq]
+    rows = k.repeat_interleave(G, dim=1) if G > 1 else k       # [B, H, N, D]
+    q_lse = lse.to(dt)
+    query_sees_key = attention.slot_mask(q_pos, k_pos, G, window)
 
     def minus_query_lse(score, b, h, r, c):
-        return score - col_lse[b, h, c]
+        return score - q_lse[b, h, c]
 
-    def key_sees_query(b, h, r, c):
-        kp, qp = k_pos[b, h, r], col_pos[b, c]
-        ok = (kp >= 0) & (kp <= qp)
-        return ok & (qp - kp < window) if window is not None else ok
+    def key_seen_by_query(b, h, r, c):
+        return query_sees_key(b, h, c, r)
 
-    mask = attention.prefill_block_mask(key_sees_query, B, n_kv, N, G * Tq, q.device)
-    # values: a copy of the columns, never read back; the keys themselves as values (aliased
+    if keys_end_with_queries:
+        mask = attention.transposed_chunk_block_mask(key_seen_by_query, N, Tq, q.device)
+    else:
+        mask = attention.prefill_block_mask(key_seen_by_query, B, H, N, Tq, q.device)
+    # values: a copy of the queries, never read back; the keys themselves as values (aliased
     # inputs) crash dynamo's guard check on flex's next call (torch 2.13)
-    vals = cols.clone()
+    vals = q.clone()
     if attention._AuxRequest is not None:
-        _, aux = attention._flex(k, cols, vals, score_mod=minus_query_lse, block_mask=mask,
+        _, aux = attention._flex(rows, q, vals, score_mod=minus_query_lse, block_mask=mask,
                                  return_aux=attention._AuxRequest(lse=True))
         row_lse = aux.lse
     else:  # pragma: no cover - torch < 2.9
-        _, row_lse = attention._flex(k, cols, vals, score_mod=minus_query_lse, block_mask=mask,
+        _, row_lse = attention._flex(rows, q, vals, score_mod=minus_query_lse, block_mask=mask,
                                      return_lse=True)
-    row_lse = row_lse.to(dt)                                   # [B, Hkv, N]; -inf: no column
+    row_lse = row_lse.to(dt).view(B, n_kv, G, N)               # -inf: no query sees the key
     if bias is not None:
-        row_lse = row_lse + bias.to(dt)
-    return row_lse.exp() / G
+        row_lse = row_lse + bias.to(dt)[:, :, None, :]
+    return row_lse.exp().mean(dim=2)
 
 
 _TRANSPOSED: list = []  # [bool] once checked
