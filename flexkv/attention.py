@@ -207,15 +207,21 @@ def chunk_block_mask(mask_mod, Tq: int, Tk: int, device, full_below_diagonal: bo
 
 @functools.lru_cache(maxsize=32)
 def _transposed_chunk_blocks(Tk: int, Tq: int, device: str) -> BlockMask:
-    """The block structure of `transposed_chunk_block_mask` (no mask_mod)."""
-    s = _chunk_blocks(Tq, Tk, device, False)
-    # the chunk structure's transposed index (which query blocks visit each key block), which
-    # BlockMask keeps for the backward pass, is the forward structure of the transposed call
-    # full-block tensors with counts 0 (as `_chunk_blocks`), of their own: inductor's CPU flex
-    # template loses one of two aliased index inputs
-    return BlockMask.from_kv_blocks(s.q_num_blocks, s.q_indices, torch.zeros_like(s.q_num_blocks),
-                                    torch.zeros_like(s.q_indices), BLOCK_SIZE=_BLOCK,
-                                    seq_lengths=(Tk, Tq))
+    """The block structure of `transposed_chunk_block_mask` (no mask_mod): key row r can be
+    seen by query column c only if c >= r - (Tk - Tq), so key block m visits the query blocks
+    from the one holding its first row's first such column to the last."""
+    bs = _BLOCK
+    n_k, n_q, off = -(-Tk // bs), -(-Tq // bs), Tk - Tq
+    m = torch.arange(n_k, device=device)
+    first = torch.clamp(m * bs - off, min=0) // bs              # [n_k]
+    qb = torch.arange(n_q, device=device)
+    idx = torch.clamp(first[:, None] + qb[None, :], max=n_q - 1)
+    # full-block tensors with counts 0, as `_chunk_blocks` passes them
+    return BlockMask.from_kv_blocks((n_q - first).to(torch.int32)[None, None],
+                                    idx.to(torch.int32)[None, None],
+                                    torch.zeros_like(first).to(torch.int32)[None, None],
+                                    qb.expand(n_k, n_q).to(torch.int32)[None, None],
+                                    BLOCK_SIZE=bs, seq_lengths=(Tk, Tq))
 
 
 def transposed_chunk_block_mask(mask_mod, Tk: int, Tq: int, device) -> BlockMask:
@@ -223,10 +229,9 @@ def transposed_chunk_block_mask(mask_mod, Tk: int, Tq: int, device) -> BlockMask
     own tokens]) as the rows, its Tq queries as the columns, `mask_mod(b, h, key, query)`; every
     visited block is partial (mask_mod applied). What the column sums run on CUDA
     (`scores._flex_column_sums`): no per-entry mask evaluation, where `create_block_mask` over
-    Tk x Tq would evaluate ~10^10 entries per layer at 32K."""
-    build = _transposed_chunk_blocks.__wrapped__ if torch.compiler.is_compiling() \
-        else _transposed_chunk_blocks
-    s = build(Tk, Tq, str(device))
+    Tk x Tq would evaluate ~10^10 entries per layer at 32K. Outside compiled code only (built
+    inside a graph, inductor's CPU flex template miscompiled it: tests/test_attention.py)."""
+    s = _transposed_chunk_blocks(Tk, Tq, str(device))
     return BlockMask(s.seq_lengths, s.kv_num_blocks, s.kv_indices, s.full_kv_num_blocks,
                      s.full_kv_indices, s.q_num_blocks, s.q_indices, s.full_q_num_blocks,
                      s.full_q_indices, s.BLOCK_SIZE, mask_mod)

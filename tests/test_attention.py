@@ -592,7 +592,9 @@ def test_transposed_chunk_block_mask_in_the_compiled_kernel():
     """The transposed structure in the compiled kernel (which skips unvisited blocks, where eager
     flex does not): the column sums' pass (keys as rows over the queries, the queries' LSE
     subtracted) gives dense attention's output for that problem; a chunk after a cache, with
-    padding, a window and per-head slots (~10 s of compile)."""
+    padding, a window and per-head slots (~10 s of compile). The mask is built outside the graph,
+    as the column sums build it: built inside one, this kernel came out wrong (torch 2.13), so
+    a compiled prefill chunk keeps the blockwise column sums."""
     q, k, v, q_pos, k_pos, window = _chunk_inputs((2, 2, 2, 200, 300, 17, 50, 1, True))
     B, H, T, D = q.shape
     Tk, G = k.shape[2], H // k.shape[1]

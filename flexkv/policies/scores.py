@@ -59,7 +59,9 @@ def column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor 
     tokens] (a prefill chunk, as in `attention.prefill_attention`).
 
     On CUDA (with the LSE) one FlexAttention pass computes them for any mask
-    (`_flex_column_sums`). Elsewhere, with the LSE and positions that are a causal range
+    (`_flex_column_sums`), except inside compiled code (a compiled prefill chunk: the blockwise
+    path below, which inductor fuses; the flex pass's block mask built inside a graph was
+    miscompiled by inductor's CPU flex template). Elsewhere, with the LSE and positions that are a causal range
     (`attention.causal_range`: one-shot prefill without padding), query block [s, e) only scores
     keys [s - window + 1, e) (`_causal_column_sums`): about half the work of the general masked
     path. On CPU without a window, the sums are transposed flash passes
@@ -68,7 +70,7 @@ def column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor 
     B, H, Tq, _ = q.shape
     n_kv, N = k.shape[1], k.shape[2]
     dt = torch.promote_types(q.dtype, torch.float32)
-    if lse is not None and q.is_cuda:
+    if lse is not None and q.is_cuda and not torch.compiler.is_compiling():
         return _flex_column_sums(q, k, q_pos, k_pos, lse, window, bias, keys_end_with_queries)
     if lse is not None and N == Tq and causal_range(q_pos, k_pos):
         if window is not None and window >= Tq:
