@@ -329,11 +329,16 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, group: int, mask: Tensor | None, caus
         if group > 1:
             k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         if mask is not None and mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(~mask, _NEG_INF)
+            mask = _additive(mask, q.dtype)
         return _FLASH_CPU(q, k, v, 0.0, causal, attn_mask=mask)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                        enable_gqa=group > 1)
     return o, None
+
+
+def _additive(ok: Tensor, dtype: torch.dtype) -> Tensor:
+    """A boolean mask as the additive one SDPA's CPU flash op takes (0 where `ok`, -inf else)."""
+    return torch.zeros(ok.shape, dtype=dtype, device=ok.device).masked_fill_(~ok, _NEG_INF)
 
 
 def dense_prefill_attention(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor,
@@ -392,8 +397,8 @@ def _chunk_attention(q: Tensor, k: Tensor, v: Tensor, cached_pos: Tensor, group:
     if group > 1:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     valid = cached_pos.repeat_interleave(group, dim=1)[:, :, None, :] >= 0     # [B, H, 1, n]
-    key_mask = torch.zeros(valid.shape, dtype=q.dtype, device=q.device).masked_fill_(~valid, _NEG_INF)
-    o_c, lse_c = _FLASH_CPU(q, k[:, :, :n], v[:, :, :n], 0.0, False, attn_mask=key_mask)[:2]
+    o_c, lse_c = _FLASH_CPU(q, k[:, :, :n], v[:, :, :n], 0.0, False,
+                            attn_mask=_additive(valid, q.dtype))[:2]
     o_t, lse_t = _FLASH_CPU(q, k[:, :, n:], v[:, :, n:], 0.0, True)[:2]
     # a head with no valid cached slot: that call's rows are empty (the op reports lse 0 there)
     lse_c = lse_c.masked_fill(~valid.any(dim=-1), -math.inf)

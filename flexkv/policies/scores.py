@@ -61,10 +61,10 @@ def column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor 
     On CUDA (with the LSE) one FlexAttention pass computes them for any mask
     (`_flex_column_sums`), except inside compiled code (a compiled prefill chunk: the blockwise
     path below, which inductor fuses; the flex pass's block mask built inside a graph was
-    miscompiled by inductor's CPU flex template). Elsewhere, with the LSE and positions that are a causal range
-    (`attention.causal_range`: one-shot prefill without padding), query block [s, e) only scores
-    keys [s - window + 1, e) (`_causal_column_sums`): about half the work of the general masked
-    path. On CPU without a window, the sums are transposed flash passes
+    miscompiled by inductor's CPU flex template). Elsewhere, with the LSE and positions that
+    are a causal range (`attention.causal_range`: one-shot prefill without padding), query block
+    [s, e) only scores keys [s - window + 1, e) (`_causal_column_sums`): about half the work of
+    the general masked path. On CPU without a window, the sums are transposed flash passes
     (`_transposed_column_sums`), for a later chunk whose queries are such a range too: one over
     the cached slots, one causal over the chunk."""
     B, H, Tq, _ = q.shape
