@@ -592,7 +592,8 @@ def test_transposed_chunk_block_mask_in_the_compiled_kernel():
     """The transposed structure in the compiled kernel (which skips unvisited blocks, where eager
     flex does not): the column sums' pass (keys as rows over the queries, the queries' LSE
     subtracted) gives dense attention's output for that problem; a chunk after a cache, with
-    padding, a window and per-head slots (~10 s of compile). The mask is built outside the graph,
+    padding, a window and per-head slots (~10 s of compile), with values as narrow as the column
+    sums' (`LSE_ONLY_VALUE_DIM`, not the QK head dim). The mask is built outside the graph,
     as the column sums build it: built inside one, this kernel came out wrong (torch 2.13), so
     a compiled prefill chunk keeps the blockwise column sums."""
     q, k, v, q_pos, k_pos, window = _chunk_inputs((2, 2, 2, 200, 300, 17, 50, 1, True))
@@ -603,7 +604,7 @@ def test_transposed_chunk_block_mask_in_the_compiled_kernel():
     fwd = attention.slot_mask(q_pos, k_pos, G, window)
     bm = attention.transposed_chunk_block_mask(lambda b, h, r, c: fwd(b, h, c, r), Tk, T, "cpu")
     rows = k.repeat_interleave(G, dim=1).float()
-    vals = torch.randn(B, H, T, D, dtype=torch.float64)
+    vals = torch.randn(B, H, T, scores.LSE_ONLY_VALUE_DIM, dtype=torch.float64)  # as they run
     torch._dynamo.reset()
     o = torch.compile(flex_attention, fullgraph=True, dynamic=False)(
         rows, q.float(), vals.float(), block_mask=bm,

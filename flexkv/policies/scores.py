@@ -177,6 +177,11 @@ def _transposed_column_sums(q: Tensor, k: Tensor, lse: Tensor, bias: Tensor | No
     return lse_t.exp().mean(dim=2)
 
 
+# The value head dim of a FlexAttention pass run for its LSE alone: the smallest the Triton
+# template's `tl.dot` takes (a power of 2 >= 16); FlexAttention allows it to differ from the QK one.
+LSE_ONLY_VALUE_DIM = 16
+
+
 def _flex_column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: Tensor,
                       window: int | None, bias: Tensor | None,
                       keys_end_with_queries: bool = False) -> Tensor:
@@ -185,11 +190,11 @@ def _flex_column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: T
     query row over the chunk's queries; a score_mod subtracts each query's LSE and the mask is
     `attention.slot_mask` with the roles swapped, so row (h, j)'s LSE is
     log sum_i exp(q_hi.k_j / sqrt(D) - lse_hi) = log c_hj, in the attention's dtype with fp32
-    accumulation, never materialised, in about one attention pass where the blockwise path runs
-    fp32 matmuls and ~5 elementwise passes over every score. With `keys_end_with_queries` the
-    block mask is the chunk's structure transposed (`attention.transposed_chunk_block_mask`: the
-    blocks no query can see are skipped, nothing evaluated per entry), else
-    `attention.prefill_block_mask`. The values are never used (only the LSE is).
+    accumulation, never materialised: one QK^T and a P @ V only `LSE_ONLY_VALUE_DIM` wide (the
+    values are zeros, never used), where the blockwise path runs fp32 matmuls and ~5 elementwise
+    passes over every score. With `keys_end_with_queries` the block mask is the chunk's
+    structure transposed (`attention.transposed_chunk_block_mask`: the blocks no query can see
+    are skipped, nothing evaluated per entry), else `attention.prefill_block_mask`.
     q [B, H, Tq, D], k [B, Hkv, N, D], q_pos [B, Tq], k_pos [B, Hkv, N], lse [B, H, Tq],
     bias [B, Hkv, N] -> [B, Hkv, N] (fp32, fp64 for fp64)."""
     B, H, Tq, D = q.shape
@@ -210,9 +215,10 @@ def _flex_column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: T
         mask = attention.transposed_chunk_block_mask(key_seen_by_query, N, Tq, q.device)
     else:
         mask = attention.prefill_block_mask(key_seen_by_query, B, H, N, Tq, q.device)
-    # values: a copy of the queries, never read back; the keys themselves as values (aliased
-    # inputs) crash dynamo's guard check on flex's next call (torch 2.13)
-    vals = q.clone()
+    # values: zeros of LSE_ONLY_VALUE_DIM, never read back (only the LSE is): the kernel's
+    # P @ V costs 16/D of a full-width pass, and no aliased input (the keys themselves as
+    # values crash dynamo's guard check on flex's next call, torch 2.13)
+    vals = q.new_zeros(B, H, Tq, LSE_ONLY_VALUE_DIM)
     if attention._AuxRequest is not None:
         _, aux = attention._flex(rows, q, vals, score_mod=minus_query_lse, block_mask=mask,
                                  return_aux=attention._AuxRequest(lse=True))
