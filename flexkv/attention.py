@@ -206,32 +206,43 @@ def chunk_block_mask(mask_mod, Tq: int, Tk: int, device, full_below_diagonal: bo
 
 
 @functools.lru_cache(maxsize=32)
-def _transposed_chunk_blocks(Tk: int, Tq: int, device: str) -> BlockMask:
+def _transposed_chunk_blocks(Tk: int, Tq: int, device: str, full_above_diagonal: bool) -> BlockMask:
     """The block structure of `transposed_chunk_block_mask` (no mask_mod): key row r can be
     seen by query column c only if c >= r - (Tk - Tq), so key block m visits the query blocks
-    from the one holding its first row's first such column to the last."""
+    from the one holding its first row's first such column to the last; with
+    `full_above_diagonal` those from the one whose first column sees the block's last row on
+    are full."""
     bs = _BLOCK
     n_k, n_q, off = -(-Tk // bs), -(-Tq // bs), Tk - Tq
     m = torch.arange(n_k, device=device)
     first = torch.clamp(m * bs - off, min=0) // bs              # [n_k]
+    if full_above_diagonal:                                      # every column >= the last row
+        last_row = torch.clamp((m + 1) * bs, max=Tk) - 1 - off
+        n_partial = torch.clamp(-(-last_row // bs), min=0, max=n_q) - first
+    else:
+        n_partial = n_q - first
     qb = torch.arange(n_q, device=device)
     idx = torch.clamp(first[:, None] + qb[None, :], max=n_q - 1)
-    # full-block tensors with counts 0, as `_chunk_blocks` passes them
-    return BlockMask.from_kv_blocks((n_q - first).to(torch.int32)[None, None],
+    full_idx = torch.clamp((first + n_partial)[:, None] + qb[None, :], max=n_q - 1)
+    # full-block tensors even when there are none (counts 0), as `_chunk_blocks` passes them
+    return BlockMask.from_kv_blocks(n_partial.to(torch.int32)[None, None],
                                     idx.to(torch.int32)[None, None],
-                                    torch.zeros_like(first).to(torch.int32)[None, None],
-                                    qb.expand(n_k, n_q).to(torch.int32)[None, None],
+                                    (n_q - first - n_partial).to(torch.int32)[None, None],
+                                    full_idx.to(torch.int32)[None, None],
                                     BLOCK_SIZE=bs, seq_lengths=(Tk, Tq))
 
 
-def transposed_chunk_block_mask(mask_mod, Tk: int, Tq: int, device) -> BlockMask:
+def transposed_chunk_block_mask(mask_mod, Tk: int, Tq: int, device,
+                                full_above_diagonal: bool = False) -> BlockMask:
     """`chunk_block_mask` transposed: the Tk keys of a prefill chunk ([cached slots | the chunk's
-    own tokens]) as the rows, its Tq queries as the columns, `mask_mod(b, h, key, query)`; every
-    visited block is partial (mask_mod applied). What the column sums run on CUDA
-    (`scores._flex_column_sums`): no per-entry mask evaluation, where `create_block_mask` over
-    Tk x Tq would evaluate ~10^10 entries per layer at 32K. Outside compiled code only (built
-    inside a graph, inductor's CPU flex template miscompiled it: tests/test_attention.py)."""
-    s = _transposed_chunk_blocks(Tk, Tq, str(device))
+    own tokens]) as the rows, its Tq queries as the columns, `mask_mod(b, h, key, query)`. With
+    `full_above_diagonal` (a one-shot causal prefill, `plain_causal`) the blocks wholly above the
+    diagonal are full (no mask_mod), as `chunk_block_mask`'s below it; every other visited block
+    is partial. What the column sums run on CUDA (`scores._flex_column_sums`): no per-entry mask
+    evaluation, where `create_block_mask` over Tk x Tq would evaluate ~10^10 entries per layer at
+    32K. Outside compiled code only (built inside a graph, inductor's CPU flex template
+    miscompiled it: tests/test_attention.py)."""
+    s = _transposed_chunk_blocks(Tk, Tq, str(device), full_above_diagonal)
     return BlockMask(s.seq_lengths, s.kv_num_blocks, s.kv_indices, s.full_kv_num_blocks,
                      s.full_kv_indices, s.q_num_blocks, s.q_indices, s.full_q_num_blocks,
                      s.full_q_indices, s.BLOCK_SIZE, mask_mod)

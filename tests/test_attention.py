@@ -568,19 +568,33 @@ def test_chunk_block_mask_in_the_compiled_kernel(c):
 @settings(max_examples=12, deadline=None)
 @given(chunk_case())
 @example((2, 2, 2, 200, 300, 17, 50, 1, True))     # cache + chunk, padding, window, per-head slots
+@example((1, 1, 2, 0, 256, 0, None, 0, False))     # one-shot causal, whole blocks: full blocks
+@example((1, 1, 2, 0, 129, 0, None, 0, False))     # one-shot causal, a 1-row last block
 def test_transposed_chunk_block_mask_covers_every_visible_pair(c):
     """The column sums' block mask on CUDA (keys as rows, queries as columns): every (key,
-    query) pair the position mask lets through lies in a visited block, none is marked full,
-    and the sums from it equal dense attention's (eager flex)."""
+    query) pair the position mask lets through lies in a visited block; a block marked full (no
+    mask_mod: only on a one-shot causal prompt) is visible on every real (key, query) pair, and
+    with whole blocks they are exactly create_block_mask's full blocks; the sums from it equal
+    dense attention's (eager flex)."""
     q, k, v, q_pos, k_pos, window = _chunk_inputs(c)
-    T, Tk, G, bs = q.shape[2], k.shape[2], q.shape[1] // k.shape[1], 128
-    _, ok, _ = assert_structure_covers(q, k, q_pos, k_pos, window)      # [B, H, T, Tk]
+    B, H, T, Tk, G, bs = *q.shape[:3], k.shape[2], q.shape[1] // k.shape[1], 128
+    _, ok, full = assert_structure_covers(q, k, q_pos, k_pos, window)   # [B, H, T, Tk]
+    key_ok = ok.transpose(-1, -2)                                        # [B, H, Tk, T]
     fwd = attention.slot_mask(q_pos, k_pos, G, window)
-    mine = attention.transposed_chunk_block_mask(lambda b, h, r, c: fwd(b, h, c, r), Tk, T, "cpu")
+    mine = attention.transposed_chunk_block_mask(lambda b, h, r, c: fwd(b, h, c, r), Tk, T, "cpu",
+                                                 full)
     visited = mine.to_dense().bool()[0, 0]                               # [key blocks, query blocks]
     cells = visited.repeat_interleave(bs, 0)[:Tk].repeat_interleave(bs, 1)[:, :T]
-    assert (cells | ~ok.transpose(-1, -2)).all(), "a visible pair lies in a skipped block"
-    assert (mine.full_kv_num_blocks == 0).all()
+    assert (cells | ~key_ok).all(), "a visible pair lies in a skipped block"
+    if not full:
+        assert (mine.full_kv_num_blocks == 0).all()
+    for m in range(visited.shape[0]):
+        for b in mine.full_kv_indices[0, 0, m, :int(mine.full_kv_num_blocks[0, 0, m])].tolist():
+            assert key_ok[:, :, m * bs:(m + 1) * bs, b * bs:(b + 1) * bs].all(), (m, b)
+    if full and T % bs == 0:
+        exact = attention.create_block_mask(mine.mask_mod, B, H, Tk, T, device="cpu")
+        assert torch.equal(mine.full_kv_num_blocks.expand_as(exact.full_kv_num_blocks),
+                           exact.full_kv_num_blocks)
     o_ref, p_ref = dense(q, k, v, q_pos, k_pos, window)
     lse = _masked_lse(q, k, q_pos, k_pos, window)
     ref = p_ref.sum(dim=2).view(q.shape[0], k.shape[1], G, Tk).mean(dim=2)
@@ -588,21 +602,28 @@ def test_transposed_chunk_block_mask_covers_every_visible_pair(c):
                                ref)
 
 
-def test_transposed_chunk_block_mask_in_the_compiled_kernel():
-    """The transposed structure in the compiled kernel (which skips unvisited blocks, where eager
-    flex does not): the column sums' pass (keys as rows over the queries, the queries' LSE
-    subtracted) gives dense attention's output for that problem; a chunk after a cache, with
-    padding, a window and per-head slots (~10 s of compile), with values as narrow as the column
-    sums' (`LSE_ONLY_VALUE_DIM`, not the QK head dim). The mask is built outside the graph,
-    as the column sums build it: built inside one, this kernel came out wrong (torch 2.13), so
-    a compiled prefill chunk keeps the blockwise column sums."""
-    q, k, v, q_pos, k_pos, window = _chunk_inputs((2, 2, 2, 200, 300, 17, 50, 1, True))
+@pytest.mark.parametrize("c", [(2, 2, 2, 200, 300, 17, 50, 1, True),   # cache + chunk, pad, window
+                               (1, 1, 2, 0, 300, 0, None, 0, False)])    # one-shot causal: full blocks
+def test_transposed_chunk_block_mask_in_the_compiled_kernel(c):
+    """The transposed structure in the compiled kernel (which skips unvisited blocks and applies
+    no mask_mod on full ones, where eager flex does neither): the column sums' pass (keys as rows
+    over the queries, the queries' LSE subtracted) gives dense attention's output for that
+    problem; a chunk after a cache, with padding, a window and per-head slots, and a one-shot
+    causal prompt (~10 s of compile each), with values as narrow as the column sums'
+    (`LSE_ONLY_VALUE_DIM`, not the QK head dim). The mask is built outside the graph, as the
+    column sums build it: built inside one, this kernel came out wrong (torch 2.13), so a
+    compiled prefill chunk keeps the blockwise column sums."""
+    q, k, v, q_pos, k_pos, window = _chunk_inputs(c)
     B, H, T, D = q.shape
     Tk, G = k.shape[2], H // k.shape[1]
     lse = _masked_lse(q, k, q_pos, k_pos, window).float()
     lse = torch.where(lse.isfinite(), lse, 0.0)                          # padded queries: masked anyway
     fwd = attention.slot_mask(q_pos, k_pos, G, window)
-    bm = attention.transposed_chunk_block_mask(lambda b, h, r, c: fwd(b, h, c, r), Tk, T, "cpu")
+    full = attention.plain_causal(q_pos, k_pos, window)
+    assert full == (c[3] == 0)
+    bm = attention.transposed_chunk_block_mask(lambda b, h, r, c: fwd(b, h, c, r), Tk, T, "cpu",
+                                               full)
+    assert bool((bm.full_kv_num_blocks > 0).any()) == full
     rows = k.repeat_interleave(G, dim=1).float()
     vals = torch.randn(B, H, T, scores.LSE_ONLY_VALUE_DIM, dtype=torch.float64)  # as they run
     torch._dynamo.reset()

@@ -194,7 +194,8 @@ def _flex_column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: T
     values are zeros, never used), where the blockwise path runs fp32 matmuls and ~5 elementwise
     passes over every score. With `keys_end_with_queries` the block mask is the chunk's
     structure transposed (`attention.transposed_chunk_block_mask`: the blocks no query can see
-    are skipped, nothing evaluated per entry), else `attention.prefill_block_mask`.
+    are skipped, nothing evaluated per entry; on a one-shot causal prompt the blocks every query
+    of which sees every key are full, no mask_mod), else `attention.prefill_block_mask`.
     q [B, H, Tq, D], k [B, Hkv, N, D], q_pos [B, Tq], k_pos [B, Hkv, N], lse [B, H, Tq],
     bias [B, Hkv, N] -> [B, Hkv, N] (fp32, fp64 for fp64)."""
     B, H, Tq, D = q.shape
@@ -212,7 +213,8 @@ def _flex_column_sums(q: Tensor, k: Tensor, q_pos: Tensor, k_pos: Tensor, lse: T
         return query_sees_key(b, h, c, r)
 
     if keys_end_with_queries:
-        mask = attention.transposed_chunk_block_mask(key_seen_by_query, N, Tq, q.device)
+        mask = attention.transposed_chunk_block_mask(key_seen_by_query, N, Tq, q.device,
+                                                     attention.plain_causal(q_pos, k_pos, window))
     else:
         mask = attention.prefill_block_mask(key_seen_by_query, B, H, N, Tq, q.device)
     # values: zeros of LSE_ONLY_VALUE_DIM, never read back (only the LSE is): the kernel's
