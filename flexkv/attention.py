@@ -160,6 +160,13 @@ def prefill_block_mask(mask_mod, B: int, H: int, Tq: int, Tk: int, device):
     return _compiled_block_mask(mask_mod, B, H, Tq, Tk, device=device)
 
 
+def _with_mask_mod(s: BlockMask, mask_mod) -> BlockMask:
+    """A block structure (shared, cached) with this call's mask_mod."""
+    return BlockMask(s.seq_lengths, s.kv_num_blocks, s.kv_indices, s.full_kv_num_blocks,
+                     s.full_kv_indices, s.q_num_blocks, s.q_indices, s.full_q_num_blocks,
+                     s.full_q_indices, s.BLOCK_SIZE, mask_mod)
+
+
 @functools.lru_cache(maxsize=32)
 def _chunk_blocks(Tq: int, Tk: int, device: str, full_below_diagonal: bool) -> BlockMask:
     """The block structure of `chunk_block_mask` (no mask_mod), shared by every layer."""
@@ -199,10 +206,7 @@ def chunk_block_mask(mask_mod, Tq: int, Tk: int, device, full_below_diagonal: bo
     entries, per layer (~100 ops and ~9 bytes per entry, eagerly). Superset of the exact block
     mask, never a subset: the output is the same (tests/test_attention.py)."""
     build = _chunk_blocks.__wrapped__ if torch.compiler.is_compiling() else _chunk_blocks  # traced: no cache
-    s = build(Tq, Tk, str(device), full_below_diagonal)
-    return BlockMask(s.seq_lengths, s.kv_num_blocks, s.kv_indices, s.full_kv_num_blocks,
-                     s.full_kv_indices, s.q_num_blocks, s.q_indices, s.full_q_num_blocks,
-                     s.full_q_indices, s.BLOCK_SIZE, mask_mod)
+    return _with_mask_mod(build(Tq, Tk, str(device), full_below_diagonal), mask_mod)
 
 
 @functools.lru_cache(maxsize=32)
@@ -242,10 +246,8 @@ def transposed_chunk_block_mask(mask_mod, Tk: int, Tq: int, device,
     evaluation, where `create_block_mask` over Tk x Tq would evaluate ~10^10 entries per layer at
     32K. Outside compiled code only (built inside a graph, inductor's CPU flex template
     miscompiled it: tests/test_attention.py)."""
-    s = _transposed_chunk_blocks(Tk, Tq, str(device), full_above_diagonal)
-    return BlockMask(s.seq_lengths, s.kv_num_blocks, s.kv_indices, s.full_kv_num_blocks,
-                     s.full_kv_indices, s.q_num_blocks, s.q_indices, s.full_q_num_blocks,
-                     s.full_q_indices, s.BLOCK_SIZE, mask_mod)
+    return _with_mask_mod(_transposed_chunk_blocks(Tk, Tq, str(device), full_above_diagonal),
+                          mask_mod)
 
 
 def plain_causal(q_pos: Tensor, k_pos: Tensor, window: int | None) -> bool:

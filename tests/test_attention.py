@@ -616,6 +616,7 @@ def test_transposed_chunk_block_mask_in_the_compiled_kernel(c):
     q, k, v, q_pos, k_pos, window = _chunk_inputs(c)
     B, H, T, D = q.shape
     Tk, G = k.shape[2], H // k.shape[1]
+    _, ok, _ = assert_structure_covers(q, k, q_pos, k_pos, window)      # [B, H, T, Tk]
     lse = _masked_lse(q, k, q_pos, k_pos, window).float()
     lse = torch.where(lse.isfinite(), lse, 0.0)                          # padded queries: masked anyway
     fwd = attention.slot_mask(q_pos, k_pos, G, window)
@@ -630,13 +631,8 @@ def test_transposed_chunk_block_mask_in_the_compiled_kernel(c):
     o = torch.compile(flex_attention, fullgraph=True, dynamic=False)(
         rows, q.float(), vals.float(), block_mask=bm,
         score_mod=lambda s, b, h, r, c: s - lse[b, h, c])
-    kp = k_pos.repeat_interleave(G, dim=1)[:, :, :, None]                # [B, H, Tk, 1]
-    qp = q_pos[:, None, None, :]
-    ok = (kp >= 0) & (kp <= qp)
-    if window is not None:
-        ok &= qp - kp < window
     s = rows.double() @ q.transpose(-1, -2) / math.sqrt(D) - lse.double()[:, :, None, :]
-    p = torch.nan_to_num(s.masked_fill(~ok, -math.inf).softmax(-1), nan=0.0)
+    p = torch.nan_to_num(s.masked_fill(~ok.transpose(-1, -2), -math.inf).softmax(-1), nan=0.0)
     torch.testing.assert_close(o.double(), p @ vals, atol=1e-5, rtol=1e-5)
 
 
