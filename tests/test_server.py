@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from unittest import mock
 
 import pytest
 
@@ -807,15 +808,34 @@ def test_cli_serve_bad_arguments_exit_2(tiny_chat_dir, capsys):
         assert len(err) == 1 and err[0].startswith("error: ") and "listen" in err[0]
 
 
+def test_cli_serve_passes_its_engine_options(tiny_chat_dir):
+    """`flexkv serve`'s engine flags reach `flexkv.serve.api.serve` (the compiled chunk prefill
+    itself is tested in test_serve_engine.py; compiling it again here cost ~30 s of CI)."""
+    from flexkv.cli import main as cli
+
+    with mock.patch("flexkv.serve.api.serve") as serve:
+        assert cli(["serve", "--model", str(tiny_chat_dir), "--port", "0", "--policy", "h2o",
+                    "--budget", "16", "--param", "recent=4", "--max-slots", "3",
+                    "--max-new-tokens", "8", "--max-prompt-tokens", "64", "--prefill-chunk", "8",
+                    "--compile-prefill", "--no-compile", "--max-waiting", "5"]) == 0
+    (model,), kw = serve.call_args
+    assert model == str(tiny_chat_dir)
+    assert {k: kw[k] for k in ("policy", "budget", "recent", "max_slots", "max_new_tokens",
+                               "max_prompt_tokens", "prefill_chunk", "compile_prefill",
+                               "compile", "max_waiting")} == dict(
+        policy="h2o", budget=16, recent=4, max_slots=3, max_new_tokens=8, max_prompt_tokens=64,
+        prefill_chunk=8, compile_prefill=True, compile=False, max_waiting=5)
+    kw["sock"].close()
+
+
 def test_cli_serve_end_to_end(tiny_chat_dir):
-    """`python -m flexkv serve` in a subprocess: it prints its address, answers, stops on SIGINT.
-    With `--compile-prefill`: the engine's thread compiles the prefill chunk (tiny model, CPU)."""
+    """`python -m flexkv serve` in a subprocess: it prints its address, answers a prompt of more
+    than one prefill chunk, stops on SIGINT."""
     import signal
 
     cmd = [sys.executable, "-m", "flexkv", "serve", "--model", str(tiny_chat_dir), "--port", "0",
            "--policy", "h2o", "--budget", "16", "--param", "recent=4", "--max-slots", "2",
-           "--max-new-tokens", "8", "--served-model-name", "tiny", "--compile-prefill",
-           "--prefill-chunk", "8"]
+           "--max-new-tokens", "8", "--served-model-name", "tiny", "--prefill-chunk", "8"]
     p = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     try:
