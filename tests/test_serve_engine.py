@@ -10,7 +10,8 @@
 - Isolation: a seeded sampled request gives the same tokens alone and in a busy batch; a
   reused slot behaves as a fresh engine; idle rows write nothing and no NaN reaches the cache; a
   row without a free slot never overwrites a kept token.
-- Zero recompiles (one dynamo cache entry, no graph breaks) while 20+ requests come and go.
+- Zero recompiles (one dynamo cache entry, no graph breaks) while 20+ requests come and go;
+  the compiled step compiled and run in the engine's own thread (`start()`, as servers run it).
 - Sizing (`kv_memory`), validation, the bounded queue, async iteration and cancellation.
 """
 from __future__ import annotations
@@ -240,6 +241,30 @@ def test_zero_recompiles_while_requests_come_and_go(tiny_llama):
     assert all(h.finished for h in handles)
     assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+@pytest.mark.slow
+def test_compiled_decode_in_the_engine_thread(tiny64):
+    """A server's engine compiles its decode step in its own thread (`start()`, as `flexkv serve
+    --compile` runs it): the answers equal the eager engine's, from one graph."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from flexkv.generate import decode_one_token
+
+    V = tiny64.args.vocab_size
+    prompts = [random_prompt(5 + 6 * i, 50 + i, V) for i in range(3)]
+    params = [SamplingParams(max_tokens=4 + i) for i in range(3)]
+    common = dict(budget=8, max_slots=2, max_new_tokens=MAX_NEW, max_prompt_tokens=MAX_PROMPT,
+                  prefill_chunk=8)
+    want = Engine(tiny64, None, "h2o", **common).generate(prompts, params)
+    torch._dynamo.reset()
+    eng = Engine(tiny64, None, "h2o", compile=True, **common).start()
+    try:
+        got = [h.result(timeout=600) for h in [eng.submit(p, sp) for p, sp in zip(prompts, params)]]
+    finally:
+        eng.shutdown()
+    assert got == want
+    assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1
 
 
 @pytest.mark.slow
