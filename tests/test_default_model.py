@@ -61,9 +61,10 @@ def test_default_model_shape(default_model):
 
 def test_logits_equal_transformers_gguf(default_model, gguf_reference, chat_ids):
     model, _ = default_model
+    _, _, gguf_model = gguf_reference
     with torch.no_grad():
         ours = model(chat_ids)
-        ref = gguf_reference[2](chat_ids).logits
+        ref = gguf_model(chat_ids).logits
     assert ours.shape == ref.shape
     diff = (ours - ref).abs().max().item()
     assert diff <= LOGITS_ATOL, f"max abs logit diff {diff:.3g} > {LOGITS_ATOL}"
