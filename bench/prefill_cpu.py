@@ -1,6 +1,7 @@
 """CPU prefill and end to end: flexkv against kvpress (on transformers) on the same prompt, one run.
 
-    python bench/prefill_cpu.py                    # 4K passkey prompt + 32 greedy tokens, 3 trials
+    python bench/prefill_cpu.py                    # 4K passkey prompt + 32 greedy tokens, 3 trials,
+                                                  # every policy both have (PAIRS)
     python bench/prefill_cpu.py --length 1024 --trials 1 --no-kvpress     # a quick look
     python bench/prefill_cpu.py --out bench/results/prefill/mine.md      # elsewhere
     python bench/prefill_cpu.py --prefill-chunk 512 --no-kvpress --pairs full,streaming,snapkv,h2o,tova
@@ -45,14 +46,27 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "prefill"
 
-# flexkv policy -> kvpress press (None: no press, the full cache) and whether it needs eager attention
+# flexkv policy -> kvpress press (None: no press, the full cache) and whether it needs eager
+# attention; "Outer(Inner)" is a press wrapping a scorer press (kvpress's AdaKVPress)
 PAIRS = {
     "full": (None, False),
     "streaming": ("StreamingLLMPress", False),
     "snapkv": ("SnapKVPress", False),
     "tova": ("TOVAPress", False),
     "h2o": ("ObservedAttentionPress", True),
+    "keydiff": ("KeyDiffPress", False),
+    "pyramidkv": ("PyramidKVPress", False),
+    "adakv": ("AdaKVPress(SnapKVPress)", False),
 }
+
+
+def make_press(kvpress, name: str, ratio: float, params: dict):
+    """kvpress's press `name` at `compression_ratio=ratio`; for "Outer(Inner)" the inner scorer
+    press takes the ratio and `params`, the outer one wraps it (`AdaKVPress(press=...)`)."""
+    if name.endswith(")") and "(" in name:
+        outer, inner = name[:-1].split("(", 1)
+        return getattr(kvpress, outer)(press=make_press(kvpress, inner, ratio, params))
+    return getattr(kvpress, name)(compression_ratio=ratio, **params)
 
 
 # =========================================================================== worker (kvpress venv)
@@ -88,7 +102,7 @@ def _worker() -> int:
         press = None
         if r["press"] is not None and r["budget"] < T:
             ratio = 1.0 - (r["budget"] + 0.5) / T
-            press = getattr(kvpress, r["press"])(compression_ratio=ratio, **r["params"])
+            press = make_press(kvpress, r["press"], ratio, r["params"])
         load0 = os.getloadavg()[0]
         t0 = time.perf_counter()
         cache = DynamicCache()
@@ -265,6 +279,9 @@ def markdown(rows, meta) -> str:
               "prefill and decode loop (tokenisation and model loading excluded). "
               "`e2e flexkv/kvpress` divides the two sides' minima; the per-round column divides "
               "each round's two runs, which ran back to back. "
+              "`kept/head`: flexkv the most tokens any (layer, KV head) holds at the end; kvpress "
+              "its cache's sequence length (AdaKVPress masks the entries it evicts instead of "
+              "removing them, so its cache keeps the whole prompt). "
               "`max load`: the highest 1-minute load average seen around the row's trials "
               f"(the machine has {meta['cores']} cores; above that, other jobs shared them)."]
     if meta.get("notes"):
@@ -295,7 +312,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=int, default=256, help="tokens kept per head (256)")
     ap.add_argument("--trials", type=int, default=3, help="rounds; the table takes the min (3)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads on both sides (2)")
-    ap.add_argument("--pairs", default="full,streaming,snapkv,h2o,tova",
+    ap.add_argument("--pairs", default=",".join(PAIRS),
                     help="policies run by both (flexkv name; kvpress press from PAIRS)")
     ap.add_argument("--flexkv-only", default="weightedkv", help="policies only flexkv runs")
     ap.add_argument("--no-kvpress", action="store_true", help="flexkv side only")
@@ -344,7 +361,8 @@ def main(argv=None) -> int:
 
     def kv_req(policy, input_ids):
         press, eager = PAIRS[policy]
-        return dict(op="run", press=press, params=kvpress_side.press_params(press),
+        scorer = press.rsplit("(", 1)[-1].rstrip(")") if press else None  # the one taking params
+        return dict(op="run", press=press, params=kvpress_side.press_params(scorer),
                     budget=args.budget, new_tokens=args.new_tokens,
                     attn="eager" if eager else "sdpa", input_ids=input_ids[0].tolist())
 

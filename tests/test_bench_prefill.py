@@ -35,3 +35,29 @@ def test_per_round_median_and_render(tmp_path):
     assert md == path.with_suffix(".md").read_text()
     assert "| 0.96 | 0.96 (0.95, 1.40, 0.96) |" in md
     assert json.loads(path.with_suffix(".json").read_text())["rows"]  # rows recomputed
+
+
+def test_make_press_builds_plain_and_wrapping_presses():
+    """The worker's press construction, on stand-ins for kvpress's classes: a scorer press takes
+    the ratio and its parameters; "AdaKVPress(SnapKVPress)" wraps the scorer, as kvpress's
+    `AdaKVPress(press=SnapKVPress(compression_ratio=...))` is built. Every pair names a press."""
+    from dataclasses import dataclass
+    from types import SimpleNamespace
+
+    pc = load_bench("prefill_cpu")
+
+    @dataclass
+    class SnapKVPress:
+        compression_ratio: float
+        window_size: int = 64
+
+    @dataclass
+    class AdaKVPress:
+        press: SnapKVPress
+
+    kvpress = SimpleNamespace(SnapKVPress=SnapKVPress, AdaKVPress=AdaKVPress)
+    assert pc.make_press(kvpress, "SnapKVPress", 0.75, {"window_size": 8}) == SnapKVPress(0.75, 8)
+    ada = pc.make_press(kvpress, "AdaKVPress(SnapKVPress)", 0.5, {})
+    assert ada == AdaKVPress(press=SnapKVPress(0.5))
+    assert pc.PAIRS["adakv"][0] == "AdaKVPress(SnapKVPress)"
+    assert all(press for p, (press, _) in pc.PAIRS.items() if p != "full")
