@@ -280,8 +280,8 @@ def markdown(rows, meta) -> str:
               "`e2e flexkv/kvpress` divides the two sides' minima; the per-round column divides "
               "each round's two runs, which ran back to back. "
               "`kept/head`: flexkv the most tokens any (layer, KV head) holds at the end; kvpress "
-              "its cache's sequence length (AdaKVPress masks the entries it evicts instead of "
-              "removing them, so its cache keeps the whole prompt). "
+              "its cache's sequence length (`get_seq_length()`, layer 0's; AdaKVPress masks the "
+              "entries it evicts instead of removing them, so its cache keeps the whole prompt). "
               "`max load`: the highest 1-minute load average seen around the row's trials "
               f"(the machine has {meta['cores']} cores; above that, other jobs shared them)."]
     if meta.get("notes"):
