@@ -60,13 +60,21 @@ PAIRS = {
 }
 
 
+def split_press(name: str) -> tuple[str | None, str]:
+    """A press name -> (wrapping press or None, scorer press): `AdaKVPress(SnapKVPress)` ->
+    ("AdaKVPress", "SnapKVPress"), `TOVAPress` -> (None, "TOVAPress")."""
+    if name.endswith(")") and "(" in name:
+        outer, inner = name[:-1].split("(", 1)
+        return outer, inner
+    return None, name
+
+
 def make_press(kvpress, name: str, ratio: float, params: dict):
     """kvpress's press `name` at `compression_ratio=ratio`; for "Outer(Inner)" the inner scorer
     press takes the ratio and `params`, the outer one wraps it (`AdaKVPress(press=...)`)."""
-    if name.endswith(")") and "(" in name:
-        outer, inner = name[:-1].split("(", 1)
-        return getattr(kvpress, outer)(press=make_press(kvpress, inner, ratio, params))
-    return getattr(kvpress, name)(compression_ratio=ratio, **params)
+    outer, inner = split_press(name)
+    press = getattr(kvpress, inner)(compression_ratio=ratio, **params)
+    return press if outer is None else getattr(kvpress, outer)(press=press)
 
 
 # =========================================================================== worker (kvpress venv)
@@ -361,7 +369,7 @@ def main(argv=None) -> int:
 
     def kv_req(policy, input_ids):
         press, eager = PAIRS[policy]
-        scorer = press.rsplit("(", 1)[-1].rstrip(")") if press else None  # the one taking params
+        scorer = split_press(press)[1] if press else None  # the press that takes the parameters
         return dict(op="run", press=press, params=kvpress_side.press_params(scorer),
                     budget=args.budget, new_tokens=args.new_tokens,
                     attn="eager" if eager else "sdpa", input_ids=input_ids[0].tolist())

@@ -60,4 +60,6 @@ def test_make_press_builds_plain_and_wrapping_presses():
     ada = pc.make_press(kvpress, "AdaKVPress(SnapKVPress)", 0.5, {})
     assert ada == AdaKVPress(press=SnapKVPress(0.5))
     assert pc.PAIRS["adakv"][0] == "AdaKVPress(SnapKVPress)"
+    assert pc.split_press("AdaKVPress(SnapKVPress)") == ("AdaKVPress", "SnapKVPress")
+    assert pc.split_press("TOVAPress") == (None, "TOVAPress")
     assert all(press for p, (press, _) in pc.PAIRS.items() if p != "full")
