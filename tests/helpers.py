@@ -157,6 +157,14 @@ class NoCacheBuilt:
         return False
 
 
+def decode_graphs() -> int:
+    """Dynamo cache entries of the compiled decode unit, `decode_one_token` (1 = no recompiles)."""
+    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
+
+    from flexkv.generate import decode_one_token
+    return len(_debug_get_cache_entry_list(decode_one_token.__code__))
+
+
 def load_bench(name: str):
     """Import `bench/<name>.py` (not a package) as module `bench_<name>`; registered in
     sys.modules, where dataclasses look their module up."""

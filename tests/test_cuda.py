@@ -33,13 +33,12 @@ import pytest
 import torch
 from hypothesis import find
 from hypothesis import strategies as st
-from torch._dynamo.eval_frame import _debug_get_cache_entry_list
 from torch._dynamo.utils import counters
 
 import flexkv
 from flexkv import attention
 from flexkv.policies import scores
-from helpers import LLAMA3_SCALING, hf_greedy, hf_model, make_checkpoint, random_ids
+from helpers import LLAMA3_SCALING, decode_graphs, hf_greedy, hf_model, make_checkpoint, random_ids
 from policy_cases import CASES
 
 if torch.cuda.is_available():
@@ -109,12 +108,6 @@ class SyncGuard:
 
     def close(self):
         torch.cuda.set_sync_debug_mode(0)
-
-
-def decode_graphs() -> int:
-    """Dynamo cache entries of the compiled decode unit (1 = no recompiles)."""
-    from flexkv.generate import decode_one_token
-    return len(_debug_get_cache_entry_list(decode_one_token.__code__))
 
 
 def cudagraph_skips() -> int:

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import flexkv
-from helpers import assert_same_cache, hf_greedy, hf_model, make_checkpoint, random_ids
+from helpers import assert_same_cache, decode_graphs, hf_greedy, hf_model, make_checkpoint, random_ids
 
 V = 101  # helpers.TINY vocab
 WINDOW = 8
@@ -87,10 +87,7 @@ def test_compiled_decode_equals_eager_without_recompiles(tiny_llama):
     """The only `compile=True` test: tiny model, batch 2, 60 tokens; the compiled decode step is
     one graph with no graph break, and a second call (new prompt, same shapes, new cache and
     policy object) reuses it."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
-
-    from flexkv.generate import decode_one_token
 
     n = 60
     ids1, ids2 = random_ids(2, 10, V, seed=31), random_ids(2, 10, V, seed=32)
@@ -110,13 +107,13 @@ def test_compiled_decode_equals_eager_without_recompiles(tiny_llama):
     assert torch.equal(out1.tokens, eager1)
     assert counters["stats"]["unique_graphs"] == base + 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1
+    assert decode_graphs() == 1
 
     out2 = _greedy(tiny_llama, ids2, n, compile=True)
     assert torch.equal(out2.tokens, eager2)
     assert counters["stats"]["unique_graphs"] == base + 1, dict(counters["stats"])
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1
+    assert decode_graphs() == 1
 
 
 # --------------------------------------------------------------------------- left padding

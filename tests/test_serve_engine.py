@@ -29,6 +29,7 @@ from flexkv.cache import LayerCache
 from flexkv.generate import prefill_one_chunk
 from flexkv.policies import H2O
 from flexkv.serve import Engine, QueueFull, SamplingParams
+from helpers import decode_graphs
 from policy_cases import CASES
 
 SETTINGS = settings(max_examples=5, deadline=None,
@@ -217,10 +218,7 @@ def test_full_row_never_overwrites_a_kept_token():
 
 @pytest.mark.slow
 def test_zero_recompiles_while_requests_come_and_go(tiny_llama):
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
     from torch._dynamo.utils import counters
-
-    from flexkv.generate import decode_one_token
 
     torch._dynamo.reset()
     counters.clear()
@@ -239,7 +237,7 @@ def test_zero_recompiles_while_requests_come_and_go(tiny_llama):
     while eng.has_work():
         eng.step()
     assert all(h.finished for h in handles)
-    assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1
+    assert decode_graphs() == 1
     assert not counters["graph_break"], dict(counters["graph_break"])
 
 
@@ -250,10 +248,6 @@ def test_zero_recompiles_while_requests_come_and_go(tiny_llama):
 def test_compiled_decode_in_the_engine_thread(tiny64):
     """A server's engine compiles its decode step in its own thread (`start()`, as `flexkv serve
     --compile` runs it): the answers equal the eager engine's, from one graph."""
-    from torch._dynamo.eval_frame import _debug_get_cache_entry_list
-
-    from flexkv.generate import decode_one_token
-
     V = tiny64.args.vocab_size
     prompts = [random_prompt(5 + 6 * i, 50 + i, V) for i in range(3)]
     params = [SamplingParams(max_tokens=4 + i) for i in range(3)]
@@ -267,7 +261,7 @@ def test_compiled_decode_in_the_engine_thread(tiny64):
     finally:
         eng.shutdown()
     assert got == want
-    assert len(_debug_get_cache_entry_list(decode_one_token.__code__)) == 1
+    assert decode_graphs() == 1
 
 
 @pytest.mark.slow
