@@ -409,7 +409,9 @@ def markdown(meta, rows, bw) -> str:
     head = (f"# Speed: {meta['preset']}\n\n`{meta['command']}`  \ncommit {meta['commit']}, "
             f"device {meta['device']}, torch {meta['torch']}, wall {meta['wall_s']} s, "
             f"copy bandwidth {bw / 1e9:.1f} GB/s, decode probabilities "
-            f"{meta.get('decode_probs', 'not recorded')} (`flexkv.attention.DECODE_PROBS`)\n\n")
+            f"{meta.get('decode_probs', 'not recorded')} (`flexkv.attention.DECODE_PROBS`), "
+            f"layer regions {','.join(meta.get('config', {}).get('layer_regions', ['not recorded']))}"
+            f" (`flexkv.models.llama.LAYER_REGIONS`)\n\n")
     cols = ["impl", "policy", "prompt", "budget", "batch", "decode_ms", "tok_s", "floor_ms",
             "frac_floor", "prefill_plain_s", "prefill_s", "prefill_chunked_s", "peak_mem_gb",
             "chunked_peak_mem_gb", "compile_s", "recompiles"]
@@ -422,14 +424,15 @@ def markdown(meta, rows, bw) -> str:
     # one-shot prefill time over a plain causal prefill's (snapkv / laprox at 32K: <= 1.3x), and
     # a chunked prefill's peak memory over weights + 2 x (budget + chunk) KV (<= 1 at 32K)
     ok = [r for r in rows if not r.error and r.impl.startswith("flexkv")]
-    streaming = {(r.prompt, r.budget, r.batch): r.decode_ms for r in ok if r.policy == "streaming"}
+    streaming = {(r.impl, r.prompt, r.budget, r.batch): r.decode_ms for r in ok
+                 if r.policy == "streaming"}
     hf_static = {(r.prompt, r.batch): r.tok_s for r in rows
                  if r.impl == "transformers-static-compile" and not r.error}
     derived = {}
     for r in ok:
         x = {}
-        if r.budget is not None and (r.prompt, r.budget, r.batch) in streaming:
-            x["x_streaming_ms"] = r.decode_ms / streaming[(r.prompt, r.budget, r.batch)]
+        if r.budget is not None and (r.impl, r.prompt, r.budget, r.batch) in streaming:
+            x["x_streaming_ms"] = r.decode_ms / streaming[(r.impl, r.prompt, r.budget, r.batch)]
         if (r.prompt, r.batch) in hf_static:
             x["x_hf_static_tok_s"] = r.tok_s / hf_static[(r.prompt, r.batch)]
         if r.prefill_plain_s > 0:  # False for nan (a failed plain prefill)
@@ -472,6 +475,11 @@ def main(argv=None) -> int:
     ap.add_argument("--decode-probs", choices=("explicit", "lowp", "flex_lse", "triton"),
                     help="flexkv.attention.DECODE_PROBS for this run (how policies that need "
                          "attention probabilities get them; default: the library's)")
+    ap.add_argument("--layer-regions", metavar="MODES",
+                    help="comma-separated flexkv.models.llama.LAYER_REGIONS settings (auto, on, "
+                         "off; default: this process's, FLEXKV_LAYER_REGIONS or auto): every "
+                         "compiled flexkv cell runs once per setting, in this order, labelled "
+                         "with it when there are several (compile_s compares them)")
     ap.add_argument("--no-profile", action="store_true",
                     help="skip the profiled run of each compiled cell (the per-kernel breakdown)")
     ap.add_argument("--time-budget", type=float, metavar="S",
@@ -495,6 +503,12 @@ def main(argv=None) -> int:
     if args.decode_probs:
         attention.DECODE_PROBS = args.decode_probs
     cfg["decode_probs"] = attention.DECODE_PROBS
+    from flexkv.models import llama
+    regions = args.layer_regions.split(",") if args.layer_regions else [llama.LAYER_REGIONS]
+    bad = [m for m in regions if m not in llama.LAYER_REGIONS_MODES]
+    if bad or not regions:
+        ap.error(f"--layer-regions takes settings from {llama.LAYER_REGIONS_MODES}, got {bad}")
+    cfg["layer_regions"] = regions
     t0 = time.perf_counter()
     with_hf = not args.no_hf and bool(cfg["hf"])
     model, hf = build_models(cfg["model"], device, dtype, with_hf)
@@ -561,12 +575,16 @@ def main(argv=None) -> int:
                     write()
             if pol is None:
                 continue
-            for budget in ([None] if pol.startswith("full") else cfg["budgets"]):
+            budgets = [None] if pol.startswith("full") else cfg["budgets"]
+            for budget, mode in [(b, m) for b in budgets for m in regions]:
                 long = cfg.get("long_steps") if pol == cfg.get("long_policy") else None
+                llama.LAYER_REGIONS = mode
+                label = impl + (f" (regions {mode})" if len(regions) > 1 else "")
                 row = cell(lambda: run_flexkv(model, ids, pol, budget, cfg["new_tokens"],
                                               cfg["chunk"], not args.no_compile, bw, long,
                                               profile=not args.no_profile),
-                           impl, pol, T, budget, B)
+                           label, pol, T, budget, B)
+                row.impl = label
                 row.prefill_plain_s = plain
                 rows.append(row)
                 print(f"  {row.impl} {pol} T={T} budget={budget} B={B}: "

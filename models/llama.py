@@ -12,7 +12,9 @@ Three entry points:
 """
 from __future__ import annotations
 
+import inspect
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -183,6 +185,58 @@ class DecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+# ---------------------------------------------------------------------------- layer regions
+# Hierarchical compilation of the decode step: each decoder-layer call is a
+# `torch.compiler.nested_compile_region`, so the compiler traces and compiles the first layer and
+# stamps that code out for every later layer whose inputs match (shapes, dtypes, and the guards
+# of the first trace, e.g. a policy's Python branch on the layer index: a layer that fails them
+# is traced and compiled on its own, so the result is always that of the unrolled step). Still
+# one graph per step, one CUDA graph around it. Measured on CPU (default model, 30 layers, tova):
+# compile + first step 39 s against 100 s (bench/NOTES.md). Used only where every layer's cache
+# has the same buffers (not pyramidkv, laprox, per-layer budgets: their regions would be
+# compiled layer by layer, slower than the unrolled step).
+# LAYER_REGIONS: "auto" (on for CPU; off for CUDA until a GPU run has checked it under CUDA
+# graphs, bench/GPU.md), "on", "off"; the environment variable FLEXKV_LAYER_REGIONS sets the
+# default. Set it before the first compiled step (dynamo guards on it: changing it recompiles).
+LAYER_REGIONS = os.environ.get("FLEXKV_LAYER_REGIONS", "auto")
+LAYER_REGIONS_MODES = ("auto", "on", "off")
+
+
+def _call_layer(layer, x, pos, rope, mode, lc, policy, extra):
+    return layer(x, pos, rope, mode, lc, policy, extra)
+
+
+def _region(fn):
+    """`fn` as a nested compile region (as is where this torch has none); a region may be traced
+    up to once per layer before the compiler gives up reusing it (a policy branching on every
+    layer index), so allow that many entries."""
+    ncr = getattr(torch.compiler, "nested_compile_region", None)
+    if ncr is None:  # pragma: no cover - torch < 2.8
+        return fn
+    if "max_reuse_entries" in inspect.signature(ncr).parameters:
+        return ncr(fn, max_reuse_entries=1024)
+    return ncr(fn)  # pragma: no cover - torch < 2.12
+
+
+_layer_region = _region(_call_layer)
+
+
+def layer_regions_on(device: torch.device) -> bool:
+    """Whether a compiled decode step on `device` wraps its layers in nested compile regions."""
+    if LAYER_REGIONS not in LAYER_REGIONS_MODES:
+        raise ValueError(f"flexkv.models.llama.LAYER_REGIONS must be one of {LAYER_REGIONS_MODES}, "
+                         f"got {LAYER_REGIONS!r}")
+    return LAYER_REGIONS == "on" or (LAYER_REGIONS == "auto" and device.type != "cuda")
+
+
+def uniform_layers(cache) -> bool:
+    """Every layer's cache holds the same buffers (names, shapes, dtypes)."""
+    def layout(lc):
+        return [(n, b.shape, b.dtype) for n, b in lc.named_buffers()]
+    first = layout(cache.layers[0])
+    return all(layout(lc) == first for lc in cache.layers[1:])
+
+
 class Backbone(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -213,9 +267,13 @@ class Transformer(nn.Module):
              last_only: bool = False) -> Tensor:
         x = self.embed(input_ids)
         rope = rope_cos_sin(pos, self.inv_freq)
+        call = _call_layer
+        if (mode == "decode" and torch.compiler.is_compiling() and layer_regions_on(x.device)
+                and uniform_layers(cache)):
+            call = _layer_region
         for i, layer in enumerate(self.layers):
             lc = None if cache is None else cache.layers[i]
-            x = layer(x, pos, rope, mode, lc, policy, extra)
+            x = call(layer, x, pos, rope, mode, lc, policy, extra)
         if last_only:
             x = x[:, -1:]
         return self.logits(self.model.norm(x))

@@ -170,8 +170,9 @@ for _base in ("h2o", "streaming", "full"):
 
 # The compiled decode step against the reference (tests/test_policies.py): one graph per entry
 # (policy, fixed parameters), at budget 12 on 24-token rows whose padded neighbour may hold fewer
-# tokens than the budget (eviction mid-decode), on a one-layer model with 2 KV heads (it compiles
-# faster) but for the per-layer budgets (PER_LAYER: two layers). Every parameter that changes the
+# tokens than the budget (eviction mid-decode), on a three-layer model with 2 KV heads (its
+# layers compiled once, as nested compile regions) but for the per-layer budgets (PER_LAYER: two
+# layers, unrolled). Every parameter that changes the
 # decode step is set at least once (bias, stochastic, denominator, VAM's alpha), and the
 # prefill-only policies' decode (appending into per-layer / per-head budgets) is compiled too.
 # kvmerger's bias=None decode is snapkv's (plain appending); the other parameters act at prefill

@@ -42,6 +42,27 @@ def test_bad_arguments():
     speed = load_speed()
     with pytest.raises(SystemExit):
         speed.main(["--preset", "tiny", "--new-tokens", "1"])
+    with pytest.raises(SystemExit):
+        speed.main(["--preset", "tiny", "--layer-regions", "on,maybe"])
+
+
+def test_one_row_per_layer_regions_setting(tmp_path, monkeypatch):
+    """`--layer-regions on,off`: each flexkv cell once per setting, labelled with it, each
+    compared with its own setting's `streaming` row."""
+    from flexkv.models import llama
+    monkeypatch.setattr(llama, "LAYER_REGIONS", "auto")
+    speed = load_speed()
+    assert speed.main(["--preset", "tiny", "--no-compile", "--no-hf", "--policies", "streaming,h2o",
+                       "--layer-regions", "on,off", "--out", str(tmp_path)]) == 0
+    data = json.loads((tmp_path / "tiny.json").read_text())
+    assert [(r["impl"], r["policy"]) for r in data["rows"]] == [
+        ("flexkv (regions on)", "streaming"), ("flexkv (regions off)", "streaming"),
+        ("flexkv (regions on)", "h2o"), ("flexkv (regions off)", "h2o")]
+    assert data["meta"]["config"]["layer_regions"] == ["on", "off"]
+    md = (tmp_path / "tiny.md").read_text()
+    assert "layer regions on,off" in md
+    rows = first_table(md)
+    assert [r["x_streaming_ms"] for r in rows if r["policy"] == "streaming"] == ["1", "1"]
 
 
 @pytest.mark.slow

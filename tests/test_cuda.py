@@ -13,7 +13,8 @@ tests` runs them on the GPU machine:
   an error naming its reason where this torch has it), the step replays a CUDA graph (counted
   at `torch.cuda.CUDAGraph.replay`, which cudagraph trees call for every replay), and a second
   run of the same shapes makes no host sync (`torch.cuda.set_sync_debug_mode("error")` from its
-  5th step on);
+  5th step on); the same for a few policies with the step's layers as nested compile regions
+  (`flexkv.models.llama.LAYER_REGIONS="on"`, which CUDA leaves off by default until this passes);
 - the serving engine's step replays a CUDA graph with one dynamo graph and no skips, and its
   tokens equal `flexkv.generate` run alone on each request;
 - the speed tables' per-kernel breakdown (bench/kernel_profile.py) sees the kernels replayed
@@ -352,6 +353,19 @@ def test_policy_compiled_on_device(model32, dev, monkeypatch, name):
     logits); across 100 steps one graph, no graph break, no CUDA-graph skip, graph replays; a
     second run of the same shapes is token-identical, replays, recompiles nothing and never
     syncs the host."""
+    _check_policy_compiled(model32, dev, monkeypatch, name)
+
+
+@pytest.mark.parametrize("name", [p for p in ("streaming", "tova", "cam", "kvmerger") if p in POLICIES])
+def test_policy_compiled_with_layer_regions(model32, dev, monkeypatch, name):
+    """The same checks with the decode step's layers as nested compile regions
+    (`LAYER_REGIONS="on"`; on CUDA the default "auto" leaves them off until this passes there)."""
+    from flexkv.models import llama
+    monkeypatch.setattr(llama, "LAYER_REGIONS", "on")
+    _check_policy_compiled(model32, dev, monkeypatch, name)
+
+
+def _check_policy_compiled(model32, dev, monkeypatch, name):
     model = model32
     ids = random_ids(BATCH, PROMPT, model.args.vocab_size, seed=3).to(dev)
     kw = policy_kw(name, PROMPT)

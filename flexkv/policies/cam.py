@@ -85,8 +85,10 @@ class CaM(CumulativeAttention, MergingPolicy, Streaming):
                             prompt_len + max_new_tokens), generator=g, device=g.device,
                            dtype=torch.float64)
             u = shard_of(model).local_heads(u, dim=2)  # tensor parallel: this rank's heads' draws
-            for lc, u_l in zip(cache.layers, u):  # [B, Hkv, T + N] per layer
-                lc.register_buffer("gate_u", u_l.to(device=lc.score.device, dtype=lc.score.dtype))
+            for lc, u_l in zip(cache.layers, u):  # [B, Hkv, T + N] per layer, its own storage
+                # (not views of one tensor: a compiled step's layer regions need unaliased inputs)
+                lc.register_buffer("gate_u", u_l.to(device=lc.score.device, dtype=lc.score.dtype,
+                                                    copy=True))
         return cache
 
     def prefill_scores(self, ctx: PrefillContext) -> dict[str, Tensor]:
