@@ -50,34 +50,53 @@ class LayerCache(nn.Module):
         none it points at a kept token, so a write must be gated by the bool (`write(when=)`)."""
         return self.pos.argmin(dim=-1), (self.pos < 0).any(dim=-1)
 
+    def at(self, slot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Advanced index of one slot per (row, head): `buf[lc.at(slot)]` with `slot` [B, H_kv] is
+        [B, H_kv] for pos and statistics, [B, H_kv, D] for k and v."""
+        B, n_kv = slot.shape
+        return (torch.arange(B, device=slot.device)[:, None],
+                torch.arange(n_kv, device=slot.device)[None, :], slot)
+
+    def put(self, buf: Tensor, slot: Tensor, new: Tensor, when: Tensor | None = None) -> None:
+        """Write one entry per (row, head): `buf[b, h, slot[b, h]] = new[b, h, 0]` where `when`
+        [B, H_kv] (bool, default everywhere) holds; `buf` is one of this cache's buffers, `new`
+        [B, H_kv, 1] (or [B, H_kv, 1, D] for k / v, as `buf.gather(2, ...)` of one slot gives).
+        Compiled: an `index_put_`, which inductor does in place; a `scatter_` there copies the
+        whole buffer out and back every step (inductor does not reinplace it; bench/NOTES.md,
+        session 14). Eager: a `scatter_` (in place there, and fewer ops to dispatch)."""
+        if new.dtype != buf.dtype:
+            new = new.to(buf.dtype)
+        go = None if when is None else when.view(*when.shape, *([1] * (new.dim() - 2)))
+        if torch.compiler.is_compiling():
+            at = self.at(slot)
+            if go is not None:
+                new = torch.where(go, new, buf[at][:, :, None])
+            buf[at] = new[:, :, 0]
+            return
+        idx = slot[:, :, None]                                        # [B, H_kv, 1]
+        if buf.dim() == 4:
+            idx = idx[..., None].expand(-1, -1, 1, buf.shape[-1])     # [B, H_kv, 1, D]
+        if go is not None:
+            new = torch.where(go, new, buf.gather(2, idx))
+        buf.scatter_(2, idx, new)
+
     def write(self, slot: Tensor, k: Tensor, v: Tensor, pos: Tensor,
               stats: dict[str, Tensor] | None = None, when: Tensor | None = None) -> None:
         """Write one token per head into `slot` [B, H_kv] where `when` [B, H_kv] (bool, default
         everywhere) holds; elsewhere the slot keeps its content. k, v: [B, H_kv, 1, D]; pos: [B, 1]
         (or [B, H_kv]); statistics of the slot are reset to 0 unless given ([B, H_kv])."""
         B, n_kv = slot.shape
-        idx = slot[:, :, None]
-        kidx = idx[..., None].expand(-1, -1, 1, k.shape[-1])
-        go = None if when is None else when[:, :, None]
-
-        def gated(buf: Tensor, index: Tensor, new: Tensor) -> Tensor:
-            return new if go is None else torch.where(
-                go if new.dim() == 3 else go[..., None], new, buf.gather(2, index))
-
-        self.k.scatter_(2, kidx, gated(self.k, kidx, k.to(self.k.dtype)))
-        self.v.scatter_(2, kidx, gated(self.v, kidx, v.to(self.v.dtype)))
-        self.pos.scatter_(2, idx, gated(self.pos, idx, pos.expand(B, n_kv)[:, :, None]))
+        self.put(self.k, slot, k, when)
+        self.put(self.v, slot, v, when)
+        self.put(self.pos, slot, pos.expand(B, n_kv)[:, :, None], when)
         for name in self.stat_names:
             val = (stats or {}).get(name)
             buf = getattr(self, name)
-            new = torch.zeros_like(idx, dtype=buf.dtype) if val is None else val[:, :, None].to(buf.dtype)
-            buf.scatter_(2, idx, gated(buf, idx, new))
+            self.put(buf, slot, buf.new_zeros(B, n_kv, 1) if val is None else val[:, :, None], when)
 
     def evict(self, slot: Tensor, when: Tensor) -> None:
         """Empty `slot` [B, H_kv] where `when` [B, H_kv] (bool) holds; no host sync."""
-        idx = slot[:, :, None]
-        old = self.pos.gather(2, idx)
-        self.pos.scatter_(2, idx, torch.where(when[:, :, None], torch.full_like(old, -1), old))
+        self.put(self.pos, slot, torch.full_like(slot, -1)[:, :, None], when)
 
     def load(self, k: Tensor, v: Tensor, pos: Tensor, stats: dict[str, Tensor] | None = None) -> None:
         """Replace the whole content with `n <= S` tokens per head (prefill): k, v [B, H_kv, n, D],

@@ -66,8 +66,7 @@ class VAM:
         dt = torch.promote_types(lc.v.dtype, torch.float32)
         o_mean = o.reshape(B, n_kv, -1, D).to(dt).mean(dim=2, keepdim=True)  # [B, Hkv, 1, D]
         new_tok = (lc.pos == q_pos[:, :, None]) & active[:, None, None]       # [B, Hkv, S]
-        slot = new_tok.to(torch.int32).argmax(dim=-1)[..., None, None].expand(B, n_kv, 1, D)
-        old = lc.v.gather(2, slot)                                             # [B, Hkv, 1, D]
-        new = (old.to(dt) + self.alpha * o_mean).to(lc.v.dtype)
-        lc.v.scatter_(2, slot, torch.where(new_tok.any(dim=-1)[..., None, None], new, old))
+        slot = new_tok.to(torch.int32).argmax(dim=-1)                         # [B, Hkv]
+        old = lc.v.gather(2, slot[..., None, None].expand(B, n_kv, 1, D))      # [B, Hkv, 1, D]
+        lc.put(lc.v, slot, old.to(dt) + self.alpha * o_mean, when=new_tok.any(dim=-1))
         return o

@@ -110,10 +110,8 @@ class WeightedKV(CumulativeAttention, MergingPolicy):
                     for s in (vi, nb))                                        # [B, Hkv, 1, D]
         den = (a_j + a_m)[..., None]
         new_v = torch.where(den > 0, (a_j[..., None] * v_j + a_m[..., None] * v_m) / den, v_m)
-        go = when[:, :, None]
-        lc.v.scatter_(2, nb[..., None].expand(-1, -1, 1, D),
-                      torch.where(go[..., None], new_v, v_m).to(lc.v.dtype))
+        lc.put(lc.v, nb[..., 0], new_v, when)
         if self.bias == "log_mass":
             mj, mm = lc.merged.gather(2, vi), lc.merged.gather(2, nb)
-            lc.merged.scatter_(2, nb, torch.where(go, mm + 1.0 + mj, mm))
+            lc.put(lc.merged, nb[..., 0], mm + 1.0 + mj, when)
         lc.evict(victim, when)

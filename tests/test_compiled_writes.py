@@ -1,0 +1,53 @@
+"""The compiled decode step writes the cache in place: no temporary the size of a layer's K or V
+in inductor's generated code. Writing one slot per head with `scatter_` made inductor copy the
+whole buffer out and back every step (it does not reinplace `scatter`): two extra passes over
+the K/V cache per layer and step, which on a GPU is bandwidth the decode step exists to save.
+`LayerCache.put` (an `index_put_`) is written in place (bench/NOTES.md, session 14)."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import flexkv.models.llama as llama
+from flexkv.generate import decode_one_token, prefill
+from flexkv.policies.registry import make_policy
+from flexkv.testing import tiny_model
+
+T, NEW, B = 24, 8, 2
+
+
+def _generated_code(name: str, **params) -> tuple[str, tuple[int, ...]]:
+    """Inductor's code for one compiled decode step of policy `name` on a 2-layer fp32 model
+    -> (all generated source, the shape of a layer's K buffer)."""
+    model = tiny_model(2, 4, 2, 16, dtype=torch.float32)
+    pol = make_policy(name, **params)
+    pol.validate(T, NEW, 2)
+    cache = pol.build_cache(model, B, T, NEW)
+    ids = torch.randint(0, model.args.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(T).expand(B, T)
+    with torch.no_grad():
+        tok = prefill(model, cache, pol, ids, pos, None, NEW).argmax(-1)
+        torch._dynamo.reset()
+        step = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
+        _, code = run_and_get_code(step, model, cache, pol, tok[:, None], pos[:, -1:] + 1,
+                                   torch.ones(B, dtype=torch.bool))
+    return "\n".join(code), tuple(cache.layers[0].k.shape)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, params, regions", [
+    ("full", {}, "off"),
+    ("streaming", dict(budget=12, n_sink=2), "off"),
+    ("streaming", dict(budget=12, n_sink=2), "on"),
+    ("tova", dict(budget=12), "on"),
+    ("h2o+vam", dict(budget=12, recent=3), "on"),   # vam rewrites the new token's value
+])
+def test_no_full_size_cache_temporary(monkeypatch, name, params, regions):
+    monkeypatch.setattr(llama, "LAYER_REGIONS", regions)
+    code, shape = _generated_code(name, **params)
+    assert "empty_strided" in code  # the check below reads inductor's buffer allocations
+    full = re.compile(r"empty_strided_\w+\(\(" + ", ".join(map(str, shape)) + r"\)")
+    assert not full.search(code), f"{name}: a temporary of the K/V shape {shape} (a copy)"
