@@ -191,10 +191,11 @@ class DecoderLayer(nn.Module):
 # stamps that code out for every later layer whose inputs match (shapes, dtypes, and the guards
 # of the first trace, e.g. a policy's Python branch on the layer index: a layer that fails them
 # is traced and compiled on its own, so the result is always that of the unrolled step). Still
-# one graph per step, one CUDA graph around it. Measured on CPU (default model, 30 layers, tova):
-# compile + first step 39 s against 100 s (bench/NOTES.md). Used only where every layer's cache
-# has the same buffers (not pyramidkv, laprox, per-layer budgets: their regions would be
-# compiled layer by layer, slower than the unrolled step).
+# one graph per step, one CUDA graph around it. Measured on CPU (default model, 30 layers):
+# compile + first step 20-48 s against 70-102 s, the steady step 4-8 % slower (inductor's CPU
+# wrapper checks each region call's inputs; bench/NOTES.md session 14). Used only where every
+# layer's cache has the same buffers (pyramidkv's per-layer capacities stay unrolled: its regions
+# would be compiled layer by layer, slower than the unrolled step).
 # LAYER_REGIONS: "auto" (on for CPU; off for CUDA until a GPU run has checked it under CUDA
 # graphs, bench/GPU.md), "on", "off"; the environment variable FLEXKV_LAYER_REGIONS sets the
 # default. Set it before the first compiled step (dynamo guards on it: changing it recompiles).
