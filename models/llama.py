@@ -216,7 +216,7 @@ def _region(fn):
         return fn
     if "max_reuse_entries" in inspect.signature(ncr).parameters:
         return ncr(fn, max_reuse_entries=1024)
-    return ncr(fn)  # pragma: no cover - torch < 2.12
+    return ncr(fn)  # pragma: no cover - an older torch (its default entry limit)
 
 
 _layer_region = _region(_call_layer)

@@ -170,11 +170,11 @@ for _base in ("h2o", "streaming", "full"):
 
 # The compiled decode step against the reference (tests/test_policies.py): one graph per entry
 # (policy, fixed parameters), at budget 12 on 24-token rows whose padded neighbour may hold fewer
-# tokens than the budget (eviction mid-decode), on a three-layer model with 2 KV heads (its
-# layers compiled once, as nested compile regions) but for the per-layer budgets (PER_LAYER: two
-# layers, unrolled). Every parameter that changes the
-# decode step is set at least once (bias, stochastic, denominator, VAM's alpha), and the
-# prefill-only policies' decode (appending into per-layer / per-head budgets) is compiled too.
+# tokens than the budget (eviction mid-decode), on a two-layer model with 2 KV heads (the second
+# layer reusing the first one's compiled code, a nested compile region; pyramidkv's per-layer
+# capacities unrolled). Every parameter that changes the decode step is set at least once (bias,
+# stochastic, denominator, VAM's alpha), and the prefill-only policies' decode (appending into
+# per-layer / per-head budgets) is compiled too.
 # kvmerger's bias=None decode is snapkv's (plain appending); the other parameters act at prefill
 # only (eager, covered by the reference tests).
 COMPILED = [
@@ -195,4 +195,3 @@ COMPILED = [
     ("kvmerger", dict(window=2, bias="log_mass")),  # the log_mass bias at decode
     ("full+vam", dict(alpha=0.35)),
 ]
-PER_LAYER = {"pyramidkv", "laprox"}

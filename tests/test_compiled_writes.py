@@ -39,11 +39,9 @@ def _generated_code(name: str, **params) -> tuple[str, tuple[int, ...]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, params, regions", [
-    ("full", {}, "off"),
-    ("streaming", dict(budget=12, n_sink=2), "off"),
-    ("streaming", dict(budget=12, n_sink=2), "on"),
-    ("tova", dict(budget=12), "on"),
-    ("h2o+vam", dict(budget=12, recent=3), "on"),   # vam rewrites the new token's value
+    ("full", {}, "off"),                            # write only, layers unrolled
+    ("streaming", dict(budget=12, n_sink=2), "on"),  # write and evict, in layer regions
+    ("h2o+vam", dict(budget=12, recent=3), "on"),   # + vam rewrites the new token's value
 ])
 def test_no_full_size_cache_temporary(monkeypatch, name, params, regions):
     monkeypatch.setattr(llama, "LAYER_REGIONS", regions)

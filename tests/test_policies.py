@@ -17,15 +17,14 @@ from __future__ import annotations
 import pytest
 
 from flexkv.testing import MODEL_SHAPES, check_policy, models
-from policy_cases import CASES, COMPILED, EXEMPT, PER_LAYER, PROTECTED, VARIABLE_BUDGET
+from policy_cases import CASES, COMPILED, EXEMPT, PROTECTED, VARIABLE_BUDGET
 
 # pyramidkv on a one-layer model keeps `max + window` (its documented choice: no pyramid to
 # spread over), more than the budget; its per-layer budgets are tested in test_policy_snapkv.py
 MULTI_LAYER = models([s for s in MODEL_SHAPES if s[0] > 1])
-# the compiled checks' models: 2 KV heads of 2 queries; three layers, so that the compiled step's
-# layer regions (flexkv.models.llama.LAYER_REGIONS, on for CPU) are stamped out twice after the
-# first layer's trace; the per-layer budgets (unrolled, no regions) on two
-THREE_LAYER_GQA = models([(3, 4, 2, 16)])
+# the compiled checks' model: 2 KV heads of 2 queries, two layers, so that the compiled step's
+# layer regions (flexkv.models.llama.LAYER_REGIONS, on for CPU) stamp the first layer's code out
+# for the second (per-layer budgets stay unrolled)
 TWO_LAYER_GQA = models([(2, 4, 2, 16)])
 
 
@@ -62,5 +61,5 @@ def test_compiled_equals_reference(name, fixed):
     positions and gives its tokens and logits, as one graph without recompiles."""
     budget = {} if name.startswith("full") else dict(budget=12)
     check_policy(name, params=CASES[name], properties=["compiled"], max_examples=3,
-                 model_strategy=TWO_LAYER_GQA if name in PER_LAYER else THREE_LAYER_GQA,
+                 model_strategy=TWO_LAYER_GQA,
                  **budget, **fixed)
