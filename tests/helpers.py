@@ -157,6 +157,26 @@ class NoCacheBuilt:
         return False
 
 
+def decode_step_args(name: str, params: dict, n_layers: int = 2, dtype=torch.float64,
+                     T: int = 24, new: int = 8, batch: int = 2) -> tuple:
+    """The arguments of one decode step (`flexkv.generate.decode_one_token`) of policy `name` on
+    a tiny random model (4 query heads, 2 KV heads, head dim 16), after an eager prefill of
+    `batch` random T-token rows: (model, cache, policy, token, pos, active)."""
+    from flexkv.generate import prefill
+    from flexkv.policies.registry import make_policy
+    from flexkv.testing import tiny_model
+
+    model = tiny_model(n_layers, 4, 2, 16, dtype=dtype)
+    pol = make_policy(name, **params)
+    pol.validate(T, new, n_layers)
+    cache = pol.build_cache(model, batch, T, new)
+    ids = random_ids(batch, T, model.args.vocab_size)
+    pos = torch.arange(T).expand(batch, T)
+    with torch.no_grad():
+        tok = prefill(model, cache, pol, ids, pos, None, new).argmax(-1)
+    return model, cache, pol, tok[:, None], pos[:, -1:] + 1, torch.ones(batch, dtype=torch.bool)
+
+
 def decode_graphs() -> int:
     """Dynamo cache entries of the compiled decode unit, `decode_one_token` (1 = no recompiles)."""
     from torch._dynamo.eval_frame import _debug_get_cache_entry_list

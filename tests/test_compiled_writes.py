@@ -12,29 +12,19 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import flexkv.models.llama as llama
-from flexkv.generate import decode_one_token, prefill
-from flexkv.policies.registry import make_policy
-from flexkv.testing import tiny_model
-
-T, NEW, B = 24, 8, 2
+from flexkv.generate import decode_one_token
+from helpers import decode_step_args
 
 
 def _generated_code(name: str, **params) -> tuple[str, tuple[int, ...]]:
     """Inductor's code for one compiled decode step of policy `name` on a 2-layer fp32 model
     -> (all generated source, the shape of a layer's K buffer)."""
-    model = tiny_model(2, 4, 2, 16, dtype=torch.float32)
-    pol = make_policy(name, **params)
-    pol.validate(T, NEW, 2)
-    cache = pol.build_cache(model, B, T, NEW)
-    ids = torch.randint(0, model.args.vocab_size, (B, T), generator=torch.Generator().manual_seed(0))
-    pos = torch.arange(T).expand(B, T)
+    args = decode_step_args(name, params, 2, torch.float32)
+    torch._dynamo.reset()
+    step = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
     with torch.no_grad():
-        tok = prefill(model, cache, pol, ids, pos, None, NEW).argmax(-1)
-        torch._dynamo.reset()
-        step = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
-        _, code = run_and_get_code(step, model, cache, pol, tok[:, None], pos[:, -1:] + 1,
-                                   torch.ones(B, dtype=torch.bool))
-    return "\n".join(code), tuple(cache.layers[0].k.shape)
+        _, code = run_and_get_code(step, *args)
+    return "\n".join(code), tuple(args[1].layers[0].k.shape)
 
 
 @pytest.mark.slow

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import flexkv.models.llama as llama
-from flexkv.generate import decode_one_token, prefill
-from flexkv.policies.registry import make_policy
-from flexkv.testing import simplest, tiny_model
+from flexkv.generate import decode_one_token
+from flexkv.testing import simplest
+from helpers import decode_step_args
 from policy_cases import CASES, COMPILED
 
 T, NEW = 24, 8
@@ -20,18 +20,11 @@ T, NEW = 24, 8
 def _traced_step(name: str, fixed: dict, n_layers: int = 3):
     """Trace one compiled decode step of policy `name` (its compiled-test parameters) on an
     n-layer model after an eager prefill -> (the dynamo graph, the cache)."""
-    model = tiny_model(n_layers, 4, 2, 16)
     kw = simplest(CASES[name], T)
     kw.update(fixed)
     if not name.startswith("full"):
         kw["budget"] = 12
-    pol = make_policy(name, **kw)
-    pol.validate(T, NEW, n_layers)
-    cache = pol.build_cache(model, 2, T, NEW)
-    ids = torch.randint(0, model.args.vocab_size, (2, T), generator=torch.Generator().manual_seed(0))
-    pos = torch.arange(T).expand(2, T)
-    with torch.no_grad():
-        tok = prefill(model, cache, pol, ids, pos, None, NEW).argmax(-1)
+    args = decode_step_args(name, kw, n_layers, T=T, new=NEW)
     graphs = []
 
     def capture(gm, example_inputs):
@@ -41,9 +34,9 @@ def _traced_step(name: str, fixed: dict, n_layers: int = 3):
     torch._dynamo.reset()
     step = torch.compile(decode_one_token, backend=capture, fullgraph=True, dynamic=False)
     with torch.no_grad():
-        step(model, cache, pol, tok[:, None], pos[:, -1:] + 1, torch.ones(2, dtype=torch.bool))
+        step(*args)
     assert len(graphs) == 1
-    return graphs[0], cache
+    return graphs[0], args[1]
 
 
 def _regions(gm) -> tuple[int, int]:
@@ -55,18 +48,12 @@ def _regions(gm) -> tuple[int, int]:
 
 @pytest.mark.parametrize("name, fixed", COMPILED, ids=[f"{n}-{i}" for i, (n, _) in enumerate(COMPILED)])
 def test_one_region_body_for_all_layers(name, fixed):
+    """Every compiled variant: one region body called once per layer, but pyramidkv, whose
+    per-layer capacities keep the layers unrolled."""
     gm, cache = _traced_step(name, fixed)
-    calls, bodies = _regions(gm)
-    if llama.uniform_layers(cache):
-        assert (calls, bodies) == (3, 1), f"{name} {fixed}: {calls} region calls, {bodies} bodies"
-    else:  # per-layer capacities (pyramidkv): the layers are unrolled
-        assert (calls, bodies) == (0, 0)
-
-
-def test_per_layer_capacities_are_unrolled():
-    gm, cache = _traced_step("pyramidkv", dict(window=2, beta=4))
-    assert not llama.uniform_layers(cache)
-    assert _regions(gm) == (0, 0)
+    uniform = name != "pyramidkv"
+    assert llama.uniform_layers(cache) == uniform
+    assert _regions(gm) == ((3, 1) if uniform else (0, 0)), f"{name} {fixed}: {_regions(gm)}"
 
 
 @pytest.mark.parametrize("mode, expected", [("off", (0, 0)), ("on", (3, 1)), ("auto", (3, 1))])
