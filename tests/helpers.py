@@ -158,23 +158,50 @@ class NoCacheBuilt:
 
 
 def decode_step_args(name: str, params: dict, n_layers: int = 2, dtype=torch.float64,
-                     T: int = 24, new: int = 8, batch: int = 2) -> tuple:
+                     T: int = 24, new: int = 8, batch: int = 2, device: str = "cpu") -> tuple:
     """The arguments of one decode step (`flexkv.generate.decode_one_token`) of policy `name` on
-    a tiny random model (4 query heads, 2 KV heads, head dim 16), after an eager prefill of
-    `batch` random T-token rows: (model, cache, policy, token, pos, active)."""
+    a tiny random model (4 query heads, 2 KV heads, head dim 16; a copy of it on another
+    device), after an eager prefill of `batch` random T-token rows:
+    (model, cache, policy, token, pos, active)."""
+    import copy
+
     from flexkv.generate import prefill
     from flexkv.policies.registry import make_policy
     from flexkv.testing import tiny_model
 
     model = tiny_model(n_layers, 4, 2, 16, dtype=dtype)
+    if torch.device(device).type != "cpu":
+        model = copy.deepcopy(model).to(device)  # tiny_model's are cached: never moved
     pol = make_policy(name, **params)
     pol.validate(T, new, n_layers)
     cache = pol.build_cache(model, batch, T, new)
-    ids = random_ids(batch, T, model.args.vocab_size)
-    pos = torch.arange(T).expand(batch, T)
+    ids = random_ids(batch, T, model.args.vocab_size).to(device)
+    pos = torch.arange(T, device=device).expand(batch, T)
     with torch.no_grad():
         tok = prefill(model, cache, pol, ids, pos, None, new).argmax(-1)
-    return model, cache, pol, tok[:, None], pos[:, -1:] + 1, torch.ones(batch, dtype=torch.bool)
+    return (model, cache, pol, tok[:, None], pos[:, -1:] + 1,
+            torch.ones(batch, dtype=torch.bool, device=device))
+
+
+def kv_sized_temporaries(name: str, params: dict, device: str = "cpu") -> list[str]:
+    """Compile one decode step of policy `name` (2-layer fp32 tiny model) and return the buffer
+    allocations in inductor's generated code that have a layer's K/V shape: copies of the cache
+    (an in-place write has none; tests/test_compiled_writes.py)."""
+    import re
+
+    from torch._inductor.utils import run_and_get_code
+
+    from flexkv.generate import decode_one_token
+
+    args = decode_step_args(name, params, 2, torch.float32, device=device)
+    torch._dynamo.reset()
+    step = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
+    with torch.no_grad():
+        _, code = run_and_get_code(step, *args)
+    code = "\n".join(code)
+    assert "empty_strided" in code  # inductor's buffer allocations, which the check reads
+    shape = ", ".join(map(str, args[1].layers[0].k.shape))
+    return re.findall(r"\w+ = empty_strided_\w+\(\(" + shape + r"\).*", code)
 
 
 def decode_graphs() -> int:

@@ -5,26 +5,10 @@ the K/V cache per layer and step, which on a GPU is bandwidth the decode step ex
 `LayerCache.put` (an `index_put_`) is written in place (bench/NOTES.md, session 14)."""
 from __future__ import annotations
 
-import re
-
 import pytest
-import torch
-from torch._inductor.utils import run_and_get_code
 
 import flexkv.models.llama as llama
-from flexkv.generate import decode_one_token
-from helpers import decode_step_args
-
-
-def _generated_code(name: str, **params) -> tuple[str, tuple[int, ...]]:
-    """Inductor's code for one compiled decode step of policy `name` on a 2-layer fp32 model
-    -> (all generated source, the shape of a layer's K buffer)."""
-    args = decode_step_args(name, params, 2, torch.float32)
-    torch._dynamo.reset()
-    step = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
-    with torch.no_grad():
-        _, code = run_and_get_code(step, *args)
-    return "\n".join(code), tuple(args[1].layers[0].k.shape)
+from helpers import kv_sized_temporaries
 
 
 @pytest.mark.slow
@@ -35,7 +19,4 @@ def _generated_code(name: str, **params) -> tuple[str, tuple[int, ...]]:
 ])
 def test_no_full_size_cache_temporary(monkeypatch, name, params, regions):
     monkeypatch.setattr(llama, "LAYER_REGIONS", regions)
-    code, shape = _generated_code(name, **params)
-    assert "empty_strided" in code  # the check below reads inductor's buffer allocations
-    full = re.compile(r"empty_strided_\w+\(\(" + ", ".join(map(str, shape)) + r"\)")
-    assert not full.search(code), f"{name}: a temporary of the K/V shape {shape} (a copy)"
+    assert kv_sized_temporaries(name, params) == [], f"{name}: a copy of a K/V buffer"

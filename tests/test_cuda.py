@@ -15,6 +15,8 @@ tests` runs them on the GPU machine:
   run of the same shapes makes no host sync (`torch.cuda.set_sync_debug_mode("error")` from its
   5th step on); the same for a few policies with the step's layers as nested compile regions
   (`flexkv.models.llama.LAYER_REGIONS="on"`, which CUDA leaves off by default until this passes);
+- the compiled decode step writes the cache in place: inductor's code for this device allocates
+  no temporary of a layer's K/V shape (a `scatter_` write made it copy every buffer each step);
 - the serving engine's step replays a CUDA graph with one dynamo graph and no skips, and its
   tokens equal `flexkv.generate` run alone on each request;
 - the speed tables' per-kernel breakdown (bench/kernel_profile.py) sees the kernels replayed
@@ -39,7 +41,8 @@ from torch._dynamo.utils import counters
 import flexkv
 from flexkv import attention
 from flexkv.policies import scores
-from helpers import LLAMA3_SCALING, decode_graphs, hf_greedy, hf_model, make_checkpoint, random_ids
+from helpers import (LLAMA3_SCALING, decode_graphs, hf_greedy, hf_model, kv_sized_temporaries,
+                     make_checkpoint, random_ids)
 from policy_cases import CASES
 
 if torch.cuda.is_available():
@@ -363,6 +366,13 @@ def test_policy_compiled_with_layer_regions(model32, dev, monkeypatch, name):
     from flexkv.models import llama
     monkeypatch.setattr(llama, "LAYER_REGIONS", "on")
     _check_policy_compiled(model32, dev, monkeypatch, name)
+
+
+@pytest.mark.parametrize("name, params", [("full", {}), ("h2o+vam", dict(budget=12, recent=3))])
+def test_compiled_step_writes_the_cache_in_place(dev, name, params):
+    """Inductor's code for the compiled decode step on this device allocates no temporary of a
+    layer's K/V shape: the one-slot writes are in place (on CPU: tests/test_compiled_writes.py)."""
+    assert kv_sized_temporaries(name, params, device=DEVICE) == [], name
 
 
 def _check_policy_compiled(model32, dev, monkeypatch, name):
