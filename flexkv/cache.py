@@ -80,6 +80,21 @@ class LayerCache(nn.Module):
             new = torch.where(go, new, buf.gather(2, idx))
         buf.scatter_(2, idx, new)
 
+    def add(self, buf: Tensor, slot: Tensor, delta: Tensor) -> None:
+        """`buf[b, h, slot[b, h, i]] += delta[b, h, i]`: slot [B, H_kv, m] (distinct per head),
+        delta [B, H_kv, m] (or [B, H_kv, m, D] for k / v). Compiled: read, add, `index_put_` of
+        the m entries (in place, as `put`); eager: one `scatter_add_`."""
+        if delta.dtype != buf.dtype:
+            delta = delta.to(buf.dtype)
+        if torch.compiler.is_compiling():
+            B, n_kv, _ = slot.shape
+            at = (torch.arange(B, device=slot.device)[:, None, None],
+                  torch.arange(n_kv, device=slot.device)[None, :, None], slot)
+            buf[at] = buf[at] + delta
+            return
+        idx = slot if buf.dim() == 3 else slot[..., None].expand(-1, -1, -1, buf.shape[-1])
+        buf.scatter_add_(2, idx, delta)
+
     def write(self, slot: Tensor, k: Tensor, v: Tensor, pos: Tensor,
               stats: dict[str, Tensor] | None = None, when: Tensor | None = None) -> None:
         """Write one token per head into `slot` [B, H_kv] where `when` [B, H_kv] (bool, default

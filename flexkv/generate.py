@@ -51,12 +51,25 @@ def decode_one_token(model, cache: KVCache, policy, token: Tensor, pos: Tensor,
 _COMPILED: dict[str, object] = {}
 
 
+def decode_compile_options(device: torch.device | str) -> dict:
+    """Inductor options of the compiled decode step: `mode="reduce-overhead"`'s (CUDA graphs) on
+    CUDA, and `reorder_for_locality` off. That pass moves each op down to just before its first
+    user, so an attention output consumed only by `o_proj` is computed after the policy's
+    eviction; a policy that writes V there (weightedkv's merge) then has V read after its write,
+    and inductor copies the whole V out and back instead of writing one slot in place
+    (bench/NOTES.md, session 15). `torch.compile(..., options=...)` takes no `mode` beside it."""
+    from torch._inductor import list_mode_options
+
+    mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
+    return {**list_mode_options(mode), "reorder_for_locality": False}
+
+
 def compiled_decode(device: torch.device):
-    mode = "reduce-overhead" if device.type == "cuda" else None
-    key = f"{device.type}:{mode}"
+    key = torch.device(device).type
     allow_recompiles()
     if key not in _COMPILED:
-        _COMPILED[key] = torch.compile(decode_one_token, fullgraph=True, mode=mode, dynamic=False)
+        _COMPILED[key] = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
+                                       options=decode_compile_options(device))
     return _COMPILED[key]
 
 

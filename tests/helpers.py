@@ -191,17 +191,53 @@ def kv_sized_temporaries(name: str, params: dict, device: str = "cpu") -> list[s
 
     from torch._inductor.utils import run_and_get_code
 
-    from flexkv.generate import decode_one_token
+    from flexkv.generate import decode_compile_options, decode_one_token
 
     args = decode_step_args(name, params, 2, torch.float32, device=device)
     torch._dynamo.reset()
-    step = torch.compile(decode_one_token, fullgraph=True, dynamic=False)
+    step = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
+                         options=decode_compile_options(device))  # what `generate` compiles
     with torch.no_grad():
         _, code = run_and_get_code(step, *args)
     code = "\n".join(code)
     assert "empty_strided" in code  # inductor's buffer allocations, which the check reads
     shape = ", ".join(map(str, args[1].layers[0].k.shape))
     return re.findall(r"\w+ = empty_strided_\w+\(\(" + shape + r"\).*", code)
+
+
+def kv_sized_ops(name: str, params: dict) -> dict[str, int]:
+    """Trace one decode step of policy `name` (2-layer fp32 tiny model, layers unrolled) to the
+    functional aten graph the compiler starts from and count the ops, other than the
+    `index_put`s that write a few slots in place, whose result has a layer's K/V shape: an
+    operation over the whole cache (a full-width `add` or `where`), one more pass over K or V
+    per layer and step (tests/test_compiled_writes.py)."""
+    import collections
+
+    from torch._dynamo.backends.common import aot_autograd
+
+    from flexkv.generate import decode_one_token
+
+    args = decode_step_args(name, params, 2, torch.float32)
+    shape = tuple(args[1].layers[0].k.shape)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    step = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
+                         backend=aot_autograd(fw_compiler=keep))
+    with torch.no_grad():
+        step(*args)
+    assert graphs
+    ops = collections.Counter(
+        str(n.target) for gm in graphs for n in gm.graph.nodes
+        if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
+        and tuple(n.meta["val"].shape) == shape)
+    assert ops["aten.index_put.default"] > 0  # the new token's write: the check sees the cache
+    del ops["aten.index_put.default"]
+    return dict(ops)
 
 
 def decode_graphs() -> int:

@@ -45,7 +45,7 @@ from torch import Tensor
 from flexkv.distributed import kv_heads_total, shard_of
 from flexkv.policies.base import DecodeContext, PrefillContext
 from flexkv.policies.merging import (CumulativeAttention, MergingPolicy, first_after,
-                                     kept_mask)
+                                     first_after_slots, kept_mask)
 from flexkv.policies.registry import register
 from flexkv.policies.streaming import Streaming
 
@@ -133,20 +133,23 @@ class CaM(CumulativeAttention, MergingPolicy, Streaming):
         lc = ctx.lc
         vi = victim[..., None]                                               # [B, Hkv, 1]
         pos_e = lc.pos.gather(2, vi)
-        recv = first_after(lc.pos, lc.pos >= 0, pos_e[..., 0], self.merge_tokens) & when[..., None]
-        n_recv = recv.sum(-1, keepdim=True)
+        # the receivers as m slots per head (not a mask over all S: the merge then touches m
+        # values of V, not the whole of it)
+        recv, ok = first_after_slots(lc.pos, lc.pos >= 0, pos_e[..., 0], self.merge_tokens)
+        ok = ok & when[..., None]                                            # [B, Hkv, m]
+        n_recv = ok.sum(-1, keepdim=True)
         if self.denominator == "max":                                        # this step's attention
             A = ctx.probs.mean(dim=2)                                        # [B, Hkv, S]
             kept = (lc.pos >= 0) & (torch.arange(A.shape[-1], device=A.device) != vi)
             num, den = A.gather(2, vi), torch.where(kept, A, 0.0).amax(-1, keepdim=True)
         else:
             num = lc.score.gather(2, vi)
-            den = torch.where(recv, lc.score, 0.0).sum(-1, keepdim=True) / n_recv.clamp(min=1)
+            den = torch.where(ok, lc.score.gather(2, recv), 0.0).sum(-1, keepdim=True) / n_recv.clamp(min=1)
         gate = self._gate(lc, num, den, n_recv, pos_e)                       # [B, Hkv, 1]
         D = lc.v.shape[-1]
         v_e = lc.v.gather(2, vi[..., None].expand(-1, -1, 1, D))
-        add = (gate[..., None] * v_e.to(gate.dtype)).to(lc.v.dtype)                 # [B, Hkv, 1, D]
-        lc.v.add_(torch.where(recv[..., None], add, 0.0))
+        add = (gate[..., None] * v_e.to(gate.dtype)).to(lc.v.dtype)          # [B, Hkv, 1, D]
+        lc.add(lc.v, recv, torch.where(ok[..., None], add, 0.0))
         if self.bias == "log_mass":
-            lc.merged.add_(torch.where(recv, gate * (1.0 + lc.merged.gather(2, vi)), 0.0))
+            lc.add(lc.merged, recv, torch.where(ok, gate * (1.0 + lc.merged.gather(2, vi)), 0.0))
         lc.evict(victim, when)

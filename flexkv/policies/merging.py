@@ -14,7 +14,8 @@
   others into the survivors before storing.
 - `next_kept_slot` (one victim) / `merge_targets` (all tokens at once): the kept token with the
   next larger position, else the next smaller one.
-- `first_after`: the (up to) `m` candidates with the smallest positions after a given one.
+- `first_after` / `first_after_slots`: the (up to) `m` candidates with the smallest positions
+  after a given one, as a mask / as slot indices.
 """
 from __future__ import annotations
 
@@ -104,10 +105,17 @@ def merge_targets(pos: Tensor, keep: Tensor) -> Tensor:
     return torch.empty_like(order).scatter_(-1, order, order.gather(-1, tgt))
 
 
-def first_after(pos: Tensor, cand: Tensor, after: Tensor, m: int) -> Tensor:
-    """The (up to) `m` candidates with the smallest positions greater than `after`.
-    pos, cand: [B, Hkv, S]; after: [B, Hkv] -> bool [B, Hkv, S]."""
+def first_after_slots(pos: Tensor, cand: Tensor, after: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """The (up to) `m` candidates with the smallest positions greater than `after`, as slots:
+    ([B, Hkv, m'] distinct slot indices, [B, Hkv, m'] bool: the slot is one), m' = min(m, S).
+    pos, cand: [B, Hkv, S] (valid positions distinct per head); after: [B, Hkv]."""
     big = torch.iinfo(pos.dtype).max
     key = torch.where(cand & (pos > after[..., None]), pos, big)
-    kth = key.topk(min(m, key.shape[-1]), dim=-1, largest=False).values[..., -1:]
-    return (key <= kth) & (key < big)
+    first = key.topk(min(m, key.shape[-1]), dim=-1, largest=False)
+    return first.indices, first.values < big
+
+
+def first_after(pos: Tensor, cand: Tensor, after: Tensor, m: int) -> Tensor:
+    """`first_after_slots` as a mask: bool [B, Hkv, S]."""
+    slots, ok = first_after_slots(pos, cand, after, m)
+    return torch.zeros_like(cand).scatter_(-1, slots, ok)
