@@ -44,8 +44,13 @@ from torch import Tensor
 
 from flexkv.distributed import kv_heads_total, shard_of
 from flexkv.policies.base import DecodeContext, PrefillContext
-from flexkv.policies.merging import (CumulativeAttention, MergingPolicy, first_after,
-                                     first_after_slots, kept_mask)
+from flexkv.policies.merging import (
+    CumulativeAttention,
+    MergingPolicy,
+    first_after,
+    first_after_slots,
+    kept_mask,
+)
 from flexkv.policies.registry import register
 from flexkv.policies.streaming import Streaming
 
