@@ -37,13 +37,24 @@ EPS = 1e-12
 
 def key_diff_score(k: Tensor, pos: Tensor) -> Tensor:
     """k: [B, Hkv, N, D], pos: [B, Hkv, N] (-1 empty) -> [B, Hkv, N] = -cos(k_j, anchor), the
-    anchor being the mean of the valid keys' unit vectors (empty slots are left out)."""
+    anchor being the mean of the valid keys' unit vectors (empty slots are left out; they score
+    0). Computed as `-(k_j . a) / (||k_j|| ||a||)`: two products with K and no normalised copy of
+    it (on CPU the eager decode step pays per pass over the cache: bench/NOTES.md, session 15)."""
     dt = torch.promote_types(k.dtype, torch.float32)
-    valid = (pos >= 0)[..., None]                                         # [B, Hkv, N, 1]
-    unit = F.normalize(k.to(dt), dim=-1, eps=EPS).masked_fill(~valid, 0.0)  # [B, Hkv, N, D]
-    anchor = unit.sum(dim=2) / valid.sum(dim=2).clamp(min=1)              # [B, Hkv, D]
-    anchor = F.normalize(anchor, dim=-1, eps=EPS)
-    return -torch.einsum("bknd,bkd->bkn", unit, anchor)
+    kf = k.to(dt)  # compiled, the upcast of a bf16 cache fuses into the two reductions below
+    valid = pos >= 0
+    inv_norm = torch.where(valid, torch.linalg.vector_norm(kf, dim=-1).clamp(min=EPS).reciprocal(),
+                           0.0)                                           # [B, Hkv, N]
+    if torch.compiler.is_compiling():  # pointwise + reductions: inductor fuses them, K read once each
+        unit_sum = (inv_norm[..., None] * kf).sum(dim=2)
+    else:                              # eager: a matmul each, the fewest ops
+        unit_sum = (inv_norm[:, :, None, :] @ kf)[:, :, 0]                # [B, Hkv, D]
+    anchor = F.normalize(unit_sum / valid.sum(dim=-1, keepdim=True).clamp(min=1), dim=-1, eps=EPS)
+    if torch.compiler.is_compiling():
+        dot = (kf * anchor[:, :, None, :]).sum(dim=-1)
+    else:
+        dot = (kf @ anchor[..., None])[..., 0]                           # [B, Hkv, N]
+    return -dot * inv_norm
 
 
 @register
