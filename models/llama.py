@@ -144,9 +144,10 @@ class Attention(nn.Module):
         return self.shard.all_reduce(self.o_proj(o.transpose(1, 2).reshape(B, T, -1)))
 
     def forward(self, x: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor], mode: str, lc=None,
-                policy=None, extra=None) -> Tensor:
+                policy=None, extra=None, last_only: bool = False) -> Tensor:
         """mode: "plain" (no cache), "prefill" (write/compress `lc`; extra = the ChunkInfo),
-        "decode" (one token per row; extra = the `active` rows [B] bool)."""
+        "decode" (one token per row; extra = the `active` rows [B] bool). `last_only`: the
+        output of the last position only, [B, 1, d] (the cache still gets every token)."""
         q, k, v = self._qkv(x, rope)
         if mode == "plain":
             o = attention.prefill_attention(q, k, v, pos, pos, window=self.window,
@@ -155,7 +156,7 @@ class Attention(nn.Module):
             o = policy.prefill_layer(self, lc, q, k, v, pos, extra)
         else:
             o = policy.decode_layer(self, lc, q, k, v, pos, extra)
-        return self._out(o)
+        return self._out(o[:, :, -1:] if last_only else o)
 
 
 class FeedForward(nn.Module):
@@ -180,8 +181,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, x: Tensor, pos: Tensor, rope: tuple[Tensor, Tensor], mode: str, lc=None,
-                policy=None, extra=None) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), pos, rope, mode, lc, policy, extra)
+                policy=None, extra=None, last_only: bool = False) -> Tensor:
+        a = self.self_attn(self.input_layernorm(x), pos, rope, mode, lc, policy, extra, last_only)
+        h = (x[:, -1:] if last_only else x) + a
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -272,11 +274,15 @@ class Transformer(nn.Module):
         if (mode == "decode" and torch.compiler.is_compiling() and layer_regions_on(x.device)
                 and uniform_layers(cache)):
             call = _layer_region
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             lc = None if cache is None else cache.layers[i]
-            x = call(layer, x, pos, rope, mode, lc, policy, extra)
-        if last_only:
-            x = x[:, -1:]
+            if last_only and i == last:
+                # only the last position's output is read: the last layer's o_proj and MLP run
+                # on that one token (its K/V, scores and cache still cover the whole chunk)
+                x = layer(x, pos, rope, mode, lc, policy, extra, last_only=True)
+            else:
+                x = call(layer, x, pos, rope, mode, lc, policy, extra)
         return self.logits(self.model.norm(x))
 
     def embed(self, input_ids: Tensor) -> Tensor:

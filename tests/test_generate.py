@@ -81,6 +81,33 @@ def test_chunked_prefill_equals_one_shot(model_and_dir, chunk):
         assert torch.equal(a.pos.sort(-1).values, b.pos.sort(-1).values)
 
 
+def test_prefill_runs_the_last_layers_mlp_on_the_last_position_only(tiny_llama):
+    """Only the last position's logits leave a prefill chunk: the last layer's o_proj and MLP
+    see that one token (every other layer, and every cache, the whole chunk), and the logits are
+    those of the plain forward's last position."""
+    from flexkv.generate import prefill
+    from flexkv.policies import make_policy
+
+    ids = random_ids(2, 11, V, seed=5)
+    pos = torch.arange(11).expand(2, 11)
+    seen = []
+    hooks = [layer.mlp.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+             for layer in tiny_llama.layers]
+    try:
+        pol = make_policy("full")
+        cache = pol.build_cache(tiny_llama, 2, 11, 0)
+        with torch.no_grad():
+            last = prefill(tiny_llama, cache, pol, ids, pos)
+            plain = tiny_llama(ids)[:, -1]
+    finally:
+        for h in hooks:
+            h.remove()
+    L = len(tiny_llama.layers)
+    assert seen[:L] == [11] * (L - 1) + [1]
+    assert all(lc.retained().eq(11).all() for lc in cache.layers)
+    torch.testing.assert_close(last, plain, atol=1e-5, rtol=0)  # fp32
+
+
 # --------------------------------------------------------------------------- compiled decode
 @pytest.mark.slow
 def test_compiled_decode_equals_eager_without_recompiles(tiny_llama):
