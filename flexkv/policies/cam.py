@@ -149,7 +149,8 @@ class CaM(CumulativeAttention, MergingPolicy, Streaming):
             num, den = A.gather(2, vi), torch.where(kept, A, 0.0).amax(-1, keepdim=True)
         else:
             num = lc.score.gather(2, vi)
-            den = torch.where(ok, lc.score.gather(2, recv), 0.0).sum(-1, keepdim=True) / n_recv.clamp(min=1)
+            S_recv = torch.where(ok, lc.score.gather(2, recv), 0.0)          # [B, Hkv, m]
+            den = S_recv.sum(-1, keepdim=True) / n_recv.clamp(min=1)
         gate = self._gate(lc, num, den, n_recv, pos_e)                       # [B, Hkv, 1]
         D = lc.v.shape[-1]
         v_e = lc.v.gather(2, vi[..., None].expand(-1, -1, 1, D))
