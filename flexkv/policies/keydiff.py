@@ -45,15 +45,13 @@ def key_diff_score(k: Tensor, pos: Tensor) -> Tensor:
     valid = pos >= 0
     inv_norm = torch.where(valid, torch.linalg.vector_norm(kf, dim=-1).clamp(min=EPS).reciprocal(),
                            0.0)                                           # [B, Hkv, N]
-    if torch.compiler.is_compiling():  # pointwise + reductions: inductor fuses them, K read once each
-        unit_sum = (inv_norm[..., None] * kf).sum(dim=2)
-    else:                              # eager: a matmul each, the fewest ops
-        unit_sum = (inv_norm[:, :, None, :] @ kf)[:, :, 0]                # [B, Hkv, D]
+    fused = torch.compiler.is_compiling()  # pointwise + reductions: inductor fuses them, K read
+    # once each; eager: a matmul each, the fewest ops
+    unit_sum = ((inv_norm[..., None] * kf).sum(dim=2) if fused
+                else (inv_norm[:, :, None, :] @ kf)[:, :, 0])               # [B, Hkv, D]
     anchor = F.normalize(unit_sum / valid.sum(dim=-1, keepdim=True).clamp(min=1), dim=-1, eps=EPS)
-    if torch.compiler.is_compiling():
-        dot = (kf * anchor[:, :, None, :]).sum(dim=-1)
-    else:
-        dot = (kf @ anchor[..., None])[..., 0]                           # [B, Hkv, N]
+    dot = ((kf * anchor[:, :, None, :]).sum(dim=-1) if fused
+           else (kf @ anchor[..., None])[..., 0])                            # [B, Hkv, N]
     return -dot * inv_norm
 
 
