@@ -586,7 +586,7 @@ def lowp_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos:
     scores = _qk(q, k) / math.sqrt(D)
     if bias is not None:
         scores = scores + bias[:, :, None, :]
-    scores = scores.masked_fill(~_decode_ok(k_pos, q_pos, window), _NEG_INF)
+    scores = torch.where(_decode_ok(k_pos, q_pos, window), scores, _NEG_INF)
     probs = torch.softmax(scores, dim=-1)
     o = _pv(probs, v).to(q.dtype)
     return o.reshape(B, H, 1, D), probs
@@ -608,7 +608,7 @@ def flex_lse_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_
     scores = _qk(q, k) / math.sqrt(D)
     if bias is not None:
         scores = scores + bias[:, :, None, :]
-    scores = scores.masked_fill(~_decode_ok(k_pos, q_pos, window), _NEG_INF)
+    scores = torch.where(_decode_ok(k_pos, q_pos, window), scores, _NEG_INF)
     probs = torch.exp(scores - lse.reshape(B, n_kv, G, 1).to(scores.dtype))
     return o, probs
 

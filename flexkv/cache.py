@@ -46,9 +46,10 @@ class LayerCache(nn.Module):
 
     def free_slot(self) -> tuple[Tensor, Tensor]:
         """An empty slot per head and whether there is one: ([B, H_kv] index, [B, H_kv] bool).
-        The index is the first empty slot (argmin of pos, whose minimum is -1); where a head has
+        The index is the first empty slot (the first minimum of pos, which is -1); where a head has
         none it points at a kept token, so a write must be gated by the bool (`write(when=)`)."""
-        return self.pos.argmin(dim=-1), (self.pos < 0).any(dim=-1)
+        lowest, slot = self.pos.min(dim=-1)  # the index of the first minimum, as argmin's
+        return slot, lowest < 0
 
     def at(self, slot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Advanced index of one slot per (row, head): `buf[lc.at(slot)]` with `slot` [B, H_kv] is
@@ -73,12 +74,7 @@ class LayerCache(nn.Module):
                 new = torch.where(go, new, buf[at][:, :, None])
             buf[at] = new[:, :, 0]
             return
-        idx = slot[:, :, None]                                        # [B, H_kv, 1]
-        if buf.dim() == 4:
-            idx = idx[..., None].expand(-1, -1, 1, buf.shape[-1])     # [B, H_kv, 1, D]
-        if go is not None:
-            new = torch.where(go, new, buf.gather(2, idx))
-        buf.scatter_(2, idx, new)
+        _scatter(buf, _slot_index(slot, buf), new, go)
 
     def add(self, buf: Tensor, slot: Tensor, delta: Tensor) -> None:
         """`buf[b, h, slot[b, h, i]] += delta[b, h, i]`: slot [B, H_kv, m] (distinct per head),
@@ -101,17 +97,33 @@ class LayerCache(nn.Module):
         everywhere) holds; elsewhere the slot keeps its content. k, v: [B, H_kv, 1, D]; pos: [B, 1]
         (or [B, H_kv]); statistics of the slot are reset to 0 unless given ([B, H_kv])."""
         B, n_kv = slot.shape
-        self.put(self.k, slot, k, when)
-        self.put(self.v, slot, v, when)
-        self.put(self.pos, slot, pos.expand(B, n_kv)[:, :, None], when)
+        new = {"k": k, "v": v, "pos": pos.expand(B, n_kv)[:, :, None]}
         for name in self.stat_names:
             val = (stats or {}).get(name)
-            buf = getattr(self, name)
-            self.put(buf, slot, buf.new_zeros(B, n_kv, 1) if val is None else val[:, :, None], when)
+            new[name] = val[:, :, None] if val is not None else None
+        if torch.compiler.is_compiling():
+            for name, val in new.items():
+                buf = getattr(self, name)
+                self.put(buf, slot, buf.new_zeros(B, n_kv, 1) if val is None else val, when)
+            return
+        # eager: one slot index and one gate for every buffer (CPU pays per op dispatched)
+        idx = slot.reshape(B, n_kv, 1)                                 # [B, H_kv, 1]
+        go = None if when is None else when.reshape(B, n_kv, 1)
+        idx_kv = idx.reshape(B, n_kv, 1, 1).expand(B, n_kv, 1, self.k.shape[-1])  # [.., 1, D]
+        go_kv = None if go is None else go.reshape(B, n_kv, 1, 1)
+        _scatter(self.k, idx_kv, k, go_kv)
+        _scatter(self.v, idx_kv, v, go_kv)
+        for name in ("pos",) + self.stat_names:
+            val = new[name]
+            _scatter(getattr(self, name), idx, 0 if val is None else val, go)
 
     def evict(self, slot: Tensor, when: Tensor) -> None:
         """Empty `slot` [B, H_kv] where `when` [B, H_kv] (bool) holds; no host sync."""
-        self.put(self.pos, slot, torch.full_like(slot, -1)[:, :, None], when)
+        if torch.compiler.is_compiling():
+            self.put(self.pos, slot, torch.full_like(slot, -1)[:, :, None], when)
+            return
+        B, n_kv = slot.shape
+        _scatter(self.pos, slot.reshape(B, n_kv, 1), -1, when.reshape(B, n_kv, 1))
 
     def load(self, k: Tensor, v: Tensor, pos: Tensor, stats: dict[str, Tensor] | None = None) -> None:
         """Replace the whole content with `n <= S` tokens per head (prefill): k, v [B, H_kv, n, D],
@@ -152,6 +164,24 @@ class LayerCache(nn.Module):
             dst = mine[name][dst_row]
             n = min(dst.shape[-1], buf.shape[-1])
             dst[..., :n].copy_(buf[src_row][..., :n])
+
+
+def _slot_index(slot: Tensor, buf: Tensor) -> Tensor:
+    """`slot` [B, H_kv] as a `gather` / `scatter_` index along dim 2 of `buf`: [B, H_kv, 1] for
+    pos and statistics, [B, H_kv, 1, D] for k and v."""
+    idx = slot[:, :, None]
+    return idx if buf.dim() == 3 else idx[..., None].expand(-1, -1, 1, buf.shape[-1])
+
+
+def _scatter(buf: Tensor, idx: Tensor, new: Tensor | float, go: Tensor | None) -> None:
+    """Eager `buf[..., idx] = new` along dim 2 where `go` holds (broadcast over idx's shape;
+    elsewhere the entry keeps its value); `new` a tensor of idx's shape or a scalar."""
+    if go is not None:
+        new = torch.where(go, new, buf.gather(2, idx))
+    elif not isinstance(new, Tensor):
+        buf.scatter_(2, idx, new)
+        return
+    buf.scatter_(2, idx, new if new.dtype == buf.dtype else new.to(buf.dtype))
 
 
 class KVCache(nn.Module):

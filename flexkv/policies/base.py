@@ -252,8 +252,9 @@ class Policy:
         serving slot) writes nothing, scores nothing and evicts nothing. A row without a free
         slot never overwrites a kept token (the write is gated by `free_slot`'s flag; the
         capacities make that case impossible for an admitted request)."""
+        act = active[:, None]                                           # [B, 1]
         slot, has_free = lc.free_slot()
-        lc.write(slot, k, v, q_pos, when=has_free & active[:, None])
+        lc.write(slot, k, v, q_pos, when=has_free & act)
         o, probs = attention.decode_attention(q, lc.k, lc.v, lc.pos, q_pos, window=attn.window,
                                               bias=self.decode_bias(lc), need_probs=self.needs_decode_probs)
         # an idle row may hold no token at all (all scores -inf): its output is 0, never NaN
@@ -261,8 +262,10 @@ class Policy:
         ctx = DecodeContext(attn.layer_idx, lc, q, o, probs, slot, q_pos, attn, active)
         self.decode_scores(ctx)
         if self.decode_evicts:
-            victim = lowest(self.decode_victim_score(ctx), lc.pos)
-            self.decode_evict(ctx, victim, (lc.retained() > lc.budget) & active[:, None])
+            score = self.decode_victim_score(ctx)
+            valid = lc.pos >= 0                                         # [B, Hkv, S]
+            victim = lowest(score, lc.pos, valid)
+            self.decode_evict(ctx, victim, (valid.sum(-1) > lc.budget) & act)
         self.decode_after(ctx)
         return o
 
@@ -275,10 +278,12 @@ def _stable_desc(prio: Tensor, pos: Tensor) -> Tensor:
     return by_pos.gather(-1, o)
 
 
-def lowest(score: Tensor, pos: Tensor) -> Tensor:
-    """argmin of `score` over valid slots, ties toward the lower position. [B, Hkv]."""
-    s = score.masked_fill(pos < 0, INF)
-    m = s.amin(dim=-1, keepdim=True)
-    cand = (s == m) & (pos >= 0)
+def lowest(score: Tensor, pos: Tensor, valid: Tensor | None = None) -> Tensor:
+    """argmin of `score` over valid slots (`valid`: `pos >= 0`, if the caller has it), ties
+    toward the lower position. [B, Hkv]. (A row with no valid slot gets slot 0.)"""
+    if valid is None:
+        valid = pos >= 0
+    s = torch.where(valid, score, INF)
     big = torch.iinfo(pos.dtype).max
-    return torch.where(cand, pos, big).argmin(dim=-1)
+    pos_key = torch.where(valid, pos, big)   # an invalid slot never wins, even at s == m == inf
+    return pos_key.masked_fill(s != s.amin(dim=-1, keepdim=True), big).argmin(dim=-1)
