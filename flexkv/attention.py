@@ -555,28 +555,25 @@ def _decode_ok(k_pos: Tensor, q_pos: Tensor, window: int | None) -> Tensor:
 def _qk(q: Tensor, k: Tensor) -> Tensor:
     """q: [B, H, 1, D], k: [B, Hkv, S, D] -> unscaled scores [B, Hkv, G, S] in fp32 (fp64 for
     fp64), reading K once in its dtype: a bf16/fp16 K goes through a matmul with fp32 output on
-    CUDA (fp32 accumulation); on CPU (no such kernel) it is upcast, as in the explicit path."""
+    CUDA (fp32 accumulation); on CPU (no such kernel) it is upcast, as in the explicit path.
+    Otherwise one batched `matmul` over [B, Hkv] (the same bmm inside, and the fewest ops for an
+    eager CPU step to dispatch)."""
     B, H, _, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
-    a = q.reshape(B * n_kv, H // n_kv, D)
-    b = k.reshape(B * n_kv, S, D).transpose(1, 2)
+    qg = q.reshape(B, n_kv, H // n_kv, D)
+    if k.dtype in _LOW and k.is_cuda and _BMM_OUT_DTYPE:
+        s = torch.bmm(qg.reshape(B * n_kv, H // n_kv, D).to(k.dtype),
+                      k.reshape(B * n_kv, S, D).transpose(1, 2), out_dtype=torch.float32)
+        return s.view(B, n_kv, H // n_kv, S)
     if k.dtype in _LOW:
-        if k.is_cuda and _BMM_OUT_DTYPE:
-            s = torch.bmm(a.to(k.dtype), b, out_dtype=torch.float32)
-        else:
-            s = torch.bmm(a.float(), b.float())
-    else:
-        s = torch.bmm(a.to(k.dtype), b)
-    return s.view(B, n_kv, H // n_kv, S)
+        return torch.matmul(qg.float(), k.float().transpose(-1, -2))
+    return torch.matmul(qg if qg.dtype == k.dtype else qg.to(k.dtype), k.transpose(-1, -2))
 
 
 def _pv(probs: Tensor, v: Tensor) -> Tensor:
     """probs: [B, Hkv, G, S] (fp32 or wider), v: [B, Hkv, S, D] -> [B, Hkv, G, D] in v's dtype:
     P cast to V's dtype, one matmul (fp32 accumulation inside the kernel), V read once."""
-    B, n_kv, G, S = probs.shape
-    D = v.shape[-1]
-    o = torch.bmm(probs.reshape(B * n_kv, G, S).to(v.dtype), v.reshape(B * n_kv, S, D))
-    return o.view(B, n_kv, G, D)
+    return torch.matmul(probs if probs.dtype == v.dtype else probs.to(v.dtype), v)
 
 
 def lowp_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor,
@@ -588,8 +585,8 @@ def lowp_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos:
         scores = scores + bias[:, :, None, :]
     scores = torch.where(_decode_ok(k_pos, q_pos, window), scores, _NEG_INF)
     probs = torch.softmax(scores, dim=-1)
-    o = _pv(probs, v).to(q.dtype)
-    return o.reshape(B, H, 1, D), probs
+    o = _pv(probs, v)
+    return (o if o.dtype == q.dtype else o.to(q.dtype)).reshape(B, H, 1, D), probs
 
 
 def flex_lse_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor,

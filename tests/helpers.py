@@ -208,7 +208,7 @@ def kv_sized_temporaries(name: str, params: dict, device: str = "cpu") -> list[s
 def kv_sized_ops(name: str, params: dict) -> dict[str, int]:
     """Trace one decode step of policy `name` (2-layer fp32 tiny model, layers unrolled) to the
     functional aten graph the compiler starts from and count the ops, other than the
-    `index_put`s that write a few slots in place, whose result has a layer's K/V shape: an
+    `index_put`s that write a few slots in place and views, whose result has a layer's K/V shape: an
     operation over the whole cache (a full-width `add` or `where`), one more pass over K or V
     per layer and step (tests/test_compiled_writes.py)."""
     import collections
@@ -234,7 +234,8 @@ def kv_sized_ops(name: str, params: dict) -> dict[str, int]:
     ops = collections.Counter(
         str(n.target) for gm in graphs for n in gm.graph.nodes
         if n.op == "call_function" and isinstance(n.meta.get("val"), torch.Tensor)
-        and tuple(n.meta["val"].shape) == shape)
+        and tuple(n.meta["val"].shape) == shape
+        and not getattr(n.target, "is_view", False))   # an alias (expand, view): no pass
     assert ops["aten.index_put.default"] > 0  # the new token's write: the check sees the cache
     del ops["aten.index_put.default"]
     return dict(ops)
