@@ -48,8 +48,8 @@ class LayerCache(nn.Module):
         """An empty slot per head and whether there is one: ([B, H_kv] index, [B, H_kv] bool).
         The index is the first empty slot (the first minimum of pos, which is -1); where a head has
         none it points at a kept token, so a write must be gated by the bool (`write(when=)`)."""
-        lowest, slot = self.pos.min(dim=-1)  # the index of the first minimum, as argmin's
-        return slot, lowest < 0
+        least, slot = self.pos.min(dim=-1)  # the index of the first minimum, as argmin's
+        return slot, least < 0
 
     def at(self, slot: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """Advanced index of one slot per (row, head): `buf[lc.at(slot)]` with `slot` [B, H_kv] is
