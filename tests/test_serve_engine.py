@@ -270,8 +270,9 @@ def test_compiled_prefill_equals_eager_with_a_bounded_number_of_graphs(tiny64):
     chunk reads the prompt length and decode room as well as `ChunkInfo.first` (snapkv); prompts
     of many lengths (shorter than a chunk, a multiple of it, and between) compile at most 3
     graphs (first chunk, later chunk, the prompt length made symbolic after its first change),
-    and nothing breaks the graph. (Each graph costs ~15-20 s of CPU compile here, so one policy:
-    a policy reading only `first`, h2o, compiles a subset of these graphs.)"""
+    and nothing breaks the graph. (Each graph costs ~15-20 s of CPU compile here, so one policy;
+    h2o's compiled chunk, column sums inside the graph, is test_cuda's
+    test_serving_engine_compiled_prefill, on the device compile_prefill is for.)"""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
