@@ -65,7 +65,10 @@ def pytest_runtest_setup(item):
 def _vectorized_cpu_kernels(request):
     """A test marked `vectorized` compiles inductor's CPU kernels with SIMD again (see
     _SCALAR_KERNELS at the top): CPU FlexAttention's template needs the vector ISA. inductor
-    caches the list of usable ISAs, so it is cleared on the way in and out."""
+    caches the list of usable ISAs, so it is cleared on the way in and out. Only for tests that
+    cannot run otherwise: after scalar compiles in the same process, a SIMD compile of a
+    compiled policy step gave wrong kernels (session 17: cam's compiled step then kept other
+    positions than its reference; run alone, or with SIMD throughout, it passes)."""
     if not _SCALAR_KERNELS or not request.node.get_closest_marker("vectorized"):
         yield
         return

@@ -110,7 +110,6 @@ def test_prefill_runs_the_last_layers_mlp_on_the_last_position_only(tiny_llama):
 
 # --------------------------------------------------------------------------- compiled decode
 @pytest.mark.slow
-@pytest.mark.vectorized  # SIMD kernels, as a CPU user's compiled step runs (conftest)
 def test_compiled_decode_equals_eager_without_recompiles(tiny_llama):
     """The only `compile=True` test: tiny model, batch 2, 60 tokens; the compiled decode step is
     one graph with no graph break, and a second call (new prompt, same shapes, new cache and

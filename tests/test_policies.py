@@ -53,17 +53,8 @@ def _variant_id(case):
     return name + "".join(f"-{k}={v}" for k, v in shown.items())
 
 
-# the variant compiled with SIMD kernels, as a CPU user's compiled step runs (the others compile
-# scalar kernels in tests, which take gcc about two thirds of the time: conftest)
-VECTORIZED = "cam-stochastic=True-bias=log_mass-denominator=max"
-assert VECTORIZED in {_variant_id(c) for c in COMPILED}, "VECTORIZED names no COMPILED variant"
-
-
 @pytest.mark.slow
-@pytest.mark.parametrize("name, fixed", [
-    pytest.param(*c, id=_variant_id(c),
-                 marks=[pytest.mark.vectorized] if _variant_id(c) == VECTORIZED else [])
-    for c in COMPILED])
+@pytest.mark.parametrize("name, fixed", COMPILED, ids=[_variant_id(c) for c in COMPILED])
 def test_compiled_equals_reference(name, fixed):
     """Each variant compiled once: over 3 drawn batches (a left-padded row at a different fill
     level, one-shot or chunked prefill, 32 new tokens) the compiled step keeps the reference's
