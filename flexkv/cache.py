@@ -107,9 +107,8 @@ class LayerCache(nn.Module):
                 self.put(buf, slot, buf.new_zeros(B, n_kv, 1) if val is None else val, when)
             return
         # eager: one slot index and one gate for every buffer (CPU pays per op dispatched)
-        idx = slot.reshape(B, n_kv, 1)                                 # [B, H_kv, 1]
+        idx, idx_kv = _slot_index(slot, self.pos), _slot_index(slot, self.k)
         go = None if when is None else when.reshape(B, n_kv, 1)
-        idx_kv = idx.reshape(B, n_kv, 1, 1).expand(B, n_kv, 1, self.k.shape[-1])  # [.., 1, D]
         go_kv = None if go is None else go.reshape(B, n_kv, 1, 1)
         _scatter(self.k, idx_kv, k, go_kv)
         _scatter(self.v, idx_kv, v, go_kv)
