@@ -6,11 +6,15 @@
     python bench/prefill_cpu.py --out bench/results/prefill/mine.md      # elsewhere
     python bench/prefill_cpu.py --prefill-chunk 512 --no-kvpress --pairs full,streaming,snapkv,h2o,tova
                                                   # flexkv's chunked prefill (cpu-4096-chunk512)
+    python bench/prefill_cpu.py --prefill-only --pairs streaming,tova,keydiff,h2o --flexkv-only ""
+                                                  # the same work as kvpress's presses
 
 Rows, per policy: flexkv `generate` (eager decode, as `flexkv demo` runs on CPU; exactly
 `--new-tokens` greedy tokens, no stop token) and kvpress 0.5.5's press for the same method on
 transformers (`model(prompt)` under the press, then the same number of greedy decode steps on its
-`DynamicCache`): wall time end to end, prefill time, decode tokens/s, and the ratios flexkv /
+`DynamicCache`; a press compresses the prompt only, the cache then grows; flexkv's decode-time
+policies evict at every decode step unless `--prefill-only` runs them with `prefill_only=True`,
+which is the presses' work): wall time end to end, prefill time, decode tokens/s, and the ratios flexkv /
 kvpress and (flexkv) policy prefill / `full` prefill. kvpress runs in its own virtualenv
 (bench/.kvpress-venv, created on first use by bench/kvpress_side.py) as a worker process that
 stays up for the whole run and answers one request at a time, so the two sides never run at the
@@ -189,17 +193,27 @@ def _uptime() -> str:
 
 
 def run_flexkv(model, ids, policy: str, budget: int | None, new_tokens: int,
-               prefill_chunk: int | None = None) -> dict:
+               prefill_chunk: int | None = None, prefill_only: bool = False) -> dict:
     import flexkv
 
     load0 = os.getloadavg()[0]
     t0 = time.perf_counter()
     out = flexkv.generate(model, ids, max_new_tokens=new_tokens, policy=policy,
-                          budget=None if policy == "full" else budget, prefill_chunk=prefill_chunk)
+                          budget=None if policy == "full" else budget, prefill_chunk=prefill_chunk,
+                          **_prefill_only_kw(policy, prefill_only))
     wall = time.perf_counter() - t0
     return dict(wall_s=wall, prefill_s=out.prefill_s, decode_s=out.decode_s,
                 kept=int(out.cache.retained().max()), tokens=out.tokens[0, ids.shape[1]:].tolist(),
                 load=[load0, os.getloadavg()[0]])
+
+
+def _prefill_only_kw(policy: str, prefill_only: bool) -> dict:
+    """`prefill_only=True` for a policy that evicts at decode, when the run asks for it."""
+    from flexkv.policies import make_policy
+
+    if not prefill_only or policy == "full":
+        return {}
+    return {"prefill_only": True} if make_policy(policy, budget=8).decode_evicts else {}
 
 
 def _fmt(x, nd=2):
@@ -255,6 +269,8 @@ def markdown(rows, meta) -> str:
     title = f"flexkv vs kvpress {meta['kvpress']}" if meta.get("kvpress") else "flexkv"
     if meta.get("prefill_chunk"):
         title += f", flexkv's prefill in chunks of {meta['prefill_chunk']}"
+    if meta.get("prefill_only"):
+        title += ", flexkv's decode-time policies with prefill_only=True"
     lines = [f"# CPU prefill and end to end: {title}", "",
              f"`{meta['command']}`", "",
              f"commit {meta['commit']}, torch {meta['torch']}, transformers "
@@ -267,6 +283,10 @@ def markdown(rows, meta) -> str:
              f"tokens per head (kvpress: compression_ratio 1 - (budget + 0.5) / T). "
              + (f"flexkv prefills in chunks of {meta['prefill_chunk']} tokens (the policy "
                 "compressing between chunks). " if meta.get("prefill_chunk") else "") +
+             ("flexkv's decode-time policies run with `prefill_only=True`: they compress the "
+              "prompt, then decode appends, as the presses do. " if meta.get("prefill_only")
+              else "flexkv's decode-time policies evict at every decode step; the presses "
+              "compress the prompt only. ") +
              f"Min over {meta['trials']} trials per row (a warm-up first).", "",
              f"Load before: `{meta['load_before']}`", "",
              f"Load after: `{meta['load_after']}`", "",
@@ -327,6 +347,8 @@ def main(argv=None) -> int:
     ap.add_argument("--kvpress-venv", default=str(ROOT / ".kvpress-venv"))
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--note", action="append", default=[], help="a line for the results' notes")
+    ap.add_argument("--prefill-only", action="store_true",
+                    help="flexkv's decode-time policies with prefill_only=True (the presses' work)")
     ap.add_argument("--prefill-chunk", type=int, default=None,
                     help="flexkv prefills in chunks of this many tokens (needs --no-kvpress: "
                     "kvpress has no chunked prefill to compare with)")
@@ -384,7 +406,8 @@ def main(argv=None) -> int:
         wb = min(args.budget, warm_ids.shape[1] - 8)
         if impl == "flexkv":
             flexkv.generate(model, warm_ids, max_new_tokens=2, policy=p,
-                            budget=None if p == "full" else wb, prefill_chunk=args.prefill_chunk)
+                            budget=None if p == "full" else wb, prefill_chunk=args.prefill_chunk,
+                            **_prefill_only_kw(p, args.prefill_only))
         else:
             worker.ask(dict(kv_req(p, warm_ids), budget=wb, new_tokens=2))
     trials = []
@@ -398,7 +421,7 @@ def main(argv=None) -> int:
         meta = _stamp(argv, time.perf_counter() - t_start, args.threads, meta_extra)
         meta.update(length=args.length, prompt_tokens=T, new_tokens=args.new_tokens,
                     budget=args.budget, trials=rounds, policies=pairs + only,
-                    prefill_chunk=args.prefill_chunk,
+                    prefill_chunk=args.prefill_chunk, prefill_only=args.prefill_only,
                     load_before=load_before, load_after=_uptime(), notes=notes)
         md = markdown(rows, meta)
         out.with_suffix(".md").write_text(md)
@@ -410,7 +433,8 @@ def main(argv=None) -> int:
     for r in range(args.trials):
         for impl, p in configs:
             if impl == "flexkv":
-                res = run_flexkv(model, ids, p, args.budget, args.new_tokens, args.prefill_chunk)
+                res = run_flexkv(model, ids, p, args.budget, args.new_tokens, args.prefill_chunk,
+                                 args.prefill_only)
                 res.update(attn=None, press=None)
             else:
                 req = kv_req(p, ids)

@@ -77,7 +77,7 @@ def _check_policy(policy: str, budget, params: dict) -> None:
     """Fail fast (before loading a model) on an unknown policy or parameter."""
     from flexkv.policies import make_policy
 
-    make_policy(policy, budget=budget, **params)
+    make_policy(policy, budget=budget, **params).validate_prefill_only()
 
 
 def _default_budget(policy: str, budget):

@@ -18,12 +18,12 @@ named in `properties` (all by default but "compiled"):
   after the prefill and after every decode step, generate the same tokens, and give the same
   logits (tolerance 1e-8 on a float64 model, so near-ties cannot make it flaky);
 - "budget": the policy's declared budget holds at every step. A policy that evicts at decode
-  (`decode_evicts`): every head retains at most `budget`. One that selects at prefill only: decode
-  appends exactly one token per head per step (evicting nothing), and a head retains at most
-  `budget` + the tokens decoded so far, or, with `varying_budgets=True` (layers or heads get
-  different shares of the budget: pyramidkv, adakv, laprox), a row's mean over layers and KV
-  heads does. With `protected(kw, last_pos)` (the positions a policy must always keep, given the
-  newest position) those are always kept;
+  (`evicts_at_decode`: `decode_evicts` and not `prefill_only`): every head retains at most
+  `budget`. One that selects at prefill only: decode appends exactly one token per head per step
+  (evicting nothing), and a head retains at most `budget` + the tokens decoded so far, or, with
+  `varying_budgets=True` (layers or heads get different shares of the budget: pyramidkv, adakv,
+  laprox), a row's mean over layers and KV heads does. With `protected(kw, last_pos)` (the
+  positions a policy must always keep, given the newest position) those are always kept;
 - "permutation": shuffling every head's slots after the prefill changes nothing (slot order
   carries no meaning);
 - "batch": the first row of a batch (its neighbour left-padded or not) equals that prompt run
@@ -236,7 +236,7 @@ def _same_as_reference(s, policy, kw, out, snaps, what, atol):
 
 def _check_budget(s, policy, kw, protected, varying, snaps, retained):
     """The declared budget (not the cache's capacity, which no policy can exceed)."""
-    evicts = _policy(policy, kw).decode_evicts
+    evicts = _policy(policy, kw).evicts_at_decode
     budget = kw.get("budget")
     for step, ret in enumerate(retained):  # ret: [L, B, Hkv]
         if not evicts:  # a prefill-only selection: decode appends every token, evicts nothing

@@ -168,6 +168,22 @@ for _base in ("h2o", "streaming", "full"):
         PROTECTED[f"{_base}+vam"] = PROTECTED[_base]
 
 
+# Every policy that evicts at decode also runs with `prefill_only=True` (its selection at
+# prefill, then decode appends) in about a third of its draws; the simplest example keeps it
+# off, so the fixed-draw checks ("full") see the default.
+DECODE_TIME = ("streaming", "h2o", "tova", "keydiff", "weightedkv", "cam")
+
+
+def _or_prefill_only(draw_kw):
+    def draw(draw, T):
+        return dict(draw_kw(draw, T), prefill_only=draw(st.sampled_from([False, False, True])))
+    return draw
+
+
+for _name in DECODE_TIME:
+    CASES[_name] = _or_prefill_only(CASES[_name])
+
+
 # The compiled decode step against the reference (tests/test_policies.py): one graph per entry
 # (policy, fixed parameters), at budget 12 on 24-token rows whose padded neighbour may hold fewer
 # tokens than the budget (eviction mid-decode), on a two-layer model with 2 KV heads (the second
@@ -182,7 +198,8 @@ COMPILED = [
     ("streaming+vam", dict(n_sink=2, alpha=0.35)),
     ("h2o", dict(recent=3)),
     ("h2o+vam", dict(recent=None, alpha=0.35)),
-    ("tova", {}),
+    ("tova", dict(prefill_only=False)),
+    ("tova", dict(prefill_only=True)),              # decode appends, without probabilities
     ("keydiff", dict(window=2)),
     ("weightedkv", dict(n_sink=1, window=2, bias=None)),
     ("weightedkv", dict(n_sink=1, window=2, bias="log_mass")),

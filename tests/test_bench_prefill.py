@@ -63,3 +63,20 @@ def test_make_press_builds_plain_and_wrapping_presses():
     assert pc.split_press("AdaKVPress(SnapKVPress)") == ("AdaKVPress", "SnapKVPress")
     assert pc.split_press("TOVAPress") == (None, "TOVAPress")
     assert all(press for p, (press, _) in pc.PAIRS.items() if p != "full")
+
+
+def test_prefill_only_runs_the_presses_work():
+    """`--prefill-only`: flexkv's decode-time policies run with prefill_only=True (the presses
+    compress the prompt only); the prefill-only ones and `full` take nothing; the table says
+    which work flexkv's rows did."""
+    pc = load_bench("prefill_cpu")
+    for p in ("streaming", "tova", "keydiff", "h2o"):
+        assert pc._prefill_only_kw(p, True) == {"prefill_only": True}
+        assert pc._prefill_only_kw(p, False) == {}
+    for p in ("full", "snapkv", "pyramidkv", "adakv"):
+        assert pc._prefill_only_kw(p, True) == {}
+    meta = dict(command="x", commit="c", torch="t", threads=2, cores=2, cpu="cpu", wall_s=1,
+                prompt_tokens=10, length=8, new_tokens=32, budget=256, trials=3,
+                load_before="-", load_after="-", policies=["full", "h2o"])
+    assert "evict at every decode step" in pc.markdown([], meta)
+    assert "prefill_only=True" in pc.markdown([], dict(meta, prefill_only=True))

@@ -49,7 +49,8 @@ def test_budget_holding_everything_is_full(name):
 
 def _variant_id(case):
     name, fixed = case
-    shown = {k: v for k, v in fixed.items() if k in ("bias", "stochastic", "denominator")}
+    shown = {k: v for k, v in fixed.items()
+             if k in ("bias", "stochastic", "denominator", "prefill_only")}
     return name + "".join(f"-{k}={v}" for k, v in shown.items())
 
 

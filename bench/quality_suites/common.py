@@ -176,11 +176,7 @@ def prefill_only(policy: str, budget=64) -> bool:
     from flexkv.policies import make_policy
 
     pol = make_policy(policy, budget=None if budgetless(policy) else budget)
-    while pol is not None:
-        if hasattr(type(pol), "decode_evicts"):
-            return not type(pol).decode_evicts and not budgetless(policy)
-        pol = getattr(pol, "base", None)
-    return False
+    return not pol.evicts_at_decode and not budgetless(policy)
 
 
 def eos_ids(tokenizer, model) -> list[int]:

@@ -5,6 +5,11 @@ cache (`stats`) and overrides a few pure tensor hooks:
 
 - `capacity(layer, prompt_len, max_new)`: static slots per layer (`budget + 1` for decode-time
   eviction, `budget + max_new` for prefill-only selection, everything for `full`).
+
+Every policy that evicts at decode also takes `prefill_only=True`: its selection compresses the
+prompt (every chunk, as usual), then decode appends each new token and evicts nothing, as
+kvpress's presses do (StreamingLLMPress, TOVAPress, KeyDiffPress, ...); decode then computes no
+statistics and no attention probabilities for the policy.
 - `prefill_scores(ctx)`: per-token statistics after a prefill chunk's attention.
 - `prefill_priority(ctx)`: which tokens survive prefill (higher = keep; `+inf` protected).
 - `decode_scores(ctx)` / `decode_victim_score(ctx)`: the per-step statistic update and the
@@ -16,7 +21,7 @@ indices and no host sync.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import ClassVar
 
 import torch
@@ -88,12 +93,19 @@ class DecodeContext:
 @dataclass
 class Policy:
     budget: int | None = None
+    # compress the prompt only, then append every decode token (for decode-time policies)
+    prefill_only: bool = field(default=False, kw_only=True)
 
     name: ClassVar[str] = "base"
     stats: ClassVar[dict[str, torch.dtype | None]] = {}  # None: fp32 (fp64 for fp64 models)
     needs_decode_probs: ClassVar[bool] = False
     needs_lse: ClassVar[bool] = False
-    decode_evicts: ClassVar[bool] = True
+    decode_evicts: ClassVar[bool] = True  # the method evicts at decode (see `evicts_at_decode`)
+
+    @property
+    def evicts_at_decode(self) -> bool:
+        """Whether this instance evicts at decode: the method does and `prefill_only` is off."""
+        return self.decode_evicts and not self.prefill_only
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -102,6 +114,7 @@ class Policy:
 
     def validate(self, prompt_len: int, max_new_tokens: int, n_layers: int) -> None:
         """Raise ValueError for a budget the policy cannot honour (before any work starts)."""
+        self.validate_prefill_only()
         if self.budget is None:
             raise ValueError(f"budget is required for policy {self.name!r} (an int >= 1)")
         if not isinstance(self.budget, int) or isinstance(self.budget, bool) or self.budget < 1:
@@ -110,6 +123,14 @@ class Policy:
         if self.budget < min_b:
             raise ValueError(f"budget must be >= {min_b} for policy {self.name!r} "
                              f"({self.protected_desc()}), got {self.budget}")
+
+    def validate_prefill_only(self) -> None:
+        if not isinstance(self.prefill_only, bool):
+            raise ValueError(f"prefill_only must be True or False, got {self.prefill_only!r}")
+        if self.prefill_only and not self.decode_evicts:
+            raise ValueError(f"prefill_only=True applies to a policy that evicts at decode "
+                             f"(streaming, h2o, tova, keydiff, weightedkv, cam); {self.name!r} "
+                             f"evicts nothing at decode already")
 
     def min_budget(self) -> int:
         return 1
@@ -124,13 +145,13 @@ class Policy:
     def capacity(self, layer: int, prompt_len: int, max_new_tokens: int) -> int:
         if not self.effective(prompt_len, max_new_tokens):
             return prompt_len + max_new_tokens
-        if self.decode_evicts:
+        if self.evicts_at_decode:
             return self.budget + 1
         return min(self.budget, prompt_len) + max_new_tokens
 
     def layer_budget(self, layer: int, prompt_len: int, max_new_tokens: int, capacity: int):
         """Tokens kept between decode steps: an int or a [B, Hkv] tensor."""
-        if not self.effective(prompt_len, max_new_tokens) or not self.decode_evicts:
+        if not self.effective(prompt_len, max_new_tokens) or not self.evicts_at_decode:
             return capacity
         return capacity - 1
 
@@ -224,8 +245,11 @@ class Policy:
                                           return_lse=self.needs_lse, bias=self.prefill_bias(P, stats),
                                           keys_end_with_queries=True)   # [cached slots | chunk]
         o, lse = res if self.needs_lse else (res, None)
+        budget = lc.budget
+        if self.decode_evicts and self.prefill_only:  # lc.budget (capacity) bounds the appended
+            budget = budget.clamp(max=self.budget)    # tokens too: the prompt keeps `budget`
         ctx = PrefillContext(attn.layer_idx, q, K, V, P, q_pos, lse, stats, attn.window, attn,
-                             info, lc.budget)
+                             info, budget)
         ctx.stats = self.prefill_scores(ctx)
         self.store(lc, ctx)
         return o
@@ -255,13 +279,17 @@ class Policy:
         act = active[:, None]                                           # [B, 1]
         slot, has_free = lc.free_slot()
         lc.write(slot, k, v, q_pos, when=has_free & act)
+        evicts = self.evicts_at_decode
         o, probs = attention.decode_attention(q, lc.k, lc.v, lc.pos, q_pos, window=attn.window,
-                                              bias=self.decode_bias(lc), need_probs=self.needs_decode_probs)
+                                              bias=self.decode_bias(lc),
+                                              need_probs=self.needs_decode_probs and evicts)
         # an idle row may hold no token at all (all scores -inf): its output is 0, never NaN
         o = torch.where(active.view(-1, 1, 1, 1), o, 0.0)
         ctx = DecodeContext(attn.layer_idx, lc, q, o, probs, slot, q_pos, attn, active)
+        if self.decode_evicts and not evicts:  # prefill_only: decode appends, nothing more
+            return o
         self.decode_scores(ctx)
-        if self.decode_evicts:
+        if evicts:
             score = self.decode_victim_score(ctx)
             valid = lc.pos >= 0                                         # [B, Hkv, S]
             victim = lowest(score, lc.pos, valid)

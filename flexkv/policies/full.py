@@ -19,6 +19,7 @@ class Full(Policy):
     decode_evicts: ClassVar[bool] = False
 
     def validate(self, prompt_len: int, max_new_tokens: int, n_layers: int) -> None:
+        self.validate_prefill_only()
         if self.budget is not None:
             raise ValueError("budget must be None for policy 'full' (it keeps every token)")
 

@@ -7,7 +7,7 @@ package) transcribes shared/METHODS.md one to one through three per-head hooks:
 
 - `prefill_select(layer, b, heads, chunk)`: after a prefill chunk, which tokens each head keeps.
 - `decode_update(layer, b, heads, step)`: after a decode step's attention, update statistics and
-  evict.
+  evict (skipped when the policy runs with `prefill_only=True`: decode then appends).
 - `finish_prefill(cache)`: after the whole prompt (global selections).
 
 Nothing here is compiled or fast; it is what the static-shape implementations are tested against.
@@ -182,7 +182,8 @@ class RefPolicy:
                 out[b, g * G:(g + 1) * G] = o
                 heads.append(head)
                 steps.append(Step(qg[:, 0], p, probs[:, 0], o[:, 0]))
-            heads = self.decode_update(attn.layer_idx, b, heads, steps, attn)
+            if not getattr(self.spec, "prefill_only", False):  # prefill_only: decode appends
+                heads = self.decode_update(attn.layer_idx, b, heads, steps, attn)
             lc.heads[b] = self.value_update(attn.layer_idx, b, heads, steps, attn)
         return out.to(q.dtype)
 
