@@ -152,3 +152,21 @@ def test_import_error_without_hypothesis():
             "try:\n    import flexkv.testing\nexcept ImportError as e:\n    print(e)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert "flexkv.testing needs hypothesis" in out.stdout
+
+
+def test_kit_draws_prefill_only_for_a_decode_time_policy():
+    """A policy that evicts at decode gets `prefill_only` from the base class: the README's
+    KeyNorm passes with the flag drawn, and one whose decode ignores the flag (it keeps evicting)
+    is caught against the reference, which appends."""
+    ns = readme_classes()
+    check_policy(ns["KeyNorm"], ns["RefKeyNorm"], budget=st.integers(1, 6),
+                 prefill_only=st.booleans(), max_examples=8, settings=NO_SHRINK)
+
+    class Deaf(ns["KeyNorm"]):
+        @property
+        def evicts_at_decode(self):
+            return self.decode_evicts
+
+    with pytest.raises(AssertionError, match="reference"):
+        check_policy(Deaf, ns["RefKeyNorm"], budget=st.integers(1, 4), prefill_only=True,
+                     properties=["reference"], max_examples=5, settings=NO_SHRINK)
