@@ -66,7 +66,8 @@ DIFFERENCES = [
     "('question' mode); the 'whole' mode removes that difference.",
     "Decode: flexkv's decode-time policies (streaming, h2o, tova, keydiff) keep evicting to the "
     "budget while the answer is generated; kvpress presses act at prefill only, so the cache "
-    "grows by the answer tokens (at most max_new_tokens, a small effect).",
+    "grows by the answer tokens (at most max_new_tokens, a small effect; flexkv's "
+    "prefill_only=True, not used in these runs, does what the presses do).",
     "Budget: flexkv keeps `budget` tokens per (layer, KV head); kvpress takes a compression "
     "ratio, set here to 1 - (budget + 0.5) / prompt tokens so it keeps exactly `budget`.",
     "Numerics: flexkv's FlexAttention vs transformers' eager attention, both fp32: near-ties in "
