@@ -13,7 +13,8 @@ tests` runs them on the GPU machine:
   an error naming its reason where this torch has it), the step replays a CUDA graph (counted
   at `torch.cuda.CUDAGraph.replay`, which cudagraph trees call for every replay), and a second
   run of the same shapes makes no host sync (`torch.cuda.set_sync_debug_mode("error")` from its
-  5th step on); the same for a few policies with the step's layers as nested compile regions
+  5th step on); the same for `tova` with `prefill_only=True`, and for a few policies with the
+  step's layers as nested compile regions
   (`flexkv.models.llama.LAYER_REGIONS="on"`, which CUDA leaves off by default until this passes);
 - the compiled decode step writes the cache in place: inductor's code for this device allocates
   no temporary of a layer's K/V shape (a `scatter_` write made it copy every buffer each step);
@@ -359,6 +360,13 @@ def test_policy_compiled_on_device(model32, dev, monkeypatch, name):
     _check_policy_compiled(model32, dev, monkeypatch, name)
 
 
+@pytest.mark.parametrize("name", [p for p in ("tova",) if p in POLICIES])
+def test_policy_prefill_only_compiled_on_device(model32, dev, monkeypatch, name):
+    """The same checks with `prefill_only=True` (the prompt compressed, then decode appends
+    without probabilities): tova's step then has no eviction and no probabilities pass."""
+    _check_policy_compiled(model32, dev, monkeypatch, name, prefill_only=True)
+
+
 @pytest.mark.parametrize("name", [p for p in ("streaming", "tova", "cam", "kvmerger") if p in POLICIES])
 def test_policy_compiled_with_layer_regions(model32, dev, monkeypatch, name):
     """The same checks with the decode step's layers as nested compile regions
@@ -375,10 +383,10 @@ def test_compiled_step_writes_the_cache_in_place(dev, name, params):
     assert kv_sized_temporaries(name, params, device=DEVICE) == [], name
 
 
-def _check_policy_compiled(model32, dev, monkeypatch, name):
+def _check_policy_compiled(model32, dev, monkeypatch, name, **extra):
     model = model32
     ids = random_ids(BATCH, PROMPT, model.args.vocab_size, seed=3).to(dev)
-    kw = policy_kw(name, PROMPT)
+    kw = dict(policy_kw(name, PROMPT), **extra)
     N = N_STEPS + 1
     torch._dynamo.reset()
     counters.clear()
