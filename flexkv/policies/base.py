@@ -5,11 +5,6 @@ cache (`stats`) and overrides a few pure tensor hooks:
 
 - `capacity(layer, prompt_len, max_new)`: static slots per layer (`budget + 1` for decode-time
   eviction, `budget + max_new` for prefill-only selection, everything for `full`).
-
-Every policy that evicts at decode also takes `prefill_only=True`: its selection compresses the
-prompt (every chunk, as usual), then decode appends each new token and evicts nothing, as
-kvpress's presses do (StreamingLLMPress, TOVAPress, KeyDiffPress, ...); decode then computes no
-statistics and no attention probabilities for the policy.
 - `prefill_scores(ctx)`: per-token statistics after a prefill chunk's attention.
 - `prefill_priority(ctx)`: which tokens survive prefill (higher = keep; `+inf` protected).
 - `decode_scores(ctx)` / `decode_victim_score(ctx)`: the per-step statistic update and the
@@ -18,6 +13,11 @@ statistics and no attention probabilities for the policy.
 The base does the rest: concatenating the cache with the new chunk, attention, the top-k store,
 writing the new token into a free slot, and evicting while `retained > budget`, all with tensor
 indices and no host sync.
+
+Every policy that evicts at decode also takes `prefill_only=True`: its selection compresses the
+prompt (every chunk, as usual), then decode appends each new token and evicts nothing, as
+kvpress's presses do (StreamingLLMPress, TOVAPress, KeyDiffPress, ...); decode then computes no
+statistics and no attention probabilities for the policy.
 """
 from __future__ import annotations
 
