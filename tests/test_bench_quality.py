@@ -294,3 +294,15 @@ def test_kvpress_ruler_question_split_and_report(tiny_dir, tmp_path, ruler_wheel
              if ln.startswith("| full") or ln.startswith("| snapkv")]
     assert table == ["| full | none | - | 2 | 0.75 | 0.75 | - | 2/2 |",
                      "| snapkv | SnapKVPress | 0.5 | 2 | 0.50 | 0.00 | 1.00 | 1/2 |"]
+
+
+def test_cell_keys_name_prefill_only_only_when_set():
+    """The cell cache's keys hold every resolved parameter; `prefill_only` enters only when set,
+    so the cells cached before it existed (which all ran without it) keep their keys."""
+    load_quality()
+    from quality_suites.common import prefill_only, resolved_params
+
+    plain = resolved_params("h2o+vam", 64)
+    assert "h2o.prefill_only" not in plain and "h2o.recent" in plain and "vam.alpha" in plain
+    assert resolved_params("h2o+vam", 64, {"prefill_only": True})["h2o.prefill_only"] is True
+    assert not prefill_only("h2o") and prefill_only("snapkv") and not prefill_only("full")

@@ -150,7 +150,8 @@ def budgetless(policy: str) -> bool:
 
 def resolved_params(policy: str, budget, params=None) -> dict | None:
     """Every parameter of the policy after its defaults (budget aside), for the cell cache keys:
-    a changed default then never serves a cell computed under the old one."""
+    a changed default then never serves a cell computed under the old one. `prefill_only` enters
+    only when set (off, it is what every cell cached before it existed computed)."""
     import dataclasses
 
     from flexkv.policies import make_policy
@@ -163,7 +164,7 @@ def resolved_params(policy: str, budget, params=None) -> dict | None:
     while pol is not None and dataclasses.is_dataclass(pol):
         names = [f.name for f in dataclasses.fields(pol) if f.init]
         for n in names:
-            if n not in ("budget", "base"):
+            if n not in ("budget", "base") and not (n == "prefill_only" and not pol.prefill_only):
                 v = getattr(pol, n)
                 ok = v is None or isinstance(v, (bool, int, float, str, tuple, list))
                 out[f"{type(pol).name}.{n}"] = v if ok else type(v).__name__
