@@ -26,8 +26,10 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent))  # `import helpers` from 
 # 17), and nothing the tests check (values, graphs, recompiles, buffers written in place)
 # depends on SIMD. Tests marked `vectorized` run in one child pytest started with SIMD
 # (pytest_pyfunc_call below); FLEXKV_TEST_SIMD=1 keeps SIMD for every test, in this process.
+# (An environment already holding TORCHINDUCTOR_VEC_ISA_OK=0, e.g. a pytest-xdist worker started
+# by a run that set it, is the same scalar run; =1 from the user keeps SIMD.)
 _SCALAR_KERNELS = (os.environ.get("FLEXKV_TEST_SIMD") != "1"
-                   and "TORCHINDUCTOR_VEC_ISA_OK" not in os.environ)
+                   and os.environ.get("TORCHINDUCTOR_VEC_ISA_OK", "0") == "0")
 if _SCALAR_KERNELS:
     os.environ["TORCHINDUCTOR_VEC_ISA_OK"] = "0"
     if "torch._inductor.config" in sys.modules:  # imported already (a plugin): set it there too
