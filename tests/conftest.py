@@ -63,12 +63,17 @@ def pytest_runtest_setup(item):
         pytest.skip("not run: the GPU call's time ran out (FLEXKV_TEST_DEADLINE)")
 
 
-_VECTORIZED: dict = {}  # (module or class, test name) -> (outcome, text), from the SIMD child
+class _SimdChild:
+    """The one SIMD child run of the selected `vectorized` tests: their node ids (collection),
+    then, once it ran, each test's outcome and the child's exit status and output."""
+    nodeids: list[str] = []
+    outcomes: dict | None = None  # (module or class, test name) -> (outcome, text); None: not run
+    exit_report = ""
 
 
 def pytest_collection_modifyitems(config, items):
     if _SCALAR_KERNELS:
-        _VECTORIZED["nodeids"] = [i.nodeid for i in items if i.get_closest_marker("vectorized")]
+        _SimdChild.nodeids = [i.nodeid for i in items if i.get_closest_marker("vectorized")]
 
 
 def _run_vectorized_subprocess(config) -> None:
@@ -85,19 +90,21 @@ def _run_vectorized_subprocess(config) -> None:
         report = pathlib.Path(tmp) / "junit.xml"
         proc = subprocess.run(
             [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--no-header",
-             f"--junitxml={report}", "--rootdir", str(config.rootpath), *_VECTORIZED["nodeids"]],
+             f"--junitxml={report}", "--rootdir", str(config.rootpath), *_SimdChild.nodeids],
             cwd=config.rootpath, env=env, stdin=subprocess.DEVNULL, capture_output=True,
             text=True, check=False)  # its outcomes are read from the report below
         tail = (proc.stdout + proc.stderr)[-4000:]
         cases = ET.parse(report).getroot().iter("testcase") if report.is_file() else []
+        outcomes = {}
         for case in cases:
             outcome, text = "passed", ""
             for child in case:
                 if child.tag in ("failure", "error", "skipped"):
                     outcome = child.tag
                     text = (child.get("message") or "") + "\n" + (child.text or "")
-            _VECTORIZED[case.get("classname").rsplit(".", 1)[-1], case.get("name")] = (outcome, text)
-    _VECTORIZED["crash"] = f"the SIMD subprocess exited with {proc.returncode}; its output:\n{tail}"
+            outcomes[case.get("classname").rsplit(".", 1)[-1], case.get("name")] = (outcome, text)
+    _SimdChild.outcomes = outcomes
+    _SimdChild.exit_report = f"the SIMD subprocess exited with {proc.returncode}; its output:\n{tail}"
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -109,10 +116,11 @@ def pytest_pyfunc_call(pyfuncitem):
     and, on CI, a segfault in CPU flex's compiled kernel (stop 28)."""
     if not _SCALAR_KERNELS or not pyfuncitem.get_closest_marker("vectorized"):
         return None
-    if "crash" not in _VECTORIZED:
+    if _SimdChild.outcomes is None:
         _run_vectorized_subprocess(pyfuncitem.config)
     owner = pyfuncitem.cls.__name__ if pyfuncitem.cls else pyfuncitem.path.stem
-    outcome, text = _VECTORIZED.get((owner, pyfuncitem.name), ("missing", _VECTORIZED["crash"]))
+    outcome, text = _SimdChild.outcomes.get((owner, pyfuncitem.name),
+                                            ("missing", _SimdChild.exit_report))
     if outcome == "skipped":
         pytest.skip(text.strip().splitlines()[0] if text.strip() else "skipped in the SIMD run")
     if outcome != "passed":
