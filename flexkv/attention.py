@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.attention.flex_attention import BlockMask, and_masks, create_block_mask, flex_attention
 
+from flexkv import torch_fixes
+
 try:  # torch >= 2.9 returns the LSE through return_aux; return_lse is deprecated
     from torch.nn.attention.flex_attention import AuxRequest as _AuxRequest
 except ImportError:  # pragma: no cover
@@ -52,6 +54,7 @@ def _flex(*args, **kwargs):
             # one graph per prefill shape (prompt/chunk length, per-layer capacity): many,
             # before dynamo would fall back to the (materialising) eager flex
             allow_recompiles()
+            torch_fixes.apply()
             _compiled_flex = torch.compile(flex_attention, fullgraph=True, dynamic=False)
         return _compiled_flex(*args, **kwargs)
     return flex_attention(*args, **kwargs)
@@ -156,6 +159,7 @@ def prefill_block_mask(mask_mod, B: int, H: int, Tq: int, Tk: int, device):
     if B * H * Tq * Tk <= BLOCK_MASK_EAGER_MAX or torch.compiler.is_compiling():
         return create_block_mask(mask_mod, B, H, Tq, Tk, device=device)
     if _compiled_block_mask is None:
+        torch_fixes.apply()
         _compiled_block_mask = torch.compile(create_block_mask)
     return _compiled_block_mask(mask_mod, B, H, Tq, Tk, device=device)
 

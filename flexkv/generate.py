@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from flexkv import torch_fixes
 from flexkv.attention import allow_recompiles
 from flexkv.cache import KVCache
 from flexkv.distributed import shard_of
@@ -67,6 +68,7 @@ def decode_compile_options(device: torch.device | str) -> dict:
 def compiled_decode(device: torch.device):
     key = torch.device(device).type
     allow_recompiles()
+    torch_fixes.apply()
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
                                        options=decode_compile_options(device))
@@ -98,6 +100,7 @@ def compiled_prefill():
     names = dict(co_name=name, **({"co_qualname": name} if hasattr(fn.__code__, "co_qualname") else {}))
     own = types.FunctionType(fn.__code__.replace(**names), fn.__globals__, name)
     allow_recompiles()
+    torch_fixes.apply()
     compiled = torch.compile(own, fullgraph=True, dynamic=None)
 
     def run_chunk(model, cache: KVCache, policy, input_ids: Tensor, pos: Tensor, info: ChunkInfo):
