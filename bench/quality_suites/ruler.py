@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import stats
 from .common import PolicyError, budgetless, comp_budget, tqdm
 from .report import md_table, mean, plot_lines
 
@@ -131,6 +132,40 @@ def average(cells, policy, comp, length, tasks) -> float | None:
     return mean(per) if len(per) == len(tasks) else None
 
 
+def sample_scores(cells, policies, comp, length, tasks) -> dict:
+    """{policy: {task: {sample index: score}}} at one compression (full: its own cells), for the
+    policies with a score on every task."""
+    out = {}
+    for p in policies:
+        per = {t: {} for t in tasks}
+        for c in cells:
+            if (c["policy"] == p and c["task"] in per and c["length"] == length and "score" in c
+                    and (budgetless(p) or c["comp"] == list(comp))):
+                per[c["task"]][c["index"]] = c["score"]
+        if all(per.values()):
+            out[p] = per
+    return out
+
+
+def resolution(cells, policies, comp, length, tasks) -> list[str]:
+    """Which of one compression's averages the samples tell apart (bench/quality_suites/stats.py)."""
+    scores = sample_scores(cells, policies, comp, length, tasks)
+    if len(scores) < 2:
+        return []
+    r = stats.resolve(scores)
+    rows = [[x["policy"], f"{x['mean']:.3f}", f"[{x['lo']:.3f}, {x['hi']:.3f}]", x["n"],
+             ", ".join(x["beats"]) or "-", ", ".join(x["beaten_by"]) or "-"] for x in r["rows"]]
+    pct = round(100 * r["level"])
+    return [f"How far these scores are resolved at compression {comp_label(comp)} ({len(tasks)} "
+            f"task(s), the same samples for every policy): {pct} % Wilson interval of each "
+            f"average (at its sample count; it errs wide); a policy *beats* another where a paired "
+            f"sign-flip test on their per-sample differences rejects equality at {r['alpha']:g} "
+            f"after Holm's correction over all {r['pairs']} pairs. {r['resolved']} of "
+            f"{r['pairs']} pairs resolved.", "",
+            md_table(["policy", "average", f"{pct} % interval", "samples", "beats", "beaten by"],
+                     rows), ""]
+
+
 def section(res: dict, cfg: dict, policies: list[str], meta: dict, out_dir: Path, name: str):
     from flexkv import ruler
 
@@ -167,6 +202,8 @@ def section(res: dict, cfg: dict, policies: list[str], meta: dict, out_dir: Path
             rows.append([p] + ["-" if v is None else f"{v:.3f}" for v in ys])
             series[p] = [y for (k, _), y in zip(comps, ys) if k == "ratio"]
         L += [md_table(["policy"] + [comp_label(c) for c in comps], rows), ""]
+        for c in comps:
+            L += resolution(cells, policies, c, length, keep)
         ratios = [x for k, x in comps if k == "ratio"]
         if ratios and keep:
             f = plot_lines(out_dir, f"{name}_ruler_{length}.png",
