@@ -5,6 +5,7 @@ from math import comb
 
 import numpy as np
 import pytest
+
 from helpers import load_bench
 
 load_bench("quality")                       # puts bench/ on sys.path
