@@ -16,6 +16,8 @@ tests` runs them on the GPU machine:
   5th step on); the same for `tova` with `prefill_only=True`, and for a few policies with the
   step's layers as nested compile regions
   (`flexkv.models.llama.LAYER_REGIONS="on"`, which CUDA leaves off by default until this passes);
+- the merging and a few evicting policies' compiled step at a budget of 1024 (kernels of many
+  thread blocks) equals the eager step;
 - the compiled decode step writes the cache in place: inductor's code for this device allocates
   no temporary of a layer's K/V shape (a `scatter_` write made it copy every buffer each step);
 - the serving engine's step replays a CUDA graph with one dynamo graph and no skips, and its
@@ -374,6 +376,54 @@ def test_policy_compiled_with_layer_regions(model32, dev, monkeypatch, name):
     from flexkv.models import llama
     monkeypatch.setattr(llama, "LAYER_REGIONS", "on")
     _check_policy_compiled(model32, dev, monkeypatch, name)
+
+
+# a cache where every kernel over a layer's buffers spans many thread blocks on the GPU
+SCALE_MODEL = dict(num_key_value_heads=8, num_attention_heads=16, head_dim=128, hidden_size=256,
+                   num_hidden_layers=1, intermediate_size=512, max_position_embeddings=2048)
+SCALE_PROMPT, SCALE_BUDGET, SCALE_STEPS = 1100, 1024, 8
+
+
+@pytest.fixture(scope="module")
+def model_scale(tmp_path_factory):
+    path = make_checkpoint(tmp_path_factory.mktemp("scale"), "llama", seed=1, **SCALE_MODEL)
+    return flexkv.load_model(path, device=DEVICE)[0]
+
+
+@pytest.mark.parametrize("name", [p for p in ("h2o", "tova", "weightedkv", "cam", "kvmerger",
+                                              "h2o+vam") if p in POLICIES])
+def test_policy_compiled_at_scale(model_scale, dev, name):
+    """The compiled `reduce-overhead` step at a budget of 1024 (2 rows x 8 KV heads x 1025 slots
+    x 128: K and V 2.1 M entries a layer, the statistics 16 K) equals the eager step, which the
+    property tests hold to the reference: kept positions after the prefill and each of 8 evicting
+    steps, tokens, logits. The checks above run a tiny model, whose kernels fit one thread block;
+    inductor bugs that only show across blocks would pass them (pytorch/pytorch#198270: an
+    `index_put_` then an in-place update reading other positions, right on CUDA at small shapes
+    and wrong at large ones)."""
+    kw = policy_kw(name, SCALE_PROMPT)
+    kw["budget"] = SCALE_BUDGET
+    ids = random_ids(BATCH, SCALE_PROMPT, model_scale.args.vocab_size, seed=5).to(dev)
+    runs = {}
+    torch._dynamo.reset()
+    counters.clear()
+    with cudagraph_or_error():
+        for compiled in (True, False):
+            snaps = []
+            out = flexkv.generate(model_scale, ids, max_new_tokens=SCALE_STEPS + 1, policy=name,
+                                  compile=compiled, output_logits=True,
+                                  **watch_cache(model_scale, lambda c: snaps.append(pos_sets(c))),
+                                  **kw)
+            runs[compiled] = out, snaps
+    (comp, cs), (eager, es) = runs[True], runs[False]
+    assert len(cs) == len(es) == SCALE_STEPS + 1
+    for step, (x, y) in enumerate(zip(cs, es)):
+        assert x == y, f"{name} {kw}: kept positions differ from the eager step after step {step}"
+    assert all(len(h) == SCALE_BUDGET for row in es[0][0] for h in row), "the prefill kept the budget"
+    assert torch.equal(comp.tokens, eager.tokens), f"{name}: tokens"
+    torch.testing.assert_close(comp.logits, eager.logits, atol=1e-4, rtol=1e-4)
+    assert decode_graphs() == 1 and not counters["graph_break"], name
+    if CUDA:
+        assert cudagraph_skips() == 0, (name, dict(counters["inductor"]))
 
 
 @pytest.mark.parametrize("name, params", [("full", {}), ("h2o+vam", dict(budget=12, recent=3))])
