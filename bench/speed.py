@@ -104,6 +104,7 @@ class Row:
     long_recompiles: int | None = None  # its decode steps, dynamo graphs made
     long_cudagraph_skips: int | None = None  # and CUDA-graph skips during it
     kernels: dict | None = None  # compiled cells: where a decode step's time goes (kernel_profile)
+    eager_check: dict | None = None  # compiled cells: its first steps' logits against the eager step's
     chunked_bound_gb: float | None = None  # issue 9's bound on chunked_peak_mem_gb (GPU rows)
 
 
@@ -234,6 +235,28 @@ def plain_prefill_s(model, ids) -> float:
 
 
 STEADY_SKIP = 4  # decode steps left out of the CUDA timing (CUDA-graph warm-up / re-record)
+CHECK_STEPS = 4  # compiled cells: tokens whose logits are compared with the eager step's
+CHECK_MIN_COS = 0.99  # below this cosine a compiled cell's logits are flagged in the table
+
+
+def eager_check(model, ids, policy, kw, logits) -> dict:
+    """The first CHECK_STEPS logits of a compiled run ([B, n, V]) against an eager run fed the
+    same tokens, at the cell's own shapes: the CUDA tests check values on tiny models, whose
+    kernels fit one thread block, and inductor has bugs that show only across blocks
+    (pytorch/pytorch#198270). bf16 rounds differently in the two (and may move a near-tie
+    eviction), so this is a cosine, not equality: a corrupted cache falls far below 0.99."""
+    import flexkv
+    n = min(CHECK_STEPS, logits.shape[1])
+    T = ids.shape[1]
+    forced = logits.argmax(-1)[:, :n]  # the compiled run's greedy tokens
+    ref = flexkv.generate(model, ids, max_new_tokens=n, policy=policy, forced_tokens=forced,
+                          output_logits=True, **kw)
+    a, b = logits[:, :n].double(), ref.logits.double()
+    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)  # [B, n]
+    del ref
+    return dict(steps=n, prompt=T, min_cos=float(cos.min()),
+                top1=float((a.argmax(-1) == b.argmax(-1)).double().mean()),
+                max_abs=float((a - b).abs().max()), scale=float(b.abs().max()))
 
 
 def free(device):
@@ -255,7 +278,8 @@ def chunked_bound_gb(model, budget, chunk, batch) -> float:
 def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw,
                long_steps: int | None = None, profile: bool = False) -> Row:
     """One compiled (or eager) flexkv cell: warm-up, the timed run (steady-state CUDA-event
-    timing on CUDA), with `profile` (compiled) a profiled run of the same shapes (the per-kernel
+    timing on CUDA), compiled: the warm-up's first logits against an eager run's (`eager_check`),
+    with `profile` (compiled) a profiled run of the same shapes (the per-kernel
     breakdown of its steady decode steps: `kernel_profile`), a chunked prefill; with
     `long_steps` (compiled), then a run of that many new tokens with the same shapes, counting
     recompiles and CUDA-graph skips (issue 9's 1000-step check: a decode-time policy's capacity
@@ -267,12 +291,22 @@ def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw,
     B, T = ids.shape
     skips = cudagraph_skips()
     t = time.perf_counter()  # warm-up with the timed run's shapes (capacity depends on max_new)
-    warm = flexkv.generate(model, ids, max_new_tokens=new_tokens, policy=policy, compile=compile, **kw)
+    warm = flexkv.generate(model, ids, max_new_tokens=new_tokens, policy=policy, compile=compile,
+                           output_logits=compile, **kw)
     sync(device)
     first = time.perf_counter() - t
     warm_prefill_s, warm_steps = warm.prefill_s, warm.new_tokens - 1
+    warm_logits = warm.logits[:, :CHECK_STEPS] if compile else None
     del warm
     free(device)
+    checked = None
+    if compile:
+        try:
+            checked = eager_check(model, ids, policy, kw, warm_logits)
+        except Exception as e:  # noqa: BLE001 - the check is extra: keep the row
+            checked = dict(error=f"{type(e).__name__}: {str(e).strip()[:160]}")
+        del warm_logits
+        free(device)
     graphs = n_graphs() if compile else None
     peak_reset(device)
     events = []  # on CUDA: one event per token, recorded without a host sync
@@ -320,7 +354,7 @@ def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw,
               None if policy.startswith("full") else budget, B, decode_ms, 1e3 * B / decode_ms,
               floor_ms, floor_ms / decode_ms, prefill_s, float("nan"), chunked_prefill_s,
               peak, chunk_peak, compile_s, recompiles, slots, cudagraph_skips=skips,
-              kernels=kernels)
+              kernels=kernels, eager_check=checked)
     if chunk_peak is not None and not policy.startswith("full"):
         row.chunked_bound_gb = chunked_bound_gb(model, budget, chunk, B)
     if long_steps and compile:
@@ -443,6 +477,13 @@ def markdown(meta, rows, bw) -> str:
     for extra in ("x_streaming_ms", "x_hf_static_tok_s", "x_plain_prefill", "x_chunked_bound"):
         if any(extra in x for x in derived.values()):
             cols.append(extra)
+    for r in ok:  # the compiled cell's first logits against the eager step's (eager_check)
+        c = r.eager_check
+        if c is not None:
+            derived[id(r)]["eager_cos"] = ("error" if "error" in c else f"{c['min_cos']:.4f}"
+                                           + (" (!)" if c["min_cos"] < CHECK_MIN_COS else ""))
+    if any("eager_cos" in x for x in derived.values()):
+        cols.append("eager_cos")
     if any(r.error for r in rows):
         cols.append("error")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -95,6 +95,11 @@ def test_compiled_cell_counts_recompiles_over_a_long_run(tmp_path):
     assert h2o["recompiles"] == 0 and h2o["cudagraph_skips"] == 0
     md = (tmp_path / "tiny.md").read_text()
     assert "long_recompiles" in md
+    # its first logits equal the eager step's (fp32 on CPU: to rounding), shown in the table
+    chk = h2o["eager_check"]
+    assert chk["steps"] == 4 and chk["top1"] == 1.0 and chk["min_cos"] > 1 - 1e-9, chk
+    assert chk["max_abs"] < 1e-4 * max(1.0, chk["scale"]), chk
+    assert "eager_cos" in md and " (!)" not in md
     # a compiled cell carries its per-kernel breakdown (steady steps of a profiled run)
     assert h2o["kernels"]["steps"] == 5 and h2o["kernels"]["kernel_ms"] > 0, h2o["kernels"]
     assert "Where a decode step's time goes" in md
@@ -142,3 +147,31 @@ def test_chunked_prefill_peak_against_issue_9_bound():
     h2o, full = first_table(speed.markdown(META, rows, 1e12))
     assert list(h2o)[-1] == "x_chunked_bound"
     assert (h2o["x_chunked_bound"], full["x_chunked_bound"]) == ("1.5", "-")
+
+
+def test_eager_check_flags_logits_that_are_not_the_eager_steps():
+    """`eager_check` compares a compiled cell's first logits with an eager run fed its tokens:
+    the eager run's own logits match (cosine 1), logits from a corrupted cache do not; the
+    table flags a cosine below CHECK_MIN_COS and shows a failed check as "error"."""
+    import torch
+
+    import flexkv
+    speed = load_speed()
+    model, _ = speed.build_models("tiny", torch.device("cpu"), torch.float32, False)
+    ids = torch.randint(0, model.args.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    kw = dict(budget=16)
+    out = flexkv.generate(model, ids, max_new_tokens=6, policy="h2o", output_logits=True, **kw)
+    same = speed.eager_check(model, ids, "h2o", kw, out.logits)
+    assert same["steps"] == 4 and same["top1"] == 1.0 and same["min_cos"] > 1 - 1e-12, same
+    bad = out.logits.clone()
+    bad[:, 2:] = bad[:, 2:].roll(7, dims=-1)  # steps 3-4 as a wrong cache would give them
+    flagged = speed.eager_check(model, ids, "h2o", kw, bad)
+    assert flagged["min_cos"] < speed.CHECK_MIN_COS, flagged
+
+    def row(policy, check):
+        return speed.Row("flexkv+compile", policy, 40, 16, 2, 5.0, 400.0, 4.0, 0.8, 1.0, 1.0,
+                         None, None, None, 1.0, 0, 10, eager_check=check)
+
+    table = first_table(speed.markdown(META, [row("h2o", same), row("tova", flagged),
+                                              row("cam", dict(error="RuntimeError: x"))], 1e12))
+    assert [t["eager_cos"] for t in table] == ["1.0000", f"{flagged['min_cos']:.4f} (!)", "error"]
