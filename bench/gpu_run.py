@@ -275,6 +275,27 @@ def speed_md(path: Path) -> str:
     return sp.markdown(data["meta"], rows, data["meta"]["bandwidth_gb_s"] * 1e9)
 
 
+def values_line(path: Path) -> str:
+    """One line on a speed stage's compiled cells' values against the eager step
+    (`speed.eager_check`), first in the stage's summary so a flagged cell is not missed."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import speed as sp
+    checks = [(r["policy"], r["prompt"], r["batch"], r.get("eager_check"))
+              for r in json.loads(path.read_text())["rows"] if r.get("eager_check") is not None]
+    if not checks:
+        return "Values against the eager step: no compiled cell checked."
+    failed = [f"{p} T={t} B={b} ({c['error']})" for p, t, b, c in checks if "error" in c]
+    low = [f"{p} T={t} B={b} (cosine {c['min_cos']:.4f}, top-1 {c['top1']:.2f})"
+           for p, t, b, c in checks if "error" not in c and c["min_cos"] < sp.CHECK_MIN_COS]
+    ok = [c["min_cos"] for *_, c in checks if "error" not in c]
+    text = (f"Values against the eager step ({len(checks)} compiled cells, first "
+            f"{sp.CHECK_STEPS} logits): ")
+    if low or failed:
+        return text + "**FLAGGED** " + "; ".join(low + failed) + \
+            " (bench/GPU.md: a cosine below 0.99 means a wrong cache; do not quote that row)."
+    return text + f"every cosine >= {sp.CHECK_MIN_COS} (lowest {min(ok):.5f})."
+
+
 def candidates_md(path: Path) -> str:
     data = json.loads(path.read_text())
     lines = [f"copy bandwidth {data['bandwidth_gb_s']:.0f} GB/s; {data['layers']} layers per "
@@ -310,7 +331,8 @@ def write_summary(out: Path, env: dict, results: list[dict]) -> str:
             elif name == "decode-candidates" and (out / "decode-candidates.json").exists():
                 parts += ["\n## decode-candidates\n", candidates_md(out / "decode-candidates.json")]
             elif r.get("file", "").endswith(".json") and name.startswith("speed"):
-                parts += [f"\n## {name}\n", speed_md(out / r["file"])]
+                parts += [f"\n## {name}\n", values_line(out / r["file"]) + "\n",
+                          speed_md(out / r["file"])]
             elif name == "serve" and (out / "serve-gpu.md").exists():
                 parts += ["\n## serve\n", (out / "serve-gpu.md").read_text()]
         except Exception as e:  # noqa: BLE001 - the summary must always be written

@@ -87,3 +87,24 @@ def test_tests_past_the_deadline_are_reported_not_run(tmp_path):
     head, fails = gr.junit_summary(xml)
     assert head.startswith("1 tests: 0 passed") and "1 not run, out of time: test_stage_limits" in head
     assert fails == []
+
+
+def test_summary_flags_cells_whose_values_differ_from_the_eager_step(tmp_path):
+    """A speed stage's summary starts with one line on its compiled cells' eager check: all
+    fine (with the lowest cosine), or each flagged / failed cell named."""
+    gr = load_bench("gpu_run")
+
+    def stage(checks):
+        rows = [dict(policy=p, prompt=4096, batch=1, eager_check=c) for p, c in checks]
+        (tmp_path / "s.json").write_text(json.dumps(dict(rows=rows + [dict(policy="full",
+                                                                          prompt=4096, batch=1)])))
+        return gr.values_line(tmp_path / "s.json")
+
+    good = dict(min_cos=0.99991, top1=1.0)
+    assert stage([("h2o", good), ("full", dict(min_cos=0.9999, top1=1.0))]).endswith(
+        "every cosine >= 0.99 (lowest 0.99990).")
+    line = stage([("h2o", good), ("cam", dict(min_cos=0.41, top1=0.25)),
+                  ("tova", dict(error="RuntimeError: x"))])
+    assert "**FLAGGED** cam T=4096 B=1 (cosine 0.4100, top-1 0.25); tova T=4096 B=1 " \
+           "(RuntimeError: x)" in line
+    assert "no compiled cell checked" in stage([])
