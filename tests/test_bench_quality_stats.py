@@ -116,3 +116,24 @@ def test_resolve_and_the_ruler_table():
     assert ruler.resolution(cells, ["good"], ("ratio", 0.5), 64, tasks) == []
     with pytest.raises(ValueError, match="lacks tasks"):
         stats.resolve({"a": {"t0": {0: 1.0}}, "b": {"t1": {0: 1.0}}})
+
+
+def test_passkey_resolution_per_budget():
+    """The passkey suite's prompts (haystack, length, depth, key) are the paired samples; a policy
+    that misses a prompt of the grid is left out; full's cells count at every budget."""
+    from quality_suites import passkey
+
+    grid = [("classic", L, d, k) for L in (1024, 2048) for d in (0.1, 0.5, 0.9) for k in range(5)]
+
+    def cells(policy, budget, correct):
+        return [dict(policy=policy, budget=budget, haystack=h, length=L, depth=d, key_idx=k,
+                     correct=correct(i)) for i, (h, L, d, k) in enumerate(grid)]
+
+    cs = (cells("full", None, lambda i: True) + cells("tova", 128, lambda i: True)
+          + cells("h2o", 128, lambda i: i % 10 == 0) + cells("h2o", 256, lambda i: True)
+          + cells("snapkv", 128, lambda i: False)[:-1])         # one prompt short
+    scores = passkey.sample_scores(cs, ["full", "tova", "h2o", "snapkv"], 128)
+    assert sorted(scores) == ["full", "h2o", "tova"] and len(scores["h2o"]["passkey"]) == 30
+    md = "\n".join(stats.resolution_md(scores, "at budget 128"))
+    assert "resolved at budget 128" in md and "2 of 3 pairs resolved" in md
+    assert "| h2o | 0.100 | [0.035, 0.256] | 30 | - | full, tova |" in md   # budget 128's cells

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from . import stats
 from .common import PolicyError, budgetless, digest, haystack_filler, tqdm
 from .report import (_plt, best_per_budget, cell_time, fmt_acc, md_table, mean, plot_lines,
                      prefix_score)
@@ -107,6 +108,20 @@ def acc_table(cells, policies, budgets, haystack=None, metric="exact"):
     return out
 
 
+def sample_scores(cells, policies, budget) -> dict:
+    """{policy: {"passkey": {(haystack, length, depth, key): 0/1}}} at one budget (full: its own
+    cells), for the policies with every prompt of the grid answered (stats.resolve's input)."""
+    grid = {(c["haystack"], c["length"], c["depth"], c["key_idx"]) for c in cells}
+    out = {}
+    for p in policies:
+        got = {(c["haystack"], c["length"], c["depth"], c["key_idx"]): float(c["correct"])
+               for c in cells if c["policy"] == p and "correct" in c
+               and (budgetless(p) or c["budget"] == budget)}
+        if got and set(got) == grid:
+            out[p] = {"passkey": got}
+    return out
+
+
 def plot_heatmaps(out_dir: Path, name: str, cells, policies, cfg, budget) -> list[str]:
     plt = _plt()
     if plt is None:
@@ -183,6 +198,8 @@ def section(res: dict, cfg: dict, policies: list[str], meta: dict, out_dir: Path
              "policy per budget: " + "; ".join(f"{b}: {', '.join(ps)} ({v:.2f})"
                                                for b, (ps, v) in best.items()) + ".")
     L.append("")
+    for b in budgets:
+        L += stats.resolution_md(sample_scores(cells, policies, b), f"at budget {b}")
     hb = cfg["heatmap_budget"]
     if len(cfg["lengths"]) >= 1:
         L += [f"Accuracy by prompt length at budget {hb} (all depths, keys, haystacks):", ""]

@@ -149,21 +149,8 @@ def sample_scores(cells, policies, comp, length, tasks) -> dict:
 
 def resolution(cells, policies, comp, length, tasks) -> list[str]:
     """Which of one compression's averages the samples tell apart (bench/quality_suites/stats.py)."""
-    scores = sample_scores(cells, policies, comp, length, tasks)
-    if len(scores) < 2:
-        return []
-    r = stats.resolve(scores)
-    rows = [[x["policy"], f"{x['mean']:.3f}", f"[{x['lo']:.3f}, {x['hi']:.3f}]", x["n"],
-             ", ".join(x["beats"]) or "-", ", ".join(x["beaten_by"]) or "-"] for x in r["rows"]]
-    pct = round(100 * r["level"])
-    return [f"How far these scores are resolved at compression {comp_label(comp)} ({len(tasks)} "
-            f"task(s), the same samples for every policy): {pct} % Wilson interval of each "
-            f"average (at its sample count; it errs wide); a policy *beats* another where a paired "
-            f"sign-flip test on their per-sample differences rejects equality at {r['alpha']:g} "
-            f"after Holm's correction over all {r['pairs']} pairs. {r['resolved']} of "
-            f"{r['pairs']} pairs resolved.", "",
-            md_table(["policy", "average", f"{pct} % interval", "samples", "beats", "beaten by"],
-                     rows), ""]
+    return stats.resolution_md(sample_scores(cells, policies, comp, length, tasks),
+                               f"at compression {comp_label(comp)} ({len(tasks)} task(s))")
 
 
 def section(res: dict, cfg: dict, policies: list[str], meta: dict, out_dir: Path, name: str):

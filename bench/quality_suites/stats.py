@@ -124,3 +124,23 @@ def resolve(scores: dict[str, dict[str, dict[int, float]]], alpha: float = 0.05,
     ranked = sorted(rows.values(), key=lambda r: -r["mean"])
     return dict(rows=ranked, pairs=len(adj), resolved=sum(p < alpha for p in adj.values()),
                 alpha=alpha, level=level, p_holm={f"{a} vs {b}": p for (a, b), p in adj.items()})
+
+
+def resolution_md(scores: dict, where: str) -> list[str]:
+    """Markdown lines: `resolve(scores)` as a table, introduced by `where` (what was compared,
+    e.g. "at compression 0.5 (5 task(s))"); nothing when fewer than two policies have scores."""
+    from .report import md_table
+
+    if len(scores) < 2:
+        return []
+    r = resolve(scores)
+    pct = round(100 * r["level"])
+    rows = [[x["policy"], f"{x['mean']:.3f}", f"[{x['lo']:.3f}, {x['hi']:.3f}]", x["n"],
+             ", ".join(x["beats"]) or "-", ", ".join(x["beaten_by"]) or "-"] for x in r["rows"]]
+    return [f"How far these scores are resolved {where}, the same samples for every policy: "
+            f"{pct} % Wilson interval of each average (at its sample count; it errs wide); a "
+            f"policy *beats* another where a paired sign-flip test on their per-sample "
+            f"differences rejects equality at {r['alpha']:g} after Holm's correction over all "
+            f"{r['pairs']} pairs. {r['resolved']} of {r['pairs']} pairs resolved.", "",
+            md_table(["policy", "average", f"{pct} % interval", "samples", "beats", "beaten by"],
+                     rows), ""]
