@@ -25,6 +25,9 @@ Every cell's result is appended to a JSON-lines cache keyed by the cell's parame
 every resolved policy parameter): an interrupted run resumes from it (`--fresh` ignores it,
 `--cached-only` reports what is cached). Results: `<out>/<name>.{md,json}` and PNGs, stamped with
 the command, commit, device, torch version and wall time. On a shared CPU pass `--threads 1`.
+The RULER and passkey sections say how far their rankings are resolved by the samples: a Wilson
+interval per average and which policies beat which in paired tests, Holm-corrected
+(quality_suites/stats.py).
 """
 from __future__ import annotations
 
