@@ -244,13 +244,20 @@ def eager_check(model, ids, policy, kw, logits) -> dict:
     same tokens, at the cell's own shapes: the CUDA tests check values on tiny models, whose
     kernels fit one thread block, and inductor has bugs that show only across blocks
     (pytorch/pytorch#198270). bf16 rounds differently in the two (and may move a near-tie
-    eviction), so this is a cosine, not equality: a corrupted cache falls far below 0.99."""
+    eviction), so this is a cosine, not equality: a corrupted cache falls far below 0.99. The
+    eager run takes the "explicit" attention path (K and V in fp32, the reference every other
+    path is tested against; nothing compiled, so no compile at a new cache shape either)."""
     import flexkv
+    from flexkv import attention
     n = min(CHECK_STEPS, logits.shape[1])
     T = ids.shape[1]
     forced = logits.argmax(-1)[:, :n]  # the compiled run's greedy tokens
-    ref = flexkv.generate(model, ids, max_new_tokens=n, policy=policy, forced_tokens=forced,
-                          output_logits=True, **kw)
+    path, attention.DECODE_PROBS = attention.DECODE_PROBS, "explicit"
+    try:
+        ref = flexkv.generate(model, ids, max_new_tokens=n, policy=policy, forced_tokens=forced,
+                              output_logits=True, **kw)
+    finally:
+        attention.DECODE_PROBS = path
     a, b = logits[:, :n].double(), ref.logits.double()
     cos = torch.nn.functional.cosine_similarity(a, b, dim=-1)  # [B, n]
     del ref
