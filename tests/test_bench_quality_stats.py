@@ -137,3 +137,31 @@ def test_passkey_resolution_per_budget():
     md = "\n".join(stats.resolution_md(scores, "at budget 128"))
     assert "resolved at budget 128" in md and "2 of 3 pairs resolved" in md
     assert "| h2o | 0.100 | [0.035, 0.256] | 30 | - | full, tova |" in md   # budget 128's cells
+
+
+def test_streaming_ppl_resolution_over_stretches():
+    """The streaming PPL's paired units: its 64-token block means merged into 16 stretches; the
+    table shows PPL (lower is better, ranked first) and no interval (NLL is not in [0, 1])."""
+    import math
+
+    from quality_suites import ppl
+
+    steady = [3.0] * 64
+    worse = [3.0 + 0.05 * (1 + i % 3) for i in range(64)]       # higher NLL in every stretch
+    noisy = [3.0 + (0.01 if i % 8 < 4 else -0.01) for i in range(64)]
+    cells = [dict(policy="full", budget=None, nll_curve=steady),
+             dict(policy="h2o", budget=256, nll_curve=worse),
+             dict(policy="tova", budget=256, nll_curve=noisy),
+             dict(policy="tova", budget=128, nll_curve=worse),
+             dict(policy="cam", budget=256, nll_curve=steady[:60])]      # another block count
+    scores = ppl.stretch_scores(cells, ["full", "h2o", "tova", "cam"], 256)
+    assert sorted(scores) == ["full", "h2o", "tova"]
+    assert len(scores["h2o"]["stream"]) == 16
+    assert scores["h2o"]["stream"][0] == pytest.approx(-(3.0 + 0.05 * (1 + 2 + 3 + 1) / 4))
+    md = stats.resolution_md(scores, "at budget 256", bounded=False,
+                             value=lambda m: f"{math.exp(-m):.3f}", value_name="PPL",
+                             unit="stretches", per="stretch")
+    text = "\n".join(md)
+    assert "per-stretch differences" in text and "interval" not in md[2]
+    assert "| h2o | 22.181 | 16 | - | full, tova |" in text    # exp(3 + 0.05 * 127 / 64)
+    assert "| full | 20.086 | 16 | h2o | - |" in text          # tova ~ full: +-0.01 a stretch

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import stats
 from .common import (PolicyError, block_means, budgetless, kept_value_norm, nll_of, prefill_only,
                      tqdm)
 from .report import cell_time, md_table, plot_lines
@@ -96,6 +97,28 @@ def run_vam_stream(r, cfg: dict, policies: list[str], notes: list[str]) -> dict 
     return dict(cells=cells, source=src, n_cells=len(plan))
 
 
+STRETCHES = 16  # the paired units of the streaming PPL's comparisons
+
+
+def stretch_scores(cells, policies, budget) -> dict:
+    """{policy: {"stream": {i: -(mean NLL of stretch i)}}} at one budget (full: its own run):
+    `nll_curve`'s 64-token block means merged into STRETCHES contiguous stretches (higher is
+    better, as stats.resolve ranks). Runs with a different block count are left out."""
+    curves = {}
+    for p in policies:
+        c = next((c for c in cells if c["policy"] == p and (budgetless(p) or c["budget"] == budget)
+                  and c.get("nll_curve")), None)
+        if c is not None and len(c["nll_curve"]) % STRETCHES == 0:
+            curves[p] = c["nll_curve"]
+    if len({len(v) for v in curves.values()}) > 1:
+        return {}
+    out = {}
+    for p, curve in curves.items():
+        k = len(curve) // STRETCHES
+        out[p] = {"stream": {i: -sum(curve[i * k:(i + 1) * k]) / k for i in range(STRETCHES)}}
+    return out
+
+
 def section(res: dict, cfg: dict, policies: list[str], meta: dict, out_dir: Path, name: str):
     L, pngs = [], []
     pp = res
@@ -137,6 +160,13 @@ def section(res: dict, cfg: dict, policies: list[str], meta: dict, out_dir: Path
                 best[b] = ([p for p, v in vals.items() if v == m], m)
         L += ["Lowest PPL per budget: " + "; ".join(f"{b}: {', '.join(ps)} ({v:.3f})"
                                                    for b, (ps, v) in best.items()) + ".", ""]
+    for b in budgets:
+        L += stats.resolution_md(
+            stretch_scores(pp["cells"], pols, b), f"at budget {b}", bounded=False,
+            value=lambda m: f"{math.exp(-m):.3f}", value_name="PPL", unit="stretches", per="stretch",
+            note=f" The stream is cut into {STRETCHES} stretches of equal length (each a mean "
+                 "NLL); they follow one another through one cache, so they are not independent "
+                 "and the p-values are approximate.")
     growth = [(c["policy"], c["budget"], c["vnorm_curve"]) for c in pp["cells"]
               if c.get("vnorm_curve")]
     if growth:

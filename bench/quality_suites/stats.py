@@ -87,9 +87,11 @@ def holm(pvals: dict) -> dict:
     return out
 
 
-def resolve(scores: dict[str, dict[str, dict[int, float]]], alpha: float = 0.05,
-            level: float = 0.95) -> dict:
-    """scores: {policy: {task: {sample index: score}}}, every policy on the same tasks.
+def resolve(scores: dict[str, dict[str, dict]], alpha: float = 0.05, level: float = 0.95,
+            bounded: bool = True) -> dict:
+    """scores: {policy: {task: {sample: score}}}, every policy on the same tasks; higher is
+    better; `bounded`: scores in [0, 1], which gives each average a Wilson interval (else lo and
+    hi are None).
 
     Returns {"rows": [{policy, mean, lo, hi, n, beats: [...], beaten_by: [...]}] best first,
     "pairs": number compared, "resolved": how many differ at family-wise `alpha` (Holm)}.
@@ -102,7 +104,7 @@ def resolve(scores: dict[str, dict[str, dict[int, float]]], alpha: float = 0.05,
     rows = {}
     for p in names:
         groups = [list(scores[p][t].values()) for t in tasks]
-        lo, hi = interval(groups, level)
+        lo, hi = interval(groups, level) if bounded else (None, None)
         rows[p] = dict(policy=p, mean=statistic(groups), lo=lo, hi=hi,
                        n=sum(len(g) for g in groups), beats=[], beaten_by=[])
     raw, diff = {}, {}
@@ -126,21 +128,30 @@ def resolve(scores: dict[str, dict[str, dict[int, float]]], alpha: float = 0.05,
                 alpha=alpha, level=level, p_holm={f"{a} vs {b}": p for (a, b), p in adj.items()})
 
 
-def resolution_md(scores: dict, where: str) -> list[str]:
+def resolution_md(scores: dict, where: str, *, bounded: bool = True, value=None,
+                  value_name: str = "average", unit: str = "samples", per: str = "sample",
+                  note: str = "") -> list[str]:
     """Markdown lines: `resolve(scores)` as a table, introduced by `where` (what was compared,
-    e.g. "at compression 0.5 (5 task(s))"); nothing when fewer than two policies have scores."""
+    e.g. "at compression 0.5 (5 task(s))"); `value` formats a policy's mean (default 3
+    decimals), `unit` / `per` name the paired units (plural / singular), `note` ends the
+    introduction. Nothing when fewer than two policies have scores."""
     from .report import md_table
 
     if len(scores) < 2:
         return []
-    r = resolve(scores)
+    r = resolve(scores, bounded=bounded)
     pct = round(100 * r["level"])
-    rows = [[x["policy"], f"{x['mean']:.3f}", f"[{x['lo']:.3f}, {x['hi']:.3f}]", x["n"],
-             ", ".join(x["beats"]) or "-", ", ".join(x["beaten_by"]) or "-"] for x in r["rows"]]
-    return [f"How far these scores are resolved {where}, the same samples for every policy: "
-            f"{pct} % Wilson interval of each average (at its sample count; it errs wide); a "
-            f"policy *beats* another where a paired sign-flip test on their per-sample "
-            f"differences rejects equality at {r['alpha']:g} after Holm's correction over all "
-            f"{r['pairs']} pairs. {r['resolved']} of {r['pairs']} pairs resolved.", "",
-            md_table(["policy", "average", f"{pct} % interval", "samples", "beats", "beaten by"],
-                     rows), ""]
+    value = value or (lambda m: f"{m:.3f}")
+    head = ["policy", value_name] + ([f"{pct} % interval"] if bounded else []) + \
+        [unit, "beats", "beaten by"]
+    rows = [[x["policy"], value(x["mean"])]
+            + ([f"[{x['lo']:.3f}, {x['hi']:.3f}]"] if bounded else [])
+            + [x["n"], ", ".join(x["beats"]) or "-", ", ".join(x["beaten_by"]) or "-"]
+            for x in r["rows"]]
+    intro = (f"How far these scores are resolved {where}, the same {unit} for every policy: "
+             + (f"{pct} % Wilson interval of each average (at its sample count; it errs wide); "
+                if bounded else "")
+             + f"a policy *beats* another where a paired sign-flip test on their per-{per} "
+             f"differences rejects equality at {r['alpha']:g} after Holm's correction over all "
+             f"{r['pairs']} pairs. {r['resolved']} of {r['pairs']} pairs resolved." + note)
+    return [intro, "", md_table(head, rows), ""]
