@@ -178,7 +178,25 @@ def build_parser():
     o.add_argument("--fresh", action="store_true", help="ignore cached cells (recompute)")
     o.add_argument("--cached-only", action="store_true",
                    help="compute nothing: report the cached cells (missing ones are counted)")
+    o.add_argument("--rerender", type=Path, metavar="JSON",
+                   help="compute nothing: write a committed report's markdown (and plots) again "
+                        "from its JSON with this version's sections (e.g. the resolution tables)")
     return ap
+
+
+def rerender(path: Path) -> int:
+    """<name>.md (and plots) again from <name>.json, which holds every cell: the report's own
+    command, commit and config, plus a line saying when and at which commit it was re-rendered."""
+    data = json.loads(path.read_text())
+    meta = dict(data["meta"], rerendered=dict(
+        command="python bench/quality.py --rerender " + str(path), commit=git_commit(),
+        date=time.strftime("%Y-%m-%d %H:%M:%S")))
+    md = report(path.parent, path.stem, meta, data["config"], data["policies"], data["results"],
+                data["notes"])
+    path.with_suffix(".md").write_text(md)
+    path.write_text(json.dumps(dict(data, meta=meta), indent=1, default=str))
+    print(f"[quality] re-rendered {path.with_suffix('.md')}", file=sys.stderr)
+    return 0
 
 
 def config(args, ap) -> dict:
@@ -266,7 +284,10 @@ def report(out_dir: Path, name: str, meta: dict, cfg: dict, policies, res, notes
          f"commit {meta['commit']}, device {meta['device']}, torch {meta['torch']}, "
          f"transformers {meta['transformers']}, model {meta['model']} ({meta['dtype']}), "
          f"wall {meta['wall_s']} s ({meta['cells_computed']} cells computed, "
-         f"{meta['cells_cached']} from the cell cache)", "",
+         f"{meta['cells_cached']} from the cell cache)"
+         + (f"; re-rendered from its JSON by `{meta['rerendered']['command']}` at commit "
+            f"{meta['rerendered']['commit']} ({meta['rerendered']['date']}): the same cells, "
+            "this version's tables" if meta.get("rerendered") else ""), "",
          f"Policies (registered at run time): {', '.join(policies)}", ""]
     pngs = []
     L += summary(res, cfg, policies)
@@ -286,6 +307,10 @@ def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = build_parser()
     args = ap.parse_args(argv)
+    if args.rerender is not None:
+        if not args.rerender.is_file():
+            ap.error(f"--rerender: no such report JSON: {args.rerender}")
+        return rerender(args.rerender)
     cfg = config(args, ap)
     name = args.name or cfg["preset"]
     if not re.fullmatch(r"[\w.-]+", name):

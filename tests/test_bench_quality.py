@@ -306,3 +306,26 @@ def test_cell_keys_name_prefill_only_only_when_set():
     assert "h2o.prefill_only" not in plain and "h2o.recent" in plain and "vam.alpha" in plain
     assert resolved_params("h2o+vam", 64, {"prefill_only": True})["h2o.prefill_only"] is True
     assert not prefill_only("h2o") and prefill_only("snapkv") and not prefill_only("full")
+
+
+def test_rerender_a_committed_report_from_its_json(tmp_path):
+    """`--rerender JSON` writes the report again from the cells its JSON holds, with no model:
+    every line of the committed report comes back in order (the header line aside, which gains
+    the re-rendering's command and commit), now with the resolution tables."""
+    import shutil
+    quality = load_quality()
+    src = ROOT / "bench" / "results" / "quality" / "cpu-ruler-ratios.json"
+    dst = tmp_path / src.name
+    shutil.copy(src, dst)
+    assert quality.main(["--rerender", str(dst)]) == 0
+    old = src.with_suffix(".md").read_text().splitlines()
+    new = dst.with_suffix(".md").read_text().splitlines()
+    assert new[:3] == old[:3]                                # title, command
+    assert new[3].startswith(old[3]) and "re-rendered from its JSON" in new[3]
+    it = iter(new[4:])
+    missing = [line for line in old[4:] if not any(line == x for x in it)]
+    assert missing == []
+    assert any(line.startswith("How far these scores are resolved at compression 0.5") for line in new)
+    assert json.loads(dst.read_text())["meta"]["rerendered"]["command"].endswith(str(dst))
+    with pytest.raises(SystemExit):
+        quality.main(["--rerender", str(tmp_path / "nothing.json")])
