@@ -1,7 +1,8 @@
 """How far a quality table's differences are resolved by its samples.
 
 A RULER average is a mean over tasks of each task's mean over its samples (`ruler.average`), and
-every policy answers the same samples, so:
+every policy answers the same samples; likewise passkey's prompts, the streaming PPL's stretches
+of one stream and fidelity's stretches of each window (groups: tasks, or windows). So:
 
 - `interval`: a Wilson score interval of that statistic (scores in [0, 1]), which errs wide.
 - `sign_flip_p`: the two-sided paired randomization test of "the two policies score alike": under
