@@ -178,24 +178,26 @@ def build_parser():
     o.add_argument("--fresh", action="store_true", help="ignore cached cells (recompute)")
     o.add_argument("--cached-only", action="store_true",
                    help="compute nothing: report the cached cells (missing ones are counted)")
-    o.add_argument("--rerender", type=Path, metavar="JSON",
-                   help="compute nothing: write a committed report's markdown (and plots) again "
-                        "from its JSON with this version's sections (e.g. the resolution tables)")
+    o.add_argument("--rerender", type=Path, nargs="+", metavar="JSON",
+                   help="compute nothing: write committed reports' markdown (and plots) again "
+                        "from their JSON with this version's sections (e.g. the resolution tables)")
     return ap
 
 
-def rerender(path: Path) -> int:
+def rerender(paths: list[Path]) -> int:
     """<name>.md (and plots) again from <name>.json, which holds every cell: the report's own
-    command, commit and config, plus a line saying when and at which commit it was re-rendered."""
-    data = json.loads(path.read_text())
-    meta = dict(data["meta"], rerendered=dict(
-        command="python bench/quality.py --rerender " + str(path), commit=git_commit(),
-        date=time.strftime("%Y-%m-%d %H:%M:%S")))
-    md = report(path.parent, path.stem, meta, data["config"], data["policies"], data["results"],
-                data["notes"])
-    path.with_suffix(".md").write_text(md)
-    path.write_text(json.dumps(dict(data, meta=meta), indent=1, default=str))
-    print(f"[quality] re-rendered {path.with_suffix('.md')}", file=sys.stderr)
+    command, commit and config, plus a line saying when and at which commit it was re-rendered
+    (taken once, before the first report is rewritten, so later ones do not read as "-dirty")."""
+    stamp = dict(command="python bench/quality.py --rerender " + " ".join(map(str, paths)),
+                 commit=git_commit(), date=time.strftime("%Y-%m-%d %H:%M:%S"))
+    for path in paths:
+        data = json.loads(path.read_text())
+        meta = dict(data["meta"], rerendered=stamp)
+        md = report(path.parent, path.stem, meta, data["config"], data["policies"],
+                    data["results"], data["notes"])
+        path.with_suffix(".md").write_text(md)
+        path.write_text(json.dumps(dict(data, meta=meta), indent=1, default=str))
+        print(f"[quality] re-rendered {path.with_suffix('.md')}", file=sys.stderr)
     return 0
 
 
@@ -308,8 +310,9 @@ def main(argv=None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
     if args.rerender is not None:
-        if not args.rerender.is_file():
-            ap.error(f"--rerender: no such report JSON: {args.rerender}")
+        missing = [str(p) for p in args.rerender if not p.is_file()]
+        if missing:
+            ap.error(f"--rerender: no such report JSON: {', '.join(missing)}")
         return rerender(args.rerender)
     cfg = config(args, ap)
     name = args.name or cfg["preset"]

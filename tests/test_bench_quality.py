@@ -325,7 +325,8 @@ def test_rerender_a_committed_report_from_its_json(tmp_path):
     old = src.with_suffix(".md").read_text().splitlines()
     new = dst.with_suffix(".md").read_text().splitlines()
     assert new[:3] == old[:3]                                # title, command
-    assert new[3].startswith(old[3]) and "re-rendered from its JSON" in new[3]
+    run = old[3].split("; re-rendered")[0]                   # the run's own stamp, kept
+    assert new[3].startswith(run + "; re-rendered from its JSON") and str(dst) in new[3]
     it = iter(new[4:])
     missing = [line for line in old[4:] if not any(line == x for x in it)]
     assert missing == []
