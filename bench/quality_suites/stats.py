@@ -125,6 +125,10 @@ def resolve(scores: dict[str, dict[str, dict]], alpha: float = 0.05, level: floa
             rows[hi_]["beats"].append(lo_)
             rows[lo_]["beaten_by"].append(hi_)
     ranked = sorted(rows.values(), key=lambda r: -r["mean"])
+    order = {r["policy"]: i for i, r in enumerate(ranked)}
+    for r in ranked:                                  # named in the table's order
+        r["beats"].sort(key=order.get)
+        r["beaten_by"].sort(key=order.get)
     return dict(rows=ranked, pairs=len(adj), resolved=sum(p < alpha for p in adj.values()),
                 alpha=alpha, level=level, p_holm={f"{a} vs {b}": p for (a, b), p in adj.items()})
 
