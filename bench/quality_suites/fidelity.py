@@ -17,6 +17,7 @@ from . import stats
 from .common import PolicyError, budgetless, comp_budget, nll_of, tqdm
 from .report import md_table, mean, plot_lines
 from .ruler import comp_label, compressions
+from .stats import STRETCHES
 
 NAME = "fidelity"
 
@@ -101,9 +102,6 @@ def run(r, cfg: dict, policies: list[str], notes: list[str]) -> dict:
         cells.append(dict(policy=p, comp=None if c is None else list(c), index=i,
                           **cell(r, texts, p, c, i)))
     return dict(cells=cells, n_cells=len(plan), source=texts.src)
-
-
-STRETCHES = 16  # a window's continuation in 16 stretches: the paired units of its comparisons
 
 
 def stretch_scores(cells, policies, comp) -> dict:

@@ -15,6 +15,7 @@ from . import stats
 from .common import (PolicyError, block_means, budgetless, kept_value_norm, nll_of, prefill_only,
                      tqdm)
 from .report import cell_time, md_table, plot_lines
+from .stats import STRETCHES
 
 NAME = "ppl"
 
@@ -95,9 +96,6 @@ def run_vam_stream(r, cfg: dict, policies: list[str], notes: list[str]) -> dict 
         cells.append(dict(policy=p, base=p.split("+")[0], budget=b, alpha=al,
                           prefill_only=prefill_only(p.split("+")[0]), **res))
     return dict(cells=cells, source=src, n_cells=len(plan))
-
-
-STRETCHES = 16  # the paired units of the streaming PPL's comparisons
 
 
 def stretch_scores(cells, policies, budget) -> dict:

@@ -22,6 +22,7 @@ import numpy as np
 
 EXACT_MAX = 16       # nonzero differences up to which every sign pattern is enumerated (65536)
 RESAMPLES = 10_000
+STRETCHES = 16       # a stream (PPL) or a window (fidelity) cut into this many paired units
 
 
 def _weights(groups) -> tuple[np.ndarray, np.ndarray]:
