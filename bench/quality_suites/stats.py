@@ -20,6 +20,8 @@ from statistics import NormalDist
 
 import numpy as np
 
+from .report import md_table
+
 EXACT_MAX = 16       # nonzero differences up to which every sign pattern is enumerated (65536)
 RESAMPLES = 10_000
 STRETCHES = 16       # a stream (PPL) or a window (fidelity) cut into this many paired units
@@ -141,8 +143,6 @@ def resolution_md(scores: dict, where: str, *, bounded: bool = True, value=None,
     e.g. "at compression 0.5 (5 task(s))"); `value` formats a policy's mean (default 3
     decimals), `unit` / `per` name the paired units (plural / singular), `note` ends the
     introduction. Nothing when fewer than two policies have scores."""
-    from .report import md_table
-
     if len(scores) < 2:
         return []
     r = resolve(scores, bounded=bounded)
