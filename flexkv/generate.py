@@ -33,7 +33,7 @@ class GenerateOutput:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     timings: dict = field(default_factory=dict)
-    logits: Tensor | None = None   # [B, N, V] with output_logits=True
+    logits: Tensor | None = None   # [B, N, V] with output_logits=True ([B, n, V] with =n)
 
     @property
     def decode_tok_s(self) -> float:
@@ -323,7 +323,8 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
              top_p: float | None = None, eos_token_id=None, prefill_chunk: int | None = None,
              generator: torch.Generator | None = None, attention_mask: Tensor | None = None,
              callback=None, reference: bool = False, forced_tokens: Tensor | None = None,
-             output_logits: bool = False, cache_callback=None, **policy_params) -> GenerateOutput:
+             output_logits: bool | int = False, cache_callback=None,
+             **policy_params) -> GenerateOutput:
     """Greedy or sampled generation under a KV policy. See the README for the full contract.
 
     `callback(tokens)`, if given, is called with each new token tensor `[B]` (on the model's
@@ -334,7 +335,9 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
 
     `forced_tokens` [B, max_new_tokens] (teacher forcing, for streaming perplexity): the tokens
     fed back are these instead of sampled ones. `output_logits=True` keeps the logits that
-    predicted each new token in `out.logits` [B, N, V] (fp32, or fp64 for fp64 models).
+    predicted each new token in `out.logits` [B, N, V] (fp32, or fp64 for fp64 models); an int
+    `n` in [1, max_new_tokens] keeps only the first n ([B, min(n, N), V]: a check that reads a
+    few steps of a long run need not hold a copy of every step's logits).
     `reference=True` runs the policy's eager reference (flexkv.reference) instead.
     `cache_callback(cache)`, if given, is called with the live cache at the same points as
     `callback` (after the prefill, then after every decode step): for watching what a policy
@@ -344,6 +347,14 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
                           top_p, prefill_chunk, eos_token_id)
     pol = make_policy(policy, budget=budget, **policy_params)
     B, T = input_ids.shape
+    if isinstance(output_logits, bool):
+        n_logits = max_new_tokens if output_logits else 0
+    elif _is_int(output_logits) and 1 <= output_logits <= max_new_tokens:
+        n_logits = int(output_logits)
+    else:
+        raise ValueError(f"output_logits must be a bool or an int in [1, max_new_tokens = "
+                         f"{max_new_tokens}] (the first steps whose logits are kept), "
+                         f"got {output_logits!r}")
     if forced_tokens is not None and (forced_tokens.shape != (B, max_new_tokens)
                                       or forced_tokens.device != input_ids.device):
         raise ValueError(f"forced_tokens must be a [B, max_new_tokens] = {(B, max_new_tokens)} "
@@ -373,7 +384,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
 
     t0 = time.perf_counter()
     logits = prefill(model, cache, pol, input_ids, pos, prefill_chunk, max_new_tokens)
-    kept_logits = [_keep(logits)] if output_logits else None
+    kept_logits = [_keep(logits)] if n_logits else None
     tok = _agree(sample(logits, temperature, top_k, top_p, generator), model, temperature)
     if forced_tokens is not None:
         tok = forced_tokens[:, 0]
@@ -402,7 +413,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
         nxt = _agree(sample(logits, temperature, top_k, top_p, generator), model, temperature)
         if forced_tokens is not None:
             nxt = forced_tokens[:, i]
-        if output_logits:
+        if i < n_logits:
             kept_logits.append(_keep(logits))
         if eos is not None:
             nxt = torch.where(done, fill, nxt)
@@ -420,6 +431,6 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
     if n < max_new_tokens:
         out = out[:, :T + n]
     res = GenerateOutput(out, cache, pol, T, n, t1 - t0, t2 - t1)
-    if output_logits:
+    if n_logits:
         res.logits = torch.stack(kept_logits, dim=1)
     return res

@@ -209,3 +209,19 @@ def test_bools_nan_and_strings_rejected(tiny_llama, ids, kw):
 @pytest.mark.parametrize("policy", BUDGET_POLICIES)
 def test_budget_over_context(tiny_llama, ids, policy):
     _raises(tiny_llama, "budget", ids, policy=policy, budget=CTX + 1)
+
+
+@pytest.mark.parametrize("n", [0, -1, 5, 2.0, "2", None])
+def test_bad_output_logits(tiny_llama, ids, n):
+    """A bool (every step or none) or the first n steps, n in [1, max_new_tokens = 4]."""
+    assert "[1, max_new_tokens = 4]" in _raises(tiny_llama, "output_logits", ids, output_logits=n)
+
+
+def test_output_logits_first_n_steps(tiny_llama, ids):
+    """`output_logits=n` keeps the first n steps' logits, equal to those of `output_logits=True`."""
+    every = flexkv.generate(tiny_llama, ids, max_new_tokens=5, output_logits=True)
+    first = flexkv.generate(tiny_llama, ids, max_new_tokens=5, output_logits=3)
+    assert every.logits.shape[:2] == (2, 5) and first.logits.shape[:2] == (2, 3)
+    assert torch.equal(first.logits, every.logits[:, :3])
+    assert torch.equal(first.tokens, every.tokens)
+    assert flexkv.generate(tiny_llama, ids, max_new_tokens=5).logits is None
