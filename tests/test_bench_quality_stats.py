@@ -186,3 +186,37 @@ def test_fidelity_resolution_over_windows_and_stretches():
                                        value=lambda m: f"{-m:.4f}", value_name="KL",
                                        unit="stretches", per="stretch"))
     assert "| snapkv | 0.0400 | 32 | cam | - |" in md and "1 of 1 pairs resolved" in md
+
+
+def test_fidelity_resolution_over_independent_windows(tmp_path):
+    """The per-window table pairs each window's mean KL (independent units: disjoint text, a
+    cache each), exact up to 16 windows: 16 windows resolve a policy that is better in 15 of
+    them, 4 windows cannot resolve anything (no p-value below 2 / 2^4)."""
+    from quality_suites import fidelity
+
+    comp = ["ratio", 0.75]
+
+    def cells(n):
+        out = [dict(policy="full", comp=None, index=i, kl=0.0) for i in range(n)]
+        for i in range(n):
+            worse = 0.06 + 0.001 * i
+            out += [dict(policy="snapkv", comp=comp, index=i, kl=worse + (0.002 if i == 3 else -0.02)),
+                    dict(policy="h2o", comp=comp, index=i, kl=worse)]
+        return out
+
+    scores = fidelity.window_scores(cells(4), ["full", "snapkv", "h2o"], ("ratio", 0.75))
+    assert sorted(scores) == ["h2o", "snapkv"] and sorted(scores["h2o"]["windows"]) == [0, 1, 2, 3]
+
+    def section(n):
+        cfg = dict(fid_samples=n, fid_prefix=2048, fid_tokens=256, ruler_ratios=[0.75],
+                   ruler_budgets=[])
+        res = dict(cells=cells(n), source=dict(source="test", text_sha1="0"))
+        lines, _ = fidelity.section(res, cfg, ["full", "snapkv", "h2o"], dict(model="m"), tmp_path,
+                                    f"t{n}")
+        return "\n".join(lines)
+
+    md16, md4 = section(16), section(4)
+    assert "per window, the same windows" in md16 and "1 of 1 pairs resolved" in md16
+    assert "| snapkv | 0.0489 | 16 | h2o | - |" in md16       # 0.0675 - 0.02 + 0.022 / 16
+    assert "no p-value can be below 0.12" in md4 and "0 of 1 pairs resolved" in md4
+    assert "per window" not in section(1)                     # one window: nothing to pair

@@ -118,6 +118,20 @@ def stretch_scores(cells, policies, comp) -> dict:
     return out
 
 
+def window_scores(cells, policies, comp) -> dict:
+    """{policy: {"windows": {window: -(its mean KL)}}} at one compression, for the compressing
+    policies with every window; the windows are disjoint stretches of the essays, each with its
+    own cache, so unlike the stretches within one window they are independent units."""
+    out = {}
+    for p in policies:
+        if budgetless(p):
+            continue
+        sel = [c for c in cells if c["policy"] == p and c.get("comp") == list(comp) and "kl" in c]
+        if sel:
+            out[p] = {"windows": {c["index"]: -c["kl"] for c in sel}}
+    return out
+
+
 def metric(cells, policy, comp, name):
     return mean([c[name] for c in cells if c["policy"] == policy and name in c and
                  (budgetless(policy) or c["comp"] == list(comp))])
@@ -153,6 +167,15 @@ def section(res: dict, cfg: dict, policies: list[str], meta: dict, out_dir: Path
                            "removed)", logx=False)
             pngs += [f] if f else []
     for c in comps:
+        if cfg["fid_samples"] >= 2:
+            L += stats.resolution_md(
+                window_scores(cells, policies, c), f"(KL) at compression {comp_label(c)}, "
+                "per window", bounded=False, value=lambda m: f"{-m:.4f}", value_name="KL",
+                unit="windows", per="window",
+                note=" The windows are disjoint stretches of the essays, each compressed on its "
+                     "own: independent units, unlike the stretches of one window below"
+                     + (f" (with {n} windows no p-value can be below {2 / 2 ** n:.2g})."
+                        if (n := cfg["fid_samples"]) <= stats.EXACT_MAX else "."))
         L += stats.resolution_md(
             stretch_scores(cells, policies, c), f"(KL) at compression {comp_label(c)}",
             bounded=False, value=lambda m: f"{-m:.4f}", value_name="KL", unit="stretches",
