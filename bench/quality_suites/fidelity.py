@@ -120,7 +120,7 @@ def stretch_scores(cells, policies, comp) -> dict:
 
 def window_scores(cells, policies, comp) -> dict:
     """{policy: {"windows": {window: -(its mean KL)}}} at one compression, for the compressing
-    policies with every window; the windows are disjoint stretches of the essays, each with its
+    policies with a window scored (pairs are compared on the windows both have); the windows are disjoint stretches of the essays, each with its
     own cache, so unlike the stretches within one window they are independent units."""
     out = {}
     for p in policies:
