@@ -305,7 +305,7 @@ def run_flexkv(model, ids, policy, budget, new_tokens, chunk, compile, bw,
     sync(device)
     first = time.perf_counter() - t
     warm_prefill_s, warm_steps = warm.prefill_s, warm.new_tokens - 1
-    warm_logits = warm.logits if compile else None
+    warm_logits = warm.logits  # compiled: [B, <= CHECK_STEPS, V]; eager: None
     del warm
     free(device)
     checked = None

@@ -104,32 +104,33 @@ def run(r, cfg: dict, policies: list[str], notes: list[str]) -> dict:
     return dict(cells=cells, n_cells=len(plan), source=texts.src)
 
 
+def _scored(cells, policies, comp) -> dict:
+    """{policy: its scored cells at one compression}, for the compressing policies with any (the
+    full cache's KL to itself is 0 by definition)."""
+    out = {}
+    for p in policies:
+        sel = [c for c in cells if c["policy"] == p and c.get("comp") == list(comp) and "kl" in c]
+        if sel and not budgetless(p):
+            out[p] = sel
+    return out
+
+
 def stretch_scores(cells, policies, comp) -> dict:
     """{policy: {window: {stretch: -(mean KL of the stretch)}}} at one compression, for the
     compressing policies whose every window has `kl_curve` (cells cached before it was recorded
     have none); higher is better, as stats.resolve ranks."""
-    out = {}
-    for p in policies:
-        if budgetless(p):
-            continue                      # the full cache's KL to itself is 0 by definition
-        sel = [c for c in cells if c["policy"] == p and c.get("comp") == list(comp) and "kl" in c]
-        if sel and all(len(c.get("kl_curve") or []) == STRETCHES for c in sel):
-            out[p] = {c["index"]: {j: -x for j, x in enumerate(c["kl_curve"])} for c in sel}
-    return out
+    return {p: {c["index"]: {j: -x for j, x in enumerate(c["kl_curve"])} for c in sel}
+            for p, sel in _scored(cells, policies, comp).items()
+            if all(len(c.get("kl_curve") or []) == STRETCHES for c in sel)}
 
 
 def window_scores(cells, policies, comp) -> dict:
     """{policy: {"windows": {window: -(its mean KL)}}} at one compression, for the compressing
-    policies with a window scored (pairs are compared on the windows both have); the windows are disjoint stretches of the essays, each with its
-    own cache, so unlike the stretches within one window they are independent units."""
-    out = {}
-    for p in policies:
-        if budgetless(p):
-            continue
-        sel = [c for c in cells if c["policy"] == p and c.get("comp") == list(comp) and "kl" in c]
-        if sel:
-            out[p] = {"windows": {c["index"]: -c["kl"] for c in sel}}
-    return out
+    policies with a window scored (pairs are compared on the windows both have); the windows
+    are disjoint stretches of the essays, each with its own cache, so unlike the stretches
+    within one window they are independent units."""
+    return {p: {"windows": {c["index"]: -c["kl"] for c in sel}}
+            for p, sel in _scored(cells, policies, comp).items()}
 
 
 def metric(cells, policy, comp, name):
@@ -166,20 +167,20 @@ def section(res: dict, cfg: dict, policies: list[str], meta: dict, out_dir: Path
                            logy=m == "kl", xlabel="compression ratio (fraction of the prefix "
                            "removed)", logx=False)
             pngs += [f] if f else []
+    kl = dict(bounded=False, value=lambda m: f"{-m:.4f}", value_name="KL")
     for c in comps:
         if cfg["fid_samples"] >= 2:
             L += stats.resolution_md(
                 window_scores(cells, policies, c), f"(KL) at compression {comp_label(c)}, "
-                "per window", bounded=False, value=lambda m: f"{-m:.4f}", value_name="KL",
-                unit="windows", per="window",
+                "per window", **kl, unit="windows", per="window",
                 note=" The windows are disjoint stretches of the essays, each compressed on its "
                      "own: independent units, unlike the stretches of one window below"
                      + (f" (with {n} windows no p-value can be below {2 / 2 ** n:.2g})."
                         if (n := cfg["fid_samples"]) <= stats.EXACT_MAX else "."))
         L += stats.resolution_md(
-            stretch_scores(cells, policies, c), f"(KL) at compression {comp_label(c)}",
-            bounded=False, value=lambda m: f"{-m:.4f}", value_name="KL", unit="stretches",
-            per="stretch", note=f" Each window's continuation is cut into {STRETCHES} stretches "
-                                "(a mean KL each), paired across policies; they follow one "
-                                "another through one cache, so the p-values are approximate.")
+            stretch_scores(cells, policies, c), f"(KL) at compression {comp_label(c)}", **kl,
+            unit="stretches", per="stretch",
+            note=f" Each window's continuation is cut into {STRETCHES} stretches (a mean KL "
+                 "each), paired across policies; they follow one another through one cache, so "
+                 "the p-values are approximate.")
     return L, pngs
