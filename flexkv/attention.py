@@ -46,9 +46,17 @@ def allow_recompiles(n: int = 64) -> None:
 
 def _flex(*args, **kwargs):
     """FlexAttention, compiled on CUDA (eager flex is a slow reference there). On CPU the eager
-    path is used outside compiled regions: compiled CPU flex cannot return the LSE."""
+    path is used outside compiled regions: compiled CPU flex cannot return the LSE.
+
+    On CUDA a call with more than one query row (a prefill chunk, the column sums' transposed
+    pass) asks for the main Triton kernel (`BACKEND="TRITON"`): inductor would otherwise pick
+    the flex-decoding kernel for fewer than 128 rows, whose configs all fail its own
+    divisibility check when rows x GQA group exceeds the 128-row sparse block (torch 2.11:
+    `NoValidChoicesError` for 33 rows x 4, the first H200 run, bench/NOTES.md session 22)."""
     global _compiled_flex
     q = args[0]
+    if q.is_cuda and q.shape[-2] > 1 and "kernel_options" not in kwargs:
+        kwargs["kernel_options"] = {"BACKEND": "TRITON"}
     if q.is_cuda and not torch.compiler.is_compiling():
         if _compiled_flex is None:
             # one graph per prefill shape (prompt/chunk length, per-layer capacity): many,
@@ -426,6 +434,27 @@ def _chunk_attention(q: Tensor, k: Tensor, v: Tensor, cached_pos: Tensor, group:
 
 
 # ---------------------------------------------------------------------------- decode
+@functools.lru_cache(maxsize=16)
+def _decode_blocks(S: int, device: str) -> BlockMask:
+    """Every key block of a one-query decode, `_BLOCK` keys each, all visited (the masking is in
+    the score_mod)."""
+    n = -(-S // _BLOCK)
+    return BlockMask.from_kv_blocks(torch.full((1, 1, 1), n, dtype=torch.int32, device=device),
+                                    torch.arange(n, dtype=torch.int32, device=device)[None, None, None],
+                                    BLOCK_SIZE=_BLOCK, seq_lengths=(1, S))
+
+
+def decode_block_mask(S: int, device) -> BlockMask:
+    """The block mask of a flex decode over S slots. Without one, flex_attention's default is a
+    single sparse block of 2**30 keys, and the flex-decoding kernel splits the keys across
+    thread blocks by sparse blocks (`TILE_KV = cdiv(kv_num_blocks * SPARSE_KV_BLOCK_SIZE,
+    SPLIT_KV)`, torch 2.11's flex_decode template): the first split got every key, one thread
+    block per (row, KV head) walked all S (the first H200 run: 168 us a layer at 4097 slots,
+    92 GB/s, bench/NOTES.md session 22). With S / 128 blocks the splits share the keys."""
+    build = _decode_blocks.__wrapped__ if torch.compiler.is_compiling() else _decode_blocks
+    return build(S, str(device))
+
+
 def use_flex_decode(q: Tensor) -> bool:
     """Flex for decode inside compiled code on CUDA (where it is the fused flex-decoding kernel);
     everywhere else SDPA (eager) or the matmul path (compiled): eager flex re-traces its
@@ -492,7 +521,8 @@ def decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tens
     group = q.shape[1] // k.shape[1]
     if not need_probs and use_flex_decode(q):
         score_mod = masked_decode_score(k_pos, q_pos, group, window, bias)
-        return flex_attention(q, k, v, score_mod=score_mod, enable_gqa=group > 1), None
+        return flex_attention(q, k, v, score_mod=score_mod, enable_gqa=group > 1,
+                              block_mask=decode_block_mask(k.shape[2], q.device)), None
     if not need_probs and use_sdpa_decode(q, bias):
         return sdpa_decode_attention(q, k, v, k_pos, q_pos, window, bias), None
     path = decode_probs_path(q, k)
@@ -601,11 +631,14 @@ def flex_lse_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_
     n_kv = k.shape[1]
     G = H // n_kv
     sm = masked_decode_score(k_pos, q_pos, G, window, bias)
+    blocks = decode_block_mask(k.shape[2], q.device)
     if _AuxRequest is not None:
-        o, aux = _flex(q, k, v, score_mod=sm, enable_gqa=G > 1, return_aux=_AuxRequest(lse=True))
+        o, aux = _flex(q, k, v, score_mod=sm, block_mask=blocks, enable_gqa=G > 1,
+                       return_aux=_AuxRequest(lse=True))
         lse = aux.lse
     else:  # pragma: no cover - torch < 2.9
-        o, lse = _flex(q, k, v, score_mod=sm, enable_gqa=G > 1, return_lse=True)
+        o, lse = _flex(q, k, v, score_mod=sm, block_mask=blocks, enable_gqa=G > 1,
+                       return_lse=True)
     scores = _qk(q, k) / math.sqrt(D)
     if bias is not None:
         scores = scores + bias[:, :, None, :]

@@ -49,9 +49,12 @@ def test_decode_flex_equals_explicit(c, with_bias):
     o_ref, p_ref = dense(q, k, v, q_pos, k_pos, window, bias)
     sm = attention.masked_decode_score(k_pos, q_pos, G, window, bias)
     o_flex = flex_attention(q, k, v, score_mod=sm, enable_gqa=G > 1)
+    o_blocks = flex_attention(q, k, v, score_mod=sm, enable_gqa=G > 1,
+                              block_mask=attention.decode_block_mask(N, q.device))
     o_exp, p_exp = attention.explicit_decode_attention(q, k, v, k_pos, q_pos, window, bias)
     o_sdpa = attention.sdpa_decode_attention(q, k, v, k_pos, q_pos, window, bias)
     torch.testing.assert_close(o_flex, o_ref)
+    torch.testing.assert_close(o_blocks, o_ref)
     torch.testing.assert_close(o_exp, o_ref)
     torch.testing.assert_close(o_sdpa, o_ref)
     torch.testing.assert_close(p_exp.reshape(B, -1, 1, N), p_ref)
@@ -271,9 +274,11 @@ def test_compiled_flex_decode_score_mod():
     """The decode score_mod (validity, window, bias) traces with fullgraph through dynamo and AOT
     autograd and equals dense attention. It is the CUDA decode path (test_cuda.py compiles it
     with inductor's Triton template); CPU decode takes the explicit path, so inductor's CPU flex
-    template (~25 s to compile here) would test code no CPU user runs."""
+    template (~25 s to compile here) would test code no CPU user runs. With the decode block
+    mask built inside the graph (`attention.decode_block_mask`: 3 key blocks of 128, the last
+    partial), as the compiled step builds it."""
     g = torch.Generator().manual_seed(0)
-    B, n_kv, G, N, D = 2, 2, 2, 33, 16
+    B, n_kv, G, N, D = 2, 2, 2, 300, 16
     q = torch.randn(B, n_kv * G, 1, D, generator=g)
     k, v = (torch.randn(B, n_kv, N, D, generator=g) for _ in range(2))
     k_pos = torch.randint(-1, 50, (B, n_kv, N), generator=g)
@@ -281,8 +286,13 @@ def test_compiled_flex_decode_score_mod():
     q_pos = torch.full((B, 1), 50)
     bias = torch.rand(B, n_kv, N, generator=g).log()
     sm = attention.masked_decode_score(k_pos, q_pos, G, 20, bias)
-    o = torch.compile(flex_attention, fullgraph=True, backend="aot_eager")(q, k, v, score_mod=sm,
-                                                                         enable_gqa=True)
+
+    def step(q, k, v):
+        return flex_attention(q, k, v, score_mod=sm, enable_gqa=True,
+                              block_mask=attention.decode_block_mask(k.shape[2], q.device))
+
+    o = torch.compile(step, fullgraph=True, backend="aot_eager")(q, k, v)
+    assert attention.decode_block_mask(N, "cpu").kv_num_blocks.tolist() == [[[3]]]
     torch.testing.assert_close(o, dense(q, k, v, q_pos, k_pos, 20, bias)[0], atol=1e-5, rtol=1e-5)
 
 

@@ -369,10 +369,23 @@ def test_policy_prefill_only_compiled_on_device(model32, dev, monkeypatch, name)
     _check_policy_compiled(model32, dev, monkeypatch, name, prefill_only=True)
 
 
-@pytest.mark.parametrize("name", [p for p in ("streaming", "tova", "cam", "kvmerger") if p in POLICIES])
+# torch 2.11 on CUDA (the H200 run of 2026-12-04): compiling streaming's and kvmerger's layer
+# regions failed in AOT autograd's functionalisation of the nested region (`invoke_subgraph` ->
+# `auto_functionalized_v2` -> "layer.key() == TransformType::Vmap INTERNAL ASSERT FAILED",
+# functorch/init.cpp:288; tova's and cam's compiled, their checks then stopped at the reference,
+# since fixed), so "auto" keeps regions off on CUDA. Strict: a torch that fixes it turns these into
+# failures (XPASS), the signal to make "auto" mean on there too (bench/GPU.md, lease 2).
+_REGIONS_BROKEN = CUDA and tuple(int(x) for x in torch.__version__.split(".")[:2]) <= (2, 11)
+_REGIONS_XFAIL = pytest.mark.xfail(_REGIONS_BROKEN, raises=RuntimeError, strict=True,
+                                   reason="torch 2.11 CUDA: Vmap internal assert in a layer region")
+
+
+@pytest.mark.parametrize("name", [
+    pytest.param(p, marks=[_REGIONS_XFAIL] if p in ("streaming", "kvmerger") else [])
+    for p in ("streaming", "tova", "cam", "kvmerger") if p in POLICIES])
 def test_policy_compiled_with_layer_regions(model32, dev, monkeypatch, name):
     """The same checks with the decode step's layers as nested compile regions
-    (`LAYER_REGIONS="on"`; on CUDA the default "auto" leaves them off until this passes there)."""
+    (`LAYER_REGIONS="on"`; on CUDA the default "auto" leaves them off: see `_REGIONS_BROKEN`)."""
     from flexkv.models import llama
     monkeypatch.setattr(llama, "LAYER_REGIONS", "on")
     _check_policy_compiled(model32, dev, monkeypatch, name)

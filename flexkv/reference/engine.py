@@ -137,6 +137,8 @@ class RefPolicy:
 
     def prefill_layer(self, attn, lc: RefLayerCache, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor,
                       info) -> Tensor:
+        dev = q.device  # the reference keeps its lists on the CPU, whatever the model's device
+        q, k, v, q_pos = q.cpu(), k.cpu(), v.cpu(), q_pos.cpu()
         B, H, T, D = q.shape
         n_kv = k.shape[1]
         G = H // n_kv
@@ -159,10 +161,12 @@ class RefPolicy:
                 heads.append(head)
                 chunks.append(Chunk(qg, qp, probs, last))
             lc.heads[b] = self.prefill_select(attn.layer_idx, b, heads, chunks, attn)
-        return out.to(q.dtype)
+        return out.to(dev, q.dtype)
 
     def decode_layer(self, attn, lc: RefLayerCache, q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor,
                      active: Tensor) -> Tensor:
+        dev = q.device
+        q, k, v, q_pos, active = q.cpu(), k.cpu(), v.cpu(), q_pos.cpu(), active.cpu()
         B, H, _, D = q.shape
         n_kv = k.shape[1]
         G = H // n_kv
@@ -185,7 +189,7 @@ class RefPolicy:
             if not getattr(self.spec, "prefill_only", False):  # prefill_only: decode appends
                 heads = self.decode_update(attn.layer_idx, b, heads, steps, attn)
             lc.heads[b] = self.value_update(attn.layer_idx, b, heads, steps, attn)
-        return out.to(q.dtype)
+        return out.to(dev, q.dtype)
 
 
 # ---------------------------------------------------------------------- helpers for references

@@ -24,7 +24,7 @@ class RefLaProx(RefPolicy):
         spec = self.spec
         C, w, norm_kind = spec.budget, spec.window, spec._normalize()
         head_max = int(spec.max_head_factor * (C - w))
-        weight = attn.o_proj.weight.to(F64)                    # [d_model, H * D]
+        weight = attn.o_proj.weight.to("cpu", F64)            # [d_model, H * D]
         G, D = chunks[0].probs.shape[0], heads[0].k.shape[1]
 
         def w_o(h):                                            # head h's [D, d_model] slice
