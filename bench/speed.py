@@ -512,6 +512,7 @@ def main(argv=None) -> int:
         sys.path.insert(0, str(ROOT))
         from tp_speed import main as tp_main
         return tp_main(argv)
+    from flexkv.attention import DECODE_PROBS_PATHS
     ap = argparse.ArgumentParser(prog="flexkv bench speed", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     ap.add_argument("--policies", help="comma-separated subset of the preset's policies")
@@ -522,7 +523,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-compile", action="store_true", help="eager flexkv (harness tests)")
     ap.add_argument("--no-hf", action="store_true", help="skip the transformers baselines")
     ap.add_argument("--out", type=Path, default=RESULTS)
-    ap.add_argument("--decode-probs", choices=("explicit", "lowp", "flex_lse", "triton"),
+    ap.add_argument("--decode-probs", choices=DECODE_PROBS_PATHS,
                     help="flexkv.attention.DECODE_PROBS for this run (how policies that need "
                          "attention probabilities get them; default: the library's)")
     ap.add_argument("--layer-regions", metavar="MODES",

@@ -474,6 +474,11 @@ def use_flex_decode(q: Tensor) -> bool:
 #               to V's dtype for P@V (as flash kernels do). fp32/fp64 caches: as "explicit".
 #   "flex_lse": the flex-decoding kernel for o and the LSE, then probs = exp(q.k/sqrt(D) + bias -
 #               lse) from a recompute of the scores: V read once, K twice.
+#   "fused":    the scores and P@V as broadcast products summed in fp32 (q*k over D, p*v over
+#               the slots): inside compiled code inductor makes each one reduction kernel that
+#               reads K (V) in its dtype and upcasts in registers, where cuBLAS ran P@V as a
+#               small-N batched gemv (`gemmSN`, 18.5 us a layer for 512 slots on the H200,
+#               bench/NOTES.md session 22). Eager, it materialises the products (a reference).
 #   "triton":   one split-S Triton kernel (flexkv/triton_decode.py) reading K and V once in their
 #               dtype, writing o partials and the raw scores; CUDA + bf16/fp16 only, else "lowp".
 # Set it before the first compiled step (dynamo guards on it: changing it recompiles); the
@@ -481,7 +486,7 @@ def use_flex_decode(q: Tensor) -> bool:
 import os as _os  # noqa: E402
 
 DECODE_PROBS = _os.environ.get("FLEXKV_DECODE_PROBS", "lowp")
-DECODE_PROBS_PATHS = ("explicit", "lowp", "flex_lse", "triton")
+DECODE_PROBS_PATHS = ("explicit", "lowp", "flex_lse", "fused", "triton")
 
 
 def _bmm_out_dtype_supported() -> bool:
@@ -623,6 +628,23 @@ def lowp_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos:
     return (o if o.dtype == q.dtype else o.to(q.dtype)).reshape(B, H, 1, D), probs
 
 
+def fused_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor,
+                           window: int | None = None, bias: Tensor | None = None):
+    """Decode attention + probabilities as two fp32 reductions of broadcast products ("fused"):
+    scores[b, h, g, s] = sum_d q.k, o[b, h, g, d] = sum_s p.v, for inductor to fuse."""
+    B, H, _, D = q.shape
+    n_kv = k.shape[1]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    qg = q.reshape(B, n_kv, H // n_kv, 1, D).to(dt)
+    scores = (qg * k[:, :, None].to(dt)).sum(-1) / math.sqrt(D)     # [B, Hkv, G, S]
+    if bias is not None:
+        scores = scores + bias[:, :, None, :]
+    scores = torch.where(_decode_ok(k_pos, q_pos, window), scores, _NEG_INF)
+    probs = torch.softmax(scores, dim=-1)
+    o = (probs[..., None] * v[:, :, None].to(dt)).sum(-2)           # [B, Hkv, G, D]
+    return o.to(q.dtype).reshape(B, H, 1, D), probs
+
+
 def flex_lse_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor,
                               window: int | None = None, bias: Tensor | None = None):
     """Flex decoding (o and the LSE, masks and bias in its score_mod) plus a recompute of the
@@ -660,4 +682,5 @@ def triton_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_po
 
 
 DECODE_PATHS = {"explicit": explicit_decode_attention, "lowp": lowp_decode_attention,
-                "flex_lse": flex_lse_decode_attention, "triton": triton_decode_attention}
+                "flex_lse": flex_lse_decode_attention, "fused": fused_decode_attention,
+                "triton": triton_decode_attention}
