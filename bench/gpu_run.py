@@ -521,7 +521,8 @@ def cmd_merge(args) -> int:
     into.parent.mkdir(parents=True, exist_ok=True)
     into.with_suffix(".json").write_text(json.dumps(dict(presets=presets, rows=rows), indent=1))
     md = ["# Speed on the GPU machine\n",
-          "Merged by `python bench/gpu_run.py merge " + " ".join(args.files) + f" --into {args.into}`."
+          "Merged by `python bench/gpu_run.py merge " + " ".join(args.files)
+          + ("" if args.into is None else f" --into {args.into}") + "`."
           " Each section: one preset, as `bench/speed.py` wrote it (device, torch, commit).\n"]
     for f in args.files:
         md.append(speed_md(Path(f)).replace("# Speed:", "## Preset:"))
