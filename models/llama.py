@@ -1,7 +1,8 @@
 """A standalone LLaMA-family decoder (gpt-fast sized) on FlexAttention.
 
 Parameter names follow Hugging Face's `LlamaForCausalLM` so checkpoints load with a plain
-`load_state_dict`. Attention goes through `flexkv.attention`; the KV cache and the compression
+`load_state_dict` (and `state_dict()` gives them back), but for q, k and v, held as one
+`qkv_proj` (`Attention`'s hooks translate). Attention goes through `flexkv.attention`; the KV cache and the compression
 policy are passed explicitly through the forward (the model holds neither), so a serving engine
 can prefill one cache row while the others decode.
 
@@ -118,6 +119,23 @@ class RMSNorm(nn.Module):
         return self.weight * (xf if xf.dtype == x.dtype else xf.to(x.dtype))
 
 
+_QKV_NAMES = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
+
+
+def _join_qkv(module, state_dict, prefix, *_):
+    """Load hook: Hugging Face's three projections -> `qkv_proj` (rows q, then k, then v)."""
+    names = [prefix + n for n in _QKV_NAMES]
+    if all(n in state_dict for n in names):
+        state_dict[prefix + "qkv_proj.weight"] = torch.cat([state_dict.pop(n) for n in names])
+
+
+def _split_qkv(module, state_dict, prefix, _):
+    """state_dict hook: `qkv_proj` -> Hugging Face's three names (views of the one weight)."""
+    w = state_dict.pop(prefix + "qkv_proj.weight")
+    for n, part in zip(_QKV_NAMES, w.split(module.qkv_split)):
+        state_dict[prefix + n] = part
+
+
 class Attention(nn.Module):
     shard = SINGLE  # tensor parallel (flexkv.distributed): args hold this rank's heads
 
@@ -127,16 +145,22 @@ class Attention(nn.Module):
         self.n_head, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.window = args.sliding_window
         d, hd = args.hidden_size, args.head_dim
-        self.q_proj = nn.Linear(d, self.n_head * hd, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=False)
+        # q, k and v as one projection (gpt-fast's wqkv): one gemm instead of three; the small
+        # k and v ones ran at ~40 % of the H200's bandwidth (bench/NOTES.md session 22).
+        # Checkpoints and `state_dict()` keep Hugging Face's q_proj / k_proj / v_proj: the hooks
+        # join them on load and split them (views) on save.
+        self.qkv_split = [self.n_head * hd, self.n_kv * hd, self.n_kv * hd]
+        self.qkv_proj = nn.Linear(d, sum(self.qkv_split), bias=False)
         self.o_proj = nn.Linear(self.n_head * hd, d, bias=False)
+        self.register_load_state_dict_pre_hook(_join_qkv)
+        self.register_state_dict_post_hook(_split_qkv)
 
     def _qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         return apply_rope(q, rope), apply_rope(k, rope), v
 
     def _out(self, o: Tensor) -> Tensor:  # o: [B, H, T, D]
