@@ -441,7 +441,8 @@ def _decode_blocks(S: int, device: str) -> BlockMask:
     n = -(-S // _BLOCK)
     return BlockMask.from_kv_blocks(torch.full((1, 1, 1), n, dtype=torch.int32, device=device),
                                     torch.arange(n, dtype=torch.int32, device=device)[None, None, None],
-                                    BLOCK_SIZE=_BLOCK, seq_lengths=(1, S))
+                                    BLOCK_SIZE=_BLOCK, seq_lengths=(1, S),
+                                    compute_q_blocks=False)  # forward only: no transpose ops
 
 
 def decode_block_mask(S: int, device) -> BlockMask:
