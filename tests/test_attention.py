@@ -296,6 +296,31 @@ def test_compiled_flex_decode_score_mod():
     torch.testing.assert_close(o, dense(q, k, v, q_pos, k_pos, 20, bias)[0], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("S", [1, 128, 300])
+def test_flex_decode_splits_the_keys_into_blocks(monkeypatch, S):
+    """The flex decode (the compiled CUDA path, forced here) passes a block mask of ceil(S / 128)
+    key blocks, every one visited: without one, flex_attention's default single 2**30-key block
+    made torch 2.11's flex-decoding kernel walk every key in one thread block per head (the
+    first H200 run, bench/NOTES.md session 22). Same output as dense attention."""
+    c = (1, 2, 4, S, 16, None, 5)
+    q, k, v, k_pos, q_pos, window, bias = _decode_case(c, True, torch.float64)
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("block_mask"))
+        return flex_attention(*args, **kwargs)
+
+    monkeypatch.setattr(attention, "use_flex_decode", lambda q: True)
+    monkeypatch.setattr(attention, "flex_attention", spy)
+    o, probs = attention.decode_attention(q, k, v, k_pos, q_pos, window, bias)
+    n = -(-S // 128)
+    assert probs is None and len(seen) == 1 and seen[0] is not None
+    assert seen[0].kv_num_blocks.tolist() == [[[n]]]
+    assert seen[0].kv_indices.tolist() == [[[list(range(n))]]]
+    assert seen[0].BLOCK_SIZE == (128, 128) and seen[0].seq_lengths == (1, S)
+    torch.testing.assert_close(o, dense(q, k, v, q_pos, k_pos, window, bias)[0])
+
+
 def _decode_case(c, with_bias, dtype):
     B, n_kv, G, N, D, window, seed = c
     g = torch.Generator().manual_seed(seed)
