@@ -439,9 +439,9 @@ def _decode_blocks(S: int, device: str) -> BlockMask:
     """Every key block of a one-query decode, `_BLOCK` keys each, all visited (the masking is in
     the score_mod)."""
     n = -(-S // _BLOCK)
+    blocks = torch.arange(n, dtype=torch.int32, device=device)[None, None, None]  # [1, 1, 1, n]
     return BlockMask.from_kv_blocks(torch.full((1, 1, 1), n, dtype=torch.int32, device=device),
-                                    torch.arange(n, dtype=torch.int32, device=device)[None, None, None],
-                                    BLOCK_SIZE=_BLOCK, seq_lengths=(1, S),
+                                    blocks, BLOCK_SIZE=_BLOCK, seq_lengths=(1, S),
                                     compute_q_blocks=False)  # forward only: no transpose ops
 
 

@@ -80,7 +80,8 @@ if HAS_TRITON:
             s_in = offs_s < S
             kb = tl.load(K + (pid_bh * S + offs_s[:, None]) * D + offs_d[None, :],
                          mask=s_in[:, None], other=0.0)
-            sc = (tl.dot(q, tl.trans(kb), input_precision=PREC) * sm_scale).to(tl.float32)  # [GP, BLOCK]
+            sc = tl.dot(q, tl.trans(kb), input_precision=PREC)              # [GP, BLOCK] fp32
+            sc = (sc * sm_scale).to(tl.float32)  # inductor may pass the scale as an fp64 scalar
             kp = tl.load(KPOS + pid_bh * S + offs_s, mask=s_in, other=-1)
             ok = kp >= 0
             if HAS_WINDOW:

@@ -2,9 +2,9 @@
 
 Parameter names follow Hugging Face's `LlamaForCausalLM` so checkpoints load with a plain
 `load_state_dict` (and `state_dict()` gives them back), but for q, k and v, held as one
-`qkv_proj` (`Attention`'s hooks translate). Attention goes through `flexkv.attention`; the KV cache and the compression
-policy are passed explicitly through the forward (the model holds neither), so a serving engine
-can prefill one cache row while the others decode.
+`qkv_proj` (`Attention`'s hooks translate). Attention goes through `flexkv.attention`; the KV
+cache and the compression policy are passed explicitly through the forward (the model holds
+neither), so a serving engine can prefill one cache row while the others decode.
 
 Three entry points:
 - `model(input_ids)`: plain causal forward, logits `[B, T, V]`.
