@@ -55,7 +55,9 @@ PRESETS = {
                       prompts=[4096], budgets=[512], batches=[1],
                       policies=["full", "streaming", "h2o", "snapkv", "tova", "weightedkv",
                                 "h2o+vam"],
-                      hf=["static-compile", "eager"], hf_after=3, new_tokens=128, chunk=2048,
+                      # transformers after full and streaming: lease 1 measured h2o, and its
+                      # time budget cut the transformers rows (session 22)
+                      hf=["static-compile", "eager"], hf_after=2, new_tokens=128, chunk=2048,
                       long_policy="h2o", long_steps=1000),  # issue 9: 1000 steps, 0 recompiles
     "gpu-8b-32k": dict(model="llama-3.1-8b-shape", device="cuda", dtype="bfloat16",
                        prompts=[32768], budgets=[2048], batches=[1],
