@@ -1,10 +1,11 @@
 """A standalone LLaMA-family decoder (gpt-fast sized) on FlexAttention.
 
 Parameter names follow Hugging Face's `LlamaForCausalLM` so checkpoints load with a plain
-`load_state_dict` (and `state_dict()` gives them back), but for q, k and v, held as one
-`qkv_proj` (`Attention`'s hooks translate). Attention goes through `flexkv.attention`; the KV
-cache and the compression policy are passed explicitly through the forward (the model holds
-neither), so a serving engine can prefill one cache row while the others decode.
+`load_state_dict` (and `state_dict()` gives them back), though q, k and v are held as one
+`qkv_proj` and gate and up as one `gate_up_proj` (`StackedLinear`'s hooks translate).
+Attention goes through `flexkv.attention`; the KV cache and the compression policy are passed
+explicitly through the forward (the model holds neither), so a serving engine can prefill one
+cache row while the others decode.
 
 Three entry points:
 - `model(input_ids)`: plain causal forward, logits `[B, T, V]`.
@@ -13,6 +14,7 @@ Three entry points:
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 import os
@@ -119,21 +121,40 @@ class RMSNorm(nn.Module):
         return self.weight * (xf if xf.dtype == x.dtype else xf.to(x.dtype))
 
 
-_QKV_NAMES = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
+class StackedLinear(nn.Linear):
+    """Several bias-free projections of the same input as one Linear, their weights stacked by
+    rows in `parts`' order (name -> output features): one gemm instead of several (gpt-fast's
+    `wqkv`). Checkpoints and the parent's `state_dict()` keep the parts' own names
+    (`<parent>.<part>.weight`): `attach` registers the parent's hooks that join them on load
+    and split them (views of the one weight) on save. Returns the parts' outputs (views)."""
+
+    def __init__(self, in_features: int, parts: dict[str, int]):
+        super().__init__(in_features, sum(parts.values()), bias=False)
+        self.parts = dict(parts)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, ...]:
+        return super().forward(x).split(list(self.parts.values()), dim=-1)
+
+    def attach(self, parent: nn.Module, name: str) -> None:
+        """Make this `parent.<name>`, with the hooks that keep the parts' names."""
+        setattr(parent, name, self)
+        parent.register_load_state_dict_pre_hook(functools.partial(_join_parts, name))
+        parent.register_state_dict_post_hook(functools.partial(_split_parts, name))
 
 
-def _join_qkv(module, state_dict, prefix, *_):
-    """Load hook: Hugging Face's three projections -> `qkv_proj` (rows q, then k, then v)."""
-    names = [prefix + n for n in _QKV_NAMES]
-    if all(n in state_dict for n in names):
-        state_dict[prefix + "qkv_proj.weight"] = torch.cat([state_dict.pop(n) for n in names])
+def _join_parts(name, parent, state_dict, prefix, *_):
+    """Load hook: the parts' weights -> `<name>.weight`, stacked by rows."""
+    keys = [f"{prefix}{part}.weight" for part in getattr(parent, name).parts]
+    if all(k in state_dict for k in keys):
+        state_dict[f"{prefix}{name}.weight"] = torch.cat([state_dict.pop(k) for k in keys])
 
 
-def _split_qkv(module, state_dict, prefix, _):
-    """state_dict hook: `qkv_proj` -> Hugging Face's three names (views of the one weight)."""
-    w = state_dict.pop(prefix + "qkv_proj.weight")
-    for n, part in zip(_QKV_NAMES, w.split(module.qkv_split)):
-        state_dict[prefix + n] = part
+def _split_parts(name, parent, state_dict, prefix, _):
+    """state_dict hook: `<name>.weight` -> the parts' names (row slices: views)."""
+    stacked = getattr(parent, name)
+    w = state_dict.pop(f"{prefix}{name}.weight")
+    for part, rows in zip(stacked.parts, w.split(list(stacked.parts.values()))):
+        state_dict[f"{prefix}{part}.weight"] = rows
 
 
 class Attention(nn.Module):
@@ -145,19 +166,15 @@ class Attention(nn.Module):
         self.n_head, self.n_kv, self.head_dim = args.num_attention_heads, args.num_key_value_heads, args.head_dim
         self.window = args.sliding_window
         d, hd = args.hidden_size, args.head_dim
-        # q, k and v as one projection (gpt-fast's wqkv): one gemm instead of three; the small
-        # k and v ones ran at ~40 % of the H200's bandwidth (bench/NOTES.md session 22).
-        # Checkpoints and `state_dict()` keep Hugging Face's q_proj / k_proj / v_proj: the hooks
-        # join them on load and split them (views) on save.
-        self.qkv_split = [self.n_head * hd, self.n_kv * hd, self.n_kv * hd]
-        self.qkv_proj = nn.Linear(d, sum(self.qkv_split), bias=False)
+        # q, k and v as one gemm: the small k and v ones ran at ~40 % of the H200's bandwidth
+        # (bench/NOTES.md session 22); checkpoints keep q_proj / k_proj / v_proj
+        StackedLinear(d, {"q_proj": self.n_head * hd, "k_proj": self.n_kv * hd,
+                          "v_proj": self.n_kv * hd}).attach(self, "qkv_proj")
         self.o_proj = nn.Linear(self.n_head * hd, d, bias=False)
-        self.register_load_state_dict_pre_hook(_join_qkv)
-        self.register_state_dict_post_hook(_split_qkv)
 
     def _qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]):
         B, T, _ = x.shape
-        q, k, v = self.qkv_proj(x).split(self.qkv_split, dim=-1)
+        q, k, v = self.qkv_proj(x)
         q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
@@ -188,12 +205,14 @@ class FeedForward(nn.Module):
 
     def __init__(self, args: ModelArgs):
         super().__init__()
-        self.gate_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, args.intermediate_size, bias=False)
+        # gate and up as one gemm (one launch and one gemm tail fewer a layer)
+        d, f = args.hidden_size, args.intermediate_size
+        StackedLinear(d, {"gate_proj": f, "up_proj": f}).attach(self, "gate_up_proj")
         self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.shard.all_reduce(self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x)))
+        gate, up = self.gate_up_proj(x)
+        return self.shard.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
