@@ -616,14 +616,19 @@ def _pv(probs: Tensor, v: Tensor) -> Tensor:
     return torch.matmul(probs if probs.dtype == v.dtype else probs.to(v.dtype), v)
 
 
+def _masked_scores(scores: Tensor, k_pos: Tensor, q_pos: Tensor, window: int | None,
+                   bias: Tensor | None) -> Tensor:
+    """Scaled scores [B, Hkv, G, S] plus the bias, -inf on the slots a decode query skips."""
+    if bias is not None:
+        scores = scores + bias[:, :, None, :]
+    return torch.where(_decode_ok(k_pos, q_pos, window), scores, _NEG_INF)
+
+
 def lowp_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos: Tensor,
                           window: int | None = None, bias: Tensor | None = None):
     """Decode attention + probabilities reading K and V once in their dtype ("lowp")."""
     B, H, _, D = q.shape
-    scores = _qk(q, k) / math.sqrt(D)
-    if bias is not None:
-        scores = scores + bias[:, :, None, :]
-    scores = torch.where(_decode_ok(k_pos, q_pos, window), scores, _NEG_INF)
+    scores = _masked_scores(_qk(q, k) / math.sqrt(D), k_pos, q_pos, window, bias)
     probs = torch.softmax(scores, dim=-1)
     o = _pv(probs, v)
     return (o if o.dtype == q.dtype else o.to(q.dtype)).reshape(B, H, 1, D), probs
@@ -637,11 +642,8 @@ def fused_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos
     n_kv = k.shape[1]
     dt = torch.promote_types(q.dtype, torch.float32)
     qg = q.reshape(B, n_kv, H // n_kv, 1, D).to(dt)
-    scores = (qg * k[:, :, None].to(dt)).sum(-1) / math.sqrt(D)     # [B, Hkv, G, S]
-    if bias is not None:
-        scores = scores + bias[:, :, None, :]
-    scores = torch.where(_decode_ok(k_pos, q_pos, window), scores, _NEG_INF)
-    probs = torch.softmax(scores, dim=-1)
+    raw = (qg * k[:, :, None].to(dt)).sum(-1) / math.sqrt(D)        # [B, Hkv, G, S]
+    probs = torch.softmax(_masked_scores(raw, k_pos, q_pos, window, bias), dim=-1)
     o = (probs[..., None] * v[:, :, None].to(dt)).sum(-2)           # [B, Hkv, G, D]
     return o.to(q.dtype).reshape(B, H, 1, D), probs
 
@@ -662,10 +664,7 @@ def flex_lse_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_
     else:  # pragma: no cover - torch < 2.9
         o, lse = _flex(q, k, v, score_mod=sm, block_mask=blocks, enable_gqa=G > 1,
                        return_lse=True)
-    scores = _qk(q, k) / math.sqrt(D)
-    if bias is not None:
-        scores = scores + bias[:, :, None, :]
-    scores = torch.where(_decode_ok(k_pos, q_pos, window), scores, _NEG_INF)
+    scores = _masked_scores(_qk(q, k) / math.sqrt(D), k_pos, q_pos, window, bias)
     probs = torch.exp(scores - lse.reshape(B, n_kv, G, 1).to(scores.dtype))
     return o, probs
 
