@@ -208,7 +208,7 @@ class FeedForward(nn.Module):
         # gate and up as one gemm (one launch and one gemm tail fewer a layer)
         d, f = args.hidden_size, args.intermediate_size
         StackedLinear(d, {"gate_proj": f, "up_proj": f}).attach(self, "gate_up_proj")
-        self.down_proj = nn.Linear(args.intermediate_size, args.hidden_size, bias=False)
+        self.down_proj = nn.Linear(f, d, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x)

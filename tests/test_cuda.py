@@ -375,7 +375,7 @@ def test_policy_prefill_only_compiled_on_device(model32, dev, monkeypatch, name)
 # functorch/init.cpp:288; tova's and cam's compiled, their checks then stopped at the reference,
 # since fixed), so "auto" keeps regions off on CUDA. Strict: a torch that fixes it turns these into
 # failures (XPASS), the signal to make "auto" mean on there too (bench/GPU.md, lease 2).
-_REGIONS_BROKEN = CUDA and tuple(int(x) for x in torch.__version__.split(".")[:2]) <= (2, 11)
+_REGIONS_BROKEN = CUDA and torch.__version__ < (2, 12)  # TorchVersion, as torch_fixes compares
 _REGIONS_XFAIL = pytest.mark.xfail(_REGIONS_BROKEN, raises=RuntimeError, strict=True,
                                    reason="torch 2.11 CUDA: Vmap internal assert in a layer region")
 
