@@ -399,10 +399,24 @@ def run_hf(hf, ids, mode, new_tokens, bw) -> Row:
             cc._compile_all_devices = True  # transformers' switch for compiling off CUDA
         kw.update(cache_implementation="static", compile_config=cc)
 
-    def timed(n):
+    from transformers.generation.streamers import BaseStreamer
+
+    class Stamps(BaseStreamer):
+        """The host time of each `put`: the prompt, then each new token once it is on the host."""
+
+        def __init__(self):
+            self.t = []
+
+        def put(self, value):
+            self.t.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    def timed(n, streamer=None):
         sync(device)
         t = time.perf_counter()
-        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, **kw)
+        hf.generate(ids, max_new_tokens=n, min_new_tokens=n, streamer=streamer, **kw)
         sync(device)
         return time.perf_counter() - t
 
@@ -411,13 +425,17 @@ def run_hf(hf, ids, mode, new_tokens, bw) -> Row:
     first = timed(warm)
     graphs = counters["stats"]["unique_graphs"]
     peak_reset(device)
-    # decode = (n tokens - 1 token) / (n - 1): the 1-token run (a prefill) is the smaller term,
-    # so a stall there (a busy CPU) made decode_ms negative on a tiny model; the faster of two
-    t1 = min(timed(1), timed(1))
-    tn = timed(new_tokens)
+    t1 = timed(1)
+    stamps = Stamps()
+    tn = timed(new_tokens, stamps)
     peak = peak_gb(device)
     recompiles = counters["stats"]["unique_graphs"] - graphs
-    decode_ms = 1e3 * (tn - t1) / (new_tokens - 1)
+    # decode from the first new token to the last within one run: the difference of an n-token
+    # and a 1-token run went negative for a tiny model whenever the CPU stalled the shorter one
+    if len(stamps.t) != new_tokens + 1:  # this transformers' streamer protocol changed
+        raise RuntimeError(f"transformers' streamer got {len(stamps.t)} puts for a prompt and "
+                           f"{new_tokens} tokens, expected {new_tokens + 1}")
+    decode_ms = 1e3 * (stamps.t[-1] - stamps.t[1]) / (new_tokens - 1)
     a = hf.config
     kv = 2 * a.num_hidden_layers * a.num_key_value_heads * (T + new_tokens // 2) * \
         getattr(a, "head_dim", a.hidden_size // a.num_attention_heads) * B * \
