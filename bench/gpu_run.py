@@ -8,7 +8,8 @@ Every stage runs in a subprocess with a time limit (its own, and what is left of
 OUT/run.log. OUT receives files at its top level only (the device tool returns 8 per call):
 summary.md (environment, stage table, test failures, the candidates table, the speed tables;
 rewritten after every stage and printed at the end), run.log, tests.xml (JUnit),
-decode-candidates.json, one <preset>.json per speed stage, serve-gpu.{json,md} (serve stage).
+decode-candidates.json, gemv.json (bench/gemv.py), one <preset>.json per speed stage,
+serve-gpu.{json,md} (serve stage).
 No call fits more stages than leave 8 files.
 
 Back on the CPU machine, the speed JSONs go into the repository:
@@ -95,6 +96,13 @@ def _candidates_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
             f"{max(30.0, limit - 20):.0f}"] + (["--quick"] if DRY else []), {}
 
 
+def _gemv_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
+    """The decode step's batch-1 projections as tuned inductor reductions (flexkv's CUDA
+    default) against cuBLAS, on a 4-layer model of the 8B's shapes: bench/gemv.py."""
+    return [PY, "bench/gemv.py", "--out", str(out), "--deadline-s",
+            f"{max(30.0, limit - 20):.0f}"] + (["--quick", "--batches", "1"] if DRY else []), {}
+
+
 KIT_MODEL = ROOT / ".gpu-kit" / "smollm2-135m-instruct"  # bench/gpu_kit.sh; carried
 
 
@@ -125,6 +133,7 @@ def _serve_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
 STAGES = {
     "tests": dict(make=_pytest_cmd, limit=480, file="tests.xml"),
     "decode-candidates": dict(make=_candidates_cmd, limit=360, file="decode-candidates.json"),
+    "gemv": dict(make=_gemv_cmd, limit=300, file="gemv.json"),
     "speed-4k": dict(make=_speed_cmd("gpu-8b-4k"), limit=570, preset="gpu-8b-4k",
                      probs_at=["S=4097 B=1"]),
     "speed-32k": dict(make=_speed_cmd("gpu-8b-32k"), limit=570, preset="gpu-8b-32k",
@@ -330,7 +339,8 @@ def write_summary(out: Path, env: dict, results: list[dict]) -> str:
                 parts += ["\n## tests\n", head] + [f"- {x}" for x in fails]
             elif name == "decode-candidates" and (out / "decode-candidates.json").exists():
                 parts += ["\n## decode-candidates\n", candidates_md(out / "decode-candidates.json")]
-            elif r.get("file", "").endswith(".json") and name.startswith("speed"):
+            elif r.get("file", "").endswith(".json") and (name.startswith("speed")
+                                                          or name == "gemv"):
                 parts += [f"\n## {name}\n", values_line(out / r["file"]) + "\n",
                           speed_md(out / r["file"])]
             elif name == "serve" and (out / "serve-gpu.md").exists():
@@ -373,8 +383,8 @@ def cmd_run(args) -> int:
 
 # ------------------------------------------------------------------------------------ candidates
 def cmd_candidates(args) -> int:
-    """Each DECODE_PROBS path (and flex without probabilities, the floor) inside a compiled
-    decode step of `layers` attention layers at the Llama-3.1-8B head shape, bf16, each layer
+    """Each DECODE_PROBS path (and flex without probabilities, the floor) inside a decode step
+    compiled as flexkv's is (`decode_compile_options`) of `layers` attention layers at the Llama-3.1-8B head shape, bf16, each layer
     with its own K/V (more bytes than L2 holds) and an h2o-style score update consuming the
     probabilities; CUDA-event timing of the graph replays."""
     import torch
@@ -390,7 +400,8 @@ def cmd_candidates(args) -> int:
     else:
         L, n_kv, G, D, dtype = 8, 8, 4, 128, torch.bfloat16
         grid = [(4097, 1), (32769, 1), (4097, 8)]  # the last only if time is left
-    mode = "reduce-overhead" if dev.type == "cuda" else None
+    from flexkv.generate import decode_compile_options
+    options = decode_compile_options(dev)  # what the decode step compiles with
     sys.path.insert(0, str(ROOT / "bench"))
     import speed as sp
     bw = sp.copy_bandwidth(dev, dtype)
@@ -445,7 +456,7 @@ def cmd_candidates(args) -> int:
                     return acc
 
                 torch._dynamo.reset()
-                f = torch.compile(step, fullgraph=True, mode=mode)
+                f = torch.compile(step, fullgraph=True, options=options)
                 t = time.perf_counter()
                 o = f()
                 if dev.type == "cuda":

@@ -15,7 +15,9 @@ updates and eviction, sampling; inductor fuses them, so they cannot be told apar
 The decode paths that compute attention probabilities with matmuls (`lowp`, `explicit`, and the
 score recompute of `flex_lse`) run them as cuBLAS GEMMs too, two per layer: `gemm` then holds
 those as well as the weights (the top kernels' calls per step tell them apart: the weights are
-seven GEMMs per layer and the LM head). `floor_ms` (weights + KV at the copy bandwidth) is what
+four GEMMs per layer, q/k/v, o, gate/up and down, and the LM head). At batch 1 on CUDA the weights' matmuls are inductor's
+own reduction kernels (coordinate-descent tuning, flexkv.generate), named after the `mm` they
+compute (`triton_red_fused_mm_4`): `gemm` as well. `floor_ms` (weights + KV at the copy bandwidth) is what
 the whole step would take at the bandwidth floor.
 """
 from __future__ import annotations
@@ -32,8 +34,16 @@ CLASSES = (  # first match wins; lower-case substrings of the kernel name
 )
 
 
+# inductor's own matmul kernels: a one-row matmul that coordinate-descent tuning (the CUDA decode
+# step's, flexkv.generate) turned into a reduction is named after the aten op it came from
+# (`descriptive_names="original_aten"`): triton_red_fused_mm_4, triton_red_fused_add_mm_9
+_INDUCTOR_MM = re.compile(r"^triton_\w*?_fused\w*?(?:^|_)(?:mm|addmm|bmm)(?:_|$)")
+
+
 def kernel_class(name: str) -> str:
     low = name.lower()
+    if _INDUCTOR_MM.search(short_name(low)) and not low.startswith("triton_tem_"):
+        return "gemm"  # before `copy`: triton_red_fused__to_copy_mm_3 is a matmul
     for cls, keys in CLASSES:
         if any(k in low for k in keys):
             return cls

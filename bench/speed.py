@@ -467,18 +467,24 @@ def stamp(argv, wall_s, device) -> dict:
     commit = commit or os.environ.get("FLEXKV_COMMIT", "") or "unknown"
     dev = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     from flexkv import attention
+    from flexkv.generate import decode_compile_options
+    tuned = bool(decode_compile_options(device).get("coordinate_descent_tuning"))
     return dict(command="python bench/speed.py " + " ".join(argv), commit=commit, device=dev,
                 torch=torch.__version__, wall_s=round(wall_s, 1),
-                threads=torch.get_num_threads(), decode_probs=attention.DECODE_PROBS)
+                threads=torch.get_num_threads(), decode_probs=attention.DECODE_PROBS,
+                coordinate_descent=tuned)
 
 
 def markdown(meta, rows, bw) -> str:
+    tuned = meta.get("coordinate_descent")
+    tuned = {True: "on", False: "off"}.get(tuned, tuned or "not recorded")
     head = (f"# Speed: {meta['preset']}\n\n`{meta['command']}`  \ncommit {meta['commit']}, "
             f"device {meta['device']}, torch {meta['torch']}, wall {meta['wall_s']} s, "
             f"copy bandwidth {bw / 1e9:.1f} GB/s, decode probabilities "
             f"{meta.get('decode_probs', 'not recorded')} (`flexkv.attention.DECODE_PROBS`), "
             f"layer regions {','.join(meta.get('config', {}).get('layer_regions', ['not recorded']))}"
-            f" (`flexkv.models.llama.LAYER_REGIONS`)\n\n")
+            f" (`flexkv.models.llama.LAYER_REGIONS`), coordinate-descent tuning {tuned}"
+            f" (`flexkv.generate.COORDINATE_DESCENT`)\n\n")
     cols = ["impl", "policy", "prompt", "budget", "batch", "decode_ms", "tok_s", "floor_ms",
             "frac_floor", "prefill_plain_s", "prefill_s", "prefill_chunked_s", "peak_mem_gb",
             "chunked_peak_mem_gb", "compile_s", "recompiles"]

@@ -601,6 +601,12 @@ def _qk(q: Tensor, k: Tensor) -> Tensor:
     B, H, _, D = q.shape
     n_kv, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, n_kv, H // n_kv, D)
+    if k.dtype in _LOW and H == n_kv and torch.compiler.is_compiling():
+        # one query row per KV head: with `coordinate_descent_tuning` (the compiled CUDA decode
+        # step's, flexkv.generate) inductor rewrites a one-row bmm as a reduction and casts it
+        # back to the inputs' dtype, dropping `out_dtype` (torch 2.11-2.13: bf16 scores). The
+        # same reduction written out keeps fp32 and reads K once in its dtype.
+        return (qg.float()[:, :, :, None, :] * k.float()[:, :, None]).sum(-1)
     if k.dtype in _LOW and k.is_cuda and _BMM_OUT_DTYPE:
         s = torch.bmm(qg.reshape(B * n_kv, H // n_kv, D).to(k.dtype),
                       k.reshape(B * n_kv, S, D).transpose(1, 2), out_dtype=torch.float32)

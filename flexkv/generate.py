@@ -7,6 +7,7 @@ Sampling (temperature, top-k, top-p) and stopping run as tensor ops: no host syn
 from __future__ import annotations
 
 import itertools
+import os
 import time
 import types
 from dataclasses import dataclass, field
@@ -52,26 +53,43 @@ def decode_one_token(model, cache: KVCache, policy, token: Tensor, pos: Tensor,
 _COMPILED: dict[str, object] = {}
 
 
+# On CUDA the decode step compiles with inductor's `coordinate_descent_tuning` (gpt-fast's
+# setting): with it, inductor lowers a matmul with one row (at batch 1 every projection and the LM
+# head) to a reduction of broadcast products, which it fuses with its neighbours (the RMSNorm
+# before it, the residual add after it) and tunes, instead of calling cuBLAS's gemv
+# (torch/_inductor/decomposition.py, `mm`: "Our matrix vector multiplies only achieve peak
+# bandwidth with coordinate descent tuning"). The tuning benchmarks each distinct kernel once, so
+# the first compile takes longer. `FLEXKV_COORDINATE_DESCENT=0` (or setting this to False before
+# the first compile) keeps cuBLAS.
+COORDINATE_DESCENT = os.environ.get("FLEXKV_COORDINATE_DESCENT", "1") != "0"
+
+
 def decode_compile_options(device: torch.device | str) -> dict:
     """Inductor options of the compiled decode step: `mode="reduce-overhead"`'s (CUDA graphs) on
-    CUDA, and `reorder_for_locality` off. That pass moves each op down to just before its first
-    user, so an attention output consumed only by `o_proj` is computed after the policy's
-    eviction; a policy that writes V there (weightedkv's merge) then has V read after its write,
-    and inductor copies the whole V out and back instead of writing one slot in place
-    (bench/NOTES.md, session 15). `torch.compile(..., options=...)` takes no `mode` beside it."""
+    CUDA, with `coordinate_descent_tuning` there (`COORDINATE_DESCENT`), and `reorder_for_locality`
+    off. That pass moves each op down to just before its first user, so an attention output
+    consumed only by `o_proj` is computed after the policy's eviction; a policy that writes V
+    there (weightedkv's merge) then has V read after its write, and inductor copies the whole V
+    out and back instead of writing one slot in place (bench/NOTES.md, session 15).
+    `torch.compile(..., options=...)` takes no `mode` beside it."""
     from torch._inductor import list_mode_options
 
-    mode = "reduce-overhead" if torch.device(device).type == "cuda" else "default"
-    return {**list_mode_options(mode), "reorder_for_locality": False}
+    cuda = torch.device(device).type == "cuda"
+    opts = {**list_mode_options("reduce-overhead" if cuda else "default"),
+            "reorder_for_locality": False}
+    if cuda and COORDINATE_DESCENT:
+        opts["coordinate_descent_tuning"] = True
+    return opts
 
 
 def compiled_decode(device: torch.device):
-    key = torch.device(device).type
+    options = decode_compile_options(device)
+    key = f"{torch.device(device).type} {sorted(options.items())}"
     allow_recompiles()
     torch_fixes.apply()
     if key not in _COMPILED:
         _COMPILED[key] = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
-                                       options=decode_compile_options(device))
+                                       options=options)
     return _COMPILED[key]
 
 

@@ -183,23 +183,30 @@ def decode_step_args(name: str, params: dict, n_layers: int = 2, dtype=torch.flo
             torch.ones(batch, dtype=torch.bool, device=device))
 
 
+def decode_step_code(name: str, params: dict, device: str = "cpu", batch: int = 2,
+                     dtype=torch.float32) -> tuple[str, tuple]:
+    """Compile one decode step of policy `name` (2-layer tiny model) as `generate` compiles it;
+    return inductor's generated code (all of it, joined) and the step's arguments."""
+    from torch._inductor.utils import run_and_get_code
+
+    from flexkv.generate import decode_compile_options, decode_one_token
+
+    args = decode_step_args(name, params, 2, dtype, batch=batch, device=device)
+    torch._dynamo.reset()
+    step = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
+                         options=decode_compile_options(device))  # what `generate` compiles
+    with torch.no_grad():
+        _, code = run_and_get_code(step, *args)
+    return "\n".join(code), args
+
+
 def kv_sized_temporaries(name: str, params: dict, device: str = "cpu") -> list[str]:
     """Compile one decode step of policy `name` (2-layer fp32 tiny model) and return the buffer
     allocations in inductor's generated code that have a layer's K/V shape: copies of the cache
     (an in-place write has none; tests/test_compiled_writes.py)."""
     import re
 
-    from torch._inductor.utils import run_and_get_code
-
-    from flexkv.generate import decode_compile_options, decode_one_token
-
-    args = decode_step_args(name, params, 2, torch.float32, device=device)
-    torch._dynamo.reset()
-    step = torch.compile(decode_one_token, fullgraph=True, dynamic=False,
-                         options=decode_compile_options(device))  # what `generate` compiles
-    with torch.no_grad():
-        _, code = run_and_get_code(step, *args)
-    code = "\n".join(code)
+    code, args = decode_step_code(name, params, device)
     assert "empty_strided" in code  # inductor's buffer allocations, which the check reads
     shape = ", ".join(map(str, args[1].layers[0].k.shape))
     return re.findall(r"\w+ = empty_strided_\w+\(\(" + shape + r"\).*", code)

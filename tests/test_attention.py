@@ -730,3 +730,24 @@ def test_model_prefill_through_the_flex_chunk_path_equals_dense(tiny_llama_dir, 
     torch.testing.assert_close(logits, dense_logits)
     for a, b in zip(pos, dense_pos):
         assert torch.equal(a.sort(-1).values, b.sort(-1).values)
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2)], ids=["one-row", "gqa2"])
+def test_compiled_lowp_scores_stay_fp32_for_bf16(heads):
+    """The lowp path's scores over a bf16 cache are fp32-accurate inside compiled code, also with
+    one query head per KV head, where the CUDA step's coordinate-descent tuning would turn the
+    one-row `bmm(out_dtype=float32)` into a reduction cast back to bf16 (flexkv computes that
+    reduction itself there): probabilities within 1e-4 of fp64 attention, where bf16 scores
+    (up to ~16 here) would be off by ~3e-2."""
+    H, n_kv = heads
+    g = torch.Generator().manual_seed(0)
+    q = (4 * torch.randn(1, H, 1, 32, generator=g)).bfloat16()
+    k, v = (torch.randn(1, n_kv, 40, 32, generator=g).bfloat16() for _ in range(2))
+    k_pos = torch.arange(40).expand(1, n_kv, 40).contiguous()
+    q_pos = torch.full((1, 1), 40)
+    torch._dynamo.reset()
+    f = torch.compile(attention.lowp_decode_attention, fullgraph=True)
+    o, p = f(q, k, v, k_pos, q_pos)
+    _, p_ref = attention.explicit_decode_attention(q.double(), k.double(), v.double(), k_pos, q_pos)
+    torch.testing.assert_close(p.double(), p_ref, atol=1e-6, rtol=1e-4)
+    assert o.dtype == torch.bfloat16

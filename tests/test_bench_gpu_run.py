@@ -108,3 +108,26 @@ def test_summary_flags_cells_whose_values_differ_from_the_eager_step(tmp_path):
     assert "**FLAGGED** cam T=4096 B=1 (cosine 0.4100, top-1 0.25); tova T=4096 B=1 " \
            "(RuntimeError: x)" in line
     assert "no compiled cell checked" in stage([])
+
+
+def test_gemv_stage_rehearsal(tmp_path):
+    """bench/gemv.py (the batch-1 projections with inductor's tuned reductions, flexkv's CUDA
+    default, against cuBLAS) on the tiny model: a row per setting, each compiled, checked against
+    the eager step and profiled; the GPU run's summary shows them; the setting is restored."""
+    import importlib
+
+    gemv = load_bench("gemv")
+    gen = importlib.import_module("flexkv.generate")
+    default = gen.COORDINATE_DESCENT
+    assert gemv.main(["--out", str(tmp_path), "--quick", "--batches", "1"]) == 0
+    data = json.loads((tmp_path / "gemv.json").read_text())
+    rows = data["rows"]
+    assert [r["impl"] for r in rows] == ["flexkv+compile (reductions)", "flexkv+compile (cuBLAS)"]
+    for r in rows:
+        assert r["error"] is None and r["decode_ms"] > 0 and r["recompiles"] == 0
+        assert r["eager_check"]["min_cos"] > 0.999 and r["kernels"]["classes"]["gemm"] > 0
+    assert gen.COORDINATE_DESCENT is default
+    gr = load_bench("gpu_run")
+    text = gr.write_summary(tmp_path, dict(torch="x"),
+                            [dict(stage="gemv", status="ok", seconds=1.0, file="gemv.json")])
+    assert "## gemv" in text and "flexkv+compile (cuBLAS)" in text

@@ -23,6 +23,11 @@ def test_kernel_classes(kp):
         "void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>()": "copy",
         "triton_red_fused_add_mean_mul_pow_rsqrt_3": "fused",
         "triton_poi_fused_index_put_scatter_7": "fused",
+        "triton_red_fused_mm_4": "gemm",          # a batch-1 projection as a tuned reduction
+        "triton_red_fused__to_copy_add_mm_12": "gemm",
+        "triton_red_fused_bmm_mul_sum_2": "gemm",
+        "triton_per_fused__softmax_amax_exp_3": "fused",
+        "triton_red_fused_mmap_like_1": "fused",   # `mm` only as a whole word
     }
     assert {n: kp.kernel_class(n) for n in names} == names
     assert kp.short_name("void foo<int>(float*, int)") == "foo<int>"

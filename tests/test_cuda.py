@@ -31,6 +31,7 @@ per-policy tests (CPU compiles are slow).
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 import os
@@ -44,8 +45,8 @@ from torch._dynamo.utils import counters
 import flexkv
 from flexkv import attention
 from flexkv.policies import scores
-from helpers import (LLAMA3_SCALING, decode_graphs, hf_greedy, hf_model, kv_sized_temporaries,
-                     make_checkpoint, random_ids)
+from helpers import (LLAMA3_SCALING, decode_graphs, decode_step_code, hf_greedy, hf_model,
+                     kv_sized_temporaries, make_checkpoint, random_ids)
 from policy_cases import CASES
 
 if torch.cuda.is_available():
@@ -288,6 +289,7 @@ DECODE_CASES = [  # B, n_kv, G, S, D, window, bias
     (1, 8, 4, 4097, 128, None, False),   # Llama-3.1-8B heads, budget 4096 + 1
     (2, 2, 4, 300, 64, 50, True),
     (2, 1, 8, 33, 16, None, True),
+    (1, 4, 1, 513, 128, None, False),    # one query head per KV head (MHA, Llama-2-7B)
 ]
 
 
@@ -332,24 +334,29 @@ def test_decode_probs_paths_on_device(dev, dtype):
 
 @pytest.mark.parametrize("path", attention.DECODE_PROBS_PATHS)
 def test_decode_probs_paths_compiled(dev, monkeypatch, path):
-    """Each path inside a compiled step (fullgraph; reduce-overhead on CUDA), bf16 at the 8B head
-    shape: equal to dense attention, no CUDA-graph skip."""
+    """Each path inside a step compiled as `generate` compiles it (fullgraph, reduce-overhead and
+    coordinate-descent tuning on CUDA), bf16, at the 8B head shape and with one query head per
+    KV head (where that tuning turns a one-row bmm into a reduction that dropped `out_dtype`):
+    equal to dense attention with fp32-accurate probabilities, no CUDA-graph skip."""
+    from flexkv.generate import decode_compile_options
+
     monkeypatch.setattr(attention, "DECODE_PROBS", path)
-    inputs = _decode_inputs(DECODE_CASES[0], torch.bfloat16, dev)
-    torch._dynamo.reset()
-    counters.clear()
 
     def step(q, k, v, k_pos, q_pos, window, bias):
         o, p = attention.decode_attention(q, k, v, k_pos, q_pos, window, bias, need_probs=True)
         return o.clone(), p.clone()
 
-    f = torch.compile(step, fullgraph=True, mode="reduce-overhead" if CUDA else None)
-    with cudagraph_or_error():
-        for _ in range(3):  # warm-up, record, replay
-            o, p = f(*inputs)
-            o, p = o.clone(), p.clone()
-    _check_decode(o, p, inputs, f"compiled {path}")
-    assert cudagraph_skips() == 0, dict(counters["inductor"])
+    for case in (DECODE_CASES[0], DECODE_CASES[-1]):
+        inputs = _decode_inputs(case, torch.bfloat16, dev)
+        torch._dynamo.reset()
+        counters.clear()
+        f = torch.compile(step, fullgraph=True, options=decode_compile_options(DEVICE))
+        with cudagraph_or_error():
+            for _ in range(3):  # warm-up, record, replay
+                o, p = f(*inputs)
+                o, p = o.clone(), p.clone()
+        _check_decode(o, p, inputs, f"compiled {path} {case}")
+        assert cudagraph_skips() == 0, dict(counters["inductor"])
 
 
 # ------------------------------------------------------------------------------------ policies
@@ -445,6 +452,24 @@ def test_compiled_step_writes_the_cache_in_place(dev, name, params):
     layer's K/V shape: the one-slot writes are in place (on CPU: tests/test_compiled_writes.py)."""
     assert kv_sized_temporaries(name, params, device=DEVICE) == [], name
 
+
+
+@pytest.mark.skipif(not CUDA, reason="coordinate-descent tuning is CUDA's (decode_compile_options)")
+def test_batch1_decode_projections_are_reductions_not_cublas(dev, monkeypatch):
+    """At batch 1, with the decode step's coordinate-descent tuning, inductor computes every
+    projection and the LM head as its own (tuned, fused) reduction: the generated code calls no
+    cuBLAS matmul. With the tuning off (FLEXKV_COORDINATE_DESCENT=0) it calls cuBLAS, so the
+    check sees what the option changes."""
+    import re
+
+    gen = importlib.import_module("flexkv.generate")  # `flexkv.generate` is also a function
+
+    extern = re.compile(r"extern_kernels\.(?:mm|addmm|bmm)\(")
+    code, _ = decode_step_code("full", {}, DEVICE, batch=1, dtype=torch.bfloat16)
+    assert not extern.findall(code), extern.findall(code)
+    monkeypatch.setattr(gen, "COORDINATE_DESCENT", False)
+    code, _ = decode_step_code("full", {}, DEVICE, batch=1, dtype=torch.bfloat16)
+    assert len(extern.findall(code)) >= 2 * 4 + 1  # per layer q/k/v, o, gate/up, down; the head
 
 def _check_policy_compiled(model32, dev, monkeypatch, name, **extra):
     model = model32

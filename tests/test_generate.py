@@ -3,6 +3,8 @@ greedy `generate`; chunked prefill equals one-shot; the compiled decode step equ
 with zero recompiles; left padding; sampling; stop tokens."""
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -109,6 +111,26 @@ def test_prefill_runs_the_last_layers_mlp_on_the_last_position_only(tiny_llama):
 
 
 # --------------------------------------------------------------------------- compiled decode
+def test_decode_compile_options(monkeypatch):
+    """What the decode step compiles with: CUDA graphs and coordinate-descent tuning (batch-1
+    matmuls as tuned reductions, gpt-fast's setting) on CUDA only, `reorder_for_locality` off
+    everywhere; FLEXKV_COORDINATE_DESCENT=0's switch turns the tuning off, and the cached compiled
+    step follows it."""
+    gen = importlib.import_module("flexkv.generate")  # `flexkv.generate` is also a function
+
+    cpu, cuda = gen.decode_compile_options("cpu"), gen.decode_compile_options("cuda")
+    assert cuda["triton.cudagraphs"] and cuda["coordinate_descent_tuning"] is True
+    assert not cpu.get("triton.cudagraphs") and "coordinate_descent_tuning" not in cpu
+    assert cpu["reorder_for_locality"] is False and cuda["reorder_for_locality"] is False
+    tuned = gen.compiled_decode("cuda")
+    monkeypatch.setattr(gen, "COORDINATE_DESCENT", False)
+    assert "coordinate_descent_tuning" not in gen.decode_compile_options("cuda")
+    assert gen.decode_compile_options("cuda")["triton.cudagraphs"]
+    assert gen.compiled_decode("cuda") is not tuned
+    monkeypatch.setattr(gen, "COORDINATE_DESCENT", True)
+    assert gen.compiled_decode("cuda") is tuned
+
+
 @pytest.mark.slow
 def test_compiled_decode_equals_eager_without_recompiles(tiny_llama):
     """The only `compile=True` test: tiny model, batch 2, 60 tokens; the compiled decode step is
