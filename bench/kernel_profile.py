@@ -37,13 +37,14 @@ CLASSES = (  # first match wins; lower-case substrings of the kernel name
 # inductor's own matmul kernels: a one-row matmul that coordinate-descent tuning (the CUDA decode
 # step's, flexkv.generate) turned into a reduction is named after the aten op it came from
 # (`descriptive_names="original_aten"`): triton_red_fused_mm_4, triton_red_fused_add_mm_9
-_INDUCTOR_MM = re.compile(r"^triton_\w*?_fused\w*?(?:^|_)(?:mm|addmm|bmm)(?:_|$)")
+_INDUCTOR_MM = re.compile(r"_fused\w*?_(?:mm|addmm|bmm)(?:_|$)")
 
 
 def kernel_class(name: str) -> str:
     low = name.lower()
-    if _INDUCTOR_MM.search(short_name(low)) and not low.startswith("triton_tem_"):
-        return "gemm"  # before `copy`: triton_red_fused__to_copy_mm_3 is a matmul
+    if low.startswith(("triton_poi_", "triton_red_", "triton_per_")):  # inductor's own kernels,
+        # named after the ops they fuse: `copy_` there is an in-place update, not a memcpy
+        return "gemm" if _INDUCTOR_MM.search(short_name(low)) else "fused"
     for cls, keys in CLASSES:
         if any(k in low for k in keys):
             return cls

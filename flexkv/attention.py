@@ -473,6 +473,7 @@ def use_flex_decode(q: Tensor) -> bool:
 #   "lowp":     K and V read once in their dtype: scores from a matmul with fp32 output
 #               (fp32 accumulation; `bmm(out_dtype=float32)` on CUDA), softmax in fp32, P cast
 #               to V's dtype for P@V (as flash kernels do). fp32/fp64 caches: as "explicit".
+#               One query head per KV head, compiled: the scores as an fp32 reduction (`_qk`).
 #   "flex_lse": the flex-decoding kernel for o and the LSE, then probs = exp(q.k/sqrt(D) + bias -
 #               lse) from a recompute of the scores: V read once, K twice.
 #   "fused":    the scores and P@V as broadcast products summed in fp32 (q*k over D, p*v over
