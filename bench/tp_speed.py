@@ -136,8 +136,10 @@ def worker(cfg: dict) -> None:
                                                     threads=torch.get_num_threads())))
     if tp:
         import torch.distributed as dist
+
+        from flexkv.distributed import end_rank
         dist.barrier()
-        dist.destroy_process_group()
+        end_rank()
 
 
 # ------------------------------------------------------------------------------ driver

@@ -516,20 +516,25 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     """Entry point of `flexkv` / `python -m flexkv`. Returns the exit status. Under torchrun
     only rank 0 prints (the other ranks' output would repeat it); another rank's crash still
-    shows its traceback."""
+    shows its traceback; a rank that finishes exits here (`flexkv.distributed.end_rank`)."""
     if _torchrun_world() <= 1:
         return _main(argv)
+    from flexkv.distributed import end_rank
+
     quiet = os.environ.get("RANK", "0") != "0"
     out, err = sys.stdout, sys.stderr
     if quiet:
         sys.stdout = sys.stderr = open(os.devnull, "w")
     try:
-        return _main(argv)
-    finally:  # an uncaught exception is printed after this, to the real stderr
+        status = _main(argv)
+    except BaseException:  # printed after this, to the real stderr
         sys.stdout, sys.stderr = out, err
         import torch.distributed as dist
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        raise
+    sys.stdout, sys.stderr = out, err
+    end_rank(int(status or 0))
 
 
 def _main(argv=None) -> int:

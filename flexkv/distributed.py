@@ -36,6 +36,7 @@ import json
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 from torch import Tensor
@@ -183,6 +184,25 @@ def init_from_env(device: str | None = None) -> bool:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo")
     return dist.get_world_size() > 1
+
+
+def end_rank(status: int = 0) -> NoReturn:
+    """End a torchrun rank process: destroy the process group, flush, and exit with `status`
+    without the interpreter's teardown. On torch 2.13's CPU (gloo) a process that used
+    functional collectives aborts in that teardown now and then, after all its work and
+    `destroy_process_group` ("terminate called without an active exception" from a C++
+    destructor, no Python frame; a 10-line repro of all_reduce + broadcast failed 3 of 60
+    torchrun runs, plain collectives 0 of 60; bench/NOTES.md session 23), and torchrun then
+    reports the run failed. Nothing is left to tear down once the output is flushed."""
+    import sys
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # closed or broken: nothing more can be written anyway
+            pass
+    os._exit(status)
 
 
 def rank_device(device) -> torch.device:

@@ -345,3 +345,12 @@ def test_torchrun_cli_serve(tmp_path):
     with BackgroundServer(build_app(eng, "tiny")) as single:
         assert tp_text == answers(single.url)
     assert all(tp_text)
+
+
+def test_end_rank_flushes_and_exits_with_the_status():
+    """`end_rank` (a torchrun rank's end, skipping the interpreter's teardown where torch 2.13's
+    gloo aborts now and then) still writes everything buffered and exits with the status."""
+    code = ("import sys; from flexkv.distributed import end_rank; "
+            "print('out', end=''); print('err', end='', file=sys.stderr); end_rank(3)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert (r.returncode, r.stdout, r.stderr) == (3, "out", "err")

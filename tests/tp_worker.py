@@ -164,7 +164,7 @@ RUNNERS = {"eager": run_eager, "compiled": run_compiled, "engine": run_engine,
 def main(spec_path: str, out_dir: str) -> None:
     import torch.distributed as dist
 
-    from flexkv.distributed import init_from_env
+    from flexkv.distributed import end_rank, init_from_env
 
     torch.set_num_threads(1)
     assert init_from_env("cpu"), "run me under torchrun with --nproc-per-node >= 2"
@@ -175,7 +175,7 @@ def main(spec_path: str, out_dir: str) -> None:
             res[job["name"]] = RUNNERS[job["kind"]](job, res)
     torch.save(res, f"{out_dir}/rank{rank}.pt")
     dist.barrier()
-    dist.destroy_process_group()
+    end_rank()
 
 
 if __name__ == "__main__":
