@@ -383,10 +383,10 @@ def cmd_run(args) -> int:
 
 # ------------------------------------------------------------------------------------ candidates
 def cmd_candidates(args) -> int:
-    """Each DECODE_PROBS path (and flex without probabilities, the floor) inside a decode step
-    compiled as flexkv's is (`decode_compile_options`) of `layers` attention layers at the Llama-3.1-8B head shape, bf16, each layer
-    with its own K/V (more bytes than L2 holds) and an h2o-style score update consuming the
-    probabilities; CUDA-event timing of the graph replays."""
+    """Each DECODE_PROBS path (and flex without probabilities, the floor) inside a decode step of
+    `layers` attention layers, compiled as flexkv's is (`decode_compile_options`), at the
+    Llama-3.1-8B head shape, bf16, each layer with its own K/V (more bytes than L2 holds) and an
+    h2o-style score update consuming the probabilities; CUDA-event timing of the graph replays."""
     import torch
 
     from flexkv import attention

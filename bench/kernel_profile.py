@@ -15,10 +15,11 @@ updates and eviction, sampling; inductor fuses them, so they cannot be told apar
 The decode paths that compute attention probabilities with matmuls (`lowp`, `explicit`, and the
 score recompute of `flex_lse`) run them as cuBLAS GEMMs too, two per layer: `gemm` then holds
 those as well as the weights (the top kernels' calls per step tell them apart: the weights are
-four GEMMs per layer, q/k/v, o, gate/up and down, and the LM head). At batch 1 on CUDA the weights' matmuls are inductor's
-own reduction kernels (coordinate-descent tuning, flexkv.generate), named after the `mm` they
-compute (`triton_red_fused_mm_4`): `gemm` as well. `floor_ms` (weights + KV at the copy bandwidth) is what
-the whole step would take at the bandwidth floor.
+four GEMMs per layer, q/k/v, o, gate/up and down, and the LM head). At batch 1 on CUDA the
+weights' matmuls are inductor's own reduction kernels (coordinate-descent tuning,
+flexkv.generate), named after the `mm` they compute (`triton_red_fused_mm_4`): `gemm` as well.
+`floor_ms` (weights + KV at the copy bandwidth) is what the whole step would take at the
+bandwidth floor.
 """
 from __future__ import annotations
 
