@@ -51,6 +51,9 @@ STATE = Path(os.environ.get("FLEXKV_GPU_STATE") or "/tmp/flexkv-gpu-state")
 # what an earlier lease measured and committed (bench/GPU.md: every call's files are committed
 # under bench/results/gpu/), read when neither this call nor this machine has a candidates result
 COMMITTED = ROOT / "bench" / "results" / "gpu" / "decode-candidates.json"
+# written when the gemv stage's coordinate-descent-tuned compile failed where cuBLAS's ran: the
+# stages after it compile without the tuning (`tuning_failed`, `coordinate_descent_for`)
+TUNING_OFF = STATE / "coordinate-descent-failed"
 
 
 def remaining() -> float:
@@ -162,6 +165,36 @@ def decode_probs_for(keys: list[str], out: Path) -> tuple[str | None, str]:
     return None, "flexkv's default (no FLEXKV_DECODE_PROBS, no decode-candidates result)"
 
 
+def tuning_failed(out: Path) -> str | None:
+    """After the gemv stage: the error of its coordinate-descent-tuned compile when every tuned
+    row failed while a row without the tuning ran (then the later stages, in this call and in
+    later calls on this machine, compile without it rather than fail every cell), else None."""
+    try:
+        rows = json.loads((out / "gemv.json").read_text())["rows"]
+    except (OSError, ValueError, KeyError):
+        return None
+    tuned = [r for r in rows if r["impl"].endswith("(reductions)")
+             and not (r.get("error") or "").startswith("skipped")]
+    plain_ran = any(r["impl"].endswith("(cuBLAS)") and not r.get("error") for r in rows)
+    if tuned and plain_ran and all(r.get("error") for r in tuned):
+        return tuned[0]["error"]
+    return None
+
+
+def coordinate_descent_for(name: str, env: dict) -> str:
+    """Whether stage `name` compiles with coordinate-descent tuning, and why; sets
+    FLEXKV_COORDINATE_DESCENT=0 in `env` where the gemv stage found the tuned compile failing
+    (not for the tests: they check flexkv's default, and their failures say why it fails)."""
+    if name == "gemv":
+        return "on and off (the stage compares them)"
+    if os.environ.get("FLEXKV_COORDINATE_DESCENT") == "0":
+        return "off (FLEXKV_COORDINATE_DESCENT=0)"
+    if TUNING_OFF.exists() and name != "tests":
+        env["FLEXKV_COORDINATE_DESCENT"] = "0"
+        return f"off: the gemv stage's tuned compile failed ({TUNING_OFF.read_text()[:100]})"
+    return "on"
+
+
 def parse_stage(arg: str) -> tuple[str, float | None]:
     """`name` or `name:seconds` (a limit below the stage's own, e.g. `tests:240`, so that the
     stages after it in the same call keep their time)."""
@@ -190,6 +223,7 @@ def run_stage(name: str, out: Path, log: Path, own_limit: float | None = None) -
     limit = min(limit * (6 if DRY else 1), left)  # a CPU rehearsal compiles slower
     cmd, extra_env = spec["make"](out, limit)
     env = dict(os.environ, PYTHONUNBUFFERED="1", **extra_env)
+    res["coordinate_descent"] = coordinate_descent_for(name, env)
     if "probs_at" in spec:
         keys = spec["probs_at"] + (["S=65 B=1"] if DRY else [])  # the --quick candidates' size
         path, res["decode_probs"] = decode_probs_for(keys, out)
@@ -221,6 +255,9 @@ def run_stage(name: str, out: Path, log: Path, own_limit: float | None = None) -
         if name == "decode-candidates":
             STATE.mkdir(parents=True, exist_ok=True)
             shutil.copy(out / spec["file"], STATE / spec["file"])
+        if name == "gemv" and (error := tuning_failed(out)):
+            STATE.mkdir(parents=True, exist_ok=True)
+            TUNING_OFF.write_text(error)
     return res
 
 
@@ -323,9 +360,11 @@ def candidates_md(path: Path) -> str:
 
 
 def stage_table(results: list[dict]) -> list[str]:
-    return (["| stage | status | seconds | file | decode probabilities |", "|---|---|---|---|---|"]
+    return (["| stage | status | seconds | file | decode probabilities | coordinate-descent tuning |",
+             "|---|---|---|---|---|---|"]
             + [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r.get('file', '-')} | "
-               f"{r.get('decode_probs', '-')} |" for r in results])
+               f"{r.get('decode_probs', '-')} | {r.get('coordinate_descent', '-')} |"
+               for r in results])
 
 
 def write_summary(out: Path, env: dict, results: list[dict]) -> str:

@@ -131,3 +131,37 @@ def test_gemv_stage_rehearsal(tmp_path):
     text = gr.write_summary(tmp_path, dict(torch="x"),
                             [dict(stage="gemv", status="ok", seconds=1.0, file="gemv.json")])
     assert "## gemv" in text and "flexkv+compile (cuBLAS)" in text
+
+
+def test_later_stages_drop_the_tuning_when_the_gemv_stage_saw_it_fail(tmp_path, monkeypatch):
+    """A gemv stage whose coordinate-descent-tuned compile failed while cuBLAS's ran makes the
+    later stages (of this call, and of later calls on the machine: STATE) compile without the
+    tuning, and the stage table says so; a skipped or a working tuned row changes nothing."""
+    gr = load_bench("gpu_run")
+    monkeypatch.setattr(gr, "STATE", tmp_path / "state")
+    monkeypatch.setattr(gr, "TUNING_OFF", tmp_path / "state" / "coordinate-descent-failed")
+    monkeypatch.delenv("FLEXKV_COORDINATE_DESCENT", raising=False)
+
+    def gemv(*rows):
+        (tmp_path / "gemv.json").write_text(json.dumps(dict(rows=[
+            dict(impl=f"flexkv+compile ({impl})", error=error) for impl, error in rows])))
+        return gr.tuning_failed(tmp_path)
+
+    assert gemv(("reductions", None), ("cuBLAS", None)) is None
+    assert gemv(("reductions", "skipped: deadline (80 s)"), ("cuBLAS", None)) is None
+    assert gemv(("reductions", "InductorError: x"), ("cuBLAS", "InductorError: x")) is None
+    env = {}
+    assert gr.coordinate_descent_for("speed-4k", env) == "on" and env == {}
+    assert gemv(("reductions", "InductorError: x"), ("cuBLAS", None)) == "InductorError: x"
+    gr.STATE.mkdir()
+    gr.TUNING_OFF.write_text("InductorError: x")
+    why = gr.coordinate_descent_for("speed-4k", env)
+    assert env == {"FLEXKV_COORDINATE_DESCENT": "0"} and why.startswith("off: the gemv stage")
+    assert "compares" in gr.coordinate_descent_for("gemv", {})
+    env = {}
+    assert gr.coordinate_descent_for("tests", env) == "on" and env == {}  # they check the default
+    text = gr.write_summary(tmp_path, dict(torch="x"), [dict(
+        stage="speed-4k", status="ok", seconds=1.0, coordinate_descent=why)])
+    assert "| off: the gemv stage's tuned compile failed (InductorError: x) |" in text
+    monkeypatch.setenv("FLEXKV_COORDINATE_DESCENT", "0")
+    assert gr.coordinate_descent_for("tests", {}) == "off (FLEXKV_COORDINATE_DESCENT=0)"
