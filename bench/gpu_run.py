@@ -165,19 +165,36 @@ def decode_probs_for(keys: list[str], out: Path) -> tuple[str | None, str]:
     return None, "flexkv's default (no FLEXKV_DECODE_PROBS, no decode-candidates result)"
 
 
+def _gemv_failure(row: dict) -> str | None:
+    """Why a gemv row did not give a usable number: its error, or values that differ from the
+    eager step's (`speed.eager_check`); None for a good row."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from speed import CHECK_MIN_COS
+    if row.get("error"):
+        return row["error"]
+    check = row.get("eager_check") or {}
+    if "error" in check:
+        return f"eager check: {check['error']}"
+    if check.get("min_cos", 1.0) < CHECK_MIN_COS:
+        return f"values: cosine {check['min_cos']:.4f} against the eager step"
+    return None
+
+
 def tuning_failed(out: Path) -> str | None:
-    """After the gemv stage: the error of its coordinate-descent-tuned compile when every tuned
-    row failed while a row without the tuning ran (then the later stages, in this call and in
-    later calls on this machine, compile without it rather than fail every cell), else None."""
+    """After the gemv stage: why its coordinate-descent-tuned rows failed (an error, or values
+    unlike the eager step's) when every one did while a row without the tuning was good (then
+    the later stages, in this call and in later calls on this machine, compile without it rather
+    than lose every cell), else None."""
     try:
         rows = json.loads((out / "gemv.json").read_text())["rows"]
     except (OSError, ValueError, KeyError):
         return None
     tuned = [r for r in rows if r["impl"].endswith("(reductions)")
              and not (r.get("error") or "").startswith("skipped")]
-    plain_ran = any(r["impl"].endswith("(cuBLAS)") and not r.get("error") for r in rows)
-    if tuned and plain_ran and all(r.get("error") for r in tuned):
-        return tuned[0]["error"]
+    plain_good = any(r["impl"].endswith("(cuBLAS)") and not _gemv_failure(r) for r in rows)
+    why = [_gemv_failure(r) for r in tuned]
+    if tuned and plain_good and all(why):
+        return why[0]
     return None
 
 

@@ -153,6 +153,10 @@ def test_later_stages_drop_the_tuning_when_the_gemv_stage_saw_it_fail(tmp_path, 
     env = {}
     assert gr.coordinate_descent_for("speed-4k", env) == "on" and env == {}
     assert gemv(("reductions", "InductorError: x"), ("cuBLAS", None)) == "InductorError: x"
+    (tmp_path / "gemv.json").write_text(json.dumps(dict(rows=[   # wrong values count as failed
+        dict(impl="flexkv+compile (reductions)", error=None, eager_check=dict(min_cos=0.41)),
+        dict(impl="flexkv+compile (cuBLAS)", error=None, eager_check=dict(min_cos=0.9999))])))
+    assert gr.tuning_failed(tmp_path) == "values: cosine 0.4100 against the eager step"
     gr.STATE.mkdir()
     gr.TUNING_OFF.write_text("InductorError: x")
     why = gr.coordinate_descent_for("speed-4k", env)
