@@ -607,7 +607,7 @@ def _qk(q: Tensor, k: Tensor) -> Tensor:
         # step's, flexkv.generate) inductor rewrites a one-row bmm as a reduction and casts it
         # back to the inputs' dtype, dropping `out_dtype` (torch 2.11-2.13: bf16 scores). The
         # same reduction written out keeps fp32 and reads K once in its dtype.
-        return (qg.float()[:, :, :, None, :] * k.float()[:, :, None]).sum(-1)
+        return _qk_summed(q, k)
     if k.dtype in _LOW and k.is_cuda and _BMM_OUT_DTYPE:
         s = torch.bmm(qg.reshape(B * n_kv, H // n_kv, D).to(k.dtype),
                       k.reshape(B * n_kv, S, D).transpose(1, 2), out_dtype=torch.float32)
@@ -615,6 +615,17 @@ def _qk(q: Tensor, k: Tensor) -> Tensor:
     if k.dtype in _LOW:
         return torch.matmul(qg.float(), k.float().transpose(-1, -2))
     return torch.matmul(qg if qg.dtype == k.dtype else qg.to(k.dtype), k.transpose(-1, -2))
+
+
+def _qk_summed(q: Tensor, k: Tensor) -> Tensor:
+    """q: [B, H, 1, D], k: [B, Hkv, S, D] -> unscaled scores [B, Hkv, G, S] as a sum over D of
+    broadcast products in fp32 (fp64 for fp64): inside compiled code one reduction kernel that
+    reads K in its dtype and upcasts in registers."""
+    B, H, _, D = q.shape
+    n_kv = k.shape[1]
+    dt = torch.promote_types(q.dtype, torch.float32)
+    qg = q.reshape(B, n_kv, H // n_kv, 1, D).to(dt)
+    return (qg * k[:, :, None].to(dt)).sum(-1)
 
 
 def _pv(probs: Tensor, v: Tensor) -> Tensor:
@@ -646,12 +657,9 @@ def fused_decode_attention(q: Tensor, k: Tensor, v: Tensor, k_pos: Tensor, q_pos
     """Decode attention + probabilities as two fp32 reductions of broadcast products ("fused"):
     scores[b, h, g, s] = sum_d q.k, o[b, h, g, d] = sum_s p.v, for inductor to fuse."""
     B, H, _, D = q.shape
-    n_kv = k.shape[1]
-    dt = torch.promote_types(q.dtype, torch.float32)
-    qg = q.reshape(B, n_kv, H // n_kv, 1, D).to(dt)
-    raw = (qg * k[:, :, None].to(dt)).sum(-1) / math.sqrt(D)        # [B, Hkv, G, S]
+    raw = _qk_summed(q, k) / math.sqrt(D)                           # [B, Hkv, G, S]
     probs = torch.softmax(_masked_scores(raw, k_pos, q_pos, window, bias), dim=-1)
-    o = (probs[..., None] * v[:, :, None].to(dt)).sum(-2)           # [B, Hkv, G, D]
+    o = (probs[..., None] * v[:, :, None].to(probs.dtype)).sum(-2)  # [B, Hkv, G, D]
     return o.to(q.dtype).reshape(B, H, 1, D), probs
 
 
