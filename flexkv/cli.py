@@ -519,7 +519,7 @@ def main(argv=None) -> int:
     shows its traceback; a rank that finishes exits here (`flexkv.distributed.end_rank`)."""
     if _torchrun_world() <= 1:
         return _main(argv)
-    from flexkv.distributed import end_rank
+    from flexkv.distributed import destroy_group, end_rank
 
     quiet = os.environ.get("RANK", "0") != "0"
     out, err = sys.stdout, sys.stderr
@@ -529,9 +529,7 @@ def main(argv=None) -> int:
         status = _main(argv)
     except BaseException:  # printed after this, to the real stderr
         sys.stdout, sys.stderr = out, err
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        destroy_group()
         raise
     sys.stdout, sys.stderr = out, err
     end_rank(int(status or 0))

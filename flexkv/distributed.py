@@ -186,6 +186,12 @@ def init_from_env(device: str | None = None) -> bool:
     return dist.get_world_size() > 1
 
 
+def destroy_group() -> None:
+    """Destroy the default process group, if this process has one."""
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def end_rank(status: int = 0) -> NoReturn:
     """End a torchrun rank process: destroy the process group, flush, and exit with `status`
     without the interpreter's teardown. On torch 2.13's CPU (gloo) a process that used
@@ -195,8 +201,7 @@ def end_rank(status: int = 0) -> NoReturn:
     torchrun runs, plain collectives 0 of 60; bench/NOTES.md session 23), and torchrun then
     reports the run failed. Nothing is left to tear down once the output is flushed."""
     import sys
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    destroy_group()
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
