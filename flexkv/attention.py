@@ -323,12 +323,16 @@ def plain_range(q_pos: Tensor) -> bool:
     same `q_pos` object). Never inside compiled code (False there)."""
     if torch.compiler.is_compiling() or q_pos.dim() != 2 or q_pos.shape[1] == 0:
         return False
+    # an inference tensor (made under `torch.inference_mode()`) has no version counter to
+    # notice an in-place change by: it is checked afresh each time
+    memo = not q_pos.is_inference()
     ref, version, answer = _RANGE_MEMO
-    if ref is not None and ref() is q_pos and version == q_pos._version:
+    if memo and ref is not None and ref() is q_pos and version == q_pos._version:
         return answer
     answer = bool((q_pos[:, 0] >= 0).all()) and (q_pos.shape[1] == 1
                                                   or bool((q_pos.diff(dim=1) == 1).all()))
-    _RANGE_MEMO[:] = [weakref.ref(q_pos), q_pos._version, answer]
+    if memo:
+        _RANGE_MEMO[:] = [weakref.ref(q_pos), q_pos._version, answer]
     return answer
 
 

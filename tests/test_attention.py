@@ -242,6 +242,19 @@ def test_causal_range_detection():
     assert not attention.causal_range(pos, k_pos)
 
 
+def test_causal_range_of_inference_tensors():
+    """Positions made under `torch.inference_mode()` (no version counter) are checked afresh
+    each time: an in-place change is seen, and nothing raises."""
+    B, n_kv, T = 2, 3, 6
+    with torch.inference_mode():
+        pos = torch.arange(T).expand(B, T).contiguous()
+        k_pos = pos[:, None, :].expand(B, n_kv, T)
+        assert attention.causal_range(pos, k_pos) and attention.causal_range(pos, k_pos)
+        pos[1, 3] = 9
+        assert not attention.causal_range(pos, k_pos)
+    assert not attention.causal_range(pos, k_pos)  # outside inference mode too
+
+
 def test_prefill_lse_fallbacks(monkeypatch):
     """Without SDPA's CPU flash op the dense path returns (o, None) and the column sums
     normalise rows themselves; without the transposed pass they use the causal blocks; a bf16

@@ -191,6 +191,18 @@ def test_all_ones_mask_equals_no_mask(tiny_llama):
     assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("policy, chunk", [("full", None), ("h2o", 5), ("snapkv", None)])
+def test_generate_under_inference_mode(tiny_llama, policy, chunk):
+    """`torch.inference_mode()` around `generate` (as many callers wrap inference) changes
+    nothing: its tensors have no version counter, which the prefill's range check once read."""
+    ids = random_ids(2, 40, V, seed=46)
+    kw = dict(policy=policy, budget=None if policy == "full" else 34, prefill_chunk=chunk)
+    ref = flexkv.generate(tiny_llama, ids, max_new_tokens=6, **kw)
+    with torch.inference_mode():
+        out = flexkv.generate(tiny_llama, ids, max_new_tokens=6, **kw)
+    assert torch.equal(out.tokens, ref.tokens)
+
+
 # --------------------------------------------------------------------------- sampling
 PROMPT_SEED, N_SAMPLE = 50, 40
 
