@@ -6,6 +6,7 @@ Sampling (temperature, top-k, top-p) and stopping run as tensor ops: no host syn
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import time
@@ -360,6 +361,9 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
     `cache_callback(cache)`, if given, is called with the live cache at the same points as
     `callback` (after the prefill, then after every decode step): for watching what a policy
     keeps as it runs.
+    Without `compile`, the prefill and the decode loop run under `torch.inference_mode()`
+    (callbacks too): the returned tokens and logits are normal tensors, `out.cache` holds
+    inference tensors (read them anywhere; change them in place only under inference mode).
     """
     input_ids = _validate(model, input_ids, attention_mask, max_new_tokens, temperature, top_k,
                           top_p, prefill_chunk, eos_token_id)
@@ -389,66 +393,75 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
                              "know nothing of tensor parallelism); load it with tp=False")
         from flexkv.reference import reference_for
         pol = reference_for(pol)
-    dev = input_ids.device
-    eos = None
-    if eos_token_id is not None:
-        ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        eos = torch.tensor(ids, device=dev)
+    # the eager step runs under inference mode: no autograd bookkeeping (version counters,
+    # view tracking) on the ~100 small ops a layer, 5-8 % of a CPU decode step (bench/NOTES.md
+    # session 24); the compiled step keeps no_grad (one graph, whatever the mode)
+    with contextlib.nullcontext() if compile else torch.inference_mode():
+        dev = input_ids.device
+        eos = None
+        if eos_token_id is not None:
+            ids = [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+            eos = torch.tensor(ids, device=dev)
 
-    cache = pol.build_cache(model, B, T, max_new_tokens)
-    pos = positions(input_ids, attention_mask)
-    sync = dev.type == "cuda"
-    active = torch.ones(B, dtype=torch.bool, device=dev)
+        cache = pol.build_cache(model, B, T, max_new_tokens)
+        pos = positions(input_ids, attention_mask)
+        sync = dev.type == "cuda"
+        active = torch.ones(B, dtype=torch.bool, device=dev)
 
-    t0 = time.perf_counter()
-    logits = prefill(model, cache, pol, input_ids, pos, prefill_chunk, max_new_tokens)
-    kept_logits = [_keep(logits)] if n_logits else None
-    tok = _agree(sample(logits, temperature, top_k, top_p, generator), model, temperature)
-    if forced_tokens is not None:
-        tok = forced_tokens[:, 0]
-    if sync:
-        torch.cuda.synchronize()
-    t1 = time.perf_counter()
-
-    out = torch.empty(B, T + max_new_tokens, dtype=input_ids.dtype, device=dev)
-    out[:, :T] = input_ids
-    out[:, T] = tok
-    if callback is not None:
-        callback(tok)
-    if cache_callback is not None:
-        cache_callback(cache)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    fill = eos[0] if eos is not None else None
-    if eos is not None:
-        done = torch.isin(tok, eos)
-    step_fn = compiled_decode(dev) if compile else decode_one_token
-    cur = pos[:, -1:] + 1  # [B, 1]
-    n = 1
-    for i in range(1, max_new_tokens):
-        if eos is not None and i % SYNC_EVERY == 0 and bool(done.all()):
-            break
-        logits = step_fn(model, cache, pol, tok[:, None], cur, active)
-        nxt = _agree(sample(logits, temperature, top_k, top_p, generator), model, temperature)
+        t0 = time.perf_counter()
+        logits = prefill(model, cache, pol, input_ids, pos, prefill_chunk, max_new_tokens)
+        kept_logits = [_keep(logits)] if n_logits else None
+        tok = _agree(sample(logits, temperature, top_k, top_p, generator), model, temperature)
         if forced_tokens is not None:
-            nxt = forced_tokens[:, i]
-        if i < n_logits:
-            kept_logits.append(_keep(logits))
-        if eos is not None:
-            nxt = torch.where(done, fill, nxt)
-            done = done | torch.isin(nxt, eos)
-        out[:, T + i] = nxt
+            tok = forced_tokens[:, 0]
+        if sync:
+            torch.cuda.synchronize()
+        t1 = time.perf_counter()
+
+        out = torch.empty(B, T + max_new_tokens, dtype=input_ids.dtype, device=dev)
+        out[:, :T] = input_ids
+        out[:, T] = tok
         if callback is not None:
-            callback(nxt)
+            callback(tok)
         if cache_callback is not None:
             cache_callback(cache)
-        tok, cur = nxt, cur + 1
-        n += 1
-    if sync:
-        torch.cuda.synchronize()
-    t2 = time.perf_counter()
-    if n < max_new_tokens:
-        out = out[:, :T + n]
-    res = GenerateOutput(out, cache, pol, T, n, t1 - t0, t2 - t1)
-    if n_logits:
-        res.logits = torch.stack(kept_logits, dim=1)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        fill = eos[0] if eos is not None else None
+        if eos is not None:
+            done = torch.isin(tok, eos)
+        step_fn = compiled_decode(dev) if compile else decode_one_token
+        cur = pos[:, -1:] + 1  # [B, 1]
+        n = 1
+        for i in range(1, max_new_tokens):
+            if eos is not None and i % SYNC_EVERY == 0 and bool(done.all()):
+                break
+            logits = step_fn(model, cache, pol, tok[:, None], cur, active)
+            nxt = _agree(sample(logits, temperature, top_k, top_p, generator), model, temperature)
+            if forced_tokens is not None:
+                nxt = forced_tokens[:, i]
+            if i < n_logits:
+                kept_logits.append(_keep(logits))
+            if eos is not None:
+                nxt = torch.where(done, fill, nxt)
+                done = done | torch.isin(nxt, eos)
+            out[:, T + i] = nxt
+            if callback is not None:
+                callback(nxt)
+            if cache_callback is not None:
+                cache_callback(cache)
+            tok, cur = nxt, cur + 1
+            n += 1
+        if sync:
+            torch.cuda.synchronize()
+        t2 = time.perf_counter()
+        if n < max_new_tokens:
+            out = out[:, :T + n]
+        res = GenerateOutput(out, cache, pol, T, n, t1 - t0, t2 - t1)
+        if n_logits:
+            res.logits = torch.stack(kept_logits, dim=1)
+    # what callers keep (tokens into a model under autograd, logits into a loss) as normal
+    # tensors: an inference tensor cannot be saved for backward
+    if res.tokens.is_inference():
+        res.tokens = res.tokens.clone()
+        res.logits = res.logits.clone() if n_logits else None
     return res

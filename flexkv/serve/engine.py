@@ -172,6 +172,9 @@ class Engine:
         self._prefill_fn = compiled_prefill() if compile_prefill else None
         self._chunk = (min(prefill_chunk, max_prompt_tokens) if compile_prefill
                        else prefill_chunk)
+        # an eager engine steps under inference mode (no autograd bookkeeping on its many small
+        # ops, as `flexkv.generate`); compiled graphs keep no_grad
+        self._grad_off = (torch.no_grad if compile or compile_prefill else torch.inference_mode)
 
         S, dev = max_slots, self.device
         self._tok = torch.zeros(S, 1, dtype=torch.long, device=dev)
@@ -353,10 +356,13 @@ class Engine:
                 r.handle._finish("error", error)
                 self._free(s)
 
-    @torch.no_grad()
     def step(self) -> None:
         """One scheduler iteration: the plan (new requests, cancellations), admission, one prefill
         chunk, one decode step. After the stop plan (shutdown) it does nothing."""
+        with self._grad_off():
+            self._step()
+
+    def _step(self) -> None:
         if self._closed:
             return
         plan = self._plan()
