@@ -203,6 +203,18 @@ def test_generate_under_inference_mode(tiny_llama, policy, chunk):
     assert torch.equal(out.tokens, ref.tokens)
 
 
+def test_eager_generate_returns_normal_tensors(tiny_llama):
+    """The eager loop runs under inference mode, yet the tokens and logits it returns can go
+    into autograd (an inference tensor cannot be saved for backward); the cache is inference."""
+    ids = random_ids(1, 12, V, seed=47)
+    out = flexkv.generate(tiny_llama, ids, max_new_tokens=4, output_logits=True)
+    assert not out.tokens.is_inference() and not out.logits.is_inference()
+    assert out.cache.layers[0].k.is_inference()
+    w = torch.ones(V, requires_grad=True)
+    (tiny_llama.model.embed_tokens(out.tokens).sum() + (out.logits * w).sum()).backward()
+    assert w.grad is not None
+
+
 # --------------------------------------------------------------------------- sampling
 PROMPT_SEED, N_SAMPLE = 50, 40
 
