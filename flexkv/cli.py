@@ -102,7 +102,9 @@ def _load(model_name: str, device: str, dtype: str):
     group is initialised here: gloo on CPU, NCCL on CUDA), each rank loading its shard."""
     import flexkv
     from flexkv.distributed import init_from_env
+    from flexkv.malloc import tune_for_cli
 
+    tune_for_cli(device)   # glibc keeps the prefill's large temporaries' pages (flexkv.malloc)
     tp = init_from_env(device)
     t0 = time.perf_counter()
     where = f", tensor parallel over {_torchrun_world()} ranks" if tp else ""
@@ -364,6 +366,8 @@ def cmd_serve(args) -> int:
             raise CLIError(f"--host/--port: cannot listen on {args.host}:{args.port}: "
                            f"{e.strerror or e}") from None
     from flexkv.distributed import init_from_env
+    from flexkv.malloc import tune_for_cli
+    tune_for_cli(device)
     tp = init_from_env(device)
     serve(args.model, policy=args.policy, budget=budget, max_slots=args.max_slots,
           kv_memory=args.kv_memory, max_new_tokens=args.max_new_tokens,
