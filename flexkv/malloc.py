@@ -4,10 +4,11 @@ A CPU prefill allocates and frees tens of large temporaries a layer (a 4K prompt
 gate/up product 50 MB). glibc serves blocks above its mmap threshold (128 KiB, raised on the fly
 as such blocks are freed, up to 32 MiB) with fresh `mmap`s, and returns the heap's free top to
 the system above its trim threshold: either way the next allocation's pages fault in again. A
-process's first 4K prefill of the default model took ~1 M minor page faults and 0.9-1.5 s of
-system time; with the settings below ~0.15 M and 0.2-0.3 s, and the prefill 4-10 % less wall
-time (`python bench/cold_prefill.py`, bench/NOTES.md session 24). Later prefills in a process
-gain less: glibc's own threshold has risen by then.
+process's first 4K prefill of the default model (2 threads) took a median 0.51 M minor page
+faults and 0.75 s of system time; with the settings below 0.15 M and 0.27 s, and 6 % less wall
+time (median of 6 rounds' ratios 0.94; minima 6.13 -> 5.66 s), for 110 MiB more peak resident
+memory (`python bench/cold_prefill.py --rounds 6`, bench/results/prefill/cold-4096.md). Later
+prefills in a process gain less: glibc's own threshold has risen by then.
 
 The cost: freed memory stays with the process (its resident size stays at the heap's peak), as
 PyTorch's CUDA caching allocator keeps device memory. So it is a process-wide choice, made by the
