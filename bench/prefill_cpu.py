@@ -8,6 +8,8 @@
                                                   # flexkv's chunked prefill (cpu-4096-chunk512)
     python bench/prefill_cpu.py --prefill-only --pairs streaming,tova,keydiff,h2o --flexkv-only ""
                                                   # the same work as kvpress's presses
+    python bench/prefill_cpu.py --dtype bfloat16 --out bench/results/prefill/cpu-4096-bf16
+                                                  # both sides in bf16 (AMX on CPUs that have it)
 
 Rows, per policy: flexkv `generate` (eager decode, as `flexkv demo` runs on CPU; exactly
 `--new-tokens` greedy tokens, no stop token) and kvpress 0.5.5's press for the same method on
@@ -107,7 +109,8 @@ def _worker() -> int:
         attn = r["attn"]
         if attn not in models:
             models[attn] = AutoModelForCausalLM.from_pretrained(
-                spec["model_dir"], dtype=torch.float32, attn_implementation=attn).eval()
+                spec["model_dir"], dtype=getattr(torch, spec.get("dtype", "float32")),
+                attn_implementation=attn).eval()
         model = models[attn]
         ids = torch.tensor([r["input_ids"]])
         T = ids.shape[1]
@@ -141,13 +144,13 @@ def _worker() -> int:
 class Worker:
     """The kvpress worker process (bench/.kvpress-venv), one request at a time."""
 
-    def __init__(self, py: Path, model_dir: str, threads: int):
+    def __init__(self, py: Path, model_dir: str, threads: int, dtype: str = "float32"):
         env = dict(os.environ, PYTHONPATH="", TOKENIZERS_PARALLELISM="false",
                    OMP_NUM_THREADS=str(threads))
         self.proc = subprocess.Popen([str(py), str(Path(__file__).resolve()), "worker"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      env=env)
-        self.info = self.ask(dict(op="init", model_dir=model_dir, threads=threads))
+        self.info = self.ask(dict(op="init", model_dir=model_dir, threads=threads, dtype=dtype))
 
     def ask(self, req: dict) -> dict:
         self.proc.stdin.write(json.dumps(req) + "\n")
@@ -216,6 +219,9 @@ def _prefill_only_kw(policy: str, prefill_only: bool) -> dict:
     return {"prefill_only": True} if make_policy(policy, budget=8).decode_evicts else {}
 
 
+_DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16"}
+
+
 def _fmt(x, nd=2):
     return "-" if x is None else f"{x:.{nd}f}"
 
@@ -271,6 +277,8 @@ def markdown(rows, meta) -> str:
         title += f", flexkv's prefill in chunks of {meta['prefill_chunk']}"
     if meta.get("prefill_only"):
         title += ", flexkv's decode-time policies with prefill_only=True"
+    if meta.get("dtype", "float32") != "float32":
+        title += f", {_DTYPE_NAMES.get(meta['dtype'], meta['dtype'])}"
     lines = [f"# CPU prefill and end to end: {title}", "",
              f"`{meta['command']}`", "",
              f"commit {meta['commit']}, torch {meta['torch']}, transformers "
@@ -278,7 +286,8 @@ def markdown(rows, meta) -> str:
              f"{meta['threads']} threads on {meta['cores']} cores ({meta['cpu']}), "
              f"wall {meta['wall_s']} s", "",
              f"Prompt: {meta['prompt_tokens']}-token passkey prompt "
-             f"(`build_passkey_prompt(tok, {meta['length']}, 0.5, ...)`), default model, fp32; "
+             f"(`build_passkey_prompt(tok, {meta['length']}, 0.5, ...)`), default model, "
+             f"{_DTYPE_NAMES.get(meta.get('dtype', 'float32'), meta.get('dtype'))} on both sides; "
              f"{meta['new_tokens']} greedy tokens (no stop token); budget {meta['budget']} "
              f"tokens per head (kvpress: compression_ratio 1 - (budget + 0.5) / T). "
              + (f"flexkv prefills in chunks of {meta['prefill_chunk']} tokens (the policy "
@@ -346,6 +355,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-kvpress", action="store_true", help="flexkv side only")
     ap.add_argument("--kvpress-venv", default=str(ROOT / ".kvpress-venv"))
     ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--dtype", choices=tuple(_DTYPE_NAMES), default="float32",
+                    help="the model's dtype on both sides (float32; bfloat16 uses AMX where the "
+                         "CPU has it)")
     ap.add_argument("--note", action="append", default=[], help="a line for the results' notes")
     ap.add_argument("--prefill-only", action="store_true",
                     help="flexkv's decode-time policies with prefill_only=True (the presses' work)")
@@ -376,7 +388,7 @@ def main(argv=None) -> int:
         if p not in PAIRS:
             ap.error(f"--pairs: no kvpress press for {p!r} (known: {', '.join(PAIRS)})")
     load_before = _uptime()
-    model, tok = flexkv.load_model(args.model)
+    model, tok = flexkv.load_model(args.model, dtype=getattr(torch, args.dtype))
     ids, _ = build_passkey_prompt(tok, args.length, 0.5, "12345")
     warm_ids, _ = build_passkey_prompt(tok, 256, 0.5, "12345")
     T = ids.shape[1]
@@ -386,7 +398,7 @@ def main(argv=None) -> int:
         if py is None:
             notes.append("kvpress venv unavailable: flexkv side only")
         else:
-            worker = Worker(py, kvpress_side.model_dir(args.model), args.threads)
+            worker = Worker(py, kvpress_side.model_dir(args.model), args.threads, args.dtype)
             meta_extra.update(transformers=worker.info["transformers"], kvpress=worker.info["kvpress"])
 
     def kv_req(policy, input_ids):
@@ -420,7 +432,7 @@ def main(argv=None) -> int:
         rows = summarize(trials, args.budget, args.new_tokens)
         meta = _stamp(argv, time.perf_counter() - t_start, args.threads, meta_extra)
         meta.update(length=args.length, prompt_tokens=T, new_tokens=args.new_tokens,
-                    budget=args.budget, trials=rounds, policies=pairs + only,
+                    budget=args.budget, trials=rounds, policies=pairs + only, dtype=args.dtype,
                     prefill_chunk=args.prefill_chunk, prefill_only=args.prefill_only,
                     load_before=load_before, load_after=_uptime(), notes=notes)
         md = markdown(rows, meta)
