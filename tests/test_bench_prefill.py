@@ -35,6 +35,9 @@ def test_per_round_median_and_render(tmp_path):
     assert md == path.with_suffix(".md").read_text()
     assert "| 0.96 | 0.96 (0.95, 1.40, 0.96) |" in md
     assert json.loads(path.with_suffix(".json").read_text())["rows"]  # rows recomputed
+    assert "default model, fp32 on both sides;" in md and "bf16" not in md  # no dtype: fp32
+    bf16 = pc.markdown(pc.summarize(_trials(), 256, 32), dict(meta, dtype="bfloat16"))
+    assert bf16.splitlines()[0].endswith(", bf16") and "bf16 on both sides;" in bf16
 
 
 def test_make_press_builds_plain_and_wrapping_presses():

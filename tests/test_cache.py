@@ -47,7 +47,7 @@ def _reference(lc, slot, k, v, pos, score, when, victim, evict_when):
 
 
 @pytest.mark.parametrize("traced", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 @settings(max_examples=10, deadline=None)
 @given(seed=st.integers(0, 10_000))
 def test_write_and_evict_equal_a_loop(traced, dtype, seed):
@@ -73,6 +73,26 @@ def test_write_and_evict_equal_a_loop(traced, dtype, seed):
     for w, x in zip(want, got):
         assert torch.equal(w, x)
     assert lc.pos[2, 0, :].tolist() == [3, 7, 1, 9] or evict_when[2, 0]   # never overwritten
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_add_and_scalar_writes_equal_torch_scatter(dtype):
+    """The eager `add` (a merge folding values into kept slots) and a scalar write equal torch's
+    own `scatter_add_` / `scatter_` bit for bit; 2-byte floats take another route there (their
+    CPU scatter passes over the whole buffer, flexkv.cache._BITS)."""
+    from flexkv.cache import _scatter
+
+    lc = _cache(1, dtype)
+    slot = torch.tensor([[0, 2], [3, 1]]).expand(3, 2, 2)             # [B, H, m], distinct
+    delta = torch.randn(3, 2, 2, 3, generator=torch.Generator().manual_seed(2))
+    idx = slot[..., None].expand(-1, -1, -1, 3)
+    want = lc.v.clone().scatter_add_(2, idx, delta.to(dtype))
+    lc.add(lc.v, slot, delta)
+    assert torch.equal(lc.v, want)
+    one = slot[:, :, :1, None].expand(-1, -1, -1, 3)
+    want = lc.k.clone().scatter_(2, one, 0.5)
+    _scatter(lc.k, one, 0.5, None)
+    assert torch.equal(lc.k, want)
 
 
 def test_lowest_ties_protection_and_empty_slots():
