@@ -283,6 +283,32 @@ def test_prefill_lse_fallbacks(monkeypatch):
     torch.testing.assert_close(scores.column_sums(q, k, pos, k_pos, None, block=7), cs_ref)
 
 
+def test_bf16_column_sums_equal_those_of_fp32_copies():
+    """The transposed column-sum pass keeps a bf16 model's q and k in bf16 (AMX on CPUs that
+    have it): its sums equal those computed from fp32 copies of the same values to ~1e-4 (the
+    kernel's accumulation order), far inside bf16's own rounding; one-shot and a later chunk."""
+    g = torch.Generator().manual_seed(3)
+    B, n_kv, G, T, D = 1, 2, 3, 300, 64
+    q = torch.randn(B, n_kv * G, T, D, generator=g).bfloat16()
+    k, v = (torch.randn(B, n_kv, T, D, generator=g).bfloat16() for _ in range(2))
+    pos = torch.arange(T).expand(B, T).contiguous()
+    k_pos = pos[:, None, :].expand(B, n_kv, T)
+    _, lse = attention.dense_prefill_attention(q, k, v, pos, k_pos, return_lse=True)
+    cs = scores.column_sums(q, k, pos, k_pos, lse)
+    torch.testing.assert_close(cs, scores.column_sums(q.float(), k.float(), pos, k_pos, lse),
+                               rtol=2e-4, atol=1e-6)
+    n = 100  # a later chunk: 100 cached slots (two empty), then the 200 queries' own tokens
+    cached = torch.arange(n).expand(B, n_kv, n).clone()
+    cached[:, :, 5:7] = -1
+    kp = torch.cat([cached, pos[:, None, n:].expand(B, n_kv, T - n)], dim=2)
+    qc, qp = q[:, :, n:], pos[:, n:]
+    _, lse = attention.dense_prefill_attention(qc, k, v, qp, kp, return_lse=True,
+                                               keys_end_with_queries=True)
+    cs = scores.column_sums(qc, k, qp, kp, lse, keys_end_with_queries=True)
+    ref = scores.column_sums(qc.float(), k.float(), qp, kp, lse, keys_end_with_queries=True)
+    torch.testing.assert_close(cs, ref, rtol=2e-4, atol=1e-6)
+
+
 def test_compiled_flex_decode_score_mod():
     """The decode score_mod (validity, window, bias) traces with fullgraph through dynamo and AOT
     autograd and equals dense attention. It is the CUDA decode path (test_cuda.py compiles it

@@ -163,9 +163,13 @@ def _transposed_column_sums(q: Tensor, k: Tensor, lse: Tensor, bias: Tensor | No
     n_kv, N = k.shape[1], k.shape[2]
     G = H // n_kv
     dt = torch.promote_types(q.dtype, torch.float32)  # -lse as a mask must not round to bf16
+    # bf16 q and k stay bf16: the kernel accumulates their (exact) products in fp32, as it would
+    # fp32 copies' (LSE within 1e-4 of the fp32 pass at 4K), on AMX where the CPU has it (2.7x
+    # faster at 4K, bench/NOTES.md session 24); it takes the fp32 mask as it is
+    qk = q.dtype if q.dtype == torch.bfloat16 else dt
     order = (lambda x: x.flip(2)) if causal else (lambda x: x)   # reversed sequences if causal
-    keys = order(q.to(dt))                                       # [B, H, Tq, D]
-    queries = order(k.to(dt).repeat_interleave(G, dim=1))        # one copy per query head
+    keys = order(q.to(qk))                                       # [B, H, Tq, D]
+    queries = order(k.to(qk).repeat_interleave(G, dim=1))        # one copy per query head
     # [B, H, 1, Tq]; contiguous: the kernel is ~3x slower on a strided mask (the flash op's own
     # LSE is laid out [B, T, H])
     key_bias = order(lse.to(dt)).neg().contiguous()[:, :, None, :]
