@@ -62,17 +62,6 @@ def _run_worker(args, setting: str) -> dict:
     return json.loads(lines[-1])
 
 
-def _commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                             capture_output=True).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def summarise(runs: list[dict]) -> list[dict]:
     """Per setting: min / median of prefill s, median page faults and system s; the tuned row
     also the median over rounds of tuned / default prefill."""
@@ -98,7 +87,7 @@ def summarise(runs: list[dict]) -> list[dict]:
 
 def render(res: dict) -> str:
     m = res["meta"]
-    lines = [f"# A fresh process's first CPU prefill: glibc malloc defaults vs `flexkv.malloc`",
+    lines = ["# A fresh process's first CPU prefill: glibc malloc defaults vs `flexkv.malloc`",
              "", f"`{m['command']}`", "",
              f"commit {m['commit']}, torch {m['torch']}, {m['threads']} threads on {m['cores']} "
              f"cores, glibc {m['glibc']}, wall {m['wall_s']:.0f} s", "",
@@ -138,6 +127,9 @@ def main(argv=None) -> int:
         p.error("--rounds and --threads must be >= 1, --length >= 16")
     import torch
 
+    sys.path.insert(0, str(ROOT))
+    from prefill_cpu import commit_id
+
     t0 = time.perf_counter()
     runs = []
     for rnd in range(args.rounds):
@@ -150,7 +142,7 @@ def main(argv=None) -> int:
                   f"faults {r['minflt']}  sys {r['sys_s']:.2f} s", file=sys.stderr, flush=True)
     out = Path(args.out) if args.out else ROOT / "results" / "prefill" / f"cold-{args.length}"
     res = dict(meta=dict(command="python bench/cold_prefill.py " + " ".join(argv),
-                         commit=_commit(), torch=torch.__version__, threads=args.threads,
+                         commit=commit_id(), torch=torch.__version__, threads=args.threads,
                          cores=os.cpu_count(), glibc=platform.libc_ver()[1] or "none",
                          tokens=runs[0]["tokens"], wall_s=time.perf_counter() - t0),
                runs=runs, rows=summarise(runs))

@@ -172,18 +172,22 @@ class Worker:
 
 
 # =========================================================================== main side
-def _stamp(argv, wall_s, threads, extra) -> dict:
-    import torch
-
+def commit_id() -> str:
+    """The checkout's short commit, `-dirty` with uncommitted changes to tracked files."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
                              capture_output=True).stdout.strip() or "unknown"
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
                                cwd=ROOT, text=True, capture_output=True).stdout.strip()
-        commit = sha + ("-dirty" if dirty else "")
+        return sha + ("-dirty" if dirty else "")
     except OSError:
-        commit = "unknown"
-    return dict(command="python bench/prefill_cpu.py " + " ".join(argv), commit=commit,
+        return "unknown"
+
+
+def _stamp(argv, wall_s, threads, extra) -> dict:
+    import torch
+
+    return dict(command="python bench/prefill_cpu.py " + " ".join(argv), commit=commit_id(),
                 torch=torch.__version__, threads=threads, cpu=platform.processor() or "cpu",
                 cores=os.cpu_count(), wall_s=round(wall_s, 1), **extra)
 

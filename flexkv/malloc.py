@@ -37,8 +37,8 @@ def tune_cpu_allocator() -> bool:
     except (OSError, AttributeError):  # pragma: no cover - a glibc without mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) & bool(
-        mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+    took = [mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD), mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD)]
+    return all(took)   # mallopt returns 1 on success
 
 
 def tune_for_cli(device: str) -> bool:
