@@ -97,15 +97,23 @@ def _torchrun_world() -> int:
         return 1
 
 
+def _init_process(device: str) -> bool:
+    """Before a model loads: glibc's malloc settings on CPU (`flexkv.malloc`: the prefill's
+    large temporaries keep their pages), and under torchrun the process group (gloo on CPU,
+    NCCL on CUDA). Returns whether this is tensor parallel."""
+    from flexkv.distributed import init_from_env
+    from flexkv.malloc import tune_for_cli
+
+    tune_for_cli(device)
+    return init_from_env(device)
+
+
 def _load(model_name: str, device: str, dtype: str):
     """Under `torchrun --nproc-per-node N` (N > 1): tensor parallel over N ranks (the process
     group is initialised here: gloo on CPU, NCCL on CUDA), each rank loading its shard."""
     import flexkv
-    from flexkv.distributed import init_from_env
-    from flexkv.malloc import tune_for_cli
 
-    tune_for_cli(device)   # glibc keeps the prefill's large temporaries' pages (flexkv.malloc)
-    tp = init_from_env(device)
+    tp = _init_process(device)
     t0 = time.perf_counter()
     where = f", tensor parallel over {_torchrun_world()} ranks" if tp else ""
     print(f"[flexkv] loading {model_name} ({device}, {dtype}{where}) ...", file=sys.stderr,
@@ -365,10 +373,7 @@ def cmd_serve(args) -> int:
         except OSError as e:
             raise CLIError(f"--host/--port: cannot listen on {args.host}:{args.port}: "
                            f"{e.strerror or e}") from None
-    from flexkv.distributed import init_from_env
-    from flexkv.malloc import tune_for_cli
-    tune_for_cli(device)
-    tp = init_from_env(device)
+    tp = _init_process(device)
     serve(args.model, policy=args.policy, budget=budget, max_slots=args.max_slots,
           kv_memory=args.kv_memory, max_new_tokens=args.max_new_tokens,
           max_prompt_tokens=args.max_prompt_tokens, prefill_chunk=args.prefill_chunk,

@@ -6,7 +6,6 @@ Sampling (temperature, top-k, top-p) and stopping run as tensor ops: no host syn
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import os
 import time
@@ -81,6 +80,14 @@ def decode_compile_options(device: torch.device | str) -> dict:
     if cuda and COORDINATE_DESCENT:
         opts["coordinate_descent_tuning"] = True
     return opts
+
+
+def grad_off(compiled: bool):
+    """The autograd mode a step runs in: `no_grad` around compiled graphs (dynamo guards on
+    the mode; nothing of inference mode was tried under CUDA graphs), `inference_mode` around
+    eager steps, sparing their ~100 small ops a layer the autograd bookkeeping (version counters,
+    view tracking): 5-8 % of a CPU decode step (bench/NOTES.md session 24)."""
+    return torch.no_grad() if compiled else torch.inference_mode()
 
 
 def compiled_decode(device: torch.device):
@@ -393,10 +400,7 @@ def generate(model, input_ids: Tensor, max_new_tokens: int = 64, policy="full", 
                              "know nothing of tensor parallelism); load it with tp=False")
         from flexkv.reference import reference_for
         pol = reference_for(pol)
-    # the eager step runs under inference mode: no autograd bookkeeping (version counters,
-    # view tracking) on the ~100 small ops a layer, 5-8 % of a CPU decode step (bench/NOTES.md
-    # session 24); the compiled step keeps no_grad (one graph, whatever the mode)
-    with contextlib.nullcontext() if compile else torch.inference_mode():
+    with grad_off(compile):
         dev = input_ids.device
         eos = None
         if eos_token_id is not None:

@@ -46,7 +46,7 @@ from torch import Tensor
 from flexkv.cache import KVCache
 from flexkv.distributed import shard_of
 from flexkv.generate import (Prefill, compiled_decode, compiled_prefill, cuda_graph_thread_state,
-                             decode_one_token, stop_token_ids)
+                             decode_one_token, grad_off, stop_token_ids)
 from flexkv.policies import make_policy
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
 from flexkv.serve.sampling import sample_slots
@@ -172,9 +172,7 @@ class Engine:
         self._prefill_fn = compiled_prefill() if compile_prefill else None
         self._chunk = (min(prefill_chunk, max_prompt_tokens) if compile_prefill
                        else prefill_chunk)
-        # an eager engine steps under inference mode (no autograd bookkeeping on its many small
-        # ops, as `flexkv.generate`); compiled graphs keep no_grad
-        self._grad_off = (torch.no_grad if compile or compile_prefill else torch.inference_mode)
+        self._compiled = compile or compile_prefill   # the step's autograd mode (`grad_off`)
 
         S, dev = max_slots, self.device
         self._tok = torch.zeros(S, 1, dtype=torch.long, device=dev)
@@ -359,7 +357,7 @@ class Engine:
     def step(self) -> None:
         """One scheduler iteration: the plan (new requests, cancellations), admission, one prefill
         chunk, one decode step. After the stop plan (shutdown) it does nothing."""
-        with self._grad_off():
+        with grad_off(self._compiled):
             self._step()
 
     def _step(self) -> None:
