@@ -553,8 +553,8 @@ def cmd_candidates(args) -> int:
               and r.get("us_step") and not r.get("error")]
         if ok:
             fastest[f"S={S} B={B}"] = min(ok, key=lambda r: r["us_step"])["path"]
-        del K, V, Q, score
-        save()
+        K = V = Q = score = None   # free this size's tensors before the next (the step
+        save()                     # closure reads these names, so they are rebound, not deleted)
     attention.DECODE_PROBS = "lowp"
     save()
     print(json.dumps(fastest), flush=True)
@@ -575,8 +575,6 @@ def device_slug(metas: list[dict]) -> str:
 def cmd_merge(args) -> int:
     """Several presets' JSON -> one <into>.json + <into>.md (the issue's speed results, named
     after the GPU they ran on: bench/results/speed/h200.{json,md} on the H200 machine)."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import speed as sp
     presets, rows = [], []
     for f in args.files:
         data = json.loads(Path(f).read_text())

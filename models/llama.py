@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flexkv import attention
+from flexkv import attention, cpu_gemm
 from flexkv.distributed import SINGLE
 
 
@@ -121,7 +121,15 @@ class RMSNorm(nn.Module):
         return self.weight * (xf if xf.dtype == x.dtype else xf.to(x.dtype))
 
 
-class StackedLinear(nn.Linear):
+class Linear(nn.Linear):
+    """`nn.Linear` whose CPU decode products (a few rows, fp32) run on MKL's packed sgemm
+    (`flexkv.cpu_gemm`); everything else is `F.linear`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return cpu_gemm.linear(x, self.weight, self.bias)
+
+
+class StackedLinear(Linear):
     """Several bias-free projections of the same input as one Linear, their weights stacked by
     rows in `parts`' order (name -> output features): one gemm instead of several (gpt-fast's
     `wqkv`). Checkpoints and the parent's `state_dict()` keep the parts' own names
@@ -170,7 +178,7 @@ class Attention(nn.Module):
         # (bench/NOTES.md session 22); checkpoints keep q_proj / k_proj / v_proj
         StackedLinear(d, {"q_proj": self.n_head * hd, "k_proj": self.n_kv * hd,
                           "v_proj": self.n_kv * hd}).attach(self, "qkv_proj")
-        self.o_proj = nn.Linear(self.n_head * hd, d, bias=False)
+        self.o_proj = Linear(self.n_head * hd, d, bias=False)
 
     def _qkv(self, x: Tensor, rope: tuple[Tensor, Tensor]):
         B, T, _ = x.shape
@@ -208,7 +216,7 @@ class FeedForward(nn.Module):
         # gate and up as one gemm (one launch and one gemm tail fewer a layer)
         d, f = args.hidden_size, args.intermediate_size
         StackedLinear(d, {"gate_proj": f, "up_proj": f}).attach(self, "gate_up_proj")
-        self.down_proj = nn.Linear(f, d, bias=False)
+        self.down_proj = Linear(f, d, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.gate_up_proj(x)
@@ -300,7 +308,7 @@ class Transformer(nn.Module):
         super().__init__()
         self.args = args
         self.model = Backbone(args)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size // args.vocab_shards, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size // args.vocab_shards, bias=False)
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)

@@ -11,7 +11,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from hypothesis import Phase, find, settings
 from hypothesis import strategies as st
 

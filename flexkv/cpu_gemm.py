@@ -1,0 +1,113 @@
+"""CPU decode projections on MKL's prepacked sgemm.
+
+A decode step multiplies every weight by a few rows (one per batch row or serving slot). With
+4 to 128 rows, MKL's fp32 `sgemm` repacks the whole weight matrix on every call and runs far
+below the memory bandwidth that a one-row product reaches: on a 4th-generation Xeon (one
+thread), the default model's 120 layer projections take 33 ms for 1 row and 76 ms for 8.
+Packed once (`cblas_sgemm_pack`, torch's `mkl::_mkl_reorder_linear_weight`, what inductor's CPU
+freezing uses), the same 8-row products take 48 ms, and a whole 8-row decode step runs 32 %
+faster (bench/NOTES.md, session 25). Under 4 rows the packed product is slower (MKL's small
+kernels already stream the weight), so those keep `F.linear`.
+
+`linear(x, weight, bias)` is `F.linear` with that fast path for decode-shaped inputs
+(`[B, 1, in]`, 4 <= B <= 128) of fp32 CPU weights in eager code with autograd off. Each weight
+keeps one packed copy, for the last row count it served (a decode loop's row count is fixed:
+the batch, or the serving engine's slots), rebuilt when the weight changes (its version
+counter or storage) or the row count does. That copy costs as much memory again as the weight:
+the packed copies of all weights together stay under `max_bytes()` (a quarter of physical
+memory unless `FLEXKV_CPU_PACKED_GEMM_BYTES` says otherwise); a weight that would pass it keeps
+`F.linear`. `FLEXKV_CPU_PACKED_GEMM=0` turns the path off. Results equal `F.linear`'s up to
+fp32 rounding (another summation order), as a batch of 8 already differs from a batch of 1.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+MIN_ROWS, MAX_ROWS = 4, 128
+
+
+class _Packed:
+    __slots__ = ("rows", "version", "ptr", "packed", "nbytes")
+
+    def __init__(self, weight: Tensor, rows: int):
+        self.rows, self.version, self.ptr = rows, weight._version, weight.data_ptr()
+        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+        self.nbytes = weight.numel() * weight.element_size()   # what it holds (its buffer is
+        # allocated larger but only this much is touched)
+
+    def fresh(self, weight: Tensor, rows: int) -> bool:
+        return (self.rows, self.version, self.ptr) == (rows, weight._version, weight.data_ptr())
+
+
+_packs = WeakIdKeyDictionary()   # weight -> _Packed (by identity: tensors have no usable ==)
+_lock = threading.Lock()
+
+
+def enabled() -> bool:
+    return (os.environ.get("FLEXKV_CPU_PACKED_GEMM", "1") != "0"
+            and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"))
+
+
+def max_bytes() -> int:
+    """The most memory the packed copies may hold together."""
+    env = os.environ.get("FLEXKV_CPU_PACKED_GEMM_BYTES")
+    if env is not None:
+        return int(env)
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def held_bytes() -> int:
+    """The memory the packed copies hold now."""
+    with _lock:
+        return sum(p.nbytes for p in _packs.values())
+
+
+def clear() -> None:
+    """Drop every packed copy (they are rebuilt on the next decode-shaped call)."""
+    with _lock:
+        _packs.clear()
+
+
+def _eligible(x: Tensor, weight: Tensor) -> bool:
+    return (x.dim() == 3 and x.shape[1] == 1 and MIN_ROWS <= x.shape[0] <= MAX_ROWS
+            and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+            and weight.dim() == 2 and weight.is_contiguous() and type(weight) in _PLAIN
+            and not torch.compiler.is_compiling() and not weight.is_inference()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and enabled())
+
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def _pack_for(weight: Tensor, rows: int) -> _Packed | None:
+    with _lock:
+        pack = _packs.get(weight)
+        if pack is not None and pack.fresh(weight, rows):
+            return pack
+        _packs.pop(weight, None)
+        held = sum(p.nbytes for p in _packs.values())
+        if held + weight.numel() * weight.element_size() > max_bytes():
+            return None
+        pack = _packs[weight] = _Packed(weight, rows)
+        return pack
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
+    """`F.linear(x, weight, bias)`; decode-shaped fp32 CPU inputs take MKL's packed sgemm."""
+    if not _eligible(x, weight):
+        return F.linear(x, weight, bias)
+    pack = _pack_for(weight, x.shape[0])
+    if pack is None:
+        return F.linear(x, weight, bias)
+    B = x.shape[0]
+    out = torch.ops.mkl._mkl_linear(x.reshape(B, -1).contiguous(), pack.packed, weight, bias, B)
+    return out.view(B, 1, -1)
