@@ -384,7 +384,8 @@ def cmd_serve(args) -> int:
 
 
 # --------------------------------------------------------------------------- bench
-BENCHMARKS = ("quality", "speed", "serve", "tp_speed", "prefill_cpu", "cold_prefill")  # bench/<name>.py
+BENCHMARKS = ("quality", "speed", "serve", "tp_speed", "prefill_cpu", "cold_prefill",
+              "cpu_decode")  # bench/<name>.py
 
 
 def bench_dir() -> Path | None:

@@ -1,34 +1,46 @@
-"""CPU decode projections on MKL's prepacked sgemm.
+"""CPU decode projections on prepacked weights (MKL's sgemm for fp32, oneDNN for bf16).
 
-A decode step multiplies every weight by a few rows (one per batch row or serving slot). With
-4 to 128 rows, MKL's fp32 `sgemm` repacks the whole weight matrix on every call and runs far
-below the memory bandwidth that a one-row product reaches: on a 4th-generation Xeon (one
-thread), the default model's 120 layer projections take 33 ms for 1 row and 76 ms for 8.
-Packed once (`cblas_sgemm_pack`, torch's `mkl::_mkl_reorder_linear_weight`, what inductor's CPU
-freezing uses), the same 8-row products take 48 ms, and a whole 8-row decode step runs 32 %
-faster (bench/NOTES.md, session 25). Under 4 rows the packed product is slower (MKL's small
-kernels already stream the weight), so those keep `F.linear`.
+A decode step multiplies every weight by a few rows (one per batch row or serving slot).
+- fp32: with 4 to 128 rows, MKL's `sgemm` repacks the whole weight matrix on every call: on a
+  4th-generation Xeon (one thread), the default model's 120 layer projections take 33 ms for 1
+  row and 76 ms for 8. Packed once (`cblas_sgemm_pack`, torch's `mkl::_mkl_reorder_linear_weight`,
+  what inductor's CPU freezing uses), the 8-row products take 48 ms. Under 4 rows the packed
+  product is slower (MKL's small kernels already stream the weight), so those keep `F.linear`.
+- bf16: torch's CPU `F.linear` hands bf16 to oneDNN, which reorders the weight into its blocked
+  format on every call; a weight reordered once (`mkldnn::_reorder_linear_weight`) gives the
+  same bits 25-35 % faster at 1 to 16 rows (bench/NOTES.md, session 25).
 
 `linear(x, weight, bias)` is `F.linear` with that fast path for decode-shaped inputs
-(`[B, 1, in]`, 4 <= B <= 128) of fp32 CPU weights in eager code with autograd off. Each weight
-keeps one packed copy, for the last row count it served (a decode loop's row count is fixed:
-the batch, or the serving engine's slots), rebuilt when the weight changes (its version
-counter or storage) or the row count does. That copy costs as much memory again as the weight:
-the packed copies of all weights together stay under `max_bytes()` (a quarter of physical
-memory unless `FLEXKV_CPU_PACKED_GEMM_BYTES` says otherwise); a weight that would pass it keeps
-`F.linear`. `FLEXKV_CPU_PACKED_GEMM=0` turns the path off. Results equal `F.linear`'s up to
-fp32 rounding (another summation order), as a batch of 8 already differs from a batch of 1.
+(`[B, 1, in]`, B within `ROWS[dtype]`) of fp32 or bf16 CPU weights in eager code with autograd
+off. Each weight keeps one packed copy, for the last row count it served (a decode loop's row
+count is fixed: the batch, or the serving engine's slots), rebuilt when the weight changes (its
+version counter or storage) or the row count does. That copy costs as much memory again as the
+weight: the packed copies of all weights together stay under `max_bytes()` (a quarter of
+physical memory unless `FLEXKV_CPU_PACKED_GEMM_BYTES` says otherwise); a weight that would pass
+it keeps `F.linear`. `FLEXKV_CPU_PACKED_GEMM=0` turns the path off. fp32 results equal
+`F.linear`'s up to rounding (another summation order), as a batch of 8 already differs from a
+batch of 1; bf16 results are `F.linear`'s bits.
 """
 from __future__ import annotations
 
 import os
 import threading
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-MIN_ROWS, MAX_ROWS = 4, 128
+ROWS = {torch.float32: (4, 128), torch.bfloat16: (1, 128)}   # decode rows that gain
+
+
+def _mkl_ok() -> bool:
+    return torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear")
+
+
+def _onednn_bf16_ok() -> bool:
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 class _Packed:
@@ -36,7 +48,10 @@ class _Packed:
 
     def __init__(self, weight: Tensor, rows: int):
         self.rows, self.version, self.ptr = rows, weight._version, weight.data_ptr()
-        self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+        if weight.dtype == torch.float32:
+            self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+        else:
+            self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         self.nbytes = weight.numel() * weight.element_size()   # what it holds (its buffer is
         # allocated larger but only this much is touched)
 
@@ -48,9 +63,11 @@ _packs = WeakIdKeyDictionary()   # weight -> _Packed (by identity: tensors have 
 _lock = threading.Lock()
 
 
-def enabled() -> bool:
-    return (os.environ.get("FLEXKV_CPU_PACKED_GEMM", "1") != "0"
-            and torch.backends.mkl.is_available() and hasattr(torch.ops.mkl, "_mkl_linear"))
+def enabled(dtype: torch.dtype = torch.float32) -> bool:
+    """Whether decode-shaped products of `dtype` take the packed path here."""
+    if os.environ.get("FLEXKV_CPU_PACKED_GEMM", "1") == "0" or dtype not in ROWS:
+        return False
+    return _mkl_ok() if dtype == torch.float32 else _onednn_bf16_ok()
 
 
 def max_bytes() -> int:
@@ -77,12 +94,13 @@ def clear() -> None:
 
 
 def _eligible(x: Tensor, weight: Tensor) -> bool:
-    return (x.dim() == 3 and x.shape[1] == 1 and MIN_ROWS <= x.shape[0] <= MAX_ROWS
-            and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32
+    lo, hi = ROWS.get(weight.dtype, (1, 0))
+    return (x.dim() == 3 and x.shape[1] == 1 and lo <= x.shape[0] <= hi
+            and x.device.type == "cpu" and x.dtype == weight.dtype
             and weight.dim() == 2 and weight.is_contiguous() and type(weight) in _PLAIN
             and not torch.compiler.is_compiling() and not weight.is_inference()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and enabled())
+            and enabled(weight.dtype))
 
 
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
@@ -102,12 +120,16 @@ def _pack_for(weight: Tensor, rows: int) -> _Packed | None:
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
-    """`F.linear(x, weight, bias)`; decode-shaped fp32 CPU inputs take MKL's packed sgemm."""
+    """`F.linear(x, weight, bias)`; decode-shaped fp32 / bf16 CPU inputs take the packed path."""
     if not _eligible(x, weight):
         return F.linear(x, weight, bias)
     pack = _pack_for(weight, x.shape[0])
     if pack is None:
         return F.linear(x, weight, bias)
     B = x.shape[0]
-    out = torch.ops.mkl._mkl_linear(x.reshape(B, -1).contiguous(), pack.packed, weight, bias, B)
+    x2 = x.reshape(B, -1).contiguous()
+    if weight.dtype == torch.float32:
+        out = torch.ops.mkl._mkl_linear(x2, pack.packed, weight, bias, B)
+    else:
+        out = torch.ops.mkldnn._linear_pointwise(x2, pack.packed, bias, "none", [], "")
     return out.view(B, 1, -1)

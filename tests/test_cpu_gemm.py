@@ -1,6 +1,6 @@
-"""flexkv.cpu_gemm: CPU decode projections on MKL's packed sgemm, equal to F.linear up to fp32
-rounding, rebuilt when the weight or the row count changes, bounded in memory, and off where
-they do not apply."""
+"""flexkv.cpu_gemm: CPU decode projections on packed weights (MKL fp32: equal to F.linear up to
+rounding; oneDNN bf16: F.linear's bits), rebuilt when the weight or the row count changes,
+bounded in memory, and off where they do not apply."""
 from __future__ import annotations
 
 import gc
@@ -49,7 +49,22 @@ def test_other_shapes_are_f_linear_exactly(shape):
     assert cpu_gemm.held_bytes() == 0
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+BF16 = pytest.mark.skipif(not cpu_gemm.enabled(torch.bfloat16), reason="no oneDNN bf16 here")
+
+
+@BF16
+@pytest.mark.parametrize("rows", [1, 3, 8, 128])
+def test_bf16_packed_is_f_linear_bit_for_bit(rows):
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(96, 80, generator=g).bfloat16(), torch.randn(96, generator=g).bfloat16()
+    x = torch.randn(rows, 1, 80, generator=g).bfloat16()
+    with torch.inference_mode():
+        assert torch.equal(cpu_gemm.linear(x, w), F.linear(x, w))
+        assert torch.equal(cpu_gemm.linear(x, w, b), F.linear(x, w, b))
+    assert cpu_gemm.held_bytes() == w.numel() * 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
 def test_other_dtypes_are_f_linear_exactly(dtype):
     w, x = torch.randn(96, 80, dtype=dtype), torch.randn(8, 1, 80, dtype=dtype)
     with torch.no_grad():
@@ -103,17 +118,35 @@ def test_a_freed_weight_frees_its_packed_copy():
     assert cpu_gemm.held_bytes() == 0
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=BF16)])
 @pytest.mark.parametrize("policy,kw", [("full", {}), ("h2o", dict(budget=12))])
-def test_generate_fp32_batch_takes_the_packed_path(policy, kw, monkeypatch):
-    """An fp32 model's 4-row decode (eager, under inference mode) packs every projection and
-    gives the tokens and (up to rounding) the logits of the unpacked run."""
-    model = tiny_model(dtype=torch.float32)
+def test_generate_batch_takes_the_packed_path(policy, kw, dtype, monkeypatch):
+    """A 4-row decode (eager, under inference mode) packs every projection and gives the tokens
+    and the logits (fp32: up to rounding; bf16: the same bits) of the unpacked run."""
+    model = tiny_model(dtype=dtype)
     ids = torch.randint(0, 101, (4, 20), generator=torch.Generator().manual_seed(1))
     packed = flexkv.generate(model, ids, max_new_tokens=8, policy=policy, output_logits=True, **kw)
     n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert cpu_gemm.held_bytes() == sum(m.weight.numel() * 4 for m in model.modules()
+    assert cpu_gemm.held_bytes() == sum(m.weight.nbytes for m in model.modules()
                                         if isinstance(m, torch.nn.Linear)) and n_linear >= 7
     monkeypatch.setenv("FLEXKV_CPU_PACKED_GEMM", "0")
     plain = flexkv.generate(model, ids, max_new_tokens=8, policy=policy, output_logits=True, **kw)
     assert torch.equal(packed.tokens, plain.tokens)
+    if dtype == torch.bfloat16:
+        assert torch.equal(packed.logits, plain.logits)
     torch.testing.assert_close(packed.logits, plain.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cpu_decode_bench_measures_both_settings_and_renders():
+    """bench/cpu_decode.py's cell on the tiny model: both settings timed, same tokens, a row."""
+    from helpers import load_bench
+
+    cd = load_bench("cpu_decode")
+    cell = cd.measure(tiny_model(dtype=torch.float32), rows=4, prompt=12, policy="h2o", budget=8,
+                      steps=2, rounds=1)
+    assert cell["packed_ms"] > 0 and cell["plain_ms"] > 0 and cell["same_tokens"]
+    assert cpu_gemm.held_bytes() > 0
+    meta = dict(command="c", commit="x", torch="t", cores=2, wall_s=1.0, prompt=12, policy="h2o",
+                budget=8, steps=2, rounds=1)
+    row = dict(dtype="float32", threads=1, rows=4, packed_ms=50.0, plain_ms=80.0, same_tokens=True)
+    assert "| float32 | 1 | 4 | 50.0 | 80.0 | 0.62 | yes |" in cd.render(dict(meta=meta, rows=[row]))
