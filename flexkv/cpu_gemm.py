@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import os
 import threading
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +92,7 @@ def clear() -> None:
     """Drop every packed copy (they are rebuilt on the next decode-shaped call)."""
     with _lock:
         _packs.clear()
+        _failed.clear()
 
 
 def _eligible(x: Tensor, weight: Tensor) -> bool:
@@ -113,10 +115,19 @@ def _pack_for(weight: Tensor, rows: int) -> _Packed | None:
             return pack
         _packs.pop(weight, None)
         held = sum(p.nbytes for p in _packs.values())
-        if held + weight.numel() * weight.element_size() > max_bytes():
+        if held + weight.numel() * weight.element_size() > max_bytes() or weight.dtype in _failed:
             return None
-        pack = _packs[weight] = _Packed(weight, rows)
+        try:
+            pack = _packs[weight] = _Packed(weight, rows)
+        except RuntimeError as e:   # a build or CPU whose MKL / oneDNN refuses: plain from now on
+            _failed.add(weight.dtype)
+            warnings.warn(f"flexkv.cpu_gemm: packing a {weight.dtype} weight failed ({e}); "
+                          "its decode projections use F.linear", RuntimeWarning, stacklevel=3)
+            return None
         return pack
+
+
+_failed: set = set()   # dtypes whose packing raised once in this process
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:

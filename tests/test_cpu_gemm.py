@@ -4,6 +4,7 @@ bounded in memory, and off where they do not apply."""
 from __future__ import annotations
 
 import gc
+import warnings
 
 import pytest
 import torch
@@ -150,3 +151,17 @@ def test_cpu_decode_bench_measures_both_settings_and_renders():
                 budget=8, steps=2, rounds=1)
     row = dict(dtype="float32", threads=1, rows=4, packed_ms=50.0, plain_ms=80.0, same_tokens=True)
     assert "| float32 | 1 | 4 | 50.0 | 80.0 | 0.62 | yes |" in cd.render(dict(meta=meta, rows=[row]))
+
+
+def test_a_packing_failure_warns_once_and_falls_back(monkeypatch):
+    def refuse(w, rows):
+        raise RuntimeError("no packed sgemm here")
+
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_reorder_linear_weight", refuse)
+    w, x = torch.randn(96, 80), torch.randn(8, 1, 80)
+    with torch.no_grad(), pytest.warns(RuntimeWarning, match="no packed sgemm here"):
+        assert torch.equal(cpu_gemm.linear(x, w), F.linear(x, w))
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(cpu_gemm.linear(x, torch.randn(96, 80) * 0 + w), F.linear(x, w))
+    assert cpu_gemm.held_bytes() == 0
