@@ -128,7 +128,7 @@ def main(argv=None) -> int:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from prefill_cpu import commit_id
+    from stamp import commit_id, write_results
 
     t0 = time.perf_counter()
     runs = []
@@ -146,11 +146,7 @@ def main(argv=None) -> int:
                          cores=os.cpu_count(), glibc=platform.libc_ver()[1] or "none",
                          tokens=runs[0]["tokens"], wall_s=time.perf_counter() - t0),
                runs=runs, rows=summarise(runs))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    md = render(res)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(out, res, render(res))
     return 0
 
 

@@ -14,7 +14,6 @@ Results: `<out>.md` and `<out>.json` (default bench/results/decode/cpu-packed).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -96,7 +95,7 @@ def main(argv=None) -> int:
 
     import flexkv
     sys.path.insert(0, str(ROOT))
-    from prefill_cpu import commit_id
+    from stamp import commit_id, write_results
 
     t0, rows = time.perf_counter(), []
     for dtype in dtypes:
@@ -118,11 +117,7 @@ def main(argv=None) -> int:
                          policy=args.policy, budget=args.budget, steps=args.steps,
                          rounds=args.rounds, wall_s=time.perf_counter() - t0),
                rows=rows)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    md = render(res)
-    out.with_suffix(".md").write_text(md)
-    print(md)
+    write_results(out, res, render(res))
     return 0
 
 

@@ -51,6 +51,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "prefill"
+sys.path.insert(0, str(ROOT))
+from stamp import commit_id  # noqa: E402
 
 # flexkv policy -> kvpress press (None: no press, the full cache) and whether it needs eager
 # attention; "Outer(Inner)" is a press wrapping a scorer press (kvpress's AdaKVPress)
@@ -172,18 +174,6 @@ class Worker:
 
 
 # =========================================================================== main side
-def commit_id() -> str:
-    """The checkout's short commit, `-dirty` with uncommitted changes to tracked files."""
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                             capture_output=True).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=ROOT, text=True, capture_output=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
-
-
 def _stamp(argv, wall_s, threads, extra) -> dict:
     import torch
 

@@ -42,6 +42,7 @@ import torch
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "serve"
 sys.path.insert(0, str(ROOT))
+from stamp import commit_id  # noqa: E402
 
 PRESETS = {
     "cpu": dict(model="smollm2-135m-instruct", device="cpu", dtype="float32", prompt_min=512,
@@ -284,13 +285,10 @@ def run_sequential(model, cfg, policy, budget, reqs, warm) -> tuple[dict, list]:
 
 # --------------------------------------------------------------------------- report
 def stamp(argv, wall_s, device, load_start) -> dict:
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                            capture_output=True).stdout.strip() or os.environ.get("FLEXKV_COMMIT", "unknown")
-    dirty = subprocess.run(["git", "status", "--porcelain", "--", "flexkv", "models", "bench/serve.py"],
-                           cwd=ROOT.parent, text=True, capture_output=True).stdout.strip()
+    commit = commit_id(("flexkv", "models", "bench/serve.py"))
     uptime = subprocess.run(["uptime"], text=True, capture_output=True).stdout.strip()
     dev = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    return dict(command="python bench/serve.py " + " ".join(argv), commit=commit + ("+dirty" if dirty else ""),
+    return dict(command="python bench/serve.py " + " ".join(argv), commit=commit,
                 device=dev, cpus=os.cpu_count(), torch=torch.__version__, threads=torch.get_num_threads(),
                 wall_s=round(wall_s, 1), load_start=load_start, load_end=list(os.getloadavg()), uptime=uptime)
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -30,6 +28,7 @@ ROOT = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:  # bench/'s own modules (kernel_profile), also when loaded by path
     sys.path.insert(0, str(ROOT))
 import kernel_profile  # noqa: E402
+from stamp import commit_id  # noqa: E402
 
 RESULTS = ROOT / "results" / "speed"
 
@@ -458,13 +457,7 @@ def failed_row(impl, policy, T, budget, B, error: str) -> Row:
 
 # ------------------------------------------------------------------------------ report
 def stamp(argv, wall_s, device) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                capture_output=True).stdout.strip()
-    except OSError:
-        commit = ""
-    # the GPU machine gets a copy of the working tree without .git: gpu.sh passes FLEXKV_COMMIT
-    commit = commit or os.environ.get("FLEXKV_COMMIT", "") or "unknown"
+    commit = commit_id()
     dev = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     from flexkv import attention
     from flexkv.generate import decode_compile_options

@@ -33,6 +33,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent
 RESULTS = ROOT / "results" / "speed"
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from stamp import commit_id  # noqa: E402
 
 SHAPES = {
     # a ~200M-parameter llama: 8 KV heads split over 2, 4 or 8 ranks; fp32 weights 0.8 GB
@@ -192,11 +195,7 @@ def run(n: int, shape: str | None, device: str, dtype: str, policies: list[str],
                                         for t in results},
                          kv_bytes_per_rank_tp=results[f"tp{n}"]["rows"][i]["kv_bytes_per_rank"],
                          kv_bytes_tp1=results["tp1"]["rows"][i]["kv_bytes_per_rank"]))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, text=True,
-                                capture_output=True).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
+    commit = commit_id()
     dev = torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu"
     meta = dict(command="python bench/speed.py " + " ".join(argv), commit=commit, device=dev,
                 torch=torch.__version__, cores=os.cpu_count(),

@@ -8,13 +8,16 @@ import json
 import os
 import platform
 import re
-import subprocess
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 BENCH = Path(__file__).resolve().parents[1]          # bench/
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+from stamp import commit_id  # noqa: E402
 RESULTS = BENCH / "results" / "quality"
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -321,14 +324,7 @@ def nll_of(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 # =========================================================================== provenance
 def git_commit() -> str:
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=BENCH, text=True,
-                             capture_output=True).stdout.strip() or "unknown"
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=BENCH,
-                               text=True, capture_output=True).stdout.strip()
-        return sha + ("-dirty" if dirty else "")
-    except OSError:
-        return "unknown"
+    return commit_id()
 
 
 def device_name(device: torch.device) -> str:
