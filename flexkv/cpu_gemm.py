@@ -12,9 +12,10 @@ A decode step multiplies every weight by a few rows (one per batch row or servin
 
 `linear(x, weight, bias)` is `F.linear` with that fast path for decode-shaped inputs
 (`[B, 1, in]`, B within `ROWS[dtype]`) of fp32 or bf16 CPU weights in eager code with autograd
-off. Each weight keeps one packed copy, for the last row count it served (a decode loop's row
-count is fixed: the batch, or the serving engine's slots), rebuilt when the weight changes (its
-version counter or storage) or the row count does. That copy costs as much memory again as the
+off. Each weight keeps one packed copy, rebuilt when the weight changes (its version counter or
+storage); an fp32 one also serves only the row count it was packed for (a decode loop's row
+count is fixed: the batch, or the serving engine's slots) and is repacked when another row count
+asks `REPACK_AFTER` times in a row. That copy costs as much memory again as the
 weight: the packed copies of all weights together stay under `max_bytes()` (a quarter of
 physical memory unless `FLEXKV_CPU_PACKED_GEMM_BYTES` says otherwise); a weight that would pass
 it keeps `F.linear`. `FLEXKV_CPU_PACKED_GEMM=0` turns the path off. fp32 results equal
@@ -45,19 +46,26 @@ def _onednn_bf16_ok() -> bool:
 
 
 class _Packed:
-    __slots__ = ("rows", "version", "ptr", "packed", "nbytes")
+    __slots__ = ("rows", "version", "ptr", "packed", "nbytes", "misses")
 
     def __init__(self, weight: Tensor, rows: int):
-        self.rows, self.version, self.ptr = rows, weight._version, weight.data_ptr()
-        if weight.dtype == torch.float32:
+        self.version, self.ptr, self.misses = weight._version, weight.data_ptr(), 0
+        if weight.dtype == torch.float32:   # MKL's packed product serves its own row count only
+            self.rows = rows
             self.packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
-        else:
+        else:                               # oneDNN's reordered weight serves any row count
+            self.rows = None
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
         self.nbytes = weight.numel() * weight.element_size()   # what it holds (its buffer is
         # allocated larger but only this much is touched)
 
-    def fresh(self, weight: Tensor, rows: int) -> bool:
-        return (self.rows, self.version, self.ptr) == (rows, weight._version, weight.data_ptr())
+    def current(self, weight: Tensor) -> bool:
+        return (self.version, self.ptr) == (weight._version, weight.data_ptr())
+
+
+REPACK_AFTER = 3  # an fp32 weight is repacked for another row count after this many calls in a
+# row asked for it: two decode loops that alternate on one model (an engine's slots and a batch)
+# keep the pack of whichever was first, the other runs plain, instead of repacking every call
 
 
 _packs = WeakIdKeyDictionary()   # weight -> _Packed (by identity: tensors have no usable ==)
@@ -111,8 +119,13 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def _pack_for(weight: Tensor, rows: int) -> _Packed | None:
     with _lock:
         pack = _packs.get(weight)
-        if pack is not None and pack.fresh(weight, rows):
-            return pack
+        if pack is not None and pack.current(weight):
+            if pack.rows in (None, rows):
+                pack.misses = 0
+                return pack
+            pack.misses += 1
+            if pack.misses < REPACK_AFTER:
+                return None
         _packs.pop(weight, None)
         held = sum(p.nbytes for p in _packs.values())
         if held + weight.numel() * weight.element_size() > max_bytes() or weight.dtype in _failed:

@@ -15,6 +15,7 @@ from flexkv import cpu_gemm
 from flexkv.testing import tiny_model
 
 pytestmark = pytest.mark.skipif(not cpu_gemm.enabled(), reason="torch without MKL")
+BF16 = pytest.mark.skipif(not cpu_gemm.enabled(torch.bfloat16), reason="no oneDNN bf16 here")
 
 
 @pytest.fixture(autouse=True)
@@ -50,9 +51,6 @@ def test_other_shapes_are_f_linear_exactly(shape):
     assert cpu_gemm.held_bytes() == 0
 
 
-BF16 = pytest.mark.skipif(not cpu_gemm.enabled(torch.bfloat16), reason="no oneDNN bf16 here")
-
-
 @BF16
 @pytest.mark.parametrize("rows", [1, 3, 8, 128])
 def test_bf16_packed_is_f_linear_bit_for_bit(rows):
@@ -84,9 +82,50 @@ def test_rebuilt_when_the_weight_changes_in_place_or_is_replaced():
         _close(cpu_gemm.linear(x, lin.weight), F.linear(x, lin.weight))
         lin.weight.data = torch.randn(96, 80)                 # another storage, same Parameter
         _close(cpu_gemm.linear(x, lin.weight), F.linear(x, lin.weight))
-        x4 = torch.randn(4, 1, 80)                            # another row count
-        _close(cpu_gemm.linear(x4, lin.weight), F.linear(x4, lin.weight))
     assert cpu_gemm.held_bytes() == 96 * 80 * 4   # one copy per weight, the latest
+
+
+def _count_packs(monkeypatch):
+    built = []
+    real = torch.ops.mkl._mkl_reorder_linear_weight
+    monkeypatch.setattr(torch.ops.mkl, "_mkl_reorder_linear_weight",
+                        lambda w, rows: built.append(rows) or real(w, rows))
+    return built
+
+
+def test_fp32_repacks_for_a_new_row_count_that_stays(monkeypatch):
+    built = _count_packs(monkeypatch)
+    w = torch.randn(96, 80)
+    x4, x8 = torch.randn(4, 1, 80), torch.randn(8, 1, 80)
+    with torch.no_grad():
+        for _ in range(5):
+            cpu_gemm.linear(x4, w)
+        for _ in range(5):
+            _close(cpu_gemm.linear(x8, w), F.linear(x8, w))
+    assert built == [4, 8]     # the 8-row calls ran plain until the REPACK_AFTER-th
+
+
+def test_fp32_two_alternating_loops_do_not_repack_every_call(monkeypatch):
+    """An engine's 8 slots and a 4-row batch stepping in turn on one model: the first keeps its
+    pack, the other runs plain (repacking at every call would cost more than it saves)."""
+    built = _count_packs(monkeypatch)
+    w = torch.randn(96, 80)
+    x4, x8 = torch.randn(4, 1, 80), torch.randn(8, 1, 80)
+    with torch.no_grad():
+        for _ in range(20):
+            _close(cpu_gemm.linear(x8, w), F.linear(x8, w))
+            assert torch.equal(cpu_gemm.linear(x4, w), F.linear(x4, w))
+    assert built == [8]
+
+
+@BF16
+def test_bf16_one_reordered_weight_serves_every_row_count():
+    w = torch.randn(96, 80).bfloat16()
+    with torch.inference_mode():
+        for rows in (1, 8, 3, 128, 1):
+            x = torch.randn(rows, 1, 80).bfloat16()
+            assert torch.equal(cpu_gemm.linear(x, w), F.linear(x, w))
+    assert cpu_gemm.held_bytes() == w.numel() * 2
 
 
 def test_memory_bound_and_opt_out(monkeypatch):
