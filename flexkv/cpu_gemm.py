@@ -104,11 +104,13 @@ def clear() -> None:
 
 
 def _eligible(x: Tensor, weight: Tensor) -> bool:
+    if torch.compiler.is_compiling():   # compiled code: inductor's own GEMMs, nothing to trace here
+        return False
     lo, hi = ROWS.get(weight.dtype, (1, 0))
     return (x.dim() == 3 and x.shape[1] == 1 and lo <= x.shape[0] <= hi
             and x.device.type == "cpu" and x.dtype == weight.dtype
             and weight.dim() == 2 and weight.is_contiguous() and type(weight) in _PLAIN
-            and not torch.compiler.is_compiling() and not weight.is_inference()
+            and not weight.is_inference()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             and enabled(weight.dtype))
 
