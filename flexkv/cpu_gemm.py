@@ -8,7 +8,7 @@ A decode step multiplies every weight by a few rows (one per batch row or servin
   product is slower (MKL's small kernels already stream the weight), so those keep `F.linear`.
 - bf16: torch's CPU `F.linear` hands bf16 to oneDNN, which reorders the weight into its blocked
   format on every call; a weight reordered once (`mkldnn::_reorder_linear_weight`) gives the
-  same bits 25-35 % faster at 1 to 16 rows (bench/NOTES.md, session 25).
+  same bits 25-37 % faster at 1 to 16 rows (bench/NOTES.md, session 25).
 
 `linear(x, weight, bias)` is `F.linear` with that fast path for decode-shaped inputs
 (`[B, 1, in]`, B within `ROWS[dtype]`) of fp32 or bf16 CPU weights in eager code with autograd
@@ -83,6 +83,9 @@ def max_bytes() -> int:
     """The most memory the packed copies may hold together."""
     env = os.environ.get("FLEXKV_CPU_PACKED_GEMM_BYTES")
     if env is not None:
+        if not env.strip().isdigit():
+            raise ValueError("FLEXKV_CPU_PACKED_GEMM_BYTES must be a whole number of bytes >= 0 "
+                             f"(0: pack nothing), got {env!r}")
         return int(env)
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 4

@@ -122,8 +122,8 @@ class RMSNorm(nn.Module):
 
 
 class Linear(nn.Linear):
-    """`nn.Linear` whose CPU decode products (a few rows, fp32) run on MKL's packed sgemm
-    (`flexkv.cpu_gemm`); everything else is `F.linear`."""
+    """`nn.Linear` whose eager CPU decode products (fp32 at 4-128 rows, bf16 at 1-128) run on a
+    weight packed once (`flexkv.cpu_gemm`); everything else is `F.linear`."""
 
     def forward(self, x: Tensor) -> Tensor:
         return cpu_gemm.linear(x, self.weight, self.bias)

@@ -141,6 +141,13 @@ def test_memory_bound_and_opt_out(monkeypatch):
     assert cpu_gemm.held_bytes() == 0
 
 
+@pytest.mark.parametrize("bad", ["2GiB", "-1", "1e9", ""])
+def test_a_malformed_memory_bound_is_named(monkeypatch, bad):
+    monkeypatch.setenv("FLEXKV_CPU_PACKED_GEMM_BYTES", bad)
+    with torch.no_grad(), pytest.raises(ValueError, match="FLEXKV_CPU_PACKED_GEMM_BYTES"):
+        cpu_gemm.linear(torch.randn(8, 1, 80), torch.randn(96, 80))
+
+
 def test_autograd_keeps_f_linear():
     w = torch.randn(96, 80, requires_grad=True)
     x = torch.randn(8, 1, 80)
