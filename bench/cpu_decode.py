@@ -4,11 +4,11 @@ plain `F.linear` (`FLEXKV_CPU_PACKED_GEMM=0`), per dtype, thread count and batch
     python bench/cpu_decode.py                                  # the table in the README
     python bench/cpu_decode.py --rows 8 --dtypes float32 --threads 1 --rounds 1 --out /tmp/d
 
-For each cell one process runs `flexkv.generate` on the default model (random prompt ids of
-`--prompt` tokens, `--policy` at `--budget` (0: none), greedy, `--steps` decode steps) with the setting
-switched on and off in turn, `--rounds` times each (the order alternating); a cell's time is
-the minimum over rounds of `GenerateOutput.decode_s / steps` (ms a step), after one warm-up run
-per setting. Both settings give the same tokens here (checked: the table's last column).
+For each cell (dtype, threads, rows) `flexkv.generate` runs on the default model (random prompt
+ids of `--prompt` tokens, `--policy` at `--budget` (0: none), greedy, `--steps` decode steps) with
+the setting switched on and off in turn in this one process, `--rounds` times each (the order
+alternating); a cell's time is the minimum over rounds of `GenerateOutput.decode_s / steps` (ms a
+step), after one warm-up run per setting. Both settings give the same tokens here (checked: the table's last column).
 Results: `<out>.md` and `<out>.json` (default bench/results/decode/cpu-packed).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ def measure(model, rows: int, prompt: int, policy: str, budget: int | None, step
     ids = torch.randint(0, model.args.vocab_size, (rows, prompt),
                         generator=torch.Generator().manual_seed(rows))
     kw = dict(policy=policy, budget=budget) if budget else dict(policy=policy)
-    best, tokens = {}, {}
+    best, tokens, before = {}, {}, os.environ.get("FLEXKV_CPU_PACKED_GEMM")
     for rnd in range(rounds + 1):                      # round 0 warms up both settings
         for setting in (SETTINGS if rnd % 2 == 0 else SETTINGS[::-1]):
             os.environ["FLEXKV_CPU_PACKED_GEMM"] = "1" if setting == "packed" else "0"
@@ -42,7 +42,10 @@ def measure(model, rows: int, prompt: int, policy: str, budget: int | None, step
             if rnd:
                 ms = 1e3 * out.decode_s / steps
                 best[setting] = min(best.get(setting, float("inf")), ms)
-    os.environ.pop("FLEXKV_CPU_PACKED_GEMM", None)
+    if before is None:
+        os.environ.pop("FLEXKV_CPU_PACKED_GEMM", None)
+    else:
+        os.environ["FLEXKV_CPU_PACKED_GEMM"] = before
     return dict(packed_ms=best["packed"], plain_ms=best["plain"],
                 same_tokens=bool(torch.equal(tokens["packed"], tokens["plain"])))
 
