@@ -56,8 +56,8 @@ class _Packed:
         else:                               # oneDNN's reordered weight serves any row count
             self.rows = None
             self.packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-        self.nbytes = weight.numel() * weight.element_size()   # what it holds (its buffer is
-        # allocated larger but only this much is touched)
+        self.nbytes = weight.nbytes   # what it holds (its buffer is allocated larger but only
+        # this much is touched)
 
     def current(self, weight: Tensor) -> bool:
         return (self.version, self.ptr) == (weight._version, weight.data_ptr())
@@ -69,7 +69,9 @@ REPACK_AFTER = 3  # an fp32 weight is repacked for another row count after this 
 
 
 _packs = WeakIdKeyDictionary()   # weight -> _Packed (by identity: tensors have no usable ==)
-_lock = threading.Lock()
+_failed: set = set()             # dtypes whose packing raised once in this process
+_lock = threading.Lock()         # guards both
+_PLAIN = (torch.Tensor, torch.nn.Parameter)   # weights of these types only (no subclasses)
 
 
 def enabled(dtype: torch.dtype = torch.float32) -> bool:
@@ -96,7 +98,11 @@ def max_bytes() -> int:
 def held_bytes() -> int:
     """The memory the packed copies hold now."""
     with _lock:
-        return sum(p.nbytes for p in _packs.values())
+        return _held()
+
+
+def _held() -> int:   # under _lock
+    return sum(p.nbytes for p in _packs.values())
 
 
 def clear() -> None:
@@ -118,9 +124,6 @@ def _eligible(x: Tensor, weight: Tensor) -> bool:
             and enabled(weight.dtype))
 
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
-
-
 def _pack_for(weight: Tensor, rows: int) -> _Packed | None:
     with _lock:
         pack = _packs.get(weight)
@@ -132,8 +135,7 @@ def _pack_for(weight: Tensor, rows: int) -> _Packed | None:
             if pack.misses < REPACK_AFTER:
                 return None
         _packs.pop(weight, None)
-        held = sum(p.nbytes for p in _packs.values())
-        if held + weight.numel() * weight.element_size() > max_bytes() or weight.dtype in _failed:
+        if _held() + weight.nbytes > max_bytes() or weight.dtype in _failed:
             return None
         try:
             pack = _packs[weight] = _Packed(weight, rows)
@@ -143,9 +145,6 @@ def _pack_for(weight: Tensor, rows: int) -> _Packed | None:
                           "its decode projections use F.linear", RuntimeWarning, stacklevel=3)
             return None
         return pack
-
-
-_failed: set = set()   # dtypes whose packing raised once in this process
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None) -> Tensor:
