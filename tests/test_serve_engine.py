@@ -375,6 +375,39 @@ def test_queue_full_and_stop_tokens(tiny64):
     assert h.tokens == greedy[:cut] and h.finish_reason == "stop"  # the stop token is not included
 
 
+def test_submit_many_queues_all_or_none(tiny64):
+    """A batch is validated whole and queued under one lock: a bad prompt (named by its index)
+    or a queue without room for every prompt queues nothing; a batch that fits answers each
+    prompt as `generate` does."""
+    V = tiny64.args.vocab_size
+    eng = Engine(tiny64, None, "h2o", budget=6, max_slots=2, max_new_tokens=6, max_prompt_tokens=20,
+                 max_waiting=3)
+    prompts = [random_prompt(5 + i, i, V) for i in range(3)]
+    sp = SamplingParams(max_tokens=5)
+    want = eng.generate(prompts, sp)
+    submitted = eng.metrics()["requests_submitted_total"]
+    with pytest.raises(ValueError, match=r"\[0, 100\] \(prompt 1 of the 2\)"):
+        eng.submit_many([prompts[0], [1, 500]], sp)
+    with pytest.raises(ValueError, match=r"max_tokens.*\(prompt 0 of the 2\)"):
+        eng.submit_many(prompts[:2], [SamplingParams(max_tokens=7), sp])
+    with pytest.raises(ValueError, match="one SamplingParams per prompt"):
+        eng.submit_many(prompts[:2], [sp])
+    with pytest.raises(ValueError, match=r"4 prompts at once are more than the 3 .*max_waiting"):
+        eng.submit_many(prompts + prompts[:1], sp)
+    with pytest.raises(ValueError, match="at least one prompt"):
+        eng.submit_many([], sp)
+    first = eng.submit(prompts[0], sp)
+    with pytest.raises(QueueFull, match="1 requests are already waiting and 3 more do not fit"):
+        eng.submit_many(prompts, sp)
+    m = eng.metrics()
+    assert m["waiting"] == 1 and m["requests_submitted_total"] == submitted + 1
+    handles = eng.submit_many(prompts[1:], [sp, SamplingParams(max_tokens=3)])
+    while eng.has_work():
+        eng.step()
+    assert first.tokens == want[0] and handles[0].tokens == want[1]
+    assert handles[1].tokens == want[2][:3] and handles[1].finish_reason == "length"
+
+
 def test_background_thread_async_iteration_and_cancel(tiny64):
     V = tiny64.args.vocab_size
     eng = Engine(tiny64, None, "h2o", budget=6, max_slots=2, max_new_tokens=10, max_prompt_tokens=40)

@@ -100,15 +100,21 @@ def main(model_tok):
 
 
 def _recording(engine) -> list:
-    """Make `engine.submit` record every handle it hands out; returns the list."""
-    handles, submit = [], engine.submit
+    """Make `engine.submit` and `engine.submit_many` record every handle they hand out; returns
+    the list."""
+    handles, submit, submit_many = [], engine.submit, engine.submit_many
 
     def recording_submit(*a, **k):
         h = submit(*a, **k)
         handles.append(h)
         return h
 
-    engine.submit = recording_submit
+    def recording_submit_many(*a, **k):
+        hs = submit_many(*a, **k)
+        handles.extend(hs)
+        return hs
+
+    engine.submit, engine.submit_many = recording_submit, recording_submit_many
     return handles
 
 
@@ -468,6 +474,64 @@ def test_seeded_sampling_is_reproducible(client):
     assert a[2]["completion_tokens"] == 12
 
 
+def _batch_choices(client, body: dict) -> tuple[list, dict | None]:
+    """A batched completions request -> ([(text, finish_reason)] by choice index, usage);
+    checks the streamed events' shapes (one finish event per choice, its last)."""
+    if not body.get("stream"):
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        d = r.json()
+        assert [c["index"] for c in d["choices"]] == list(range(len(d["choices"])))
+        return [(c["text"], c["finish_reason"]) for c in d["choices"]], d["usage"]
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200, r.read()
+        events = _events(r)
+    assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
+    chunks, usage = events[:-1], None
+    if body.get("stream_options", {}).get("include_usage"):
+        last = chunks.pop()
+        assert last["choices"] == [] and last["usage"]
+        usage = last["usage"]
+    assert len({c["id"] for c in chunks}) == 1
+    texts, reasons = {}, {}
+    for c in chunks:
+        assert len(c["choices"]) == 1
+        ch = c["choices"][0]
+        i = ch["index"]
+        assert i not in reasons, "an event after its choice's finish event"
+        texts[i] = texts.get(i, "") + ch["text"]
+        if ch["finish_reason"] is not None:
+            reasons[i] = ch["finish_reason"]
+    assert sorted(texts) == sorted(reasons) == list(range(len(texts)))
+    return [(texts[i], reasons[i]) for i in range(len(texts))], usage
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_batched_prompts_equal_their_single_answers(client, main, model_tok, stream):
+    """A list of prompts (strings, or token-id lists) is one choice per prompt, in order, each
+    equal to that prompt's own answer; usage sums the prompts'; the slots free afterwards."""
+    model, tok = model_tok
+    prompts = ["The llama said", "Once upon a time, in a land", "A", "Tell me about llamas."]
+    ids = [tok(p)["input_ids"] for p in prompts]
+    want = [(_decode(tok, _reference(model, x, 12)), "length") for x in ids]
+    body = {"max_tokens": 12, "temperature": 0, "ignore_eos": True, "stream": stream}
+    if stream:
+        body["stream_options"] = {"include_usage": True}
+    for prompt in (prompts, ids):
+        got, usage = _batch_choices(client, {**body, "prompt": prompt})
+        assert got == want
+        assert usage == {"prompt_tokens": sum(map(len, ids)), "completion_tokens": 12 * 4,
+                         "total_tokens": sum(map(len, ids)) + 48}
+    # stop strings apply to each choice; a one-item batch is a batch too
+    stop = next(want[0][0][k:k + 2] for k in range(2, len(want[0][0]) - 1)
+                if "\ufffd" not in want[0][0][k:k + 2] and want[0][0][k:k + 2].strip())
+    got, _ = _batch_choices(client, {**body, "prompt": prompts[:2], "stop": stop})
+    assert got == [(t[:t.find(stop)], "stop") if stop in t else (t, r) for t, r in want[:2]], stop
+    assert _batch_choices(client, {**body, "prompt": [ids[2]]})[0] == [want[2]]
+    m = _metrics(client)
+    assert m["flexkv_slots_used"] == 0 and m["flexkv_requests_waiting"] == 0
+
+
 def test_16_concurrent_requests_equal_their_sequential_answers(client, main):
     bodies = []
     for i in range(16):
@@ -527,6 +591,11 @@ def test_openai_client(main, model_tok):
     s = oc.completions.create(model=NAME, prompt="Hello", max_tokens=8, temperature=0, stream=True,
                               extra_body={"ignore_eos": True})
     assert "".join(ch.choices[0].text for ch in s) == want
+    b = oc.completions.create(model=NAME, prompt=["Hello", "Bye"], max_tokens=8, temperature=0,
+                              extra_body={"ignore_eos": True})
+    assert [c.index for c in b.choices] == [0, 1] and b.choices[0].text == want
+    assert b.choices[1].text == _decode(tok, _reference(model, tok("Bye")["input_ids"], 8))
+    assert b.usage.completion_tokens == 16
     with pytest.raises(openai.BadRequestError) as e:
         oc.completions.create(model=NAME, prompt="Hello", max_tokens=-1)
     assert e.value.body["param"] == "max_tokens"
@@ -548,6 +617,16 @@ BAD = [
     ("prompt-ids-negative", "c", {"prompt": [1, -2]}, 400, "prompt"),
     ("prompt-ids-out-of-vocab", "c", {"prompt": [1, VOCAB + 5]}, 400, "prompt"),
     ("prompt-too-long", "c", {"prompt": LONG, "max_tokens": 1}, 400, "prompt"),
+    ("batch-empty-string", "c", {"prompt": ["hi", ""]}, 400, "prompt"),
+    ("batch-empty-ids", "c", {"prompt": [[1, 2], []]}, 400, "prompt"),
+    ("batch-ids-negative", "c", {"prompt": [[1], [2, -1]]}, 400, "prompt"),
+    ("batch-ids-out-of-vocab", "c", {"prompt": [[1], [VOCAB]], "max_tokens": 1}, 400, "prompt"),
+    ("batch-mixed", "c", {"prompt": ["hi", [1, 2]]}, 400, "prompt"),
+    ("batch-nested-too-deep", "c", {"prompt": [[[1]]]}, 400, "prompt"),
+    ("batch-one-too-long", "c", {"prompt": ["hi", LONG], "max_tokens": 1}, 400, "prompt"),
+    ("batch-over-the-queue", "c", {"prompt": ["hi"] * 33, "max_tokens": 1}, 400, "prompt"),
+    ("batch-over-the-limit", "c", {"prompt": ["hi"] * 257, "max_tokens": 1}, 400, "prompt"),
+    ("batch-max-tokens-over", "c", {"prompt": ["hi", "ho"], "max_tokens": MAIN_MAX_NEW + 1}, 400, "max_tokens"),
     ("max-tokens-string", "c", {"prompt": "hi", "max_tokens": "16"}, 400, "max_tokens"),
     ("max-tokens-float", "c", {"prompt": "hi", "max_tokens": 1.5}, 400, "max_tokens"),
     ("max-tokens-zero", "c", {"prompt": "hi", "max_tokens": 0}, 400, "max_tokens"),
@@ -613,6 +692,16 @@ def test_bad_request_messages_are_clear(client):
     assert "max_tokens" in e["message"] and str(MAIN_MAX_NEW) in e["message"]
 
 
+def test_batch_error_messages_name_the_prompt(client):
+    e = client.post("/v1/completions", json={"prompt": ["hi", ""]}).json()["error"]
+    assert e["message"] == "prompt: the prompt must not be empty (item 1 of the batch)"
+    e = client.post("/v1/completions", json={"prompt": [[1], [VOCAB]], "max_tokens": 1}).json()["error"]
+    assert e["message"] == f"prompt: token ids must be in [0, {VOCAB - 1}] (prompt 1 of the 2)"
+    e = client.post("/v1/completions", json={"prompt": ["hi"] * 33, "max_tokens": 1}).json()["error"]
+    assert "33 prompts at once are more than the 32" in e["message"]
+    assert _metrics(client)["flexkv_requests_waiting"] == 0
+
+
 def test_unknown_path_and_method(client):
     r = client.get("/v1/nothing")
     assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
@@ -650,6 +739,34 @@ def test_queue_full_is_429_then_the_waiting_requests_complete(held, model_tok):
         t.join(60)
     want = _decode(tok, _reference(model, tok(body["prompt"])["input_ids"], 5))
     assert results[0][:2] == results[1][:2] == (want, "length")
+
+
+def test_a_batch_is_queued_all_or_none(held, model_tok):
+    """2 waiting places, one taken: a batch of 2 gets 429 and queues nothing (the waiting count
+    stays 1); a batch of 2 that fits is answered in full once the engine runs."""
+    model, tok = model_tok
+    body = {"prompt": "wait for it", "max_tokens": 5, "temperature": 0, "ignore_eos": True}
+    results = {}
+
+    def ask(key, b):
+        with httpx.Client(base_url=held.url, timeout=60) as c:
+            results[key] = _batch_choices(c, b)[0] if isinstance(b["prompt"], list) else _ask(c, b)
+
+    first = threading.Thread(target=ask, args=("one", body))
+    first.start()
+    with httpx.Client(base_url=held.url, timeout=60) as c:
+        _wait_until(lambda: _metrics(c)["flexkv_requests_waiting"] == 1, what="1 waiting")
+        r = c.post("/v1/completions", json={**body, "prompt": ["a", "b"]})
+        assert r.status_code == 429, r.text
+        assert "no room for these 2 prompts" in r.json()["error"]["message"]
+        assert _metrics(c)["flexkv_requests_waiting"] == 1
+    held.engine.start()
+    first.join(60)
+    ask("two", {**body, "prompt": ["a", "wait for it"], "stream": True})
+    want = _decode(tok, _reference(model, tok(body["prompt"])["input_ids"], 5))
+    assert results["one"][:2] == (want, "length")
+    assert results["two"][1] == (want, "length")
+    assert results["two"][0] == (_decode(tok, _reference(model, tok("a")["input_ids"], 5)), "length")
 
 
 def test_engine_shutdown_ends_waiting_requests_cleanly(held):
@@ -704,6 +821,27 @@ def test_client_disconnect_mid_stream_cancels_and_frees_the_slot(aux):
         _wait_until(lambda: aux.engine.metrics()["slots_used"] == 0, what="the slot to free")
         assert _metrics(c)["flexkv_http_client_disconnects_total"] >= 1
         assert c.get("/health").status_code == 200
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_client_disconnect_cancels_every_prompt_of_a_batch(aux, stream):
+    """1 slot: the batch's first prompt decodes while the second waits; the client goes away
+    and both end cancelled, the slot and the queue empty."""
+    n = len(aux.handles)
+    body = {"prompt": ["a long story", "another one"], "max_tokens": AUX_MAX_NEW - 40,
+            "temperature": 0, "ignore_eos": True, "stream": stream}
+    payload = json.dumps(body).encode()
+    with socket.create_connection(("127.0.0.1", aux.port)) as s:
+        s.sendall(("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   f"Content-Length: {len(payload)}\r\n\r\n").encode() + payload)
+        _wait_until(lambda: len(aux.handles) >= n + 2 and len(aux.handles[n].tokens) >= 1,
+                    what="the batch's first prompt to start generating")
+    a, b = aux.handles[n:n + 2]
+    _wait_until(lambda: a.finish_reason is not None and b.finish_reason is not None, what="the cancels")
+    assert a.finish_reason == b.finish_reason == "cancelled"
+    assert len(a.tokens) < body["max_tokens"]
+    _wait_until(lambda: aux.engine.metrics()["slots_used"] == 0 and aux.engine.metrics()["waiting"] == 0,
+                what="the slot and the queue to empty")
 
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])

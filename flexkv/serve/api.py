@@ -11,7 +11,9 @@ Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `strea
 `GET /v1/models`, `GET /v1/models/{id}`, `GET /health`, `GET /metrics` (Prometheus text).
 
 Request fields. Supported: `model` (optional; if given it must be the served name), `prompt`
-(a non-empty string or a non-empty list of token ids) / `messages` (roles system, developer,
+(a non-empty string or a non-empty list of token ids, or a batch of up to 256 such prompts:
+a list of strings or of token-id lists, queued all or none, answered as one choice each in
+order, `usage` summed; as OpenAI's completions API takes them) / `messages` (roles system, developer,
 user, assistant; text content), `max_tokens` (`max_completion_tokens` too, for chat),
 `temperature`, `top_p`, `top_k` (extension; 0 or -1 = off), `seed`, `stop` (a string or up to
 16 strings), `n` (1 only), `stream`, `stream_options.include_usage`, `ignore_eos` (extension),
@@ -48,7 +50,7 @@ from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionR
                                    ChatCompletionResponse, ChatMessage, CompletionChoice,
                                    CompletionRequest, CompletionResponse, ErrorResponse,
                                    Health, ModelCard, ModelList, StreamOptions, TextPart,
-                                   Usage, Neutral, SamplingFields, MAX_PROMPT_CHARS, MAX_STOP,
+                                   Usage, Neutral, SamplingFields, MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_STOP,
                                    MAX_STOP_CHARS)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -138,9 +140,10 @@ def _sse(obj) -> str:
 
 
 class _Prepared:
-    """A translated request: prompt ids, sampling parameters, stop strings."""
+    """A translated request: each prompt's ids and sampling parameters (one prompt, or a
+    completions request's batch: one choice each), the stop strings, the streaming options."""
 
-    def __init__(self, ids, params, stops, stream, include_usage):
+    def __init__(self, ids: list, params: list, stops, stream, include_usage):
         self.ids, self.params, self.stops = ids, params, stops
         self.stream, self.include_usage = stream, include_usage
 
@@ -267,13 +270,17 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                               top_p=float(req.top_p), top_k=max(0, req.top_k), seed=req.seed,
                               ignore_eos=req.ignore_eos)
 
-    def submit(prep: _Prepared, chat: bool):
+    def submit(prep: _Prepared, chat: bool) -> list:
+        """The request's handles, one per prompt (a batch is queued all or none)."""
         try:
-            return engine.submit(prep.ids, prep.params)
+            if len(prep.ids) == 1:
+                return [engine.submit(prep.ids[0], prep.params[0])]
+            return engine.submit_many(prep.ids, prep.params)
         except QueueFull:
             counters["queue_full"] += 1
-            raise APIError(429, "The server is busy: its waiting queue is full "
-                           f"({engine.max_waiting} requests are waiting for a slot). Retry later.",
+            room = f" has no room for these {len(prep.ids)} prompts" if len(prep.ids) > 1 else " is full"
+            raise APIError(429, f"The server is busy: its waiting queue{room} (at most "
+                           f"{engine.max_waiting} requests wait for a slot). Retry later.",
                            "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         except ValueError as e:
             msg = " ".join(str(e).split()) or "invalid request"
@@ -284,14 +291,19 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
 
     def prepare_completion(req: CompletionRequest) -> _Prepared:
         check_model(req.model)
-        if isinstance(req.prompt, str):
-            ids = list(tok(req.prompt)["input_ids"])
-            if not ids:
-                raise APIError(400, "prompt: the prompt has no tokens", param="prompt")
-        else:
-            ids = list(req.prompt)
-        max_tokens = req.max_tokens if req.max_tokens is not None else min(16, engine_limit(len(ids)))
-        return _Prepared(ids, sampling(req, max_tokens), req.stop_list(), req.stream,
+        ids_list, params = [], []
+        for i, prompt in enumerate(req.prompt_list()):
+            if isinstance(prompt, str):
+                ids = list(tok(prompt)["input_ids"])
+                if not ids:
+                    at = f" (item {i} of the batch)" if req.batched() else ""
+                    raise APIError(400, f"prompt: the prompt has no tokens{at}", param="prompt")
+            else:
+                ids = list(prompt)
+            max_tokens = req.max_tokens if req.max_tokens is not None else min(16, engine_limit(len(ids)))
+            ids_list.append(ids)
+            params.append(sampling(req, max_tokens))
+        return _Prepared(ids_list, params, req.stop_list(), req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
 
     def prepare_chat(req: ChatCompletionRequest) -> _Prepared:
@@ -310,7 +322,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = engine_limit(len(ids))
-        return _Prepared(ids, sampling(req, max_tokens), req.stop_list(), req.stream,
+        return _Prepared([ids], [sampling(req, max_tokens)], req.stop_list(), req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
 
     def finish_reason(handle, text: IncrementalText) -> str:
@@ -324,10 +336,11 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                            "server_error", code="cancelled")
         raise APIError(500, f"the engine failed on this request (finish_reason {r!r})", "server_error")
 
-    def usage(handle, text: IncrementalText) -> dict:
-        n = text.n_tokens
-        return {"prompt_tokens": int(handle.prompt_tokens), "completion_tokens": n,
-                "total_tokens": int(handle.prompt_tokens) + n}
+    def usage(handles: list, texts: list) -> dict:
+        """Token counts summed over the request's prompts (as OpenAI counts a batch)."""
+        prompt = sum(int(h.prompt_tokens) for h in handles)
+        n = sum(t.n_tokens for t in texts)
+        return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
 
     async def consume(handle, text: IncrementalText):
         """Feed the handle's tokens through the detokenizer until it ends or a stop string."""
@@ -343,9 +356,10 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             if message["type"] == "http.disconnect":
                 return
 
-    async def run_blocking(request: Request, handle, text: IncrementalText):
-        """Non-streaming: collect the text; cancel if the client goes away first."""
-        work = asyncio.ensure_future(consume(handle, text))
+    async def run_blocking(request: Request, handles: list, texts: list):
+        """Non-streaming: collect each prompt's text; cancel them all if the client goes away
+        first."""
+        work = asyncio.gather(*(consume(h, t) for h, t in zip(handles, texts)))
         gone = asyncio.ensure_future(wait_disconnect(request))
         try:
             done, _ = await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -358,16 +372,19 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             gone.cancel()
             if not work.done():
                 work.cancel()
-            if handle.finish_reason is None and not text.stopped:
-                handle.cancel()        # disconnected, or this handler itself was cancelled
+            for h, t in zip(handles, texts):
+                if h.finish_reason is None and not t.stopped:
+                    h.cancel()         # disconnected, or this handler itself was cancelled
 
-    def stream_response(prep: _Prepared, handle, rid: str, kind: str, created: int, choice,
-                        first=None) -> StreamingResponse:
-        """Server-sent events of one request: `choice(piece, reason)` makes an event's choice
-        (`first`, if given, is sent before any token); every event is the OpenAI envelope of
-        `kind` ("text_completion" / "chat.completion.chunk"), with `usage` null in each and a
-        last usage-only event when the request asked for usage."""
-        text = IncrementalText(tok, prep.stops)
+    def stream_response(prep: _Prepared, handles: list, rid: str, kind: str, created: int,
+                        choice, first=None) -> StreamingResponse:
+        """Server-sent events of one request: `choice(index, piece, reason)` makes an event's
+        choice (`first`, if given, is sent before any token); every event is the OpenAI envelope
+        of `kind` ("text_completion" / "chat.completion.chunk"), with `usage` null in each and a
+        last usage-only event when the request asked for usage. A batch's prompts stream
+        interleaved, each event naming its choice's index; each choice ends with one event
+        carrying its finish reason."""
+        texts = [IncrementalText(tok, prep.stops) for _ in handles]
 
         def event(choices: list, usage_obj=None) -> dict:
             obj = {"id": rid, "object": kind, "created": created, "model": model_name,
@@ -376,35 +393,57 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                 obj["usage"] = usage_obj
             return obj
 
+        async def pump(i: int, handle, tokens: asyncio.Queue):
+            try:
+                async for token_id in handle:
+                    tokens.put_nowait((i, token_id))
+            finally:
+                tokens.put_nowait((i, None))       # the choice ends, however the handle did
+
         async def events():
-            done = False
+            done, tokens = False, asyncio.Queue()
+            pumps = [asyncio.ensure_future(pump(i, h, tokens)) for i, h in enumerate(handles)]
+            open_ = set(range(len(handles)))
             try:
                 if first is not None:
                     yield _sse(event([first]))
-                async for token_id in handle:
-                    piece = text.add(token_id)
-                    if piece:
-                        yield _sse(event([choice(piece, None)]))
-                    if text.stopped:
-                        handle.cancel()
+                failed = False
+                while open_:
+                    i, token_id = await tokens.get()
+                    if i not in open_:
+                        continue
+                    text = texts[i]
+                    if token_id is not None:
+                        piece = text.add(token_id)
+                        if piece:
+                            yield _sse(event([choice(i, piece, None)]))
+                        if not text.stopped:
+                            continue
+                        handles[i].cancel()
+                        pumps[i].cancel()
+                    open_.discard(i)
+                    try:
+                        reason = finish_reason(handles[i], text)
+                    except APIError as e:
+                        yield _sse({"error": {"message": e.message, "type": e.type, "param": None,
+                                              "code": e.code}})
+                        failed = True
                         break
-                try:
-                    reason = finish_reason(handle, text)
-                except APIError as e:
-                    yield _sse({"error": {"message": e.message, "type": e.type, "param": None,
-                                          "code": e.code}})
-                else:
-                    yield _sse(event([choice(text.finish(), reason)]))
-                    if prep.include_usage:
-                        yield _sse(event([], usage(handle, text)))
+                    yield _sse(event([choice(i, text.finish(), reason)]))
+                if prep.include_usage and not failed:
+                    yield _sse(event([], usage(handles, texts)))
                 yield "data: [DONE]\n\n"
                 done = True
             finally:
-                if not done and handle.finish_reason is None:
+                for p in pumps:
+                    p.cancel()
+                unfinished = [h for h in handles if h.finish_reason is None]
+                if not done and unfinished:
                     counters["disconnects"] += 1
-                    handle.cancel()
+                for h in unfinished:
+                    h.cancel()
 
-        return _SSEResponse(events(), handle)
+        return _SSEResponse(events(), handles)
 
     # ------------------------------------------------------------------ routes
     @app.post("/v1/completions", response_model=CompletionResponse, responses={
@@ -412,41 +451,45 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                              "description": "the completion (JSON, or events when stream=true)"}})
     async def completions(req: CompletionRequest, request: Request):
         prep = prepare_completion(req)
-        handle = submit(prep, chat=False)
-        rid, t = f"cmpl-{handle.request_id}", _now()
+        handles = submit(prep, chat=False)
+        rid, t = f"cmpl-{handles[0].request_id}", _now()
         if prep.stream:
-            def choice(piece, reason):
-                return {"index": 0, "text": piece, "logprobs": None, "finish_reason": reason}
-            return stream_response(prep, handle, rid, "text_completion", t, choice)
-        text = IncrementalText(tok, prep.stops)
-        if not await run_blocking(request, handle, text):
+            def choice(i, piece, reason):
+                return {"index": i, "text": piece, "logprobs": None, "finish_reason": reason}
+            return stream_response(prep, handles, rid, "text_completion", t, choice)
+        texts = [IncrementalText(tok, prep.stops) for _ in handles]
+        if not await run_blocking(request, handles, texts):
             return Response(status_code=499)
-        reason = finish_reason(handle, text)
-        text.finish()
-        return CompletionResponse(id=rid, created=t, model=model_name, usage=Usage(**usage(handle, text)),
-                                  choices=[CompletionChoice(text=text.text, finish_reason=reason)])
+        reasons = [finish_reason(h, text) for h, text in zip(handles, texts)]
+        for text in texts:
+            text.finish()
+        return CompletionResponse(id=rid, created=t, model=model_name,
+                                  usage=Usage(**usage(handles, texts)),
+                                  choices=[CompletionChoice(index=i, text=text.text, finish_reason=r)
+                                           for i, (text, r) in enumerate(zip(texts, reasons))])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={
         **post_errors, 200: {"content": {"text/event-stream": {}},
                              "description": "the completion (JSON, or events when stream=true)"}})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         prep = prepare_chat(req)
-        handle = submit(prep, chat=True)
-        rid, t = f"chatcmpl-{handle.request_id}", _now()
+        handles = submit(prep, chat=True)
+        rid, t = f"chatcmpl-{handles[0].request_id}", _now()
         if prep.stream:
-            def choice(piece, reason, delta=None):
+            def choice(i, piece, reason, delta=None):
                 delta = {"content": piece} if delta is None else delta
                 if reason is not None and not piece:
                     delta = {}
-                return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}
-            first = choice("", None, delta={"role": "assistant", "content": ""})
-            return stream_response(prep, handle, rid, "chat.completion.chunk", t, choice, first=first)
+                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+            first = choice(0, "", None, delta={"role": "assistant", "content": ""})
+            return stream_response(prep, handles, rid, "chat.completion.chunk", t, choice, first=first)
         text = IncrementalText(tok, prep.stops)
-        if not await run_blocking(request, handle, text):
+        if not await run_blocking(request, handles, [text]):
             return Response(status_code=499)
-        reason = finish_reason(handle, text)
+        reason = finish_reason(handles[0], text)
         text.finish()
-        return ChatCompletionResponse(id=rid, created=t, model=model_name, usage=Usage(**usage(handle, text)),
+        return ChatCompletionResponse(id=rid, created=t, model=model_name,
+                                      usage=Usage(**usage(handles, [text])),
                                       choices=[ChatChoice(message=AssistantMessage(content=text.text),
                                                           finish_reason=reason)])
 
@@ -478,19 +521,20 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
 
 class _SSEResponse(StreamingResponse):
     """Server-sent events for one request; whatever ends the response (done, client gone, server
-    shutting down) the request is cancelled unless it finished."""
+    shutting down) its prompts' engine requests are cancelled unless they finished."""
 
-    def __init__(self, content, handle):
+    def __init__(self, content, handles: list):
         super().__init__(content, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-        self.handle = handle
+        self.handles = handles
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         finally:
-            if self.handle.finish_reason is None:
-                self.handle.cancel()
+            for h in self.handles:
+                if h.finish_reason is None:
+                    h.cancel()
 
 
 def _clean_openapi(app: FastAPI, model_name: str, engine) -> None:
@@ -531,14 +575,24 @@ def _clean_openapi(app: FastAPI, model_name: str, engine) -> None:
                                        "description": "not implemented: only this neutral value"}
                 if "n" in props:
                     props["n"]["maximum"] = 1
+                batch = min(MAX_PROMPTS, int(engine.max_waiting))
                 for branch in props.get("prompt", {}).get("anyOf", []):
                     if branch.get("type") == "string":
                         branch.update(minLength=1, maxLength=MAX_PROMPT_CHARS)
                     elif branch.get("type") == "array":
                         branch["minItems"] = 1
-                        branch.setdefault("items", {})["minimum"] = 0
+                        items = branch.setdefault("items", {})
+                        if items.get("type") == "string":       # a batch of strings
+                            branch["maxItems"] = batch
+                            items.update(minLength=1, maxLength=MAX_PROMPT_CHARS // batch)
+                            continue
+                        if items.get("type") == "array":        # a batch of token-id lists
+                            branch["maxItems"] = batch
+                            items["minItems"] = 1
+                            items = items.setdefault("items", {})
+                        items["minimum"] = 0
                         if vocab:
-                            branch["items"]["maximum"] = int(vocab) - 1
+                            items["maximum"] = int(vocab) - 1
                 for branch in props.get("stop", {}).get("anyOf", []):
                     if branch.get("type") == "string":
                         branch.update(minLength=1, maxLength=MAX_STOP_CHARS)

@@ -207,20 +207,22 @@ class Engine:
     def submit(self, prompt, params: SamplingParams | None = None) -> RequestHandle:
         """Queue one request (a list of token ids or a 1-D tensor); thread-safe. Raises
         ValueError for bad input and QueueFull when `max_waiting` requests are waiting."""
-        return self._submit(prompt, params, bounded=True)
+        return self._submit([prompt], [params], bounded=True)[0]
+
+    def submit_many(self, prompts, params: SamplingParams | list | None = None) -> list[RequestHandle]:
+        """Queue several requests at once, all or none (a server's batch of prompts); thread-safe.
+        `params`: one SamplingParams for all, or one per prompt. Raises ValueError for bad input
+        (naming the prompt's index) or for more prompts than `max_waiting`, and QueueFull when
+        the waiting queue has no room for all of them now; either way nothing is queued."""
+        prompts = list(prompts)
+        if not prompts:
+            raise ValueError("prompts: at least one prompt is needed")
+        return self._submit(prompts, self._params_per_prompt(prompts, params), bounded=True)
 
     def generate(self, prompts, params: SamplingParams | list | None = None) -> list[list[int]]:
         """Generated token ids for each prompt, in order (more prompts than slots queue; the
         waiting bound does not apply). `params`: one SamplingParams for all, or one per prompt."""
-        if isinstance(params, (list, tuple)):
-            if len(params) != len(prompts):
-                raise ValueError(f"params: one SamplingParams per prompt ({len(prompts)}), got {len(params)}")
-            plist = list(params)
-        else:
-            plist = [params] * len(prompts)
-        for p, sp in zip(prompts, plist):  # validate everything before queueing anything
-            self._check(p, sp or SamplingParams())
-        handles = [self._submit(p, sp, bounded=False) for p, sp in zip(prompts, plist)]
+        handles = self._submit(list(prompts), self._params_per_prompt(prompts, params), bounded=False)
         if self._thread is None:
             while not all(h.finished for h in handles):
                 self.step()
@@ -303,20 +305,40 @@ class Engine:
         params.validate(self.max_new_tokens, self.vocab_size)
         return list(prompt)
 
-    def _submit(self, prompt, params, bounded: bool) -> RequestHandle:
-        params = params or SamplingParams()
-        req = self._request(f"req-{next(self._ids)}", self._check(prompt, params), params)
+    @staticmethod
+    def _params_per_prompt(prompts, params) -> list:
+        if isinstance(params, (list, tuple)):
+            if len(params) != len(prompts):
+                raise ValueError(f"params: one SamplingParams per prompt ({len(prompts)}), got {len(params)}")
+            return list(params)
+        return [params] * len(prompts)
+
+    def _submit(self, prompts: list, params: list, bounded: bool) -> list[RequestHandle]:
+        """Validate every request, then queue them all under one lock (all or none)."""
+        n = len(prompts)
+        if bounded and n > self.max_waiting:
+            raise ValueError(f"prompt: {n} prompts at once are more than the {self.max_waiting} "
+                             f"requests that can wait (max_waiting); send fewer at a time")
+        checked = []
+        for i, (prompt, sp) in enumerate(zip(prompts, params)):
+            sp = sp or SamplingParams()
+            try:
+                checked.append((self._check(prompt, sp), sp))
+            except ValueError as e:
+                raise (ValueError(f"{e} (prompt {i} of the {n})") if n > 1 else e) from None
         with self._lock:
             if self._stopping:
                 raise RuntimeError("the engine is shutting down")
             waiting = len(self._waiting) + len(self._inbox)
-            if bounded and waiting >= self.max_waiting:
-                raise QueueFull(f"{waiting} requests are already waiting "
+            if bounded and waiting + n > self.max_waiting:
+                more = f" and {n} more do not fit" if n > 1 else ""
+                raise QueueFull(f"{waiting} requests are already waiting{more} "
                                 f"(max_waiting={self.max_waiting}); retry later")
-            self._inbox.append(req)
-            self._counters["requests_submitted_total"] += 1
+            reqs = [self._request(f"req-{next(self._ids)}", ids, sp) for ids, sp in checked]
+            self._inbox.extend(reqs)
+            self._counters["requests_submitted_total"] += n
             self._wake.notify_all()
-        return req.handle
+        return [r.handle for r in reqs]
 
     def _request(self, request_id: str, prompt: list[int], params: SamplingParams) -> _Running:
         handle = RequestHandle(request_id, prompt, params)

@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_PROMPT_CHARS = 4_000_000     # a body bound before tokenizing; the token limit is the engine's
+MAX_PROMPTS = 256                # prompts in one completions request (also bounded by the queue)
 MAX_STOP = 16                    # stop strings per request
 MAX_STOP_CHARS = 1024
 
@@ -105,7 +106,9 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     """`POST /v1/completions`."""
 
-    prompt: str | list[int] = Field(description="a non-empty string, or a non-empty list of token ids")
+    prompt: str | list[int] | list[str] | list[list[int]] = Field(
+        description="a non-empty string or a non-empty list of token ids; or a batch of such "
+        f"prompts (a list of strings or of token-id lists, at most {MAX_PROMPTS}), one choice each")
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="default 16 (at most the "
                                    "server's --max-new-tokens)")
     echo: bool | None = None
@@ -121,11 +124,28 @@ class CompletionRequest(SamplingFields):
     def _prompt(cls, v):
         if len(v) == 0:
             raise ValueError("the prompt must not be empty")
-        if isinstance(v, str) and len(v) > MAX_PROMPT_CHARS:
-            raise ValueError(f"the prompt is too long ({len(v)} characters, at most {MAX_PROMPT_CHARS})")
-        if isinstance(v, list) and any(t < 0 for t in v):
-            raise ValueError("token ids must be >= 0")
+        batch = isinstance(v, list) and not isinstance(v[0], int)
+        if batch and len(v) > MAX_PROMPTS:
+            raise ValueError(f"at most {MAX_PROMPTS} prompts in one request, got {len(v)}")
+        prompts = v if batch else [v]
+        for i, p in enumerate(prompts):
+            at = f" (item {i} of the batch)" if batch else ""
+            if len(p) == 0:
+                raise ValueError(f"the prompt must not be empty{at}")
+            if isinstance(p, list) and any(t < 0 for t in p):
+                raise ValueError(f"token ids must be >= 0{at}")
+        chars = sum(len(p) for p in prompts if isinstance(p, str))
+        if chars > MAX_PROMPT_CHARS:
+            raise ValueError(f"the prompt is too long ({chars} characters, at most {MAX_PROMPT_CHARS})")
         return v
+
+    def prompt_list(self) -> list:
+        """The prompts of this request: one, or the batch's (each a string or token ids)."""
+        p = self.prompt
+        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+
+    def batched(self) -> bool:
+        return not isinstance(self.prompt, str) and not isinstance(self.prompt[0], int)
 
     @field_validator(*Neutral.COMPLETION)
     @classmethod
