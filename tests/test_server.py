@@ -532,6 +532,56 @@ def test_batched_prompts_equal_their_single_answers(client, main, model_tok, str
     assert m["flexkv_slots_used"] == 0 and m["flexkv_requests_waiting"] == 0
 
 
+def _chat_choices(client, body: dict) -> list:
+    """A chat request with n choices -> [(text, finish_reason)] by index (streamed: each choice
+    opens with its role event and ends with one finish event)."""
+    if not body.get("stream"):
+        r = client.post("/v1/chat/completions", json=body)
+        assert r.status_code == 200, r.text
+        ch = r.json()["choices"]
+        assert [c["index"] for c in ch] == list(range(len(ch)))
+        return [(c["message"]["content"], c["finish_reason"]) for c in ch]
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200, r.read()
+        events = _events(r)
+    assert events[-1] == "[DONE]"
+    texts, reasons = {}, {}
+    for c in events[:-1]:
+        ch = c["choices"][0]
+        i = ch["index"]
+        if i not in texts:
+            assert ch["delta"] == {"role": "assistant", "content": ""}
+            texts[i] = ""
+            continue
+        assert i not in reasons
+        texts[i] += ch["delta"].get("content", "")
+        if ch["finish_reason"] is not None:
+            reasons[i] = ch["finish_reason"]
+    assert sorted(texts) == sorted(reasons) == list(range(len(texts)))
+    return [(texts[i], reasons[i]) for i in range(len(texts))]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_n_choices_per_prompt(client, stream):
+    """`n` choices per prompt, in OpenAI's order (prompt i's at i*n .. i*n+n-1): greedy choices
+    equal the n=1 answer; with a seed s, choice j is the n=1 answer with seed s + j."""
+    base = {"max_tokens": 8, "ignore_eos": True, "stream": stream}
+    greedy = {**base, "temperature": 0}
+    one = [_ask(client, {**greedy, "prompt": p})[:2] for p in ("A", "B")]
+    got, usage = _batch_choices(client, {**greedy, "prompt": ["A", "B"], "n": 3,
+                                         **({"stream_options": {"include_usage": True}} if stream else {})})
+    assert got == [one[0]] * 3 + [one[1]] * 3
+    if stream:
+        assert usage["completion_tokens"] == 48
+    sampled = {**base, "temperature": 1.0, "seed": 77}
+    want = [_ask(client, {**sampled, "prompt": "A", "seed": 77 + j})[:2] for j in range(3)]
+    assert len(set(want)) > 1          # the choices differ
+    assert _batch_choices(client, {**sampled, "prompt": "A", "n": 3})[0] == want
+    msgs = [{"role": "user", "content": "hi"}]
+    want = [_ask(client, {**sampled, "messages": msgs, "seed": 77 + j}, chat=True)[:2] for j in range(2)]
+    assert _chat_choices(client, {**sampled, "messages": msgs, "n": 2}) == want
+
+
 def test_16_concurrent_requests_equal_their_sequential_answers(client, main):
     bodies = []
     for i in range(16):
@@ -640,7 +690,10 @@ BAD = [
     ("top-p-big", "c", {"prompt": "hi", "top_p": 1.5}, 400, "top_p"),
     ("top-k-negative", "c", {"prompt": "hi", "top_k": -2}, 400, "top_k"),
     ("stream-string", "c", {"prompt": "hi", "stream": "yes"}, 400, "stream"),
-    ("n-2", "c", {"prompt": "hi", "n": 2}, 400, "n"),
+    ("n-0", "c", {"prompt": "hi", "n": 0}, 400, "n"),
+    ("n-over-the-limit", "c", {"prompt": "hi", "n": 257}, 400, "n"),
+    ("n-over-the-queue", "c", {"prompt": "hi", "n": 33, "max_tokens": 1}, 400, "n"),
+    ("n-times-batch-over-the-queue", "c", {"prompt": ["a", "b", "c"], "n": 11, "max_tokens": 1}, 400, "n"),
     ("stop-empty", "c", {"prompt": "hi", "stop": ""}, 400, "stop"),
     ("stop-too-many", "c", {"prompt": "hi", "stop": [str(i) for i in range(17)]}, 400, "stop"),
     ("stop-wrong-type", "c", {"prompt": "hi", "stop": 3}, 400, "stop"),
@@ -659,7 +712,8 @@ BAD = [
         {"type": "image_url", "image_url": {"url": "http://x"}}]}]}, 400, "messages"),
     ("message-extra-field", "chat", {"messages": [{"role": "user", "content": "hi", "x": 1}]}, 400, "messages"),
     ("chat-too-long", "chat", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
-    ("chat-n-3", "chat", {"messages": [{"role": "user", "content": "hi"}], "n": 3}, 400, "n"),
+    ("chat-n-0", "chat", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
+    ("chat-n-over-the-queue", "chat", {"messages": [{"role": "user", "content": "hi"}], "n": 40}, 400, "n"),
     ("chat-tools", "chat", {"messages": [{"role": "user", "content": "hi"}],
                             "tools": [{"type": "function"}]}, 400, "tools"),
     ("chat-logprobs", "chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
@@ -682,8 +736,8 @@ def test_bad_requests_get_openai_errors(client, path, body, status, param):
 
 
 def test_bad_request_messages_are_clear(client):
-    e = client.post("/v1/completions", json={"prompt": "hi", "n": 2}).json()["error"]
-    assert "n=1" in e["message"]
+    e = client.post("/v1/completions", json={"prompt": "hi", "n": 33, "max_tokens": 1}).json()["error"]
+    assert e["message"].startswith("33 choices (n x prompts) in one request are more than the 32")
     e = client.post("/v1/completions", json={"prompt": "hi", "foo": 1}).json()["error"]
     assert e["message"] == "Unrecognized request argument supplied: foo"
     e = client.post("/v1/completions", content=b"{bad", headers={"content-type": "application/json"}).json()
@@ -698,7 +752,7 @@ def test_batch_error_messages_name_the_prompt(client):
     e = client.post("/v1/completions", json={"prompt": [[1], [VOCAB]], "max_tokens": 1}).json()["error"]
     assert e["message"] == f"prompt: token ids must be in [0, {VOCAB - 1}] (prompt 1 of the 2)"
     e = client.post("/v1/completions", json={"prompt": ["hi"] * 33, "max_tokens": 1}).json()["error"]
-    assert "33 prompts at once are more than the 32" in e["message"]
+    assert e["message"].startswith("33 prompts in one request are more than the 32 requests")
     assert _metrics(client)["flexkv_requests_waiting"] == 0
 
 
@@ -758,7 +812,7 @@ def test_a_batch_is_queued_all_or_none(held, model_tok):
         _wait_until(lambda: _metrics(c)["flexkv_requests_waiting"] == 1, what="1 waiting")
         r = c.post("/v1/completions", json={**body, "prompt": ["a", "b"]})
         assert r.status_code == 429, r.text
-        assert "no room for these 2 prompts" in r.json()["error"]["message"]
+        assert "no room for the 2 requests this one needs" in r.json()["error"]["message"]
         assert _metrics(c)["flexkv_requests_waiting"] == 1
     held.engine.start()
     first.join(60)

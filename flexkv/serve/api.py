@@ -16,7 +16,7 @@ a list of strings or of token-id lists, queued all or none, answered as one choi
 order, `usage` summed; as OpenAI's completions API takes them) / `messages` (roles system, developer,
 user, assistant; text content), `max_tokens` (`max_completion_tokens` too, for chat),
 `temperature`, `top_p`, `top_k` (extension; 0 or -1 = off), `seed`, `stop` (a string or up to
-16 strings), `n` (1 only), `stream`, `stream_options.include_usage`, `ignore_eos` (extension),
+16 strings), `n` (choices per prompt; with `seed` s, choice j samples with seed s + j), `stream`, `stream_options.include_usage`, `ignore_eos` (extension),
 `user` (ignored). OpenAI's other documented fields that this server does not implement
 (`logprobs`, `echo`, `best_of`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
 `suffix`, `tools`, ...) are accepted only at their neutral value (false / null / 0 / 1 / empty);
@@ -140,11 +140,12 @@ def _sse(obj) -> str:
 
 
 class _Prepared:
-    """A translated request: each prompt's ids and sampling parameters (one prompt, or a
-    completions request's batch: one choice each), the stop strings, the streaming options."""
+    """A translated request: each choice's prompt ids and sampling parameters (`n` choices per
+    prompt; one prompt, or a completions request's batch), the stop strings, the streaming
+    options."""
 
-    def __init__(self, ids: list, params: list, stops, stream, include_usage):
-        self.ids, self.params, self.stops = ids, params, stops
+    def __init__(self, ids: list, params: list, n: int, stops, stream, include_usage):
+        self.ids, self.params, self.n, self.stops = ids, params, n, stops
         self.stream, self.include_usage = stream, include_usage
 
 
@@ -265,20 +266,30 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             limit = min(limit, ctx - n_prompt)
         return max(1, limit)
 
-    def sampling(req: SamplingFields, max_tokens: int) -> SamplingParams:
+    def sampling(req: SamplingFields, max_tokens: int, choice: int) -> SamplingParams:
+        """Choice `choice` of the prompt: with a seed s it samples with seed s + choice (so the
+        choices differ, and each is reproducible)."""
+        seed = None if req.seed is None else (req.seed + choice) % 2**63
         return SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature),
-                              top_p=float(req.top_p), top_k=max(0, req.top_k), seed=req.seed,
+                              top_p=float(req.top_p), top_k=max(0, req.top_k), seed=seed,
                               ignore_eos=req.ignore_eos)
 
     def submit(prep: _Prepared, chat: bool) -> list:
-        """The request's handles, one per prompt (a batch is queued all or none)."""
+        """The request's handles, one per choice (several are queued all or none)."""
+        k, most = len(prep.ids), min(MAX_PROMPTS, engine.max_waiting)
+        if k > most:
+            what = f"{k} choices (n x prompts)" if prep.n > 1 else f"{k} prompts"
+            why = ("requests this server queues (--max-waiting)" if most == engine.max_waiting
+                   else "choices one request may ask for")
+            raise APIError(400, f"{what} in one request are more than the {most} {why}; send "
+                           "fewer at a time", param="n" if prep.n > 1 else "prompt")
         try:
-            if len(prep.ids) == 1:
+            if k == 1:
                 return [engine.submit(prep.ids[0], prep.params[0])]
             return engine.submit_many(prep.ids, prep.params)
         except QueueFull:
             counters["queue_full"] += 1
-            room = f" has no room for these {len(prep.ids)} prompts" if len(prep.ids) > 1 else " is full"
+            room = f" has no room for the {k} requests this one needs" if k > 1 else " is full"
             raise APIError(429, f"The server is busy: its waiting queue{room} (at most "
                            f"{engine.max_waiting} requests wait for a slot). Retry later.",
                            "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
@@ -301,9 +312,10 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             else:
                 ids = list(prompt)
             max_tokens = req.max_tokens if req.max_tokens is not None else min(16, engine_limit(len(ids)))
-            ids_list.append(ids)
-            params.append(sampling(req, max_tokens))
-        return _Prepared(ids_list, params, req.stop_list(), req.stream,
+            for j in range(req.n):          # OpenAI's order: prompt i's choices are i*n .. i*n+n-1
+                ids_list.append(ids)
+                params.append(sampling(req, max_tokens, j))
+        return _Prepared(ids_list, params, req.n, req.stop_list(), req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
 
     def prepare_chat(req: ChatCompletionRequest) -> _Prepared:
@@ -322,7 +334,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = engine_limit(len(ids))
-        return _Prepared([ids], [sampling(req, max_tokens)], req.stop_list(), req.stream,
+        return _Prepared([ids] * req.n, [sampling(req, max_tokens, j) for j in range(req.n)], req.n,
+                         req.stop_list(), req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
 
     def finish_reason(handle, text: IncrementalText) -> str:
@@ -379,7 +392,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
     def stream_response(prep: _Prepared, handles: list, rid: str, kind: str, created: int,
                         choice, first=None) -> StreamingResponse:
         """Server-sent events of one request: `choice(index, piece, reason)` makes an event's
-        choice (`first`, if given, is sent before any token); every event is the OpenAI envelope
+        choice (`first(index)`, if given, is each choice's first event, before any token); every event is the OpenAI envelope
         of `kind` ("text_completion" / "chat.completion.chunk"), with `usage` null in each and a
         last usage-only event when the request asked for usage. A batch's prompts stream
         interleaved, each event naming its choice's index; each choice ends with one event
@@ -406,7 +419,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             open_ = set(range(len(handles)))
             try:
                 if first is not None:
-                    yield _sse(event([first]))
+                    for i in range(len(handles)):
+                        yield _sse(event([first(i)]))
                 failed = False
                 while open_:
                     i, token_id = await tokens.get()
@@ -481,17 +495,20 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                 if reason is not None and not piece:
                     delta = {}
                 return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
-            first = choice(0, "", None, delta={"role": "assistant", "content": ""})
+            def first(i):
+                return choice(i, "", None, delta={"role": "assistant", "content": ""})
             return stream_response(prep, handles, rid, "chat.completion.chunk", t, choice, first=first)
-        text = IncrementalText(tok, prep.stops)
-        if not await run_blocking(request, handles, [text]):
+        texts = [IncrementalText(tok, prep.stops) for _ in handles]
+        if not await run_blocking(request, handles, texts):
             return Response(status_code=499)
-        reason = finish_reason(handles[0], text)
-        text.finish()
+        reasons = [finish_reason(h, text) for h, text in zip(handles, texts)]
+        for text in texts:
+            text.finish()
         return ChatCompletionResponse(id=rid, created=t, model=model_name,
-                                      usage=Usage(**usage(handles, [text])),
-                                      choices=[ChatChoice(message=AssistantMessage(content=text.text),
-                                                          finish_reason=reason)])
+                                      usage=Usage(**usage(handles, texts)),
+                                      choices=[ChatChoice(index=i, message=AssistantMessage(content=text.text),
+                                                          finish_reason=r)
+                                               for i, (text, r) in enumerate(zip(texts, reasons))])
 
     def card() -> ModelCard:
         return ModelCard(id=model_name, created=created, max_model_len=_context_len(engine))
@@ -560,6 +577,7 @@ def _clean_openapi(app: FastAPI, model_name: str, engine) -> None:
             comps = schema.get("components", {}).get("schemas", {})
             comps.pop("HTTPValidationError", None)
             comps.pop("ValidationError", None)
+            batch = min(MAX_PROMPTS, int(engine.max_waiting))   # choices (n x prompts) per request
             for comp, table in (("CompletionRequest", Neutral.COMPLETION),
                                 ("ChatCompletionRequest", Neutral.CHAT)):
                 props = comps.get(comp, {}).get("properties", {})
@@ -574,8 +592,7 @@ def _clean_openapi(app: FastAPI, model_name: str, engine) -> None:
                         props[name] = {"title": props[name].get("title", name), "enum": list(allowed),
                                        "description": "not implemented: only this neutral value"}
                 if "n" in props:
-                    props["n"]["maximum"] = 1
-                batch = min(MAX_PROMPTS, int(engine.max_waiting))
+                    props["n"]["maximum"] = batch
                 for branch in props.get("prompt", {}).get("anyOf", []):
                     if branch.get("type") == "string":
                         branch.update(minLength=1, maxLength=MAX_PROMPT_CHARS)

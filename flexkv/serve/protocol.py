@@ -11,7 +11,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_PROMPT_CHARS = 4_000_000     # a body bound before tokenizing; the token limit is the engine's
-MAX_PROMPTS = 256                # prompts in one completions request (also bounded by the queue)
+MAX_PROMPTS = 256                # prompts, and choices (n x prompts), in one request (the queue
+                                 # bounds them too)
 MAX_STOP = 16                    # stop strings per request
 MAX_STOP_CHARS = 1024
 
@@ -68,18 +69,12 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = Field(None, description=f"up to {MAX_STOP} stop strings; the "
                                          "text ends before the first one (not included)")
-    n: int = Field(1, ge=1, le=128, description="only 1 is supported")
+    n: int = Field(1, ge=1, le=MAX_PROMPTS, description="choices per prompt (each its own engine "
+                   "request; with `seed` s, choice j samples with seed s + j)")
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension: do not stop at the end-of-sequence token")
     user: str | None = Field(None, description="ignored")
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v):
-        if v != 1:
-            raise ValueError(f"only n=1 is supported by this server (one choice per request), got {v}")
-        return v
 
     @field_validator("stop")
     @classmethod
