@@ -408,6 +408,43 @@ def test_submit_many_queues_all_or_none(tiny64):
     assert handles[1].tokens == want[2][:3] and handles[1].finish_reason == "length"
 
 
+def test_logprobs_are_the_models_log_softmax(tiny64):
+    """`SamplingParams(logprobs=k)`: each emitted token's logprob and the k most likely tokens'
+    are the log-softmax of the logits `flexkv.generate` computes for that prompt alone (fp64,
+    exact), greedy or sampled (raw: before temperature); requests without it get none; the stop
+    token (not emitted) has no entry."""
+    V = tiny64.args.vocab_size
+    eng = Engine(tiny64, None, "h2o", budget=6, max_slots=3, max_new_tokens=8, max_prompt_tokens=40)
+    prompts = [random_prompt(9 + 4 * i, 10 + i, V) for i in range(3)]
+    params = [SamplingParams(max_tokens=6, logprobs=3),
+              SamplingParams(max_tokens=5, temperature=1.3, seed=5, logprobs=0),
+              SamplingParams(max_tokens=6)]
+    hs = eng.submit_many(prompts, params)
+    while eng.has_work():
+        eng.step()
+    assert hs[2].logprobs is None
+    for h, p, sp in zip(hs[:2], prompts, params):
+        out = flexkv.generate(tiny64, torch.tensor([p]), max_new_tokens=sp.max_tokens, policy="h2o",
+                              budget=6, forced_tokens=torch.tensor([h.tokens]), output_logits=True)
+        ref = torch.log_softmax(out.logits[0], dim=-1)                  # [N, V]
+        assert len(h.logprobs) == len(h.tokens) == sp.max_tokens
+        for i, (tok, (lp, top)) in enumerate(zip(h.tokens, h.logprobs)):
+            assert lp == pytest.approx(ref[i, tok].item(), abs=1e-12)
+            want = ref[i].topk(sp.logprobs)
+            assert [t for t, _ in top] == want.indices.tolist()
+            assert [v for _, v in top] == pytest.approx(want.values.tolist(), abs=1e-12)
+        if sp.temperature == 0:
+            assert all(top[0][0] == tok for tok, (_, top) in zip(h.tokens, h.logprobs))
+    greedy = eng.generate([prompts[0]], SamplingParams(max_tokens=6))[0]
+    h = eng.submit(prompts[0], SamplingParams(max_tokens=6, stop_token_ids=(greedy[3],), logprobs=1))
+    while eng.has_work():
+        eng.step()
+    cut = greedy.index(greedy[3])
+    assert h.tokens == greedy[:cut] and len(h.logprobs) == cut and h.finish_reason == "stop"
+    with pytest.raises(ValueError, match=r"logprobs must be None or an int in \[0, 20\]"):
+        eng.submit(prompts[0], SamplingParams(max_tokens=2, logprobs=21))
+
+
 def test_background_thread_async_iteration_and_cancel(tiny64):
     V = tiny64.args.vocab_size
     eng = Engine(tiny64, None, "h2o", budget=6, max_slots=2, max_new_tokens=10, max_prompt_tokens=40)

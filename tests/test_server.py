@@ -582,6 +582,96 @@ def test_n_choices_per_prompt(client, stream):
     assert _chat_choices(client, {**sampled, "messages": msgs, "n": 2}) == want
 
 
+def _reference_logprobs(model, ids, tokens):
+    """log-softmax of the logits flexkv.generate computes for `tokens` after `ids` (h2o@32)."""
+    import torch
+
+    import flexkv
+
+    out = flexkv.generate(model, torch.tensor([ids]), max_new_tokens=len(tokens), policy="h2o",
+                          budget=32, forced_tokens=torch.tensor([tokens]), output_logits=True)
+    return torch.log_softmax(out.logits[0].double(), dim=-1)
+
+
+def _merge_stream_logprobs(events, chat: bool):
+    """The logprobs objects of a streamed choice's events, concatenated."""
+    keys = ("content",) if chat else ("tokens", "token_logprobs", "top_logprobs", "text_offset")
+    out = {k: [] for k in keys}
+    for c in events[:-1]:
+        lp = c["choices"][0]["logprobs"]
+        if lp is not None:
+            for k in keys:
+                out[k] += lp[k]
+    return out
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_logprobs(client, model_tok, stream):
+    """Completions `logprobs=k` and chat `logprobs`/`top_logprobs`: one entry per generated
+    token, equal to the log-softmax of flexkv.generate's logits for that prompt alone; each
+    token's text is that token decoded alone (special tokens shown, a partial character as
+    U+FFFD, so on this random byte-level model they need not join into the text), offsets count
+    along them, the chosen token is among the completions' alternatives; streamed events carry
+    the same entries, split along the text."""
+    model, tok = model_tok
+    prompt = "The llama said"
+    ids = tok(prompt)["input_ids"]
+    body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True, "logprobs": 3}
+    if stream:
+        with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
+            events = _events(r)
+        text = "".join(c["choices"][0]["text"] for c in events[:-1])
+        lp = _merge_stream_logprobs(events, chat=False)
+    else:
+        choice = client.post("/v1/completions", json=body).json()["choices"][0]
+        text, lp = choice["text"], choice["logprobs"]
+    gen = _reference(model, ids, 10)
+    assert text == _decode(tok, gen)
+    ref = _reference_logprobs(model, ids, gen)
+    alone = [tok.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False) for t in gen]
+    assert lp["tokens"] == alone
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(10)]
+    for i, t in enumerate(gen):
+        assert lp["token_logprobs"][i] == pytest.approx(ref[i, t].item(), abs=1e-4)
+        want = {}
+        for v, j in zip(*ref[i].topk(3)):
+            want.setdefault(tok.decode([int(j)], skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False), float(v))
+        want.setdefault(alone[i], ref[i, t].item())
+        assert lp["top_logprobs"][i] == pytest.approx(want, abs=1e-4)
+    # chat: the chosen token's entry with its bytes, and its 2 most likely alternatives
+    msgs = [{"role": "user", "content": "hi"}]
+    chat = {"messages": msgs, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+            "logprobs": True, "top_logprobs": 2}
+    if stream:
+        with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as r:
+            events = _events(r)
+        content = "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1])
+        entries = _merge_stream_logprobs(events, chat=True)["content"]
+    else:
+        choice = client.post("/v1/chat/completions", json=chat).json()["choices"][0]
+        content, entries = choice["message"]["content"], choice["logprobs"]["content"]
+    cids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+               add_special_tokens=False)["input_ids"]
+    gen = _reference(model, cids, 6)
+    ref = _reference_logprobs(model, cids, gen)
+    assert [e["token"] for e in entries] == [
+        tok.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False) for t in gen]
+    assert content == _decode(tok, gen)
+    for i, (t, e) in enumerate(zip(gen, entries)):
+        assert e["logprob"] == pytest.approx(ref[i, t].item(), abs=1e-4)
+        assert e["bytes"] is None or bytes(e["bytes"]).decode("utf-8", "replace") == e["token"]
+        assert [a["logprob"] for a in e["top_logprobs"]] == pytest.approx(ref[i].topk(2).values.tolist(), abs=1e-4)
+        assert e["top_logprobs"][0]["token"] == e["token"]           # greedy: the most likely
+    # logprobs=0: the chosen token alone; a stop string: one entry per token consumed
+    r = client.post("/v1/completions", json={**body, "logprobs": 0, "stop": text[4:6]}).json()
+    lp, usage = r["choices"][0]["logprobs"], r["usage"]
+    assert len(lp["tokens"]) == usage["completion_tokens"] < 10
+    assert all(list(top) == [t] for t, top in zip(lp["tokens"], lp["top_logprobs"]))
+    # asked for nothing: null
+    assert client.post("/v1/completions", json={**body, "logprobs": None}).json()["choices"][0]["logprobs"] is None
+
+
 def test_16_concurrent_requests_equal_their_sequential_answers(client, main):
     bodies = []
     for i in range(16):
@@ -646,6 +736,13 @@ def test_openai_client(main, model_tok):
     assert [c.index for c in b.choices] == [0, 1] and b.choices[0].text == want
     assert b.choices[1].text == _decode(tok, _reference(model, tok("Bye")["input_ids"], 8))
     assert b.usage.completion_tokens == 16
+    lp = oc.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hello"}],
+                                    max_tokens=4, temperature=0, logprobs=True, top_logprobs=2,
+                                    extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert len(lp.content) == 4 and all(len(e.top_logprobs) == 2 for e in lp.content)
+    lp = oc.completions.create(model=NAME, prompt="Hello", max_tokens=4, temperature=0, logprobs=1,
+                               extra_body={"ignore_eos": True}).choices[0].logprobs
+    assert "".join(lp.tokens) == want[:len("".join(lp.tokens))] and len(lp.token_logprobs) == 4
     with pytest.raises(openai.BadRequestError) as e:
         oc.completions.create(model=NAME, prompt="Hello", max_tokens=-1)
     assert e.value.body["param"] == "max_tokens"
@@ -698,7 +795,9 @@ BAD = [
     ("stop-too-many", "c", {"prompt": "hi", "stop": [str(i) for i in range(17)]}, 400, "stop"),
     ("stop-wrong-type", "c", {"prompt": "hi", "stop": 3}, 400, "stop"),
     ("unknown-field", "c", {"prompt": "hi", "foo": 1}, 400, "foo"),
-    ("logprobs-unsupported", "c", {"prompt": "hi", "logprobs": 2}, 400, "logprobs"),
+    ("logprobs-over", "c", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
+    ("logprobs-negative", "c", {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
+    ("logprobs-bool", "c", {"prompt": "hi", "logprobs": True}, 400, "logprobs"),
     ("echo-unsupported", "c", {"prompt": "hi", "echo": True}, 400, "echo"),
     ("best-of-unsupported", "c", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
     ("penalty-unsupported", "c", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
@@ -716,7 +815,11 @@ BAD = [
     ("chat-n-over-the-queue", "chat", {"messages": [{"role": "user", "content": "hi"}], "n": 40}, 400, "n"),
     ("chat-tools", "chat", {"messages": [{"role": "user", "content": "hi"}],
                             "tools": [{"type": "function"}]}, 400, "tools"),
-    ("chat-logprobs", "chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, 400, "logprobs"),
+    ("chat-logprobs-int", "chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": 2}, 400, "logprobs"),
+    ("chat-top-logprobs-alone", "chat", {"messages": [{"role": "user", "content": "hi"}],
+                                         "top_logprobs": 2}, 400, "top_logprobs"),
+    ("chat-top-logprobs-over", "chat", {"messages": [{"role": "user", "content": "hi"}],
+                                        "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs"),
 ]
 
 

@@ -13,12 +13,15 @@ Endpoints: `POST /v1/completions`, `POST /v1/chat/completions` (both with `strea
 Request fields. Supported: `model` (optional; if given it must be the served name), `prompt`
 (a non-empty string or a non-empty list of token ids, or a batch of up to 256 such prompts:
 a list of strings or of token-id lists, queued all or none, answered as one choice each in
-order, `usage` summed; as OpenAI's completions API takes them) / `messages` (roles system, developer,
-user, assistant; text content), `max_tokens` (`max_completion_tokens` too, for chat),
-`temperature`, `top_p`, `top_k` (extension; 0 or -1 = off), `seed`, `stop` (a string or up to
-16 strings), `n` (choices per prompt; with `seed` s, choice j samples with seed s + j), `stream`, `stream_options.include_usage`, `ignore_eos` (extension),
-`user` (ignored). OpenAI's other documented fields that this server does not implement
-(`logprobs`, `echo`, `best_of`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
+order, `usage` summed; as OpenAI's completions API takes them) / `messages` (roles system,
+developer, user, assistant; text content), `max_tokens` (`max_completion_tokens` too, for
+chat), `temperature`, `top_p`, `top_k` (extension; 0 or -1 = off), `seed`, `stop` (a string or
+up to 16 strings), `n` (choices per prompt; with `seed` s, choice j samples with seed s + j),
+`logprobs` (completions: an int k in [0, 20]; chat: true, with `top_logprobs` k: each
+generated token's logprob and the k most likely tokens', from the model's distribution before
+temperature, top-k and top-p, as vLLM reports by default), `stream`,
+`stream_options.include_usage`, `ignore_eos` (extension), `user` (ignored). OpenAI's other
+documented fields that this server does not implement (`echo`, `best_of`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
 `suffix`, `tools`, ...) are accepted only at their neutral value (false / null / 0 / 1 / empty);
 any other value is a 400 that names the field. Unknown fields are a 400
 ("Unrecognized request argument supplied: ..."), as OpenAI's API answers them.
@@ -45,7 +48,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flexkv.serve import QueueFull, SamplingParams
-from flexkv.serve.detokenize import IncrementalText
+from flexkv.serve.detokenize import IncrementalText, TokenPieces
 from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest,
                                    ChatCompletionResponse, ChatMessage, CompletionChoice,
                                    CompletionRequest, CompletionResponse, ErrorResponse,
@@ -204,6 +207,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
     With `start_engine` (default) the app's lifespan runs `engine.start()` at startup and
     `engine.shutdown()` at shutdown."""
     tok = engine.tokenizer
+    pieces = TokenPieces(tok)
     created = _now()
     counters = {"queue_full": 0, "disconnects": 0}
 
@@ -266,13 +270,37 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             limit = min(limit, ctx - n_prompt)
         return max(1, limit)
 
-    def sampling(req: SamplingFields, max_tokens: int, choice: int) -> SamplingParams:
+    def sampling(req: SamplingFields, max_tokens: int, choice: int, logprobs: int | None) -> SamplingParams:
         """Choice `choice` of the prompt: with a seed s it samples with seed s + choice (so the
         choices differ, and each is reproducible)."""
         seed = None if req.seed is None else (req.seed + choice) % 2**63
         return SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature),
                               top_p=float(req.top_p), top_k=max(0, req.top_k), seed=seed,
-                              ignore_eos=req.ignore_eos)
+                              ignore_eos=req.ignore_eos, logprobs=logprobs)
+
+    def logprobs_json(chat: bool, ids: list, entries: list, offset: int) -> tuple[dict, int]:
+        """OpenAI's logprobs object for tokens `ids` with their engine entries (logprob, top
+        alternatives); completions also give each token's offset in the text, from `offset`
+        (returned advanced past these tokens)."""
+        if chat:
+            return {"content": [
+                {"token": pieces.text(t), "logprob": lp, "bytes": pieces.bytes(t),
+                 "top_logprobs": [{"token": pieces.text(i), "logprob": v, "bytes": pieces.bytes(i)}
+                                  for i, v in top]}
+                for t, (lp, top) in zip(ids, entries)]}, offset
+        out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t, (lp, top) in zip(ids, entries):
+            s = pieces.text(t)
+            alternatives = {}                  # keyed by text: of tokens with the same text,
+            for i, v in top:                   # the most likely one's
+                alternatives.setdefault(pieces.text(i), v)
+            alternatives.setdefault(s, lp)     # the chosen token's too: up to k + 1 entries
+            out["tokens"].append(s)
+            out["token_logprobs"].append(lp)
+            out["top_logprobs"].append(alternatives)
+            out["text_offset"].append(offset)
+            offset += len(s)
+        return out, offset
 
     def submit(prep: _Prepared, chat: bool) -> list:
         """The request's handles, one per choice (several are queued all or none)."""
@@ -314,7 +342,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             max_tokens = req.max_tokens if req.max_tokens is not None else min(16, engine_limit(len(ids)))
             for j in range(req.n):          # OpenAI's order: prompt i's choices are i*n .. i*n+n-1
                 ids_list.append(ids)
-                params.append(sampling(req, max_tokens, j))
+                params.append(sampling(req, max_tokens, j, req.logprobs))
         return _Prepared(ids_list, params, req.n, req.stop_list(), req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
 
@@ -334,7 +362,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = engine_limit(len(ids))
-        return _Prepared([ids] * req.n, [sampling(req, max_tokens, j) for j in range(req.n)], req.n,
+        k = (req.top_logprobs or 0) if req.logprobs else None
+        return _Prepared([ids] * req.n, [sampling(req, max_tokens, j, k) for j in range(req.n)], req.n,
                          req.stop_list(), req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
 
@@ -354,6 +383,13 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         prompt = sum(int(h.prompt_tokens) for h in handles)
         n = sum(t.n_tokens for t in texts)
         return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+
+    def final_logprobs(chat: bool, handle, text: IncrementalText):
+        """A whole choice's logprobs: one entry per token its text consumed (None: not asked)."""
+        if handle.logprobs is None:
+            return None
+        n = text.n_tokens
+        return logprobs_json(chat, text.ids, handle.logprobs[:n], 0)[0]
 
     async def consume(handle, text: IncrementalText):
         """Feed the handle's tokens through the detokenizer until it ends or a stop string."""
@@ -398,6 +434,18 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         interleaved, each event naming its choice's index; each choice ends with one event
         carrying its finish reason."""
         texts = [IncrementalText(tok, prep.stops) for _ in handles]
+        chat = kind == "chat.completion.chunk"
+        lp_sent, lp_offset = [0] * len(handles), [0] * len(handles)
+
+        def new_logprobs(i: int):
+            """Choice i's logprobs for the tokens consumed since its last event (None: not asked)."""
+            if handles[i].logprobs is None:
+                return None
+            a, b = lp_sent[i], texts[i].n_tokens
+            lp_sent[i] = b
+            obj, lp_offset[i] = logprobs_json(chat, texts[i].ids[a:b], handles[i].logprobs[a:b],
+                                              lp_offset[i])
+            return obj
 
         def event(choices: list, usage_obj=None) -> dict:
             obj = {"id": rid, "object": kind, "created": created, "model": model_name,
@@ -430,7 +478,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                     if token_id is not None:
                         piece = text.add(token_id)
                         if piece:
-                            yield _sse(event([choice(i, piece, None)]))
+                            yield _sse(event([choice(i, piece, None, new_logprobs(i))]))
                         if not text.stopped:
                             continue
                         handles[i].cancel()
@@ -443,7 +491,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                                               "code": e.code}})
                         failed = True
                         break
-                    yield _sse(event([choice(i, text.finish(), reason)]))
+                    yield _sse(event([choice(i, text.finish(), reason, new_logprobs(i))]))
                 if prep.include_usage and not failed:
                     yield _sse(event([], usage(handles, texts)))
                 yield "data: [DONE]\n\n"
@@ -468,8 +516,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         handles = submit(prep, chat=False)
         rid, t = f"cmpl-{handles[0].request_id}", _now()
         if prep.stream:
-            def choice(i, piece, reason):
-                return {"index": i, "text": piece, "logprobs": None, "finish_reason": reason}
+            def choice(i, piece, reason, logprobs=None):
+                return {"index": i, "text": piece, "logprobs": logprobs, "finish_reason": reason}
             return stream_response(prep, handles, rid, "text_completion", t, choice)
         texts = [IncrementalText(tok, prep.stops) for _ in handles]
         if not await run_blocking(request, handles, texts):
@@ -479,8 +527,9 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             text.finish()
         return CompletionResponse(id=rid, created=t, model=model_name,
                                   usage=Usage(**usage(handles, texts)),
-                                  choices=[CompletionChoice(index=i, text=text.text, finish_reason=r)
-                                           for i, (text, r) in enumerate(zip(texts, reasons))])
+                                  choices=[CompletionChoice(index=i, text=text.text, finish_reason=r,
+                                                            logprobs=final_logprobs(False, h, text))
+                                           for i, (h, text, r) in enumerate(zip(handles, texts, reasons))])
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={
         **post_errors, 200: {"content": {"text/event-stream": {}},
@@ -490,11 +539,11 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         handles = submit(prep, chat=True)
         rid, t = f"chatcmpl-{handles[0].request_id}", _now()
         if prep.stream:
-            def choice(i, piece, reason, delta=None):
+            def choice(i, piece, reason, logprobs=None, delta=None):
                 delta = {"content": piece} if delta is None else delta
                 if reason is not None and not piece:
                     delta = {}
-                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": reason}
+                return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             def first(i):
                 return choice(i, "", None, delta={"role": "assistant", "content": ""})
             return stream_response(prep, handles, rid, "chat.completion.chunk", t, choice, first=first)
@@ -507,8 +556,9 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         return ChatCompletionResponse(id=rid, created=t, model=model_name,
                                       usage=Usage(**usage(handles, texts)),
                                       choices=[ChatChoice(index=i, message=AssistantMessage(content=text.text),
-                                                          finish_reason=r)
-                                               for i, (text, r) in enumerate(zip(texts, reasons))])
+                                                          finish_reason=r,
+                                                          logprobs=final_logprobs(True, h, text))
+                                               for i, (h, text, r) in enumerate(zip(handles, texts, reasons))])
 
     def card() -> ModelCard:
         return ModelCard(id=model_name, created=created, max_model_len=_context_len(engine))

@@ -74,3 +74,60 @@ class IncrementalText:
     @property
     def n_tokens(self) -> int:
         return len(self.ids)
+
+
+class TokenPieces:
+    """Each token id's own text and bytes, for logprobs (cached per id). The text is the id
+    decoded alone (a SentencePiece word-initial "▁" kept as a space); the bytes are the token's
+    exact bytes where the tokenizer says them (byte-level BPE, `<0xNN>` byte fallback), else
+    the text's UTF-8, or None for a text that is only part of a character."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self._text: dict[int, str] = {}
+        self._bytes: dict[int, list[int] | None] = {}
+        self._byte_of = _byte_level_decoder()
+
+    def text(self, token_id: int) -> str:
+        s = self._text.get(token_id)
+        if s is None:
+            s = self.tok.decode([token_id], skip_special_tokens=False,
+                                clean_up_tokenization_spaces=False)
+            piece = self.tok.convert_ids_to_tokens(token_id)
+            if isinstance(piece, str) and piece.startswith("\u2581") and not s.startswith(" "):
+                s = " " + s
+            self._text[token_id] = s
+        return s
+
+    def bytes(self, token_id: int) -> list[int] | None:
+        if token_id in self._bytes:
+            return self._bytes[token_id]
+        text, piece = self.text(token_id), self.tok.convert_ids_to_tokens(token_id)
+        out = None
+        if isinstance(piece, str) and len(piece) == 6 and piece.startswith("<0x") and piece.endswith(">"):
+            try:
+                out = [int(piece[3:5], 16)]
+            except ValueError:
+                out = None
+        if out is None and isinstance(piece, str) and piece and all(c in self._byte_of for c in piece):
+            raw = bytes(self._byte_of[c] for c in piece)
+            if raw.decode("utf-8", errors="replace") == text:   # the tokenizer is byte-level
+                out = list(raw)
+        if out is None and "\ufffd" not in text:
+            out = list(text.encode("utf-8"))
+        self._bytes[token_id] = out
+        return out
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet: printable character -> the byte it stands for."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\u00a1"), ord("\u00ac") + 1)) \
+        + list(range(ord("\u00ae"), ord("\u00ff") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars

@@ -190,6 +190,7 @@ class Engine:
         self._decoding: set[int] = set()      # slots whose request is decoding
         self._sampling: set[int] = set()      # decoding slots with temperature > 0 (host-side,
         self._sampling_rows: Tensor | None = None  # so an all-greedy step is one argmax)
+        self._logprob_slots: set[int] = set()  # decoding slots whose request wants logprobs
         self._prefilling: deque[int] = deque()  # slots whose prompt is being prefilled, oldest first
         self._waiting: deque[_Running] = deque()
         self._lock = threading.Lock()
@@ -503,8 +504,25 @@ class Engine:
             self._sampling.add(slot)
             self._sampling_rows = None
         self._active[slot] = True
-        self._deliver({slot: int(first[0])})
+        lp = None
+        if p.logprobs is not None:
+            self._logprob_slots.add(slot)
+            lp = self._logprobs(logits, first, [slot], [0])
+        self._deliver({slot: int(first[0])}, lp)
         return True
+
+    def _logprobs(self, logits: Tensor, tokens: Tensor, slots: list[int], rows: list[int]) -> dict:
+        """slot -> (its token's logprob, [(token id, logprob)] of its request's k most likely),
+        from `logits[rows]` and `tokens[rows]`: the model's distribution (log-softmax of the
+        logits, before temperature, top-k and top-p), as vLLM reports by default."""
+        idx = torch.tensor(rows, device=logits.device)
+        lp = torch.log_softmax(logits[idx].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+        chosen = lp.gather(-1, tokens[idx][:, None])[:, 0].tolist()
+        ks = [self._slots[s].handle.params.logprobs for s in slots]
+        top_v, top_i = lp.topk(max(ks), dim=-1)
+        top_v, top_i = top_v.tolist(), top_i.tolist()
+        return {s: (chosen[j], list(zip(top_i[j][:k], top_v[j][:k])))
+                for j, (s, k) in enumerate(zip(slots, ks))}
 
     def _sample(self, logits: Tensor, rows: Tensor) -> Tensor:
         """The tokens of slots `rows` from their logits [len(rows), V]: `sample_slots` gives each
@@ -527,10 +545,15 @@ class Engine:
         self._pos.add_(self._active[:, None].long())
         self._steps.add_(self._active.long())
         new = nxt.tolist()
-        self._deliver({s: new[s] for s in sorted(self._decoding)})
+        lp = None
+        if self._logprob_slots:
+            slots = sorted(self._logprob_slots)
+            lp = self._logprobs(logits, nxt, slots, slots)
+        self._deliver({s: new[s] for s in sorted(self._decoding)}, lp)
 
-    def _deliver(self, tokens: dict[int, int]) -> None:
-        """Hand each slot's new token to its request; finish the ones that are done."""
+    def _deliver(self, tokens: dict[int, int], logprobs: dict | None = None) -> None:
+        """Hand each slot's new token (and its logprobs, for the requests that asked) to its
+        request; finish the ones that are done."""
         for slot, tok in tokens.items():
             req = self._slots[slot]
             h = req.handle
@@ -538,7 +561,7 @@ class Engine:
                 h._finish("stop")
                 self._free(slot)
                 continue
-            h._emit(tok)
+            h._emit(tok, None if logprobs is None else logprobs.get(slot))
             req.generated += 1
             self._counters["tokens_generated_total"] += 1
             if req.generated >= h.params.max_tokens:
@@ -554,6 +577,7 @@ class Engine:
             if slot in self._sampling:
                 self._sampling.discard(slot)
                 self._sampling_rows = None
+            self._logprob_slots.discard(slot)
             if slot in self._prefilling:
                 self._prefilling.remove(slot)
             if req is not None:

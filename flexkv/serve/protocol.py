@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flexkv.serve.request import MAX_LOGPROBS
+
 MAX_PROMPT_CHARS = 4_000_000     # a body bound before tokenizing; the token limit is the engine's
 MAX_PROMPTS = 256                # prompts, and choices (n x prompts), in one request (the queue
                                  # bounds them too)
@@ -24,11 +26,10 @@ _STRICT = ConfigDict(strict=True, extra="forbid")
 class Neutral:
     """OpenAI fields this server does not implement: accepted only at these (neutral) values."""
 
-    COMPLETION = {"echo": (None, False), "logprobs": (None,), "best_of": (None, 1),
+    COMPLETION = {"echo": (None, False), "best_of": (None, 1),
                   "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
                   "logit_bias": (None, {}), "suffix": (None, "")}
-    CHAT = {"logprobs": (None, False), "top_logprobs": (None, 0),
-            "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
+    CHAT = {"presence_penalty": (None, 0), "frequency_penalty": (None, 0),
             "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
             "parallel_tool_calls": (None, True, False), "functions": (None, []),
             "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
@@ -106,8 +107,10 @@ class CompletionRequest(SamplingFields):
         f"prompts (a list of strings or of token-id lists, at most {MAX_PROMPTS}), one choice each")
     max_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="default 16 (at most the "
                                    "server's --max-new-tokens)")
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="each token's "
+                                 "logprob and the k most likely tokens' (the model's distribution, "
+                                 "before temperature, top-k and top-p)")
     echo: bool | None = None
-    logprobs: int | None = None
     best_of: int | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
@@ -172,8 +175,10 @@ class ChatCompletionRequest(SamplingFields):
                                    "(at most the server's --max-new-tokens)")
     max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1,
                                               description="OpenAI's newer name of max_tokens")
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
+    logprobs: bool | None = Field(None, description="each token's logprob (the model's "
+                                  "distribution, before temperature, top-k and top-p)")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the k most likely "
+                                     "tokens' logprobs at each token; needs logprobs=true")
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -187,6 +192,13 @@ class ChatCompletionRequest(SamplingFields):
     store: bool | None = None
     service_tier: str | None = None
     metadata: dict[str, str] | None = Field(None, description="ignored")
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_needs_logprobs(cls, v, info):
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs=true")
+        return v
 
     @field_validator("messages")
     @classmethod
@@ -220,10 +232,33 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """The completions API's logprobs: per token its text, logprob, the most likely tokens'
+    logprobs (the chosen token's included, so up to k + 1 entries) and its offset in the text."""
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 
@@ -245,7 +280,7 @@ class AssistantMessage(BaseModel):
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None
     finish_reason: Literal["stop", "length"] | None
 
 

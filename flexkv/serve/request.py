@@ -8,6 +8,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+MAX_LOGPROBS = 20     # the most likely alternatives a request may ask for at each token
+
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
@@ -23,6 +25,9 @@ class SamplingParams:
     seed: int | None = None              # None: a random seed per request
     stop_token_ids: tuple[int, ...] = ()  # besides the tokenizer's / model's eos ids
     ignore_eos: bool = False
+    # None: none; k: each token's log-probability and the k most likely tokens' (the model's
+    # distribution: log-softmax of the logits, before temperature, top-k and top-p)
+    logprobs: int | None = None
 
     def validate(self, max_new_tokens: int, vocab_size: int) -> None:
         if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= max_new_tokens:
@@ -44,6 +49,9 @@ class SamplingParams:
                              f"got {ids!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
+        k = self.logprobs
+        if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {k!r}")
 
 
 class QueueFull(RuntimeError):
@@ -53,7 +61,9 @@ class QueueFull(RuntimeError):
 class RequestHandle:
     """One request's stream of token ids. Iterate it (`for` or `async for`) to receive tokens as
     they are generated; `finish_reason` is set when it ends ("stop": a stop token, which is not
-    included; "length": `max_tokens` reached; "cancelled"; "error"). Thread-safe."""
+    included; "length": `max_tokens` reached; "cancelled"; "error"). Thread-safe.
+    With `params.logprobs` set, `logprobs[i]` is token i's `(logprob, [(token id, logprob), ...])`
+    (the k most likely first), there as soon as the token is."""
 
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams):
         self.request_id = request_id
@@ -61,6 +71,7 @@ class RequestHandle:
         self.prompt_tokens = len(prompt)
         self.params = params
         self.tokens: list[int] = []
+        self.logprobs: list | None = [] if params.logprobs is not None else None
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.submitted_at = time.perf_counter()
@@ -80,10 +91,12 @@ class RequestHandle:
             except RuntimeError:  # that event loop is closed
                 pass
 
-    def _emit(self, token: int) -> None:
+    def _emit(self, token: int, logprob=None) -> None:
         with self._cond:
             if self.first_token_at is None:
                 self.first_token_at = time.perf_counter()
+            if self.logprobs is not None:
+                self.logprobs.append(logprob)
             self.tokens.append(token)
             self._notify()
 
