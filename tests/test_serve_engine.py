@@ -507,3 +507,14 @@ def test_cuda_graph_state_in_the_engine_thread():
     assert not errors, errors
     assert got[0] is got[1]
     assert trees.get_container(0) is not got[0]  # the thread's own, not the main thread's
+
+
+def test_histogram_buckets_are_cumulative_and_inclusive():
+    from flexkv.serve.stats import Histogram
+
+    h = Histogram((0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 1.0, 3.0):          # a value on a bound counts in that bucket
+        h.observe(v)
+    snap = h.snapshot()
+    assert snap["buckets"] == [(0.1, 2), (1.0, 4), ("+Inf", 5)]
+    assert snap["count"] == 5 and snap["sum"] == pytest.approx(4.65)

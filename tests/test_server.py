@@ -235,15 +235,21 @@ def _decode(tok, ids):
     return tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
 
-def _metrics(client) -> dict:
+def _metrics(client, buckets: dict | None = None) -> dict:
+    """/metrics -> {sample name: value}; a histogram's bucket lines go to `buckets` (name ->
+    [(le, count)] in order), if given."""
     r = client.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
     out = {}
     for line in r.text.splitlines():
         if line and not line.startswith("#"):
-            m = re.fullmatch(r'([a-z_]+)\{model="[^"]*"\} (\S+)', line)
+            m = re.fullmatch(r'([a-z0-9_]+)\{model="[^"]*"(?:,le="([^"]+)")?\} (\S+)', line)
             assert m, line
-            out[m.group(1)] = float(m.group(2))
+            name, le, value = m.groups()
+            if le is None:
+                out[name] = float(value)
+            elif buckets is not None:
+                buckets.setdefault(name, []).append((float(le), float(value)))
     return out
 
 
@@ -363,6 +369,34 @@ def test_models_health_metrics(client, main):
     assert "# TYPE flexkv_generation_tokens_total counter" in text
     assert "# TYPE flexkv_kv_bytes_held gauge" in text
     assert "# TYPE flexkv_prefill_seconds_total counter" in text
+
+
+def test_latency_histograms(client, main):
+    """Prometheus histograms of time to first token, time per output token and end-to-end
+    latency: cumulative buckets ending at +Inf = count, one observation per request that
+    finished normally, sums that match what the client saw."""
+    names = ("flexkv_time_to_first_token_seconds", "flexkv_time_per_output_token_seconds",
+             "flexkv_e2e_request_latency_seconds")
+    text = client.get("/metrics").text
+    for n in names:
+        assert f"# TYPE {n} histogram" in text
+    before = _metrics(client)
+    t0 = time.perf_counter()
+    _ask(client, {"prompt": "time me", "max_tokens": 8, "temperature": 0, "ignore_eos": True})
+    wall = time.perf_counter() - t0
+    buckets = {}
+    after = _metrics(client, buckets)
+    for n in names:
+        b = buckets[f"{n}_bucket"]
+        les, counts = [le for le, _ in b], [c for _, c in b]
+        assert les == sorted(les) and les[-1] == float("inf")
+        assert counts == sorted(counts) and counts[-1] == after[f"{n}_count"]
+        assert after[f"{n}_count"] == before[f"{n}_count"] + 1
+    e2e = after["flexkv_e2e_request_latency_seconds_sum"] - before["flexkv_e2e_request_latency_seconds_sum"]
+    ttft = after["flexkv_time_to_first_token_seconds_sum"] - before["flexkv_time_to_first_token_seconds_sum"]
+    tpot = (after["flexkv_time_per_output_token_seconds_sum"]
+            - before["flexkv_time_per_output_token_seconds_sum"])
+    assert 0 < ttft < e2e <= wall and e2e == pytest.approx(ttft + 7 * tpot, rel=1e-6)
 
 
 def test_completion_equals_generate(client, main, model_tok):

@@ -195,6 +195,15 @@ def _metric_lines(engine, model_name: str, http_counters: dict) -> str:
         if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
             emit(f"flexkv_{key}", "counter" if key.endswith("_total") else "gauge",
                  f"engine metric {key}", value)
+    histograms = getattr(engine, "latency_histograms", None)
+    for key, (help_, h) in sorted((histograms() if histograms else {}).items()):
+        name = f"flexkv_{key}"
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} histogram")
+        for le, n in h["buckets"]:
+            out.append(f'{name}_bucket{label[:-1]},le="{le if le == "+Inf" else repr(float(le))}"}} {n}')
+        out.append(f"{name}_sum{label} {repr(float(h['sum']))}")
+        out.append(f"{name}_count{label} {h['count']}")
     emit("flexkv_http_rejected_queue_full_total", "counter",
          "requests refused with 429 because the waiting queue was full", http_counters["queue_full"])
     emit("flexkv_http_client_disconnects_total", "counter",

@@ -50,6 +50,7 @@ from flexkv.generate import (Prefill, compiled_decode, compiled_prefill, cuda_gr
 from flexkv.policies import make_policy
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
 from flexkv.serve.sampling import sample_slots
+from flexkv.serve.stats import RequestLatency
 
 @dataclass
 class _Plan:
@@ -191,6 +192,7 @@ class Engine:
         self._sampling: set[int] = set()      # decoding slots with temperature > 0 (host-side,
         self._sampling_rows: Tensor | None = None  # so an all-greedy step is one argmax)
         self._logprob_slots: set[int] = set()  # decoding slots whose request wants logprobs
+        self._latency = RequestLatency()
         self._prefilling: deque[int] = deque()  # slots whose prompt is being prefilled, oldest first
         self._waiting: deque[_Running] = deque()
         self._lock = threading.Lock()
@@ -284,6 +286,12 @@ class Engine:
                        kv_bytes_allocated=self.cache.kv_bytes(),
                        kv_bytes_held=used * self.slot_kv_bytes, **self._counters)
         return out
+
+    def latency_histograms(self) -> dict:
+        """Time to first token, time per output token and end-to-end latency of the requests
+        that finished normally (stop token or `max_tokens`), as histograms: name -> (help,
+        {"buckets": [(upper bound s, cumulative count)], "sum", "count"}) (`flexkv.serve.stats`)."""
+        return self._latency.snapshot()
 
     # ------------------------------------------------------------------ validation / queueing
     def _check(self, prompt, params: SamplingParams) -> list[int]:
@@ -559,6 +567,7 @@ class Engine:
             h = req.handle
             if tok in req.stop_ids:
                 h._finish("stop")
+                self._latency.finished(h)
                 self._free(slot)
                 continue
             h._emit(tok, None if logprobs is None else logprobs.get(slot))
@@ -566,6 +575,7 @@ class Engine:
             self._counters["tokens_generated_total"] += 1
             if req.generated >= h.params.max_tokens:
                 h._finish("length")
+                self._latency.finished(h)
                 self._free(slot)
 
     def _free(self, slot: int) -> None:
