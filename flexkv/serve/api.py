@@ -21,9 +21,9 @@ up to 16 strings), `n` (choices per prompt; with `seed` s, choice j samples with
 generated token's logprob and the k most likely tokens', from the model's distribution before
 temperature, top-k and top-p, as vLLM reports by default), `stream`,
 `stream_options.include_usage`, `ignore_eos` (extension), `user` (ignored). OpenAI's other
-documented fields that this server does not implement (`echo`, `best_of`, `presence_penalty`, `frequency_penalty`, `logit_bias`,
-`suffix`, `tools`, ...) are accepted only at their neutral value (false / null / 0 / 1 / empty);
-any other value is a 400 that names the field. Unknown fields are a 400
+documented fields that this server does not implement (`echo`, `best_of`, `presence_penalty`,
+`frequency_penalty`, `logit_bias`, `suffix`, `tools`, ...) are accepted only at their neutral
+value (false / null / 0 / 1 / empty); any other value is a 400 that names the field. Unknown fields are a 400
 ("Unrecognized request argument supplied: ..."), as OpenAI's API answers them.
 
 Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. Invalid requests
@@ -53,8 +53,8 @@ from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionR
                                    ChatCompletionResponse, ChatMessage, CompletionChoice,
                                    CompletionRequest, CompletionResponse, ErrorResponse,
                                    Health, ModelCard, ModelList, StreamOptions, TextPart,
-                                   Usage, Neutral, SamplingFields, MAX_PROMPT_CHARS, MAX_PROMPTS, MAX_STOP,
-                                   MAX_STOP_CHARS)
+                                   Usage, Neutral, SamplingFields, MAX_PROMPT_CHARS, MAX_PROMPTS,
+                                   MAX_STOP, MAX_STOP_CHARS)
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -436,12 +436,12 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
 
     def stream_response(prep: _Prepared, handles: list, rid: str, kind: str, created: int,
                         choice, first=None) -> StreamingResponse:
-        """Server-sent events of one request: `choice(index, piece, reason)` makes an event's
-        choice (`first(index)`, if given, is each choice's first event, before any token); every event is the OpenAI envelope
-        of `kind` ("text_completion" / "chat.completion.chunk"), with `usage` null in each and a
-        last usage-only event when the request asked for usage. A batch's prompts stream
-        interleaved, each event naming its choice's index; each choice ends with one event
-        carrying its finish reason."""
+        """Server-sent events of one request: `choice(index, piece, reason, logprobs)` makes an
+        event's choice (`first(index)`, if given, is each choice's first event, before any
+        token); every event is the OpenAI envelope of `kind` ("text_completion" /
+        "chat.completion.chunk"), with `usage` null in each and a last usage-only event when the
+        request asked for usage. Several choices (a batch, `n`) stream interleaved, each event
+        naming its choice's index; each choice ends with one event carrying its finish reason."""
         texts = [IncrementalText(tok, prep.stops) for _ in handles]
         chat = kind == "chat.completion.chunk"
         lp_sent, lp_offset = [0] * len(handles), [0] * len(handles)
