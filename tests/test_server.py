@@ -420,6 +420,19 @@ def test_completion_equals_generate(client, main, model_tok):
     assert text2 == text and usage2 == usage
 
 
+def test_stop_token_ids_end_the_text(client, model_tok):
+    model, tok = model_tok
+    ids = tok("Stop at a token:")["input_ids"]
+    ref = _reference(model, ids, MAIN_MAX_NEW)
+    stop = ref[4]
+    cut = ref.index(stop)
+    for stream in (False, True):
+        text, reason, usage = _ask(client, {"prompt": ids, "max_tokens": MAIN_MAX_NEW, "temperature": 0,
+                                            "ignore_eos": True, "stop_token_ids": [stop], "stream": stream})
+        assert (text, reason) == (_decode(tok, ref[:cut]), "stop")
+    assert usage is None or usage["completion_tokens"] == cut
+
+
 def test_eos_stops_with_finish_reason_stop(client, model_tok):
     """Without ignore_eos the engine stops at the tokenizer's eos ("</s>"): find a prompt whose
     greedy answer contains it, and check the text ends right before it."""
@@ -828,6 +841,9 @@ BAD = [
     ("stop-empty", "c", {"prompt": "hi", "stop": ""}, 400, "stop"),
     ("stop-too-many", "c", {"prompt": "hi", "stop": [str(i) for i in range(17)]}, 400, "stop"),
     ("stop-wrong-type", "c", {"prompt": "hi", "stop": 3}, 400, "stop"),
+    ("stop-token-ids-out-of-vocab", "c", {"prompt": "hi", "stop_token_ids": [VOCAB]}, 400, "stop_token_ids"),
+    ("stop-token-ids-too-many", "c", {"prompt": "hi", "stop_token_ids": list(range(17))}, 400, "stop_token_ids"),
+    ("stop-token-ids-string", "c", {"prompt": "hi", "stop_token_ids": ["a"]}, 400, "stop_token_ids"),
     ("unknown-field", "c", {"prompt": "hi", "foo": 1}, 400, "foo"),
     ("logprobs-over", "c", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ("logprobs-negative", "c", {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),

@@ -17,6 +17,7 @@ order, `usage` summed; as OpenAI's completions API takes them) / `messages` (rol
 developer, user, assistant; text content), `max_tokens` (`max_completion_tokens` too, for
 chat), `temperature`, `top_p`, `top_k` (extension; 0 or -1 = off), `seed`, `stop` (a string or
 up to 16 strings), `n` (choices per prompt; with `seed` s, choice j samples with seed s + j),
+`stop_token_ids` (extension, as vLLM's: token ids that end the text, not included),
 `logprobs` (completions: an int k in [0, 20]; chat: true, with `top_logprobs` k: each
 generated token's logprob and the k most likely tokens', from the model's distribution before
 temperature, top-k and top-p, as vLLM reports by default), `stream`,
@@ -123,7 +124,8 @@ def _validation_message(errors) -> tuple[str, str | None]:
     return "; ".join(seen) or "invalid request", param
 
 
-_ENGINE_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "prompt", "n")
+_ENGINE_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "prompt", "n",
+                  "stop_token_ids", "logprobs")
 
 
 def _engine_error_param(message: str, chat: bool) -> str | None:
@@ -285,7 +287,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         seed = None if req.seed is None else (req.seed + choice) % 2**63
         return SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature),
                               top_p=float(req.top_p), top_k=max(0, req.top_k), seed=seed,
-                              ignore_eos=req.ignore_eos, logprobs=logprobs)
+                              ignore_eos=req.ignore_eos, logprobs=logprobs,
+                              stop_token_ids=tuple(req.stop_token_ids or ()))
 
     def logprobs_json(chat: bool, ids: list, entries: list, offset: int) -> tuple[dict, int]:
         """OpenAI's logprobs object for tokens `ids` with their engine entries (logprob, top
@@ -669,6 +672,11 @@ def _clean_openapi(app: FastAPI, model_name: str, engine) -> None:
                         items["minimum"] = 0
                         if vocab:
                             items["maximum"] = int(vocab) - 1
+                for branch in props.get("stop_token_ids", {}).get("anyOf", []):
+                    if branch.get("type") == "array":
+                        branch.setdefault("items", {})["minimum"] = 0
+                        if vocab:
+                            branch["items"]["maximum"] = int(vocab) - 1
                 for branch in props.get("stop", {}).get("anyOf", []):
                     if branch.get("type") == "string":
                         branch.update(minLength=1, maxLength=MAX_STOP_CHARS)

@@ -75,6 +75,9 @@ class SamplingFields(BaseModel):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = Field(False, description="extension: do not stop at the end-of-sequence token")
+    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP, description=f"extension: up "
+                                             f"to {MAX_STOP} more token ids that end the text (not "
+                                             "included), as vLLM's")
     user: str | None = Field(None, description="ignored")
 
     @field_validator("stop")
