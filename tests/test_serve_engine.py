@@ -510,7 +510,7 @@ def test_cuda_graph_state_in_the_engine_thread():
 
 
 def test_histogram_buckets_are_cumulative_and_inclusive():
-    from flexkv.serve.stats import Histogram
+    from flexkv.serve.metrics import Histogram
 
     h = Histogram((0.1, 1.0))
     for v in (0.05, 0.1, 0.5, 1.0, 3.0):          # a value on a bound counts in that bucket

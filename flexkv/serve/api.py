@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import math
 import socket
 import sys
 import time
@@ -50,6 +49,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flexkv.serve import QueueFull, SamplingParams
 from flexkv.serve.detokenize import IncrementalText, TokenPieces
+from flexkv.serve.metrics import prometheus_text
 from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest,
                                    ChatCompletionResponse, ChatMessage, CompletionChoice,
                                    CompletionRequest, CompletionResponse, ErrorResponse,
@@ -157,60 +157,6 @@ class _Prepared:
 def _context_len(engine) -> int | None:
     args = getattr(getattr(engine, "model", None), "args", None)
     return getattr(args, "max_position_embeddings", None)
-
-
-def _metric_lines(engine, model_name: str, http_counters: dict) -> str:
-    m = dict(engine.metrics())
-    label = '{model="%s"}' % model_name.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-    known = [
-        ("running", "flexkv_requests_running", "gauge", "requests decoding"),
-        ("waiting", "flexkv_requests_waiting", "gauge", "requests waiting for a slot"),
-        ("prefilling", "flexkv_requests_prefilling", "gauge", "requests whose prompt is being prefilled"),
-        ("slots_total", "flexkv_slots_total", "gauge", "request slots of the engine"),
-        ("slots_used", "flexkv_slots_used", "gauge", "request slots in use"),
-        ("tokens_generated_total", "flexkv_generation_tokens_total", "counter", "tokens generated"),
-        ("prompt_tokens_total", "flexkv_prompt_tokens_total", "counter", "prompt tokens prefilled"),
-        ("requests_finished_total", "flexkv_requests_finished_total", "counter", "requests finished (any reason)"),
-        ("prefill_seconds_total", "flexkv_prefill_seconds_total", "counter",
-         "wall seconds the scheduler spent running prefill chunks"),
-        ("decode_seconds_total", "flexkv_decode_seconds_total", "counter",
-         "wall seconds the scheduler spent in decode steps (sampling and token delivery included)"),
-        ("kv_bytes_allocated", "flexkv_kv_bytes_allocated", "gauge", "bytes of the static KV cache buffers"),
-        ("kv_bytes_held", "flexkv_kv_bytes_held", "gauge", "bytes of KV held by the running requests"),
-    ]
-    out = []
-
-    def emit(name, typ, help_, value):
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} {typ}")
-        v = float(value)
-        out.append(f"{name}{label} {int(v) if v.is_integer() else repr(v)}")
-
-    slots_total, slots_used = m.get("slots_total"), m.get("slots_used")
-    for key, name, typ, help_ in known:
-        if key in m:
-            emit(name, typ, help_, m.pop(key))
-    if slots_total and slots_used is not None:
-        emit("flexkv_slot_occupancy", "gauge", "fraction of the request slots in use",
-             float(slots_used) / float(slots_total))
-    for key, value in sorted(m.items()):           # anything the engine adds later
-        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            emit(f"flexkv_{key}", "counter" if key.endswith("_total") else "gauge",
-                 f"engine metric {key}", value)
-    histograms = getattr(engine, "latency_histograms", None)
-    for key, (help_, h) in sorted((histograms() if histograms else {}).items()):
-        name = f"flexkv_{key}"
-        out.append(f"# HELP {name} {help_}")
-        out.append(f"# TYPE {name} histogram")
-        for le, n in h["buckets"]:
-            out.append(f'{name}_bucket{label[:-1]},le="{le if le == "+Inf" else repr(float(le))}"}} {n}')
-        out.append(f"{name}_sum{label} {repr(float(h['sum']))}")
-        out.append(f"{name}_count{label} {h['count']}")
-    emit("flexkv_http_rejected_queue_full_total", "counter",
-         "requests refused with 429 because the waiting queue was full", http_counters["queue_full"])
-    emit("flexkv_http_client_disconnects_total", "counter",
-         "requests cancelled because the client went away", http_counters["disconnects"])
-    return "\n".join(out) + "\n"
 
 
 def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
@@ -591,7 +537,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
     @app.get("/metrics", response_class=PlainTextResponse,
              responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}})
     async def metrics():
-        return PlainTextResponse(_metric_lines(engine, model_name, counters),
+        return PlainTextResponse(prometheus_text(engine, model_name, counters),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
     _clean_openapi(app, model_name, engine)

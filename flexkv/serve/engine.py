@@ -50,7 +50,7 @@ from flexkv.generate import (Prefill, compiled_decode, compiled_prefill, cuda_gr
 from flexkv.policies import make_policy
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
 from flexkv.serve.sampling import sample_slots
-from flexkv.serve.stats import RequestLatency
+from flexkv.serve.metrics import RequestLatency
 
 @dataclass
 class _Plan:
@@ -290,7 +290,7 @@ class Engine:
     def latency_histograms(self) -> dict:
         """Time to first token, time per output token and end-to-end latency of the requests
         that finished normally (stop token or `max_tokens`), as histograms: name -> (help,
-        {"buckets": [(upper bound s, cumulative count)], "sum", "count"}) (`flexkv.serve.stats`)."""
+        {"buckets": [(upper bound s, cumulative count)], "sum", "count"}) (`flexkv.serve.metrics`)."""
         return self._latency.snapshot()
 
     # ------------------------------------------------------------------ validation / queueing
