@@ -321,6 +321,25 @@ def _default_tokenizer_or_none():
     return AutoTokenizer.from_pretrained(str(d))
 
 
+def test_token_pieces_byte_table_is_gpt2s():
+    """TokenPieces' byte-level alphabet is GPT-2's (transformers keeps it in one of two places,
+    by version), and a byte-level token's bytes are its exact bytes even mid-character."""
+    try:
+        from transformers.convert_slow_tokenizer import bytes_to_unicode
+    except ImportError:
+        from transformers.models.gpt2.tokenization_gpt2 import bytes_to_unicode
+    from flexkv.serve.detokenize import TokenPieces, _byte_level_decoder
+
+    assert _byte_level_decoder() == {c: b for b, c in bytes_to_unicode().items()}
+    tok = byte_tokenizer()
+    pieces = TokenPieces(tok)
+    for text in ("é", "🙂", " a"):
+        for t in tok(text)["input_ids"]:
+            b = pieces.bytes(t)
+            assert b is not None and len(b) == 1     # one byte per token in this tokenizer
+        assert [pieces.bytes(t)[0] for t in tok(text)["input_ids"]] == list(text.encode())
+
+
 def test_incremental_text_equals_one_decode_of_everything():
     """For random id sequences, the released pieces + finish() == one decode of all ids (byte
     tokens with broken UTF-8, SentencePiece-style spaces, and the default model's BPE when it is

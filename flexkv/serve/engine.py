@@ -48,9 +48,9 @@ from flexkv.distributed import shard_of
 from flexkv.generate import (Prefill, compiled_decode, compiled_prefill, cuda_graph_thread_state,
                              decode_one_token, grad_off, stop_token_ids)
 from flexkv.policies import make_policy
+from flexkv.serve.metrics import RequestLatency
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
 from flexkv.serve.sampling import sample_slots
-from flexkv.serve.metrics import RequestLatency
 
 @dataclass
 class _Plan:
