@@ -140,13 +140,13 @@ class CompletionRequest(SamplingFields):
             raise ValueError(f"the prompt is too long ({chars} characters, at most {MAX_PROMPT_CHARS})")
         return v
 
+    def batched(self) -> bool:
+        """A list of prompts (strings or token-id lists), not one prompt."""
+        return not isinstance(self.prompt, str) and not isinstance(self.prompt[0], int)
+
     def prompt_list(self) -> list:
         """The prompts of this request: one, or the batch's (each a string or token ids)."""
-        p = self.prompt
-        return [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
-
-    def batched(self) -> bool:
-        return not isinstance(self.prompt, str) and not isinstance(self.prompt[0], int)
+        return list(self.prompt) if self.batched() else [self.prompt]
 
     @field_validator(*Neutral.COMPLETION)
     @classmethod
