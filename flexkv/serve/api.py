@@ -24,8 +24,8 @@ temperature, top-k and top-p, as vLLM reports by default), `stream`,
 `stream_options.include_usage`, `ignore_eos` (extension), `user` (ignored). OpenAI's other
 documented fields that this server does not implement (`echo`, `best_of`, `presence_penalty`,
 `frequency_penalty`, `logit_bias`, `suffix`, `tools`, ...) are accepted only at their neutral
-value (false / null / 0 / 1 / empty); any other value is a 400 that names the field. Unknown fields are a 400
-("Unrecognized request argument supplied: ..."), as OpenAI's API answers them.
+value (false / null / 0 / 1 / empty); any other value is a 400 that names the field. Unknown
+fields are a 400 ("Unrecognized request argument supplied: ..."), as OpenAI's API answers them.
 
 Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. Invalid requests
 (malformed JSON, wrong types, values out of range, unknown fields, over-long prompts) are 400

@@ -525,11 +525,13 @@ class Engine:
         logits, before temperature, top-k and top-p), as vLLM reports by default."""
         idx = torch.tensor(rows, device=logits.device)
         lp = torch.log_softmax(logits[idx].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-        chosen = lp.gather(-1, tokens[idx][:, None])[:, 0].tolist()
         ks = [self._slots[s].handle.params.logprobs for s in slots]
         top_v, top_i = lp.topk(max(ks), dim=-1)
-        top_v, top_i = top_v.tolist(), top_i.tolist()
-        return {s: (chosen[j], list(zip(top_i[j][:k], top_v[j][:k])))
+        # one host read: [chosen | top values | top ids] in fp64 (exact for fp32 values and ids)
+        host = torch.cat([lp.gather(-1, tokens[idx][:, None]).double(), top_v.double(),
+                          top_i.double()], dim=-1).tolist()
+        K = top_v.shape[-1]
+        return {s: (host[j][0], [(int(i), v) for i, v in zip(host[j][1 + K:1 + K + k], host[j][1:1 + k])])
                 for j, (s, k) in enumerate(zip(slots, ks))}
 
     def _sample(self, logits: Tensor, rows: Tensor) -> Tensor:
