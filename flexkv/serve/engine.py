@@ -49,6 +49,7 @@ from flexkv.generate import (Prefill, compiled_decode, compiled_prefill, cuda_gr
                              decode_one_token, grad_off, stop_token_ids)
 from flexkv.policies import make_policy
 from flexkv.serve.metrics import RequestLatency
+from flexkv.serve.penalties import SlotAdjustments
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
 from flexkv.serve.sampling import sample_slots
 
@@ -192,6 +193,7 @@ class Engine:
         self._sampling: set[int] = set()      # decoding slots with temperature > 0 (host-side,
         self._sampling_rows: Tensor | None = None  # so an all-greedy step is one argmax)
         self._logprob_slots: set[int] = set()  # decoding slots whose request wants logprobs
+        self._adjust = SlotAdjustments(S, a.vocab_size, dev)  # penalties, logit_bias, min_tokens
         self._latency = RequestLatency()
         self._prefilling: deque[int] = deque()  # slots whose prompt is being prefilled, oldest first
         self._waiting: deque[_Running] = deque()
@@ -503,8 +505,11 @@ class Engine:
         self._pos[slot, 0] = T
         self._counters["prompt_tokens_total"] += T
         sampling = p.temperature > 0
-        first = (self._sample(logits, torch.tensor([slot], device=self.device)) if sampling
-                 else logits.argmax(dim=-1))
+        row = torch.tensor([slot], device=self.device)
+        self._adjust.admit(slot, p, req.handle.prompt, req.stop_ids)
+        choose = self._adjust.adjusted(logits, row, [slot]) if slot in self._adjust.slots else logits
+        first = self._sample(choose, row) if sampling else choose.argmax(dim=-1)
+        self._adjust.record(first, slot)
         self._steps[slot] = 1
         self._tok[slot, 0] = first[0]
         self._decoding.add(slot)
@@ -544,12 +549,15 @@ class Engine:
         logits = self._step_fn(self.model, self.cache, self.policy, self._tok, self._pos, self._active)
         # greedy slots need only the argmax; the sampler (a sort and a hash over the vocabulary
         # per row) runs on the sampling slots alone, which the host knows without a sync
-        nxt = logits.argmax(dim=-1)
+        # (requests with penalties, logit_bias or min_tokens choose from adjusted logits)
+        choose = self._adjust.choose_logits(logits)
+        nxt = choose.argmax(dim=-1)
         if self._sampling:
             if self._sampling_rows is None:
                 self._sampling_rows = torch.tensor(sorted(self._sampling), device=self.device)
             rows = self._sampling_rows
-            nxt[rows] = self._sample(logits[rows], rows)
+            nxt[rows] = self._sample(choose[rows], rows)
+        self._adjust.record(nxt)
         self._counters["decode_steps_total"] += 1
         self._tok.copy_(torch.where(self._active[:, None], nxt[:, None], self._tok))
         self._pos.add_(self._active[:, None].long())
@@ -574,6 +582,7 @@ class Engine:
                 continue
             h._emit(tok, None if logprobs is None else logprobs.get(slot))
             req.generated += 1
+            self._adjust.produced(slot, req.generated)
             self._counters["tokens_generated_total"] += 1
             if req.generated >= h.params.max_tokens:
                 h._finish("length")
@@ -590,6 +599,7 @@ class Engine:
                 self._sampling.discard(slot)
                 self._sampling_rows = None
             self._logprob_slots.discard(slot)
+            self._adjust.free(slot)
             if slot in self._prefilling:
                 self._prefilling.remove(slot)
             if req is not None:

@@ -4,15 +4,22 @@ that plain and async code can iterate, cancel, or wait on)."""
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 import time
 from dataclasses import dataclass
 
 MAX_LOGPROBS = 20     # the most likely alternatives a request may ask for at each token
+MAX_REPETITION_PENALTY = 100.0
 
 
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    """A finite int or float (not a bool)."""
+    return _is_int(x) or (isinstance(x, float) and math.isfinite(x))
 
 
 @dataclass
@@ -28,6 +35,16 @@ class SamplingParams:
     # None: none; k: each token's log-probability and the k most likely tokens' (the model's
     # distribution: log-softmax of the logits, before temperature, top-k and top-p)
     logprobs: int | None = None
+    # logit adjustments before the token is chosen (flexkv.serve.penalties): OpenAI's
+    # presence / frequency penalties in [-2, 2] over the tokens produced so far, and its
+    # logit_bias ({token id: number in [-100, 100]}); vLLM's repetition penalty (> 0, 1 = off;
+    # over the prompt's and the produced tokens) and min_tokens (the stop ids are banned until
+    # this many tokens were produced)
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    min_tokens: int = 0
 
     def validate(self, max_new_tokens: int, vocab_size: int) -> None:
         if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= max_new_tokens:
@@ -52,6 +69,28 @@ class SamplingParams:
         k = self.logprobs
         if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
             raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {k!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if not _is_number(v) or not -2 <= v <= 2:
+                raise ValueError(f"{name} must be a number in [-2, 2], got {v!r}")
+        r = self.repetition_penalty
+        if not _is_number(r) or not 0 < r <= MAX_REPETITION_PENALTY:
+            raise ValueError(f"repetition_penalty must be a number in (0, {MAX_REPETITION_PENALTY:g}] "
+                             f"(1 = off), got {r!r}")
+        bias = self.logit_bias
+        if bias is not None:
+            if not isinstance(bias, dict):
+                raise ValueError(f"logit_bias must be None or a dict {{token id: bias}}, got {bias!r}")
+            for i, b in bias.items():
+                if not _is_int(i) or not 0 <= i < vocab_size:
+                    raise ValueError(f"logit_bias: token ids must be ints in [0, {vocab_size - 1}], "
+                                     f"got {i!r}")
+                if not _is_number(b) or not -100 <= b <= 100:
+                    raise ValueError(f"logit_bias: each bias must be a number in [-100, 100], got "
+                                     f"{b!r} for token {i}")
+        m = self.min_tokens
+        if not _is_int(m) or not 0 <= m <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {m!r}")
 
 
 class QueueFull(RuntimeError):
