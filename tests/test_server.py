@@ -627,6 +627,70 @@ def _chat_choices(client, body: dict) -> list:
     return [(texts[i], reasons[i]) for i in range(len(texts))]
 
 
+def test_min_tokens_defers_stop_strings():
+    """A stop string counts only where it ends after the text of the first `min_tokens` tokens
+    (vLLM's rule): one that ends at or before it is passed over, one that spans it counts."""
+    tok = byte_tokenizer()
+    ids = tok("xab ab!", add_special_tokens=False)["input_ids"]      # one token per byte
+
+    def run(m):
+        inc = IncrementalText(tok, stop=["ab"], min_tokens=m)
+        out = ""
+        for i in ids:
+            out += inc.add(i)
+            if inc.stopped:
+                break
+        return out + inc.finish(), inc.stopped
+    assert run(0) == run(2) == ("x", True)       # "ab" ends at character 3 > 2
+    assert run(3) == ("xab ", True)              # the first "ab" ends with token 3: passed over
+    assert run(7) == ("xab ab!", False)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_penalties_logit_bias_and_min_tokens(client, main, model_tok, stream):
+    """presence / frequency / repetition penalties, logit_bias and min_tokens reach the engine
+    as `SamplingParams` (each choice's text equals the engine's own answer with them, run
+    directly); a +100 bias makes the answer that token; min_tokens defers a stop token id."""
+    from flexkv.serve import SamplingParams
+
+    model, tok = model_tok
+    direct = Engine(model, tok, policy="h2o", budget=32, max_slots=1, max_new_tokens=MAIN_MAX_NEW,
+                    compile=False)
+    ids = tok("Penalise me:")["input_ids"]
+    ref = _reference(model, ids, MAIN_MAX_NEW)
+    stop = ref[3]
+    cut = ref.index(stop)
+    body = {"prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True, "stream": stream,
+            "presence_penalty": 0.5, "frequency_penalty": 1.0, "repetition_penalty": 1.3,
+            "logit_bias": {str(ref[0]): -100, "65": 2.5}}
+    want = direct.generate([ids], SamplingParams(max_tokens=12, ignore_eos=True, presence_penalty=0.5,
+                                                  frequency_penalty=1.0, repetition_penalty=1.3,
+                                                  logit_bias={ref[0]: -100, 65: 2.5}))[0]
+    assert want != ref[:12] and want[0] != ref[0]
+    assert _ask(client, body)[:2] == (_decode(tok, want), "length")
+    (b,) = tok("B", add_special_tokens=False)["input_ids"]
+    text, reason, _ = _ask(client, {"prompt": ids, "max_tokens": 5, "temperature": 0, "stream": stream,
+                                    "logit_bias": {str(b): 100}})
+    assert (text, reason) == ("B" * 5, "length")
+    deferred = {"prompt": ids, "max_tokens": 12, "temperature": 0, "ignore_eos": True,
+                "stream": stream, "stop_token_ids": [stop]}
+    assert _ask(client, deferred)[:2] == (_decode(tok, ref[:cut]), "stop")
+    want = direct.generate([ids], SamplingParams(max_tokens=12, ignore_eos=True, stop_token_ids=(stop,),
+                                                  min_tokens=cut + 1))[0]
+    assert len(want) > cut
+    assert _ask(client, {**deferred, "min_tokens": cut + 1})[0] == _decode(tok, want)
+    msgs = [{"role": "user", "content": "hi"}]
+    chat_ids = tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                   add_special_tokens=False)["input_ids"]
+    want = direct.generate([chat_ids], SamplingParams(max_tokens=6, ignore_eos=True,
+                                                       frequency_penalty=-2.0))[0]
+    got = _ask(client, {"messages": msgs, "max_tokens": 6, "temperature": 0, "ignore_eos": True,
+                        "frequency_penalty": -2.0, "stream": stream}, chat=True)
+    assert got[:2] == (_decode(tok, want), "length")
+    m = _metrics(client)
+    assert m["flexkv_slots_used"] == 0 and m["flexkv_requests_waiting"] == 0
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 def test_n_choices_per_prompt(client, stream):
     """`n` choices per prompt, in OpenAI's order (prompt i's at i*n .. i*n+n-1): greedy choices
@@ -809,6 +873,14 @@ def test_openai_client(main, model_tok):
     lp = oc.completions.create(model=NAME, prompt="Hello", max_tokens=4, temperature=0, logprobs=1,
                                extra_body={"ignore_eos": True}).choices[0].logprobs
     assert "".join(lp.tokens) == want[:len("".join(lp.tokens))] and len(lp.token_logprobs) == 4
+    (b_id,) = tok("B", add_special_tokens=False)["input_ids"]
+    c = oc.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hello"}],
+                                   max_tokens=3, temperature=0, logit_bias={str(b_id): 100},
+                                   presence_penalty=0.1, frequency_penalty=0.1)
+    assert c.choices[0].message.content == "BBB"
+    with pytest.raises(openai.BadRequestError) as e:
+        oc.completions.create(model=NAME, prompt="Hello", max_tokens=2, logit_bias={"x": 1})
+    assert e.value.body["param"] == "logit_bias"
     with pytest.raises(openai.BadRequestError) as e:
         oc.completions.create(model=NAME, prompt="Hello", max_tokens=-1)
     assert e.value.body["param"] == "max_tokens"
@@ -869,7 +941,16 @@ BAD = [
     ("logprobs-bool", "c", {"prompt": "hi", "logprobs": True}, 400, "logprobs"),
     ("echo-unsupported", "c", {"prompt": "hi", "echo": True}, 400, "echo"),
     ("best-of-unsupported", "c", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
-    ("penalty-unsupported", "c", {"prompt": "hi", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ("presence-penalty-over", "c", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ("frequency-penalty-string", "c", {"prompt": "hi", "frequency_penalty": "1"}, 400, "frequency_penalty"),
+    ("repetition-penalty-zero", "c", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ("repetition-penalty-huge", "c", {"prompt": "hi", "repetition_penalty": 1e300}, 400, "repetition_penalty"),
+    ("logit-bias-key", "c", {"prompt": "hi", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ("logit-bias-negative-key", "c", {"prompt": "hi", "logit_bias": {"-1": 1}}, 400, "logit_bias"),
+    ("logit-bias-value", "c", {"prompt": "hi", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ("logit-bias-out-of-vocab", "c", {"prompt": "hi", "logit_bias": {str(VOCAB): 1}}, 400, "logit_bias"),
+    ("min-tokens-over-max-tokens", "c", {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
+    ("min-tokens-negative", "c", {"prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
     ("stream-options-without-stream", "c", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, None),
     ("unknown-model", "c", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ("messages-missing", "chat", {"max_tokens": 3}, 400, "messages"),
@@ -882,6 +963,10 @@ BAD = [
     ("chat-too-long", "chat", {"messages": [{"role": "user", "content": LONG}]}, 400, "messages"),
     ("chat-n-0", "chat", {"messages": [{"role": "user", "content": "hi"}], "n": 0}, 400, "n"),
     ("chat-n-over-the-queue", "chat", {"messages": [{"role": "user", "content": "hi"}], "n": 40}, 400, "n"),
+    ("chat-logit-bias-out-of-vocab", "chat", {"messages": [{"role": "user", "content": "hi"}],
+                                              "logit_bias": {str(VOCAB + 7): -100}}, 400, "logit_bias"),
+    ("chat-presence-penalty-nan", "chat", b'{"messages": [{"role": "user", "content": "hi"}], '
+                                          b'"presence_penalty": NaN}', 400, "presence_penalty"),
     ("chat-tools", "chat", {"messages": [{"role": "user", "content": "hi"}],
                             "tools": [{"type": "function"}]}, 400, "tools"),
     ("chat-logprobs-int", "chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": 2}, 400, "logprobs"),

@@ -21,10 +21,15 @@ up to 16 strings), `n` (choices per prompt; with `seed` s, choice j samples with
 `logprobs` (completions: an int k in [0, 20]; chat: true, with `top_logprobs` k: each
 generated token's logprob and the k most likely tokens', from the model's distribution before
 temperature, top-k and top-p, as vLLM reports by default), `stream`,
-`stream_options.include_usage`, `ignore_eos` (extension), `user` (ignored). OpenAI's other
-documented fields that this server does not implement (`echo`, `best_of`, `presence_penalty`,
-`frequency_penalty`, `logit_bias`, `suffix`, `tools`, ...) are accepted only at their neutral
-value (false / null / 0 / 1 / empty); any other value is a 400 that names the field. Unknown
+`stream_options.include_usage`, `ignore_eos` (extension), `user` (ignored); `presence_penalty`
+and `frequency_penalty` ([-2, 2], over the tokens produced so far), `logit_bias` ({token id:
+[-100, 100]}), and, as vLLM's extensions, `repetition_penalty` ((0, 100], over the prompt's and
+the produced tokens) and `min_tokens` (no end of sequence, stop token id or stop string before
+that many tokens), all applied to the logits before the token is chosen
+(`flexkv.serve.penalties`; logprobs stay the raw model's). OpenAI's other documented fields
+that this server does not implement (`echo`, `best_of`, `suffix`, `tools`, ...) are accepted
+only at their neutral value (false / null / 1 / empty); any other value is a 400 that names
+the field. Unknown
 fields are a 400 ("Unrecognized request argument supplied: ..."), as OpenAI's API answers them.
 
 Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. Invalid requests
@@ -125,7 +130,8 @@ def _validation_message(errors) -> tuple[str, str | None]:
 
 
 _ENGINE_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "prompt", "n",
-                  "stop_token_ids", "logprobs")
+                  "stop_token_ids", "logprobs", "presence_penalty", "frequency_penalty",
+                  "repetition_penalty", "logit_bias", "min_tokens")
 
 
 def _engine_error_param(message: str, chat: bool) -> str | None:
@@ -152,6 +158,10 @@ class _Prepared:
     def __init__(self, ids: list, params: list, n: int, stops, stream, include_usage):
         self.ids, self.params, self.n, self.stops = ids, params, n, stops
         self.stream, self.include_usage = stream, include_usage
+
+    def texts(self, tokenizer) -> list[IncrementalText]:
+        """Each choice's detokenizer (stop strings count after its `min_tokens`)."""
+        return [IncrementalText(tokenizer, self.stops, p.min_tokens) for p in self.params]
 
 
 def _context_len(engine) -> int | None:
@@ -234,7 +244,11 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         return SamplingParams(max_tokens=max_tokens, temperature=float(req.temperature),
                               top_p=float(req.top_p), top_k=max(0, req.top_k), seed=seed,
                               ignore_eos=req.ignore_eos, logprobs=logprobs,
-                              stop_token_ids=tuple(req.stop_token_ids or ()))
+                              stop_token_ids=tuple(req.stop_token_ids or ()),
+                              presence_penalty=float(req.presence_penalty or 0),
+                              frequency_penalty=float(req.frequency_penalty or 0),
+                              repetition_penalty=float(req.repetition_penalty),
+                              logit_bias=req.logit_bias_ids(), min_tokens=req.min_tokens)
 
     def logprobs_json(chat: bool, ids: list, entries: list, offset: int) -> tuple[dict, int]:
         """OpenAI's logprobs object for tokens `ids` with their engine entries (logprob, top
@@ -391,7 +405,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         "chat.completion.chunk"), with `usage` null in each and a last usage-only event when the
         request asked for usage. Several choices (a batch, `n`) stream interleaved, each event
         naming its choice's index; each choice ends with one event carrying its finish reason."""
-        texts = [IncrementalText(tok, prep.stops) for _ in handles]
+        texts = prep.texts(tok)
         chat = kind == "chat.completion.chunk"
         lp_sent, lp_offset = [0] * len(handles), [0] * len(handles)
 
@@ -477,7 +491,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             def choice(i, piece, reason, logprobs=None):
                 return {"index": i, "text": piece, "logprobs": logprobs, "finish_reason": reason}
             return stream_response(prep, handles, rid, "text_completion", t, choice)
-        texts = [IncrementalText(tok, prep.stops) for _ in handles]
+        texts = prep.texts(tok)
         if not await run_blocking(request, handles, texts):
             return Response(status_code=499)
         reasons = [finish_reason(h, text) for h, text in zip(handles, texts)]
@@ -505,7 +519,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             def first(i):
                 return choice(i, "", None, delta={"role": "assistant", "content": ""})
             return stream_response(prep, handles, rid, "chat.completion.chunk", t, choice, first=first)
-        texts = [IncrementalText(tok, prep.stops) for _ in handles]
+        texts = prep.texts(tok)
         if not await run_blocking(request, handles, texts):
             return Response(status_code=499)
         reasons = [finish_reason(h, text) for h, text in zip(handles, texts)]
@@ -618,6 +632,9 @@ def _clean_openapi(app: FastAPI, model_name: str, engine) -> None:
                         items["minimum"] = 0
                         if vocab:
                             items["maximum"] = int(vocab) - 1
+                for branch in props.get("logit_bias", {}).get("anyOf", []):
+                    if branch.get("type") == "object":
+                        branch["propertyNames"] = {"pattern": "^[0-9]{1,12}$"}
                 for branch in props.get("stop_token_ids", {}).get("anyOf", []):
                     if branch.get("type") == "array":
                         branch.setdefault("items", {})["minimum"] = 0

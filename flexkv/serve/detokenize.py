@@ -10,12 +10,15 @@ class IncrementalText:
     would give them, at a cost per token that does not grow with the output). Held back: an
     incomplete character (a trailing U+FFFD) and any tail that could be the start of a stop
     string. At the first stop string the text is cut before it and `stopped` is set; `finish()`
-    releases the rest."""
+    releases the rest. With `min_tokens` m, a stop string counts only where it ends after the text
+    of the first m tokens (vLLM's `min_tokens`: no stop before m tokens)."""
 
-    def __init__(self, tokenizer, stop=()):
+    def __init__(self, tokenizer, stop=(), min_tokens: int = 0):
         self.tok = tokenizer
         self.stop = [s for s in stop if s]
         self.maxstop = max((len(s) for s in self.stop), default=0)
+        self.min_tokens = min_tokens
+        self._floor = 0 if min_tokens == 0 else None  # a stop must end after text[:floor]
         self.ids: list[int] = []
         self.text = ""          # the text of ids[:read] (complete characters), cut at a stop
         self.sent = 0           # characters of `text` released
@@ -49,8 +52,13 @@ class IncrementalText:
         self.ids.append(int(token_id))
         self._advance()
         if self.stop:
+            if self._floor is None:
+                if len(self.ids) < self.min_tokens:
+                    return self._release(len(self.text) - self._held(self.text))
+                self._floor = len(self.text)
             start = max(0, self.sent - self.maxstop)
-            hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+            hits = [i for i in (self.text.find(s, max(start, self._floor - len(s) + 1))
+                                for s in self.stop) if i >= 0]
             if hits:
                 self.stopped = True
                 self.text = self.text[:min(hits)]

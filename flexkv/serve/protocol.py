@@ -6,11 +6,12 @@ bodies into engine requests."""
 from __future__ import annotations
 
 import json
-from typing import Literal
+import re
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from flexkv.serve.request import MAX_LOGPROBS
+from flexkv.serve.request import MAX_LOGPROBS, MAX_REPETITION_PENALTY
 
 MAX_PROMPT_CHARS = 4_000_000     # a body bound before tokenizing; the token limit is the engine's
 MAX_PROMPTS = 256                # prompts, and choices (n x prompts), in one request (the queue
@@ -26,11 +27,8 @@ _STRICT = ConfigDict(strict=True, extra="forbid")
 class Neutral:
     """OpenAI fields this server does not implement: accepted only at these (neutral) values."""
 
-    COMPLETION = {"echo": (None, False), "best_of": (None, 1),
-                  "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-                  "logit_bias": (None, {}), "suffix": (None, "")}
-    CHAT = {"presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-            "logit_bias": (None, {}), "tools": (None, []), "tool_choice": (None, "none"),
+    COMPLETION = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
+    CHAT = {"tools": (None, []), "tool_choice": (None, "none"),
             "parallel_tool_calls": (None, True, False), "functions": (None, []),
             "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
             "modalities": (None, ["text"]), "store": (None, False),
@@ -52,6 +50,10 @@ class Neutral:
             shown = " or ".join(json.dumps(a) for a in allowed)
             raise ValueError(f"not supported by this server; only {shown} is accepted")
         return value
+
+
+Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
+_TOKEN_ID = re.compile(r"[0-9]{1,12}")
 
 
 class StreamOptions(BaseModel):
@@ -78,7 +80,33 @@ class SamplingFields(BaseModel):
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP, description=f"extension: up "
                                              f"to {MAX_STOP} more token ids that end the text (not "
                                              "included), as vLLM's")
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False, description=
+                                           "subtracted from the logit of every token already in "
+                                           "the output (null = 0)")
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0, allow_inf_nan=False, description=
+                                            "times the token's count in the output so far, "
+                                            "subtracted from its logit (null = 0)")
+    logit_bias: dict[str, Bias] | None = Field(None, description="{token id (a string of digits): "
+                                               "a bias in [-100, 100] added to its logit}")
+    repetition_penalty: float = Field(1.0, gt=0.0, le=MAX_REPETITION_PENALTY, allow_inf_nan=False,
+                                      description="extension, as vLLM's: the logit of a token in "
+                                      "the prompt or the output so far is divided by it where "
+                                      "positive, multiplied where not (1 = off)")
+    min_tokens: int = Field(0, ge=0, le=2**31 - 1, description="extension, as vLLM's: no stop "
+                            "(end of sequence, stop_token_ids, stop strings) before this many "
+                            "tokens; at most max_tokens")
     user: str | None = Field(None, description="ignored")
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias_keys(cls, v):
+        for k in v or {}:
+            if not _TOKEN_ID.fullmatch(k):
+                raise ValueError(f"keys must be token ids (strings of digits), got {k!r}")
+        return v
+
+    def logit_bias_ids(self) -> dict[int, float] | None:
+        return {int(k): float(b) for k, b in self.logit_bias.items()} if self.logit_bias else None
 
     @field_validator("stop")
     @classmethod
@@ -115,9 +143,6 @@ class CompletionRequest(SamplingFields):
                                  "before temperature, top-k and top-p)")
     echo: bool | None = None
     best_of: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -182,9 +207,6 @@ class ChatCompletionRequest(SamplingFields):
                                   "distribution, before temperature, top-k and top-p)")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the k most likely "
                                      "tokens' logprobs at each token; needs logprobs=true")
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
     tools: list[dict] | None = None
     tool_choice: str | dict | None = None
     parallel_tool_calls: bool | None = None
