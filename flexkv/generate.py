@@ -284,17 +284,21 @@ class Prefill:
     counts) and each passed as a [B, chunk] tensor of the same strides, so one compiled graph
     serves every prompt length. The chunk boundaries, and so what a compressing policy keeps,
     are those of the unpadded run. `run_chunk`: the function a chunk goes through
-    (default `prefill_one_chunk`)."""
+    (default `prefill_one_chunk`). `chunk_logits(logits, start)`, if given, is called after each
+    chunk with the logits of every prompt position in it ([B, n, V] for positions start ..
+    start + n - 1, padding left out): the prompt's own logprobs, as the model computed them with
+    the cache it had at that chunk."""
 
     def __init__(self, model, cache: KVCache, policy, input_ids: Tensor, pos: Tensor,
                  chunk: int | None = None, max_new_tokens: int = 0, *, pad: bool = False,
-                 run_chunk=None):
+                 run_chunk=None, chunk_logits=None):
         self.model, self.cache, self.policy = model, cache, policy
         self.input_ids, self.pos = input_ids, pos
         self.T = input_ids.shape[1]
         self.chunk = chunk or self.T
         self.max_new_tokens = max_new_tokens
         self.run_chunk = run_chunk or prefill_one_chunk
+        self.chunk_logits = chunk_logits
         self.start = 0
         self.padded = None
         if pad:  # padded[0][i], padded[1][i]: chunk i's ids and positions, each [B, chunk]
@@ -319,12 +323,14 @@ class Prefill:
         """Run the next chunk; after the last one, the last position's logits [B, V]."""
         s, e = self.start, min(self.T, self.start + self.chunk)
         info = ChunkInfo(first=s == 0, last=e == self.T, prompt_len=self.T,
-                         max_new_tokens=self.max_new_tokens)
+                         max_new_tokens=self.max_new_tokens, all_logits=self.chunk_logits is not None)
         if self.padded is None:
             ids, pos = self.input_ids[:, s:e], self.pos[:, s:e]
         else:
             ids, pos = self.padded[0][s // self.chunk], self.padded[1][s // self.chunk]
         logits = self.run_chunk(self.model, self.cache, self.policy, ids, pos, info)
+        if self.chunk_logits is not None:
+            self.chunk_logits(logits[:, logits.shape[1] - (e - s):], s)
         self.start = e
         if not self.done:
             return None

@@ -362,8 +362,9 @@ class Transformer(nn.Module):
 
     def prefill(self, input_ids: Tensor, pos: Tensor, cache, policy, info) -> Tensor:
         """A prompt chunk through `cache` (compressed by `policy`; `info`: a
-        `flexkv.policies.ChunkInfo`). Logits of the chunk's last position only: [B, 1, V]."""
-        return self._run(input_ids, pos, "prefill", cache, policy, info, last_only=True)
+        `flexkv.policies.ChunkInfo`). Logits of the chunk's last position only, [B, 1, V]; of
+        every position, [B, C, V], with `info.all_logits` (a prompt's logprobs)."""
+        return self._run(input_ids, pos, "prefill", cache, policy, info, last_only=not info.all_logits)
 
     def decode(self, token: Tensor, pos: Tensor, cache, policy, active: Tensor) -> Tensor:
         """token, pos: [B, 1]; active: [B] bool (idle rows change nothing). -> [B, 1, V]."""

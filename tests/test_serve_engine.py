@@ -340,8 +340,8 @@ def test_bad_engine_arguments(tiny64, kw, match):
     ([], SamplingParams(max_tokens=4), "at least one token"),
     ([1, 500], SamplingParams(max_tokens=4), r"\[0, 100\]"),
     (list(range(41)), SamplingParams(max_tokens=4), "max_prompt_tokens=40"),
-    ([1, 2], SamplingParams(max_tokens=11), r"max_tokens must be an int in \[1, 10\]"),
-    ([1, 2], SamplingParams(max_tokens=0), "max_tokens"),
+    ([1, 2], SamplingParams(max_tokens=11), r"max_tokens must be an int in \[0, 10\]"),
+    ([1, 2], SamplingParams(max_tokens=-1), "max_tokens"),
     ([1, 2], SamplingParams(max_tokens=4, temperature=-1), "temperature"),
     ([1, 2], SamplingParams(max_tokens=4, top_p=0), "top_p"),
     ([1, 2], SamplingParams(max_tokens=4, top_k=-1), "top_k"),
@@ -443,6 +443,54 @@ def test_logprobs_are_the_models_log_softmax(tiny64):
     assert h.tokens == greedy[:cut] and len(h.logprobs) == cut and h.finish_reason == "stop"
     with pytest.raises(ValueError, match=r"logprobs must be None or an int in \[0, 20\]"):
         eng.submit(prompts[0], SamplingParams(max_tokens=2, logprobs=21))
+
+
+@pytest.mark.parametrize("policy, chunk", [("full", 4), ("h2o", None), ("h2o", 4), ("tova", 5)])
+def test_prompt_logprobs_are_the_prefills(tiny64, policy, chunk):
+    """`SamplingParams(prompt_logprobs=k)`: prompt token i's entry is the log-softmax, at token
+    i, of the logits the prefill computed at position i - 1 (none for token 0). Unchunked, or
+    with the full cache, they are the plain causal forward's (fp64, exact); chunked under a
+    compressing policy, those of the policy's eager reference (flexkv.reference) run through the
+    same chunks. `max_tokens=0` scores the prompt and generates nothing."""
+    from flexkv.generate import Prefill
+    from flexkv.policies import make_policy
+    from flexkv.reference import reference_for
+
+    V = tiny64.args.vocab_size
+    budget = None if policy == "full" else 6
+    eng = Engine(tiny64, None, policy, budget=budget, max_slots=2, max_new_tokens=6,
+                 max_prompt_tokens=40, prefill_chunk=chunk)
+    prompts = [random_prompt(13, 3, V), random_prompt(9, 4, V)]
+    hs = eng.submit_many(prompts, [SamplingParams(max_tokens=3, prompt_logprobs=2),
+                                   SamplingParams(max_tokens=0, prompt_logprobs=0)])
+    plain = eng.submit(prompts[0], SamplingParams(max_tokens=3))
+    while eng.has_work():
+        eng.step()
+    assert plain.prompt_logprobs is None and hs[0].tokens == plain.tokens
+    assert hs[1].tokens == [] and hs[1].finish_reason == "length"
+    for h, p in zip(hs, prompts):
+        ids = torch.tensor([p])
+        if chunk is None or policy == "full":
+            logits = tiny64(ids)[0]                                    # [T, V]
+        else:
+            ref = reference_for(make_policy(policy, budget=budget))
+            cache = ref.build_cache(tiny64, 1, len(p), h.params.max_tokens)
+            parts = []
+            run = Prefill(tiny64, cache, ref, ids, torch.arange(len(p))[None], chunk,
+                          h.params.max_tokens, chunk_logits=lambda lg, s: parts.append(lg[0]))
+            while not run.done:
+                run.step()
+            logits = torch.cat(parts)
+        want = torch.log_softmax(logits.double(), dim=-1)
+        k = h.params.prompt_logprobs
+        assert h.prompt_logprobs[0] is None and len(h.prompt_logprobs) == len(p)
+        for i, (lp, top) in enumerate(h.prompt_logprobs[1:], start=1):
+            assert lp == pytest.approx(want[i - 1, p[i]].item(), abs=1e-10)
+            t = want[i - 1].topk(k)
+            assert [j for j, _ in top] == t.indices.tolist()
+            assert [v for _, v in top] == pytest.approx(t.values.tolist(), abs=1e-10)
+    with pytest.raises(ValueError, match=r"prompt_logprobs must be None or an int in \[0, 20\]"):
+        eng.submit(prompts[0], SamplingParams(max_tokens=1, prompt_logprobs=21))
 
 
 def test_background_thread_async_iteration_and_cancel(tiny64):

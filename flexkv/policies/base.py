@@ -43,6 +43,7 @@ class ChunkInfo:
     last: bool = True          # the prompt's final chunk
     prompt_len: int = 0        # the whole prompt's length T (padded length for a batch)
     max_new_tokens: int = 0    # decode steps the cache must leave room for
+    all_logits: bool = False   # the model returns every position's logits, not the last one's
 
 
 @dataclass

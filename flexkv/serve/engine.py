@@ -53,6 +53,21 @@ from flexkv.serve.penalties import SlotAdjustments
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
 from flexkv.serve.sampling import sample_slots
 
+def logprob_entries(logits: Tensor, chosen: Tensor, ks: list[int]) -> list[tuple[float, list]]:
+    """Per row of `logits` [R, V]: (the logprob of token `chosen[r]`, [(token id, logprob)] of
+    the row's `ks[r]` most likely tokens, most likely first), in one host read. The model's
+    distribution: the log-softmax of the raw logits (before penalties, temperature, top-k and
+    top-p), as vLLM reports by default."""
+    lp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    K = max(ks)
+    top_v, top_i = lp.topk(K, dim=-1)
+    # [chosen | top values | top ids] in fp64 (exact for fp32 values and for ids)
+    host = torch.cat([lp.gather(-1, chosen[:, None]).double(), top_v.double(), top_i.double()],
+                     dim=-1).tolist()
+    return [(row[0], [(int(i), v) for i, v in zip(row[1 + K:1 + K + k], row[1:1 + k])])
+            for row, k in zip(host, ks)]
+
+
 @dataclass
 class _Plan:
     """One scheduler iteration's inputs, decided by rank 0 (the only rank under a single process)."""
@@ -477,8 +492,11 @@ class Engine:
             n_new = h.params.max_tokens
             req.scratch = self.policy.build_cache(self.model, 1, len(h.prompt), n_new,
                                                   capacities=self.capacities)
+            scored = (None if h.params.prompt_logprobs is None
+                      else lambda logits, start, req=req: self._prompt_logprobs(req, logits, start))
             req.prefill = Prefill(self.model, req.scratch, self.policy, ids, pos, self._chunk,
-                                  n_new, pad=self.compile_prefill, run_chunk=self._prefill_fn)
+                                  n_new, pad=self.compile_prefill, run_chunk=self._prefill_fn,
+                                  chunk_logits=scored)
             self._prefilling.append(slot)
 
     def _prefill_one_chunk(self) -> bool:
@@ -492,9 +510,16 @@ class Engine:
         if logits is None:
             return True
         self._prefilling.popleft()
+        p, T = req.handle.params, req.handle.prompt_tokens
+        self._counters["prompt_tokens_total"] += T
+        if p.max_tokens == 0:          # prefill only (the prompt scored): nothing to generate
+            req.prefill, req.scratch = None, None
+            req.handle._finish("length")
+            self._latency.finished(req.handle)
+            self._free(slot)
+            return True
         self.cache.copy_row(req.scratch, 0, slot)
         req.prefill, req.scratch = None, None
-        p, T = req.handle.params, req.handle.prompt_tokens
         self._temperature[slot] = float(p.temperature)
         self._top_k[slot] = p.top_k
         self._top_p[slot] = float(p.top_p)
@@ -503,7 +528,6 @@ class Engine:
         self._seed[slot] = shard_of(self.model).broadcast(seed)  # tensor parallel: rank 0's seed
         self._steps[slot] = 0
         self._pos[slot, 0] = T
-        self._counters["prompt_tokens_total"] += T
         sampling = p.temperature > 0
         row = torch.tensor([slot], device=self.device)
         self._adjust.admit(slot, p, req.handle.prompt, req.stop_ids)
@@ -526,18 +550,20 @@ class Engine:
 
     def _logprobs(self, logits: Tensor, tokens: Tensor, slots: list[int], rows: list[int]) -> dict:
         """slot -> (its token's logprob, [(token id, logprob)] of its request's k most likely),
-        from `logits[rows]` and `tokens[rows]`: the model's distribution (log-softmax of the
-        logits, before temperature, top-k and top-p), as vLLM reports by default."""
+        from `logits[rows]` and `tokens[rows]`."""
         idx = torch.tensor(rows, device=logits.device)
-        lp = torch.log_softmax(logits[idx].to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         ks = [self._slots[s].handle.params.logprobs for s in slots]
-        top_v, top_i = lp.topk(max(ks), dim=-1)
-        # one host read: [chosen | top values | top ids] in fp64 (exact for fp32 values and ids)
-        host = torch.cat([lp.gather(-1, tokens[idx][:, None]).double(), top_v.double(),
-                          top_i.double()], dim=-1).tolist()
-        K = top_v.shape[-1]
-        return {s: (host[j][0], [(int(i), v) for i, v in zip(host[j][1 + K:1 + K + k], host[j][1:1 + k])])
-                for j, (s, k) in enumerate(zip(slots, ks))}
+        return dict(zip(slots, logprob_entries(logits[idx], tokens[idx], ks)))
+
+    def _prompt_logprobs(self, req: _Running, logits: Tensor, start: int) -> None:
+        """A prefill chunk's logits [1, n, V] (prompt positions start .. start + n - 1): each
+        position's entry for the prompt token after it, appended to the handle's."""
+        h = req.handle
+        m = min(logits.shape[1], len(h.prompt) - 1 - start)   # positions with a next prompt token
+        if m > 0:
+            target = torch.tensor(h.prompt[start + 1:start + 1 + m], device=logits.device)
+            h.prompt_logprobs.extend(logprob_entries(logits[0, :m], target,
+                                                     [h.params.prompt_logprobs] * m))
 
     def _sample(self, logits: Tensor, rows: Tensor) -> Tensor:
         """The tokens of slots `rows` from their logits [len(rows), V]: `sample_slots` gives each

@@ -35,6 +35,9 @@ class SamplingParams:
     # None: none; k: each token's log-probability and the k most likely tokens' (the model's
     # distribution: log-softmax of the logits, before temperature, top-k and top-p)
     logprobs: int | None = None
+    # None: none; k: each prompt token's log-probability given the tokens before it and the k
+    # most likely tokens' there (the first token has none), as the prefill computed them
+    prompt_logprobs: int | None = None
     # logit adjustments before the token is chosen (flexkv.serve.penalties): OpenAI's
     # presence / frequency penalties in [-2, 2] over the tokens produced so far, and its
     # logit_bias ({token id: number in [-100, 100]}); vLLM's repetition penalty (> 0, 1 = off;
@@ -47,9 +50,10 @@ class SamplingParams:
     min_tokens: int = 0
 
     def validate(self, max_new_tokens: int, vocab_size: int) -> None:
-        if not _is_int(self.max_tokens) or not 1 <= self.max_tokens <= max_new_tokens:
-            raise ValueError(f"max_tokens must be an int in [1, {max_new_tokens}] (the engine's "
-                             f"max_new_tokens), got {self.max_tokens!r}")
+        if not _is_int(self.max_tokens) or not 0 <= self.max_tokens <= max_new_tokens:
+            raise ValueError(f"max_tokens must be an int in [0, {max_new_tokens}] (the engine's "
+                             f"max_new_tokens; 0: the prompt's prefill only, nothing generated), "
+                             f"got {self.max_tokens!r}")
         t = self.temperature
         if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < float("inf"):
             raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
@@ -66,9 +70,10 @@ class SamplingParams:
                              f"got {ids!r}")
         if not isinstance(self.ignore_eos, bool):
             raise ValueError(f"ignore_eos must be a bool, got {self.ignore_eos!r}")
-        k = self.logprobs
-        if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
-            raise ValueError(f"logprobs must be None or an int in [0, {MAX_LOGPROBS}], got {k!r}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not _is_int(k) or not 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be None or an int in [0, {MAX_LOGPROBS}], got {k!r}")
         for name in ("presence_penalty", "frequency_penalty"):
             v = getattr(self, name)
             if not _is_number(v) or not -2 <= v <= 2:
@@ -102,7 +107,9 @@ class RequestHandle:
     they are generated; `finish_reason` is set when it ends ("stop": a stop token, which is not
     included; "length": `max_tokens` reached; "cancelled"; "error"). Thread-safe.
     With `params.logprobs` set, `logprobs[i]` is token i's `(logprob, [(token id, logprob), ...])`
-    (the k most likely first), there as soon as the token is."""
+    (the k most likely first), there as soon as the token is. With `params.prompt_logprobs`,
+    `prompt_logprobs[i]` is the same for prompt token i (None for the first), there when the
+    first token is (or the request ends, with `max_tokens=0`)."""
 
     def __init__(self, request_id: str, prompt: list[int], params: SamplingParams):
         self.request_id = request_id
@@ -111,6 +118,7 @@ class RequestHandle:
         self.params = params
         self.tokens: list[int] = []
         self.logprobs: list | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list | None = [None] if params.prompt_logprobs is not None else None
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.submitted_at = time.perf_counter()
