@@ -735,6 +735,108 @@ def _merge_stream_logprobs(events, chat: bool):
     return out
 
 
+def _completion(client, body: dict) -> tuple[str, dict | None, str]:
+    """One completions choice, streamed or not -> (text, logprobs, finish_reason)."""
+    if not body.get("stream"):
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        c = r.json()["choices"][0]
+        return c["text"], c["logprobs"], c["finish_reason"]
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200, r.read()
+        events = _events(r)
+    assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] is not None
+    lp = _merge_stream_logprobs(events, chat=False) if body.get("logprobs") is not None else None
+    return ("".join(c["choices"][0]["text"] for c in events[:-1]), lp,
+            events[-2]["choices"][0]["finish_reason"])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_echo_and_prompt_logprobs(client, model_tok, stream):
+    """`echo`: the prompt's text before the completion's (streamed: the first event); with
+    `logprobs` k, the prompt tokens' entries first (the first token's null), equal to the
+    log-softmax of the plain forward's logits (a one-shot prefill), offsets running on into the
+    completion's; `max_tokens=0` echoes the prompt alone. As lm-evaluation-harness scores a
+    continuation (`echo`, `logprobs=1`, `max_tokens=1`): the sum of the continuation's entries
+    is its log-likelihood."""
+    import torch
+
+    model, tok = model_tok
+    prompt = "The llama said"
+    ids = tok(prompt)["input_ids"]
+    T = len(ids)
+    base = {"max_tokens": 5, "temperature": 0, "ignore_eos": True, "stream": stream}
+    plain, _, _ = _completion(client, {**base, "prompt": prompt})
+    text, lp, reason = _completion(client, {**base, "prompt": prompt, "echo": True})
+    assert (text, lp, reason) == (prompt + plain, None, "length")
+    text, _, _ = _completion(client, {**base, "prompt": ids, "echo": True})
+    assert text == _decode(tok, ids) + plain                    # token ids: the prompt decoded
+
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids]))[0].double(), dim=-1)   # [T, V]
+    text, lp, reason = _completion(client, {**base, "prompt": prompt, "echo": True, "logprobs": 2})
+    assert text == prompt + plain and len(lp["tokens"]) == T + 5
+    alone = [tok.decode([t], skip_special_tokens=False, clean_up_tokenization_spaces=False) for t in ids]
+    assert lp["tokens"][:T] == alone
+    assert lp["text_offset"] == [sum(map(len, lp["tokens"][:i])) for i in range(T + 5)]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    for i in range(1, T):
+        assert lp["token_logprobs"][i] == pytest.approx(ref[i - 1, ids[i]].item(), abs=1e-4)
+        top = ref[i - 1].topk(2)
+        want = {}
+        for v, j in zip(top.values.tolist(), top.indices.tolist()):
+            want.setdefault(tok.decode([j], skip_special_tokens=False,
+                                       clean_up_tokenization_spaces=False), v)
+        assert set(lp["top_logprobs"][i]) == set(want) | {alone[i]}
+    gen = _reference(model, ids, 5)
+    assert lp["token_logprobs"][T] == pytest.approx(ref[T - 1, gen[0]].item(), abs=1e-4)
+
+    text, lp, reason = _completion(client, {**base, "prompt": prompt, "echo": True, "logprobs": 0,
+                                            "max_tokens": 0})
+    assert (text, reason) == (prompt, "length") and len(lp["token_logprobs"]) == T
+    # lm-evaluation-harness's loglikelihood request: context + continuation, scored
+    cont = tok(" a word", add_special_tokens=False)["input_ids"]
+    body = {"prompt": ids + cont, "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True,
+            "stream": stream}
+    _, lp, _ = _completion(client, body)
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([ids + cont]))[0].double(), dim=-1)
+    want = sum(ref[T - 1 + i, t].item() for i, t in enumerate(cont))
+    assert sum(lp["token_logprobs"][T:-1]) == pytest.approx(want, abs=1e-3)
+    if not stream:
+        r = client.post("/v1/completions", json={**body, "max_tokens": 0}).json()
+        assert r["usage"] == {"prompt_tokens": T + len(cont), "completion_tokens": 0,
+                              "total_tokens": T + len(cont)}
+
+
+def test_best_of_returns_the_candidates_with_the_best_mean_logprob(client):
+    """`best_of` k with `n` m: each prompt's k candidates are the answers with seeds s .. s+k-1,
+    and the m returned are those with the highest mean logprob per token, best first (logprobs
+    shown only when asked); usage counts every candidate."""
+    body = {"max_tokens": 6, "temperature": 1.2, "ignore_eos": True, "seed": 5}
+
+    def one(prompt, seed):
+        r = client.post("/v1/completions", json={**body, "prompt": prompt, "seed": seed, "logprobs": 0})
+        c = r.json()["choices"][0]
+        lps = c["logprobs"]["token_logprobs"]
+        return c["text"], sum(lps) / len(lps)
+    cands = {p: [one(p, 5 + j) for j in range(4)] for p in ("A", "B")}
+    r = client.post("/v1/completions", json={**body, "prompt": ["A", "B"], "best_of": 4, "n": 2}).json()
+    want = []
+    for p in ("A", "B"):
+        ranked = sorted(cands[p], key=lambda c: -c[1])
+        assert ranked[0][1] > ranked[-1][1]           # the candidates differ
+        want += [text for text, _ in ranked[:2]]
+    assert [c["text"] for c in r["choices"]] == want
+    assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
+    assert all(c["logprobs"] is None for c in r["choices"])
+    assert r["usage"]["completion_tokens"] == 2 * 4 * 6
+    r = client.post("/v1/completions", json={**body, "prompt": "A", "best_of": 4, "logprobs": 1}).json()
+    (c,) = r["choices"]
+    assert c["text"] == want[0] and len(c["logprobs"]["token_logprobs"]) == 6
+    assert sum(c["logprobs"]["token_logprobs"]) / 6 == pytest.approx(max(s for _, s in cands["A"]))
+
+
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
 def test_logprobs(client, model_tok, stream):
     """Completions `logprobs=k` and chat `logprobs`/`top_logprobs`: one entry per generated
@@ -873,6 +975,9 @@ def test_openai_client(main, model_tok):
     lp = oc.completions.create(model=NAME, prompt="Hello", max_tokens=4, temperature=0, logprobs=1,
                                extra_body={"ignore_eos": True}).choices[0].logprobs
     assert "".join(lp.tokens) == want[:len("".join(lp.tokens))] and len(lp.token_logprobs) == 4
+    e = oc.completions.create(model=NAME, prompt="Hello", max_tokens=0, echo=True, logprobs=1)
+    assert e.choices[0].text == "Hello" and e.choices[0].logprobs.token_logprobs[0] is None
+    assert len(e.choices[0].logprobs.tokens) == len(tok("Hello")["input_ids"])
     (b_id,) = tok("B", add_special_tokens=False)["input_ids"]
     c = oc.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hello"}],
                                    max_tokens=3, temperature=0, logit_bias={str(b_id): 100},
@@ -939,8 +1044,12 @@ BAD = [
     ("logprobs-over", "c", {"prompt": "hi", "logprobs": 21}, 400, "logprobs"),
     ("logprobs-negative", "c", {"prompt": "hi", "logprobs": -1}, 400, "logprobs"),
     ("logprobs-bool", "c", {"prompt": "hi", "logprobs": True}, 400, "logprobs"),
-    ("echo-unsupported", "c", {"prompt": "hi", "echo": True}, 400, "echo"),
-    ("best-of-unsupported", "c", {"prompt": "hi", "best_of": 3}, 400, "best_of"),
+    ("max-tokens-zero-without-echo", "c", {"prompt": "hi", "max_tokens": 0, "echo": False}, 400, "max_tokens"),
+    ("echo-string", "c", {"prompt": "hi", "echo": "yes"}, 400, "echo"),
+    ("best-of-below-n", "c", {"prompt": "hi", "best_of": 2, "n": 3}, 400, "best_of"),
+    ("best-of-stream", "c", {"prompt": "hi", "best_of": 2, "stream": True}, 400, "best_of"),
+    ("best-of-zero", "c", {"prompt": "hi", "best_of": 0}, 400, "best_of"),
+    ("best-of-over-the-queue", "c", {"prompt": ["a", "b"], "best_of": 17, "max_tokens": 1}, 400, "best_of"),
     ("presence-penalty-over", "c", {"prompt": "hi", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ("frequency-penalty-string", "c", {"prompt": "hi", "frequency_penalty": "1"}, 400, "frequency_penalty"),
     ("repetition-penalty-zero", "c", {"prompt": "hi", "repetition_penalty": 0}, 400, "repetition_penalty"),
@@ -951,7 +1060,7 @@ BAD = [
     ("logit-bias-out-of-vocab", "c", {"prompt": "hi", "logit_bias": {str(VOCAB): 1}}, 400, "logit_bias"),
     ("min-tokens-over-max-tokens", "c", {"prompt": "hi", "max_tokens": 4, "min_tokens": 5}, 400, "min_tokens"),
     ("min-tokens-negative", "c", {"prompt": "hi", "min_tokens": -1}, 400, "min_tokens"),
-    ("stream-options-without-stream", "c", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, None),
+    ("stream-options-without-stream", "c", {"prompt": "hi", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ("unknown-model", "c", {"prompt": "hi", "model": "gpt-4"}, 404, "model"),
     ("messages-missing", "chat", {"max_tokens": 3}, 400, "messages"),
     ("messages-empty", "chat", {"messages": []}, 400, "messages"),

@@ -26,10 +26,14 @@ and `frequency_penalty` ([-2, 2], over the tokens produced so far), `logit_bias`
 [-100, 100]}), and, as vLLM's extensions, `repetition_penalty` ((0, 100], over the prompt's and
 the produced tokens) and `min_tokens` (no end of sequence, stop token id or stop string before
 that many tokens), all applied to the logits before the token is chosen
-(`flexkv.serve.penalties`; logprobs stay the raw model's). OpenAI's other documented fields
-that this server does not implement (`echo`, `best_of`, `suffix`, `tools`, ...) are accepted
-only at their neutral value (false / null / 1 / empty); any other value is a 400 that names
-the field. Unknown
+(`flexkv.serve.penalties`; logprobs stay the raw model's). Completions also take `echo` (the
+prompt's text first; with `logprobs`, the prompt tokens' entries first, the first one null, as
+the prefill computed them; `max_tokens: 0` only with echo: the prompt scored, nothing
+generated, as lm-evaluation-harness asks) and `best_of` (k >= n candidates per prompt, with
+seeds s .. s+k-1; the n with the highest mean logprob per token are returned, best first; not
+streamed; `usage` counts every candidate). OpenAI's other documented fields that this server
+does not implement (`suffix`, `tools`, ...) are accepted only at their neutral value (null /
+empty / "none"); any other value is a 400 that names the field. Unknown
 fields are a 400 ("Unrecognized request argument supplied: ..."), as OpenAI's API answers them.
 
 Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. Invalid requests
@@ -120,6 +124,8 @@ def _validation_message(errors) -> tuple[str, str | None]:
         parts.append(f"{name}: {msg}" if name else msg)
         if param is None and path and isinstance(path[0], str):
             param = path[0]
+        elif param is None and not path and msg.split(" ", 1)[0] in _FIELDS:
+            param = msg.split(" ", 1)[0]   # a check of several fields names the first one
     seen = []
     for p in parts:
         if p not in seen:
@@ -155,9 +161,13 @@ class _Prepared:
     prompt; one prompt, or a completions request's batch), the stop strings, the streaming
     options."""
 
-    def __init__(self, ids: list, params: list, n: int, stops, stream, include_usage):
+    def __init__(self, ids: list, params: list, n: int, stops, stream, include_usage, echo=None,
+                 best_of: int | None = None, show_logprobs: bool = True):
         self.ids, self.params, self.n, self.stops = ids, params, n, stops
         self.stream, self.include_usage = stream, include_usage
+        self.echo = echo     # completions' echo: each choice's prompt text (None: no echo)
+        self.best_of = best_of or n     # candidates per prompt (the n best are returned)
+        self.show_logprobs = show_logprobs  # False: asked only to rank best_of's candidates
 
     def texts(self, tokenizer) -> list[IncrementalText]:
         """Each choice's detokenizer (stop strings count after its `min_tokens`)."""
@@ -261,12 +271,15 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                                   for i, v in top]}
                 for t, (lp, top) in zip(ids, entries)]}, offset
         out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for t, (lp, top) in zip(ids, entries):
+        for t, entry in zip(ids, entries):
             s = pieces.text(t)
-            alternatives = {}                  # keyed by text: of tokens with the same text,
-            for i, v in top:                   # the most likely one's
-                alternatives.setdefault(pieces.text(i), v)
-            alternatives.setdefault(s, lp)     # the chosen token's too: up to k + 1 entries
+            lp, alternatives = None, None      # a prompt's first token (echo): no logprob
+            if entry is not None:
+                lp, top = entry
+                alternatives = {}              # keyed by text: of tokens with the same text,
+                for i, v in top:               # the most likely one's
+                    alternatives.setdefault(pieces.text(i), v)
+                alternatives.setdefault(s, lp)  # the chosen token's too: up to k + 1 entries
             out["tokens"].append(s)
             out["token_logprobs"].append(lp)
             out["top_logprobs"].append(alternatives)
@@ -278,11 +291,13 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         """The request's handles, one per choice (several are queued all or none)."""
         k, most = len(prep.ids), min(MAX_PROMPTS, engine.max_waiting)
         if k > most:
-            what = f"{k} choices (n x prompts)" if prep.n > 1 else f"{k} prompts"
+            what, param = ((f"{k} candidates (best_of x prompts)", "best_of") if prep.best_of > prep.n
+                           else (f"{k} choices (n x prompts)", "n") if prep.n > 1
+                           else (f"{k} prompts", "prompt"))
             why = ("requests this server queues (--max-waiting)" if most == engine.max_waiting
                    else "choices one request may ask for")
             raise APIError(400, f"{what} in one request are more than the {most} {why}; send "
-                           "fewer at a time", param="n" if prep.n > 1 else "prompt")
+                           "fewer at a time", param=param)
         try:
             if k == 1:
                 return [engine.submit(prep.ids[0], prep.params[0])]
@@ -302,7 +317,13 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
 
     def prepare_completion(req: CompletionRequest) -> _Prepared:
         check_model(req.model)
-        ids_list, params = [], []
+        if req.max_tokens == 0 and not req.echo:
+            raise APIError(400, "max_tokens: 0 is allowed only with echo=true (the prompt alone, "
+                           "scored with logprobs)", param="max_tokens")
+        ids_list, params, echo = [], [], []
+        best_of = req.best_of or req.n
+        # best_of's candidates are ranked by their tokens' logprobs, asked for even if not shown
+        logprobs = 0 if req.logprobs is None and best_of > req.n else req.logprobs
         for i, prompt in enumerate(req.prompt_list()):
             if isinstance(prompt, str):
                 ids = list(tok(prompt)["input_ids"])
@@ -312,11 +333,17 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             else:
                 ids = list(prompt)
             max_tokens = req.max_tokens if req.max_tokens is not None else min(16, engine_limit(len(ids)))
-            for j in range(req.n):          # OpenAI's order: prompt i's choices are i*n .. i*n+n-1
+            text = prompt if isinstance(prompt, str) else IncrementalText.decode_all(tok, ids)
+            for j in range(best_of):        # OpenAI's order: prompt i's choices are i*n .. i*n+n-1
                 ids_list.append(ids)
-                params.append(sampling(req, max_tokens, j, req.logprobs))
+                sp = sampling(req, max_tokens, j, logprobs)
+                if req.echo and req.logprobs is not None:  # the prompt's too, from its prefill
+                    sp.prompt_logprobs = req.logprobs
+                params.append(sp)
+                echo.append(text)
         return _Prepared(ids_list, params, req.n, req.stop_list(), req.stream,
-                         bool(req.stream_options and req.stream_options.include_usage))
+                         bool(req.stream_options and req.stream_options.include_usage),
+                         echo if req.echo else None, best_of, req.logprobs is not None)
 
     def prepare_chat(req: ChatCompletionRequest) -> _Prepared:
         check_model(req.model)
@@ -356,12 +383,37 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         n = sum(t.n_tokens for t in texts)
         return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
 
-    def final_logprobs(chat: bool, handle, text: IncrementalText):
-        """A whole choice's logprobs: one entry per token its text consumed (None: not asked)."""
+    def prompt_logprobs(handle) -> tuple[dict | None, int]:
+        """The echoed prompt's completions logprobs (None: not asked) and the text offset after it."""
+        if handle.prompt_logprobs is None:
+            return None, 0
+        return logprobs_json(False, handle.prompt, handle.prompt_logprobs, 0)
+
+    def final_logprobs(chat: bool, handle, text: IncrementalText, echo: bool = False):
+        """A whole choice's logprobs: one entry per token its text consumed (None: not asked);
+        with `echo`, the prompt's entries first."""
         if handle.logprobs is None:
             return None
-        n = text.n_tokens
-        return logprobs_json(chat, text.ids, handle.logprobs[:n], 0)[0]
+        head, offset = prompt_logprobs(handle) if echo else (None, 0)
+        out = logprobs_json(chat, text.ids, handle.logprobs[:text.n_tokens], offset)[0]
+        return out if head is None else {k: head[k] + out[k] for k in out}
+
+    def best_candidates(prep: _Prepared, handles: list, texts: list) -> list[int]:
+        """The handles to answer with, in order: all of them, or with `best_of` the n of each
+        prompt's candidates with the highest mean logprob per token (best first; an empty
+        completion last, ties in candidate order). Usage counts every candidate."""
+        k = prep.best_of
+        if k == prep.n:
+            return list(range(len(handles)))
+
+        def score(j: int) -> float:
+            entries = handles[j].logprobs[:texts[j].n_tokens]
+            return sum(lp for lp, _ in entries) / len(entries) if entries else float("-inf")
+        out = []
+        for start in range(0, len(handles), k):
+            group = sorted(range(start, start + k), key=lambda j: -score(j))
+            out += group[:prep.n]
+        return out
 
     async def consume(handle, text: IncrementalText):
         """Feed the handle's tokens through the detokenizer until it ends or a stop string."""
@@ -408,6 +460,14 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         texts = prep.texts(tok)
         chat = kind == "chat.completion.chunk"
         lp_sent, lp_offset = [0] * len(handles), [0] * len(handles)
+        echoed = set()
+
+        def echo_event(i: int) -> dict:
+            """Choice i's echoed prompt, sent before its first token (or its end): the prompt's
+            logprobs are there once its prefill is done."""
+            echoed.add(i)
+            head, lp_offset[i] = prompt_logprobs(handles[i])
+            return event([choice(i, prep.echo[i], None, head)])
 
         def new_logprobs(i: int):
             """Choice i's logprobs for the tokens consumed since its last event (None: not asked)."""
@@ -446,6 +506,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                     i, token_id = await tokens.get()
                     if i not in open_:
                         continue
+                    if prep.echo is not None and i not in echoed:
+                        yield _sse(echo_event(i))
                     text = texts[i]
                     if token_id is not None:
                         piece = text.add(token_id)
@@ -497,11 +559,15 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         reasons = [finish_reason(h, text) for h, text in zip(handles, texts)]
         for text in texts:
             text.finish()
-        return CompletionResponse(id=rid, created=t, model=model_name,
-                                  usage=Usage(**usage(handles, texts)),
-                                  choices=[CompletionChoice(index=i, text=text.text, finish_reason=r,
-                                                            logprobs=final_logprobs(False, h, text))
-                                           for i, (h, text, r) in enumerate(zip(handles, texts, reasons))])
+        echo = prep.echo or [""] * len(handles)
+        choices = [CompletionChoice(index=0, text=echo[j] + texts[j].text, finish_reason=reasons[j],
+                                    logprobs=final_logprobs(False, handles[j], texts[j], bool(prep.echo))
+                                    if prep.show_logprobs else None)
+                   for j in best_candidates(prep, handles, texts)]
+        for i, c in enumerate(choices):
+            c.index = i
+        return CompletionResponse(id=rid, created=t, model=model_name, choices=choices,
+                                  usage=Usage(**usage(handles, texts)))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={
         **post_errors, 200: {"content": {"text/event-stream": {}},

@@ -26,8 +26,13 @@ class IncrementalText:
         self._prefix = 0        # ids[prefix:read]: the context decoded before the new ids
         self._read = 0
 
+    @staticmethod
+    def decode_all(tokenizer, ids) -> str:
+        """The text of `ids` as the incremental decode gives it (special tokens skipped)."""
+        return tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
     def _decode(self, ids) -> str:
-        return self.tok.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return self.decode_all(self.tok, ids)
 
     def _advance(self, final: bool = False) -> None:
         if self._read == len(self.ids):

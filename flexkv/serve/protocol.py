@@ -27,7 +27,7 @@ _STRICT = ConfigDict(strict=True, extra="forbid")
 class Neutral:
     """OpenAI fields this server does not implement: accepted only at these (neutral) values."""
 
-    COMPLETION = {"echo": (None, False), "best_of": (None, 1), "suffix": (None, "")}
+    COMPLETION = {"suffix": (None, "")}
     CHAT = {"tools": (None, []), "tool_choice": (None, "none"),
             "parallel_tool_calls": (None, True, False), "functions": (None, []),
             "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
@@ -136,13 +136,19 @@ class CompletionRequest(SamplingFields):
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         description="a non-empty string or a non-empty list of token ids; or a batch of such "
         f"prompts (a list of strings or of token-id lists, at most {MAX_PROMPTS}), one choice each")
-    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="default 16 (at most the "
-                                   "server's --max-new-tokens)")
+    max_tokens: int | None = Field(None, ge=0, le=2**31 - 1, description="default 16 (at most the "
+                                   "server's --max-new-tokens); 0 only with echo (the prompt "
+                                   "alone, scored with logprobs)")
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="each token's "
                                  "logprob and the k most likely tokens' (the model's distribution, "
                                  "before temperature, top-k and top-p)")
-    echo: bool | None = None
-    best_of: int | None = None
+    echo: bool | None = Field(None, description="the prompt's text before the completion's; with "
+                              "logprobs, the prompt tokens' too (the first one's null), as the "
+                              "prefill computed them")
+    best_of: int | None = Field(None, ge=1, le=MAX_PROMPTS, description="candidates per prompt "
+                                "(at least n; with seed s, candidate j samples with seed s + j): "
+                                "the n with the highest mean logprob per token are returned, best "
+                                "first; not with stream")
     suffix: str | None = None
 
     @field_validator("prompt")
@@ -164,6 +170,14 @@ class CompletionRequest(SamplingFields):
         if chars > MAX_PROMPT_CHARS:
             raise ValueError(f"the prompt is too long ({chars} characters, at most {MAX_PROMPT_CHARS})")
         return v
+
+    @model_validator(mode="after")
+    def _best_of(self):
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError(f"best_of must be >= n, got best_of={self.best_of} and n={self.n}")
+        if self.best_of is not None and self.best_of > 1 and self.stream:
+            raise ValueError("best_of > 1 cannot be streamed (the best are known at the end)")
+        return self
 
     def batched(self) -> bool:
         """A list of prompts (strings or token-id lists), not one prompt."""
@@ -261,8 +275,8 @@ class CompletionLogprobs(BaseModel):
     """The completions API's logprobs: per token its text, logprob, the most likely tokens'
     logprobs (the chosen token's included, so up to k + 1 entries) and its offset in the text."""
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]]
+    token_logprobs: list[float | None]           # None: a prompt's first token (echo)
+    top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
 
 
