@@ -13,7 +13,8 @@ iteration:
 3. one decode step for every slot (`decode_one_token`: compiled, `fullgraph=True`, CUDA graphs on
    CUDA) with an `active` mask: idle slots write, score and evict nothing; per-slot sampling
    parameters are tensors (`flexkv.serve.sampling`), so nothing recompiles as requests come
-   and go;
+   and go; a request's penalties, logit_bias and min_tokens adjust its row of the logits
+   before its token is chosen (`flexkv.serve.penalties`);
 4. the new tokens go to the requests' handles (one host read per step, which streaming needs
    anyway); a request that hits a stop token or its `max_tokens` frees its slot at once (the row
    is cleared, so the next request starts from a clean slot).
@@ -52,6 +53,7 @@ from flexkv.serve.metrics import RequestLatency
 from flexkv.serve.penalties import SlotAdjustments
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
 from flexkv.serve.sampling import sample_slots
+
 
 def logprob_entries(logits: Tensor, chosen: Tensor, ks: list[int]) -> list[tuple[float, list]]:
     """Per row of `logits` [R, V]: (the logprob of token `chosen[r]`, [(token id, logprob)] of
