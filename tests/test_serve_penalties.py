@@ -108,6 +108,55 @@ def test_adjust_logits_equals_transformers_processors(data):
     assert torch.equal(adjust_logits(logits), logits)
 
 
+@SETTINGS
+@given(data=st.data())
+def test_slot_state_equals_adjust_logits_over_requests_coming_and_going(data):
+    """`SlotAdjustments` keeps its rows up to date by events (admission, each token, the ban
+    lifted, the slot freed) instead of recomputing: after any sequence of them, every adjusted
+    slot's row of `choose_logits` equals `adjust_logits` of that request's history, and a slot
+    without adjustments is chosen from its raw logits."""
+    from flexkv.serve.penalties import SlotAdjustments
+
+    S, V, N = 3, 17, 6
+    adj = SlotAdjustments(S, V, "cpu", torch.float64)
+    live = {}                                  # slot -> (params, prompt, produced, stop ids)
+    gen = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16)))
+    for _ in range(data.draw(st.integers(4, 16))):
+        free = [s for s in range(S) if s not in live]
+        action = data.draw(st.sampled_from(["admit", "step", "free"] if free else ["step", "free"]))
+        if action == "admit":
+            slot = data.draw(st.sampled_from(free))
+            sp = data.draw(params_strategy(V, N))
+            prompt = data.draw(st.lists(st.integers(0, V - 1), min_size=1, max_size=6))
+            stops = data.draw(st.frozensets(st.integers(0, V - 1), max_size=2))
+            adj.admit(slot, sp, prompt, stops)
+            first = int(torch.randint(0, V, (1,), generator=gen))
+            adj.record(torch.tensor([first]), slot)
+            live[slot] = (sp, prompt, [first], stops)
+            adj.produced(slot, 1)
+        elif action == "step" and live:
+            tokens = torch.randint(0, V, (S,), generator=gen)
+            adj.record(tokens)
+            for slot, (_, _, produced, _) in live.items():
+                produced.append(int(tokens[slot]))
+                adj.produced(slot, len(produced))
+        elif action == "free" and live:
+            slot = data.draw(st.sampled_from(sorted(live)))
+            adj.free(slot)
+            del live[slot]
+        logits = torch.randn(S, V, dtype=torch.float64, generator=gen)
+        got = adj.choose_logits(logits)
+        for slot in range(S):
+            if slot not in live:
+                assert torch.equal(got[slot], logits[slot])
+                continue
+            sp, prompt, produced, stops = live[slot]
+            want = reference(logits[slot], prompt, produced, sp, stops)
+            torch.testing.assert_close(got[slot], want, rtol=0, atol=1e-12)
+            first = adj.choose_first(logits[slot:slot + 1], slot)
+            assert torch.equal(first[0], got[slot])
+
+
 def check_choices(handle, prompt, logits_at, stop_ids, V):
     """Each token of `handle` is the one chosen from the reference-adjusted logits of its step
     (`logits_at(i)`: the model's logits before token i, given the handle's tokens before it):

@@ -210,7 +210,8 @@ class Engine:
         self._sampling: set[int] = set()      # decoding slots with temperature > 0 (host-side,
         self._sampling_rows: Tensor | None = None  # so an all-greedy step is one argmax)
         self._logprob_slots: set[int] = set()  # decoding slots whose request wants logprobs
-        self._adjust = SlotAdjustments(S, a.vocab_size, dev)  # penalties, logit_bias, min_tokens
+        self._adjust = SlotAdjustments(S, a.vocab_size, dev,  # penalties, logit_bias, min_tokens
+                                       next(model.parameters()).dtype)
         self._latency = RequestLatency()
         self._prefilling: deque[int] = deque()  # slots whose prompt is being prefilled, oldest first
         self._waiting: deque[_Running] = deque()
@@ -533,7 +534,7 @@ class Engine:
         sampling = p.temperature > 0
         row = torch.tensor([slot], device=self.device)
         self._adjust.admit(slot, p, req.handle.prompt, req.stop_ids)
-        choose = self._adjust.adjusted(logits, row, [slot]) if slot in self._adjust.slots else logits
+        choose = self._adjust.choose_first(logits, slot)
         first = self._sample(choose, row) if sampling else choose.argmax(dim=-1)
         self._adjust.record(first, slot)
         self._steps[slot] = 1

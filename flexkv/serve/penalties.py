@@ -44,90 +44,103 @@ def adjust_logits(logits: Tensor, ban: Tensor | None = None, bias: Tensor | None
 
 
 class SlotAdjustments:
-    """The engine's per-slot state for `adjust_logits`: `admit` writes a slot's row, `choose_logits`
-    gives the logits to choose from, `record` counts the tokens chosen, `produced` lifts the
-    `min_tokens` ban, `free` forgets the slot. Host-side sets say which slots need what."""
+    """The engine's per-slot state, kept so that a step applies `adjust_logits` in at most six
+    passes over the logits: `add` [S, V] (the bias, -inf where banned), `rep` [S, V] (the
+    repetition penalty where the token was seen, else 1), `sub` [S, V] (frequency * count +
+    presence where produced), each allocated the first time a request needs it and updated on
+    events (admission, a token produced, the ban lifted, the slot freed), never per step. A
+    slot's rows are neutral (0, 1, 0) whenever it holds no request with that adjustment, so a
+    step adjusts all slots at once, without gathering rows. `admit` writes a slot's rows,
+    `choose_logits` / `choose_first` give the logits to choose from, `record` counts the tokens
+    chosen, `produced` lifts the `min_tokens` ban, `free` makes the rows neutral again."""
 
-    def __init__(self, slots: int, vocab: int, device):
+    def __init__(self, slots: int, vocab: int, device, dtype=torch.float32):
         self.S, self.V, self.device = slots, vocab, device
+        self.dtype = torch.promote_types(dtype, torch.float32)
         self._state: dict[str, Tensor] = {}
-        self.ban: dict[int, int] = {}      # slot -> its min_tokens (banned until produced)
-        self.bias: set[int] = set()
-        self.penalty: set[int] = set()     # any of the three penalties
-        self._rows: Tensor | None = None   # sorted(self.slots) on the device, cached
+        self.ban: dict[int, int] = {}       # slot -> its min_tokens (stop ids banned until then)
+        self._bias: dict[int, tuple] = {}   # slot -> (ids, values) of its logit_bias
+        self._ban_ids: dict[int, Tensor] = {}  # slot -> its banned (stop) ids, while banned
+        self.penalty: set[int] = set()      # slots with any of the three penalties
         self._penalty_rows: Tensor | None = None
 
-    def _tensor(self, name: str, dtype) -> Tensor:
+    def _tensor(self, name: str, fill: float, dtype=None) -> Tensor:
         t = self._state.get(name)
         if t is None:
-            t = self._state[name] = torch.zeros(self.S, self.V, dtype=dtype, device=self.device)
+            t = self._state[name] = torch.full((self.S, self.V), fill, dtype=dtype or self.dtype,
+                                               device=self.device)
         return t
 
     def _vector(self, name: str, fill: float) -> Tensor:
         t = self._state.get(name)
         if t is None:
-            t = self._state[name] = torch.full((self.S,), fill, dtype=torch.float32, device=self.device)
+            t = self._state[name] = torch.full((self.S,), fill, dtype=self.dtype, device=self.device)
         return t
 
     @property
     def slots(self) -> set[int]:
-        return set(self.ban) | self.bias | self.penalty
+        return set(self.ban) | set(self._bias) | self.penalty
 
-    def _changed(self) -> None:
-        self._rows = self._penalty_rows = None
+    def _ids(self, ids) -> Tensor:
+        return torch.tensor(sorted(ids), dtype=torch.long, device=self.device)
+
+    def _write_add(self, slot: int) -> None:
+        """`slot`'s add row from its bias and (while on) its ban."""
+        add = self._tensor("add", 0.0)
+        add[slot] = 0.0
+        if slot in self._bias:
+            ids, vals = self._bias[slot]
+            add[slot, ids] = vals
+        if slot in self.ban:
+            add[slot, self._ban_ids[slot]] = float("-inf")
 
     def admit(self, slot: int, params, prompt: list[int], stop_ids) -> None:
-        """Write `slot`'s row for a request with `params` (a `SamplingParams`), its prompt ids and
-        its stop token ids; a request without adjustments leaves no trace."""
-        if params.min_tokens > 0 and stop_ids:
-            ban = self._tensor("ban", torch.bool)
-            ban[slot] = False
-            ban[slot, torch.tensor(sorted(stop_ids), device=self.device)] = True
-            self.ban[slot] = params.min_tokens
+        """Write `slot`'s rows for a request with `params` (a `SamplingParams`), its prompt ids and
+        its stop token ids; a request without adjustments leaves them neutral."""
         if params.logit_bias:
-            bias = self._tensor("bias", torch.float32)
-            bias[slot] = 0.0
             ids, vals = zip(*sorted(params.logit_bias.items()))
-            bias[slot, torch.tensor(ids, device=self.device)] = torch.tensor(
-                vals, dtype=torch.float32, device=self.device)
-            self.bias.add(slot)
-        if params.repetition_penalty != 1 or params.frequency_penalty or params.presence_penalty:
-            self._tensor("counts", torch.int32)[slot] = 0
-            in_prompt = self._tensor("in_prompt", torch.bool)
-            in_prompt[slot] = False
-            in_prompt[slot, torch.tensor(prompt, device=self.device)] = True
-            for name, value, neutral in (("repetition", params.repetition_penalty, 1.0),
-                                         ("frequency", params.frequency_penalty, 0.0),
-                                         ("presence", params.presence_penalty, 0.0)):
+            self._bias[slot] = (torch.tensor(ids, dtype=torch.long, device=self.device),
+                                torch.tensor(vals, dtype=self.dtype, device=self.device))
+        if params.min_tokens > 0 and stop_ids:
+            self.ban[slot] = params.min_tokens
+            self._ban_ids[slot] = self._ids(stop_ids)
+        if slot in self._bias or slot in self.ban:
+            self._write_add(slot)
+        rep, freq, pres = params.repetition_penalty, params.frequency_penalty, params.presence_penalty
+        if rep != 1:
+            self._tensor("rep", 1.0)[slot, self._ids(set(prompt))] = float(rep)
+        if freq or pres:
+            self._tensor("counts", 0, torch.int32)[slot] = 0
+        if rep != 1 or freq or pres:
+            for name, value, neutral in (("repetition", rep, 1.0), ("frequency", freq, 0.0),
+                                         ("presence", pres, 0.0)):
                 self._vector(name, neutral)[slot] = float(value)
             self.penalty.add(slot)
-        self._changed()
+            self._penalty_rows = None
 
-    def rows(self) -> Tensor:
-        if self._rows is None:
-            self._rows = torch.tensor(sorted(self.slots), dtype=torch.long, device=self.device)
-        return self._rows
-
-    def adjusted(self, logits: Tensor, rows: Tensor, slots: list[int]) -> Tensor:
-        """The adjusted logits [len(rows), V] of `logits` [len(rows), V], the rows of `slots`."""
+    def _apply(self, out: Tensor, rows: slice) -> Tensor:
         st = self._state
-        pen = bool(self.penalty.intersection(slots))
-        return adjust_logits(
-            logits,
-            ban=st["ban"][rows] if self.ban.keys() & set(slots) else None,
-            bias=st["bias"][rows] if self.bias.intersection(slots) else None,
-            counts=st["counts"][rows] if pen else None,
-            in_prompt=st["in_prompt"][rows] if pen else None,
-            **{k: st[k][rows] if pen else None for k in ("repetition", "frequency", "presence")})
+        if "add" in st:
+            out += st["add"][rows]
+        if "rep" in st:
+            rep = st["rep"][rows]
+            out = torch.where(out > 0, out / rep, out * rep)
+        if "sub" in st:
+            out -= st["sub"][rows]
+        return out
 
     def choose_logits(self, logits: Tensor) -> Tensor:
         """The logits [S, V] to choose every slot's token from: `logits` itself where no slot has
-        an adjustment, else a copy (at least float32) with the adjusted rows."""
+        an adjustment, else an adjusted copy (at least float32)."""
         if not self.slots:
             return logits
-        rows = self.rows()
-        adjusted = self.adjusted(logits[rows], rows, sorted(self.slots))
-        return logits.to(adjusted.dtype).index_put((rows,), adjusted)
+        return self._apply(logits.to(self.dtype, copy=True), slice(None))
+
+    def choose_first(self, logits: Tensor, slot: int) -> Tensor:
+        """The logits [1, V] to choose `slot`'s first token from (its prompt's last logits)."""
+        if slot not in self.slots:
+            return logits
+        return self._apply(logits.to(self.dtype, copy=True), slice(slot, slot + 1))
 
     def record(self, tokens: Tensor, slot: int | None = None) -> None:
         """The tokens just chosen count as produced for the penalised slots: `tokens` [S] (a
@@ -140,31 +153,40 @@ class SlotAdjustments:
             return
         else:
             if self._penalty_rows is None:
-                self._penalty_rows = torch.tensor(sorted(self.penalty), dtype=torch.long,
-                                                  device=self.device)
+                self._penalty_rows = self._ids(self.penalty)
             rows = self._penalty_rows
             tokens = tokens[rows]
-        self._state["counts"].index_put_((rows, tokens), torch.ones_like(rows, dtype=torch.int32),
-                                         accumulate=True)
+        st = self._state
+        if "rep" in st:         # seen now: its factor is the row's penalty (1 where none)
+            st["rep"].index_put_((rows, tokens), st["repetition"][rows])
+        if "counts" in st:      # sub = frequency * count + presence, where produced
+            counts = st["counts"]
+            counts.index_put_((rows, tokens), torch.ones_like(rows, dtype=torch.int32), accumulate=True)
+            sub = self._tensor("sub", 0.0)
+            sub.index_put_((rows, tokens), st["frequency"][rows] * counts[rows, tokens]
+                           + st["presence"][rows])
 
     def produced(self, slot: int, n: int) -> None:
         """`slot`'s request has produced `n` tokens: its `min_tokens` ban ends once n reaches it."""
         if slot in self.ban and n >= self.ban[slot]:
-            self._state["ban"][slot] = False
             del self.ban[slot]
-            self._changed()
+            del self._ban_ids[slot]
+            self._write_add(slot)
 
     def free(self, slot: int) -> None:
-        """`slot`'s request is done: its rows go back to neutral (a later request of the slot
-        without adjustments may be chosen from them beside one with)."""
-        if slot in self.ban:
-            self._state["ban"][slot] = False
-            del self.ban[slot]
-        if slot in self.bias:
-            self._state["bias"][slot] = 0.0
-            self.bias.discard(slot)
+        """`slot`'s request is done: its rows go back to neutral (a later request in the slot
+        is adjusted beside others from them)."""
+        had_add = slot in self.ban or slot in self._bias
+        self.ban.pop(slot, None)
+        self._ban_ids.pop(slot, None)
+        self._bias.pop(slot, None)
+        if had_add:
+            self._state["add"][slot] = 0.0
         if slot in self.penalty:
-            for name, neutral in (("repetition", 1.0), ("frequency", 0.0), ("presence", 0.0)):
-                self._state[name][slot] = neutral
+            st = self._state
+            for name, neutral in (("rep", 1.0), ("sub", 0.0), ("repetition", 1.0),
+                                  ("frequency", 0.0), ("presence", 0.0)):
+                if name in st:
+                    st[name][slot] = neutral
             self.penalty.discard(slot)
-        self._changed()
+            self._penalty_rows = None
