@@ -5,9 +5,11 @@ over `[slots, vocab]` logits, with the engine's own functions (no model).
     python bench/serve_choice.py --slots 1,8 --vocab 49152 --out bench/results/serve/choice-cpu
 
 Each row is the median of `--iters` timed calls after warm-up (a CUDA device synchronizes around
-each call); every slot holds a request that asks for the row's feature. The `old adjust` row, if
-`--baseline FILE` is given, is another version of flexkv/serve/penalties.py (e.g. from `git show
-REV:flexkv/serve/penalties.py`), timed the same way.
+each call); every slot holds a request that asks for the row's feature. The sampler runs as the
+engine runs it, with the `candidates` hint its rows' settings give. `--baseline-penalties FILE`
+and `--baseline-sampling FILE` time other versions of flexkv/serve/penalties.py and
+flexkv/serve/sampling.py (e.g. from `git show REV:flexkv/serve/sampling.py`) the same way, as
+`old ...` rows (an old sampler without the hint is called without it).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from bench.stamp import commit_id, write_results  # noqa: E402
 from flexkv.serve.engine import logprob_entries  # noqa: E402
 from flexkv.serve.penalties import SlotAdjustments  # noqa: E402
 from flexkv.serve.request import SamplingParams  # noqa: E402
-from flexkv.serve.sampling import sample_slots  # noqa: E402
+from flexkv.serve.sampling import candidates_hint, sample_slots  # noqa: E402
 
 ALL = SamplingParams(max_tokens=64, presence_penalty=0.5, frequency_penalty=0.5,
                      repetition_penalty=1.2, logit_bias={1: 2.0, 5: -100.0}, min_tokens=10)
@@ -65,28 +67,37 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--baseline", type=Path, help="another penalties.py to time as `old adjust`")
+    ap.add_argument("--baseline-penalties", type=Path, help="another penalties.py, as `old adjust`")
+    ap.add_argument("--baseline-sampling", type=Path, help="another sampling.py, as `old sampler`")
     ap.add_argument("--out", type=Path, default=Path("bench/results/serve/choice-cpu"))
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     device, V = torch.device(a.device), a.vocab
-    old = None
-    if a.baseline:
-        spec = importlib.util.spec_from_file_location("penalties_baseline", a.baseline)
-        old = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(old)
+    def load(path, name):
+        if path is None:
+            return None
+        spec = importlib.util.spec_from_file_location(name, path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    old = load(a.baseline_penalties, "penalties_baseline")
+    old_sampling = load(a.baseline_sampling, "sampling_baseline")
+    settings = {"temperature only": (1.0, 0, 1.0), "top-k 50 + top-p 0.9": (0.8, 50, 0.9),
+                "top-p 0.9 alone": (0.8, 0, 0.9)}
     rows = []
     for S in [int(x) for x in a.slots.split(",")]:
         logits = torch.randn(S, V, device=device)
         i64 = lambda v: torch.full((S,), v, dtype=torch.long, device=device)  # noqa: E731
         f32 = lambda v: torch.full((S,), v, dtype=torch.float32, device=device)  # noqa: E731
         ks, chosen = [5] * S, logits.argmax(-1)
-        cases = {
-            "argmax (greedy)": lambda: logits.argmax(-1),
-            "sampler (t=0.8, top-k 50, top-p 0.9)": lambda: sample_slots(
-                logits, f32(0.8), i64(50), f32(0.9), i64(1), i64(3)),
-            "logprobs (top 5, one host read)": lambda: logprob_entries(logits, chosen, ks),
-        }
+        cases = {"argmax (greedy)": lambda: logits.argmax(-1)}
+        for label, (t, k, p) in settings.items():
+            hint = candidates_hint([SamplingParams(top_k=k, top_p=p)] * S)
+            args = (logits, f32(t), i64(k), f32(p), i64(1), i64(3))
+            cases[f"sampler: {label}"] = lambda args=args, hint=hint: sample_slots(*args, candidates=hint)
+            if old_sampling is not None:
+                cases[f"old sampler: {label}"] = lambda args=args: old_sampling.sample_slots(*args)
+        cases["logprobs (top 5, one host read)"] = lambda: logprob_entries(logits, chosen, ks)
         run = adjust_case(SlotAdjustments, S, V, device, a.prompt_len)
         cases["adjust (all five) + argmax"] = lambda: run(logits)
         if old is not None:
@@ -95,7 +106,8 @@ def main(argv=None) -> None:
         for name, fn in cases.items():
             rows.append({"slots": S, "case": name, "ms": timed(fn, a.iters, device)})
     res = {"device": str(device), "vocab": V, "threads": a.threads, "torch": torch.__version__,
-           "commit": commit_id(("flexkv", "bench")), "baseline": str(a.baseline or ""),
+           "commit": commit_id(("flexkv", "bench")),
+           "baselines": [str(x) for x in (a.baseline_penalties, a.baseline_sampling) if x],
            "command": "python bench/serve_choice.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "rows": rows}
     md = [f"# Token choice per decode step ({device}, vocab {V}, {a.threads} threads, torch "

@@ -52,7 +52,7 @@ from flexkv.policies import make_policy
 from flexkv.serve.metrics import RequestLatency
 from flexkv.serve.penalties import SlotAdjustments
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
-from flexkv.serve.sampling import sample_slots
+from flexkv.serve.sampling import candidates_hint, sample_slots
 
 
 def logprob_entries(logits: Tensor, chosen: Tensor, ks: list[int]) -> list[tuple[float, list]]:
@@ -535,7 +535,7 @@ class Engine:
         row = torch.tensor([slot], device=self.device)
         self._adjust.admit(slot, p, req.handle.prompt, req.stop_ids)
         choose = self._adjust.choose_first(logits, slot)
-        first = self._sample(choose, row) if sampling else choose.argmax(dim=-1)
+        first = self._sample(choose, row, [slot]) if sampling else choose.argmax(dim=-1)
         self._adjust.record(first, slot)
         self._steps[slot] = 1
         self._tok[slot, 0] = first[0]
@@ -568,11 +568,13 @@ class Engine:
             h.prompt_logprobs.extend(logprob_entries(logits[0, :m], target,
                                                      [h.params.prompt_logprobs] * m))
 
-    def _sample(self, logits: Tensor, rows: Tensor) -> Tensor:
-        """The tokens of slots `rows` from their logits [len(rows), V]: `sample_slots` gives each
-        row what it gives that row in any batch (greedy rows: the argmax)."""
+    def _sample(self, logits: Tensor, rows: Tensor, slots: list[int]) -> Tensor:
+        """The tokens of `slots` (`rows` on the device) from their logits [len(rows), V]:
+        `sample_slots` gives each row what it gives that row in any batch (greedy rows: the
+        argmax); the requests' settings, known here, spare it a sort where no row needs one."""
+        hint = candidates_hint([self._slots[s].handle.params for s in slots])
         return sample_slots(logits, self._temperature[rows], self._top_k[rows], self._top_p[rows],
-                            self._seed[rows], self._steps[rows])
+                            self._seed[rows], self._steps[rows], candidates=hint)
 
     def _decode(self) -> None:
         logits = self._step_fn(self.model, self.cache, self.policy, self._tok, self._pos, self._active)
@@ -585,7 +587,7 @@ class Engine:
             if self._sampling_rows is None:
                 self._sampling_rows = torch.tensor(sorted(self._sampling), device=self.device)
             rows = self._sampling_rows
-            nxt[rows] = self._sample(choose[rows], rows)
+            nxt[rows] = self._sample(choose[rows], rows, sorted(self._sampling))
         self._adjust.record(nxt)
         self._counters["decode_steps_total"] += 1
         self._tok.copy_(torch.where(self._active[:, None], nxt[:, None], self._tok))
