@@ -493,6 +493,37 @@ def test_prompt_logprobs_are_the_prefills(tiny64, policy, chunk):
         eng.submit(prompts[0], SamplingParams(max_tokens=1, prompt_logprobs=21))
 
 
+@pytest.mark.parametrize("slots", [1, 3])
+def test_requests_with_one_prompt_share_its_prefill(tiny64, slots):
+    """Waiting requests with the prompt being (or just) prefilled, and the same max_tokens and
+    prompt_logprobs (`n` choices, best_of's candidates, repeats), take its cache row, last
+    logits and prompt logprobs instead of prefilling again; a request behind them with another
+    prompt starts meanwhile. Each request's tokens and prompt logprobs equal its run alone."""
+    V = tiny64.args.vocab_size
+    p, q = random_prompt(13, 5, V), random_prompt(11, 6, V)
+    kw = dict(budget=6, max_new_tokens=6, max_prompt_tokens=40, prefill_chunk=4)
+    eng = Engine(tiny64, None, "h2o", max_slots=slots, **kw)
+    params = [SamplingParams(max_tokens=5, temperature=1.0, seed=s, prompt_logprobs=1) for s in range(3)]
+    params += [SamplingParams(max_tokens=5, prompt_logprobs=1),
+               SamplingParams(max_tokens=4, prompt_logprobs=1),
+               SamplingParams(max_tokens=5, prompt_logprobs=1)]
+    prompts = [p, p, p, q, p, p]      # the 5th differs in max_tokens (a policy may read it): its own
+    hs = eng.submit_many(prompts, params)
+    while eng.has_work():
+        eng.step()
+    m = eng.metrics()
+    assert m["prefills_shared_total"] == 3                      # 2nd, 3rd and 6th
+    assert m["prefill_chunks_total"] == 4 + 3 + 4               # p, q, p (5th): 4, 3, 4 chunks
+    assert eng._shared is None                                  # nothing left waiting for it
+    for h, prompt, sp in zip(hs, prompts, params):
+        one = Engine(tiny64, None, "h2o", max_slots=1, **kw)
+        alone = one.submit(prompt, sp)
+        while one.has_work():
+            one.step()
+        assert h.tokens == alone.tokens and h.prompt_logprobs == alone.prompt_logprobs
+    assert len({tuple(h.tokens) for h in hs[:3]}) > 1          # the seeds differ
+
+
 def test_background_thread_async_iteration_and_cancel(tiny64):
     V = tiny64.args.vocab_size
     eng = Engine(tiny64, None, "h2o", budget=6, max_slots=2, max_new_tokens=10, max_prompt_tokens=40)

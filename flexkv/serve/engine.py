@@ -39,7 +39,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -85,6 +85,29 @@ class _Running:
     prefill: Prefill | None = None       # set while the prompt is being prefilled
     scratch: KVCache | None = None
     generated: int = 0
+    # what its prefill depends on besides the engine: requests with equal keys (and equal
+    # prompts) get the same cache row, last logits and prompt logprobs from it
+    prefill_key: tuple = field(init=False)
+
+    def __post_init__(self):
+        p = self.handle.params
+        self.prefill_key = (hash(tuple(self.handle.prompt)), len(self.handle.prompt),
+                            p.max_tokens, p.prompt_logprobs)
+
+
+@dataclass
+class _Prefilled:
+    """A finished prefill kept for waiting requests with the same prompt (`n` choices, `best_of`
+    candidates, repeated prompts): its one-row cache, its last logits [1, V], its prompt
+    logprobs."""
+    key: tuple
+    prompt: list
+    scratch: KVCache
+    logits: Tensor
+    prompt_logprobs: list | None
+
+    def serves(self, req: _Running) -> bool:
+        return req.prefill_key == self.key and req.handle.prompt == self.prompt
 
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
@@ -215,6 +238,7 @@ class Engine:
         self._latency = RequestLatency()
         self._prefilling: deque[int] = deque()  # slots whose prompt is being prefilled, oldest first
         self._waiting: deque[_Running] = deque()
+        self._shared: _Prefilled | None = None  # a finished prefill that waiting requests share
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ids = itertools.count()
@@ -223,7 +247,7 @@ class Engine:
         self._closed = False                  # the stop plan went out: no more steps
         self._counters = dict(tokens_generated_total=0, prompt_tokens_total=0,
                               requests_finished_total=0, requests_submitted_total=0,
-                              decode_steps_total=0, prefill_chunks_total=0,
+                              decode_steps_total=0, prefill_chunks_total=0, prefills_shared_total=0,
                               prefill_seconds_total=0.0, decode_seconds_total=0.0)
 
     # ------------------------------------------------------------------ public API
@@ -480,15 +504,32 @@ class Engine:
                 r.handle._finish("cancelled")
                 self._free(s)
 
+    def _next_waiting(self) -> _Running | None:
+        """The oldest waiting request that can start now (under the lock): one whose prompt is
+        being prefilled for another request waits for that prefill, which it will share."""
+        busy = {self._slots[s].prefill_key for s in self._prefilling}
+        for i, r in enumerate(self._waiting):
+            if r.prefill_key not in busy:
+                del self._waiting[i]
+                return r
+        return None
+
     def _admit(self) -> None:
         while True:
             with self._lock:
                 free = [s for s, r in enumerate(self._slots) if r is None]
-                if not free or not self._waiting:
-                    return
-                req = self._waiting.popleft()
+                req = self._next_waiting() if free else None
+                if req is None:
+                    break
                 slot = free[0]
                 self._slots[slot] = req
+            shared = self._shared
+            if shared is not None and shared.serves(req):
+                self._counters["prefills_shared_total"] += 1
+                if shared.prompt_logprobs is not None:
+                    req.handle.prompt_logprobs = list(shared.prompt_logprobs)
+                self._start(slot, req, shared.scratch, shared.logits)
+                continue
             h = req.handle
             ids = torch.tensor([h.prompt], dtype=torch.long, device=self.device)
             pos = torch.arange(len(h.prompt), device=self.device)[None]
@@ -501,6 +542,9 @@ class Engine:
                                   n_new, pad=self.compile_prefill, run_chunk=self._prefill_fn,
                                   chunk_logits=scored)
             self._prefilling.append(slot)
+        with self._lock:   # a kept prefill that no waiting request shares any more is dropped
+            if self._shared is not None and not any(self._shared.serves(r) for r in self._waiting):
+                self._shared = None
 
     def _prefill_one_chunk(self) -> bool:
         """The oldest prefilling request's next chunk (False: none is prefilling)."""
@@ -513,16 +557,27 @@ class Engine:
         if logits is None:
             return True
         self._prefilling.popleft()
+        scratch, req.prefill, req.scratch = req.scratch, None, None
+        with self._lock:
+            if any(r.prefill_key == req.prefill_key and r.handle.prompt == req.handle.prompt
+                   for r in self._waiting):   # kept for them (the last logits copied out of the chunk's)
+                pl = req.handle.prompt_logprobs
+                self._shared = _Prefilled(req.prefill_key, req.handle.prompt, scratch, logits.clone(),
+                                          None if pl is None else list(pl))
+        self._start(slot, req, scratch, logits)
+        return True
+
+    def _start(self, slot: int, req: _Running, scratch: KVCache, logits: Tensor) -> None:
+        """`req`'s prompt is prefilled (`scratch`'s row, the last logits [1, V]): copy the row into
+        its slot and choose its first token, or, with `max_tokens=0`, finish it."""
         p, T = req.handle.params, req.handle.prompt_tokens
         self._counters["prompt_tokens_total"] += T
         if p.max_tokens == 0:          # prefill only (the prompt scored): nothing to generate
-            req.prefill, req.scratch = None, None
             req.handle._finish("length")
             self._latency.finished(req.handle)
             self._free(slot)
-            return True
-        self.cache.copy_row(req.scratch, 0, slot)
-        req.prefill, req.scratch = None, None
+            return
+        self.cache.copy_row(scratch, 0, slot)
         self._temperature[slot] = float(p.temperature)
         self._top_k[slot] = p.top_k
         self._top_p[slot] = float(p.top_p)
@@ -549,7 +604,6 @@ class Engine:
             self._logprob_slots.add(slot)
             lp = self._logprobs(logits, first, [slot], [0])
         self._deliver({slot: int(first[0])}, lp)
-        return True
 
     def _logprobs(self, logits: Tensor, tokens: Tensor, slots: list[int], rows: list[int]) -> dict:
         """slot -> (its token's logprob, [(token id, logprob)] of its request's k most likely),
