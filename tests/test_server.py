@@ -698,9 +698,12 @@ def test_n_choices_per_prompt(client, stream):
     base = {"max_tokens": 8, "ignore_eos": True, "stream": stream}
     greedy = {**base, "temperature": 0}
     one = [_ask(client, {**greedy, "prompt": p})[:2] for p in ("A", "B")]
+    shared = _metrics(client)["flexkv_prefills_shared_total"]
     got, usage = _batch_choices(client, {**greedy, "prompt": ["A", "B"], "n": 3,
                                          **({"stream_options": {"include_usage": True}} if stream else {})})
     assert got == [one[0]] * 3 + [one[1]] * 3
+    # each prompt prefilled once: its other two choices took that prefill
+    assert _metrics(client)["flexkv_prefills_shared_total"] == shared + 4
     if stream:
         assert usage["completion_tokens"] == 48
     sampled = {**base, "temperature": 1.0, "seed": 77}

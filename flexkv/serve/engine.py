@@ -9,7 +9,11 @@ iteration:
    `prefill_chunk` tokens into a one-row scratch cache with the engine's slot capacities, through
    the same `Prefill` runner as `flexkv.generate` (the policy compressing between chunks), one
    chunk per iteration so running requests keep streaming while a long prompt arrives; after the
-   last chunk the row is copied into the slot and the request starts decoding;
+   last chunk the row is copied into the slot and the request starts decoding. Requests with a
+   prompt being prefilled (and the same `max_tokens` and `prompt_logprobs`: `n` choices,
+   `best_of` candidates, repeats) wait for that prefill and take its row, last logits and
+   prompt logprobs (`_Prefilled`) instead of prefilling again; requests behind them start
+   meanwhile;
 3. one decode step for every slot (`decode_one_token`: compiled, `fullgraph=True`, CUDA graphs on
    CUDA) with an `active` mask: idle slots write, score and evict nothing; per-slot sampling
    parameters are tensors (`flexkv.serve.sampling`), so nothing recompiles as requests come
