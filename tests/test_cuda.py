@@ -21,7 +21,8 @@ tests` runs them on the GPU machine:
 - the compiled decode step writes the cache in place: inductor's code for this device allocates
   no temporary of a layer's K/V shape (a `scatter_` write made it copy every buffer each step);
 - the serving engine's step replays a CUDA graph with one dynamo graph and no skips, and its
-  tokens equal `flexkv.generate` run alone on each request;
+  tokens equal `flexkv.generate` run alone on each request; its token choice (logit
+  adjustments and the sampler) gives the CPU's tokens for the same logits without a host sync;
 - the speed tables' per-kernel breakdown (bench/kernel_profile.py) sees the kernels replayed
   from a CUDA graph, without a recompile or a skip.
 
@@ -647,6 +648,64 @@ def test_serving_engine_compiled_prefill(model32, dev, name, kw):
         assert cudagraph_skips() == 0, dict(counters["inductor"])
         assert replays >= n_new * 2 - 8, f"{replays} CUDA-graph replays"
     _check_engine_tokens(model, dev, prompts, outs, n_new, policy=name, **kw)
+
+
+def test_token_choice_on_device_equals_cpu_without_a_host_sync(dev):
+    """The engine's token choice outside the compiled step: the logit adjustments
+    (`SlotAdjustments`: penalties, logit_bias, min_tokens) and the sampler (`sample_slots` with
+    the engine's `candidates` hint: no cut, top-k, top-p alone) give on the device the tokens
+    they give on CPU for the same logits, over 40 steps of 6 slots, and the steps after the
+    first make no host sync (sync debug mode "error")."""
+    from flexkv.serve import SamplingParams
+    from flexkv.serve.penalties import SlotAdjustments
+    from flexkv.serve.sampling import candidates_hint, sample_slots
+    S, V, steps = 6, 1000, 40
+    params = [SamplingParams(max_tokens=64, temperature=1.0, seed=1),
+              SamplingParams(max_tokens=64, temperature=0.7, top_k=20, top_p=0.9, seed=2,
+                             frequency_penalty=0.5, presence_penalty=0.3),
+              SamplingParams(max_tokens=64, temperature=1.2, top_k=5, seed=3, repetition_penalty=1.3,
+                             logit_bias={7: 5.0, 8: -100}),
+              SamplingParams(max_tokens=64, temperature=0.9, top_p=0.8, seed=4, min_tokens=10),
+              SamplingParams(max_tokens=64, seed=5, logit_bias={3: 2.0}),
+              SamplingParams(max_tokens=64, temperature=1.0, seed=6)]
+    groups = [[0, 5], [1, 2], [3]]           # the engine's hint per group of rows
+    logits = torch.randn(steps, S, V, generator=torch.Generator().manual_seed(0)) * 3
+
+    def run(device, guard: bool):
+        adj = SlotAdjustments(S, V, device)
+        for s, p in enumerate(params):
+            adj.admit(s, p, list(range(30 + s)), {0, 1})
+        vec = lambda name, dt: torch.tensor([getattr(p, name) for p in params], dtype=dt,  # noqa: E731
+                                            device=device)
+        t, k, tp, seed = (vec("temperature", torch.float32), vec("top_k", torch.long),
+                          vec("top_p", torch.float32), vec("seed", torch.long))
+        rows = [torch.tensor(g, device=device) for g in groups]
+        hints = [candidates_hint([params[i] for i in g]) for g in groups]
+        step = torch.zeros(S, dtype=torch.long, device=device)
+        x = logits.to(device)
+        out = []
+        try:
+            for i in range(steps):
+                if guard and i == 1 and device.type == "cuda":
+                    torch.cuda.set_sync_debug_mode("error")
+                choose = adj.choose_logits(x[i])
+                nxt = choose.argmax(dim=-1)
+                for r, h in zip(rows, hints):
+                    nxt[r] = sample_slots(choose[r], t[r], k[r], tp[r], seed[r], step[r], candidates=h)
+                adj.record(nxt)
+                step += 1
+                for s in range(S):
+                    adj.produced(s, i + 1)
+                out.append(nxt)
+        finally:
+            if device.type == "cuda":
+                torch.cuda.set_sync_debug_mode(0)
+        return torch.stack(out).cpu()
+
+    cpu = run(torch.device("cpu"), guard=False)
+    got = run(dev, guard=True)
+    differ = (got != cpu).sum().item()
+    assert differ == 0, f"{differ} of {cpu.numel()} tokens differ between {dev} and the CPU"
 
 
 def test_kernel_profile_sees_the_replayed_graphs_kernels(model32, dev):
