@@ -3,7 +3,8 @@
 #
 #   FLEXKV_COMMIT=<sha> bash bench/gpu.sh "$OUT" [stage...]
 #
-# stages: tests  decode-candidates  gemv  speed-4k  speed-32k  speed-b8  serve  (default: tests).
+# stages: tests  choice  decode-candidates  gemv  speed-4k  speed-32k  speed-b8  serve
+# (default: tests).
 # serve needs .whl and .gpu-kit carried (bash bench/gpu_kit.sh makes both).
 # bench/GPU.md lists the device calls to make, in order, with their expected times.
 #

@@ -133,8 +133,17 @@ def _serve_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
             "--sequential", "none", "--out", str(out), "--name", "serve-gpu"], {}
 
 
+def _choice_cmd(out: Path, limit: float) -> tuple[list[str], dict]:
+    """The serving engine's token choice beside the model (argmax, sampler, logprobs, logit
+    adjustments) at Llama-3's vocabulary, 1 to 64 slots: bench/serve_choice.py, seconds."""
+    sizes = (["--slots", "1,8", "--vocab", "4096", "--iters", "5", "--device", "cpu"] if DRY
+             else ["--slots", "1,8,64", "--vocab", "128256", "--iters", "50", "--device", "cuda"])
+    return [PY, "bench/serve_choice.py", *sizes, "--out", str(out / "choice-gpu")], {}
+
+
 STAGES = {
     "tests": dict(make=_pytest_cmd, limit=480, file="tests.xml"),
+    "choice": dict(make=_choice_cmd, limit=120, file="choice-gpu.json"),
     "decode-candidates": dict(make=_candidates_cmd, limit=360, file="decode-candidates.json"),
     "gemv": dict(make=_gemv_cmd, limit=300, file="gemv.json"),
     "speed-4k": dict(make=_speed_cmd("gpu-8b-4k"), limit=570, preset="gpu-8b-4k",
