@@ -27,7 +27,7 @@ from bench.stamp import commit_id, write_results  # noqa: E402
 from flexkv.serve.engine import logprob_entries  # noqa: E402
 from flexkv.serve.penalties import SlotAdjustments  # noqa: E402
 from flexkv.serve.request import SamplingParams  # noqa: E402
-from flexkv.serve.sampling import candidates_hint, sample_slots  # noqa: E402
+from flexkv.serve.sampling import cut_hint, sample_slots  # noqa: E402
 
 ALL = SamplingParams(max_tokens=64, presence_penalty=0.5, frequency_penalty=0.5,
                      repetition_penalty=1.2, logit_bias={1: 2.0, 5: -100.0}, min_tokens=10)
@@ -92,9 +92,9 @@ def main(argv=None) -> None:
         ks, chosen = [5] * S, logits.argmax(-1)
         cases = {"argmax (greedy)": lambda: logits.argmax(-1)}
         for label, (t, k, p) in settings.items():
-            hint = candidates_hint([SamplingParams(top_k=k, top_p=p)] * S)
+            hint = cut_hint([SamplingParams(top_k=k, top_p=p)] * S)
             args = (logits, f32(t), i64(k), f32(p), i64(1), i64(3))
-            cases[f"sampler: {label}"] = lambda args=args, hint=hint: sample_slots(*args, candidates=hint)
+            cases[f"sampler: {label}"] = lambda args=args, hint=hint: sample_slots(*args, hint=hint)
             if old_sampling is not None:
                 cases[f"old sampler: {label}"] = lambda args=args: old_sampling.sample_slots(*args)
         cases["logprobs (top 5, one host read)"] = lambda: logprob_entries(logits, chosen, ks)

@@ -658,7 +658,7 @@ def test_token_choice_on_device_equals_cpu_without_a_host_sync(dev):
     first make no host sync (sync debug mode "error")."""
     from flexkv.serve import SamplingParams
     from flexkv.serve.penalties import SlotAdjustments
-    from flexkv.serve.sampling import candidates_hint, sample_slots
+    from flexkv.serve.sampling import cut_hint, sample_slots
     S, V, steps = 6, 1000, 40
     params = [SamplingParams(max_tokens=64, temperature=1.0, seed=1),
               SamplingParams(max_tokens=64, temperature=0.7, top_k=20, top_p=0.9, seed=2,
@@ -680,7 +680,7 @@ def test_token_choice_on_device_equals_cpu_without_a_host_sync(dev):
         t, k, tp, seed = (vec("temperature", torch.float32), vec("top_k", torch.long),
                           vec("top_p", torch.float32), vec("seed", torch.long))
         rows = [torch.tensor(g, device=device) for g in groups]
-        hints = [candidates_hint([params[i] for i in g]) for g in groups]
+        hints = [cut_hint([params[i] for i in g]) for g in groups]
         step = torch.zeros(S, dtype=torch.long, device=device)
         x = logits.to(device)
         out = []
@@ -691,7 +691,7 @@ def test_token_choice_on_device_equals_cpu_without_a_host_sync(dev):
                 choose = adj.choose_logits(x[i])
                 nxt = choose.argmax(dim=-1)
                 for r, h in zip(rows, hints):
-                    nxt[r] = sample_slots(choose[r], t[r], k[r], tp[r], seed[r], step[r], candidates=h)
+                    nxt[r] = sample_slots(choose[r], t[r], k[r], tp[r], seed[r], step[r], hint=h)
                 adj.record(nxt)
                 step += 1
                 for s in range(S):

@@ -56,7 +56,7 @@ from flexkv.policies import make_policy
 from flexkv.serve.metrics import RequestLatency
 from flexkv.serve.penalties import SlotAdjustments
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
-from flexkv.serve.sampling import candidates_hint, sample_slots
+from flexkv.serve.sampling import cut_hint, sample_slots
 
 
 def logprob_entries(logits: Tensor, chosen: Tensor, ks: list[int]) -> list[tuple[float, list]]:
@@ -629,10 +629,10 @@ class Engine:
     def _sample(self, logits: Tensor, rows: Tensor, slots: list[int]) -> Tensor:
         """The tokens of `slots` (`rows` on the device) from their logits [len(rows), V]:
         `sample_slots` gives each row what it gives that row in any batch (greedy rows: the
-        argmax); the requests' settings, known here, spare it a sort where no row needs one."""
-        hint = candidates_hint([self._slots[s].handle.params for s in slots])
+        argmax); the requests' settings, known here, spare it work (`cut_hint`)."""
+        hint = cut_hint([self._slots[s].handle.params for s in slots])
         return sample_slots(logits, self._temperature[rows], self._top_k[rows], self._top_p[rows],
-                            self._seed[rows], self._steps[rows], candidates=hint)
+                            self._seed[rows], self._steps[rows], hint=hint)
 
     def _decode(self) -> None:
         logits = self._step_fn(self.model, self.cache, self.policy, self._tok, self._pos, self._active)
