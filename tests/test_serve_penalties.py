@@ -1,10 +1,10 @@
 """The serving engine's logit adjustments (flexkv.serve.penalties): `presence_penalty`,
 `frequency_penalty`, `repetition_penalty`, `logit_bias` and `min_tokens`.
 
-- `adjust_logits` equals a reference built from transformers' own logits processors
-  (`MinNewTokensLengthLogitsProcessor`, `SequenceBiasLogitsProcessor`,
-  `RepetitionPenaltyLogitsProcessor`) and OpenAI's documented frequency / presence formula,
-  applied in vLLM's order (hypothesis).
+- The engine's slot state (`SlotAdjustments`) equals, over requests coming and going, a reference
+  built from transformers' own logits processors (`MinNewTokensLengthLogitsProcessor`,
+  `SequenceBiasLogitsProcessor`, `RepetitionPenaltyLogitsProcessor`) and OpenAI's documented
+  frequency / presence formula, applied in vLLM's order (hypothesis).
 - Every token a request gets from the engine (greedy or sampled, policy full against
   transformers' model on the same fp64 weights, h2o against `flexkv.generate`'s logits for the
   same tokens) is the one chosen from the reference-adjusted logits of its step.
@@ -23,7 +23,6 @@ from transformers import (MinNewTokensLengthLogitsProcessor, RepetitionPenaltyLo
 
 import flexkv
 from flexkv.serve import Engine, SamplingParams
-from flexkv.serve.penalties import adjust_logits
 from flexkv.serve.sampling import sample_slots
 from helpers import hf_model
 
@@ -75,46 +74,12 @@ def params_strategy(V: int, max_tokens: int):
 
 @SETTINGS
 @given(data=st.data())
-def test_adjust_logits_equals_transformers_processors(data):
-    V, R = 23, 3
-    rows, want = [], []
-    for r in range(R):
-        sp = data.draw(params_strategy(V, 6))
-        prompt = data.draw(st.lists(st.integers(0, V - 1), min_size=1, max_size=8))
-        produced = data.draw(st.lists(st.integers(0, V - 1), max_size=6))
-        stop_ids = data.draw(st.frozensets(st.integers(0, V - 1), max_size=3))
-        logits = torch.randn(V, dtype=torch.float64, generator=torch.Generator().manual_seed(r))
-        logits[data.draw(st.integers(0, V - 1))] = 0.0          # a zero logit under repetition
-        rows.append((logits, prompt, produced, sp, stop_ids))
-        want.append(reference(logits, prompt, produced, sp, stop_ids))
-    logits = torch.stack([r[0] for r in rows])
-    ban = torch.zeros(R, V, dtype=torch.bool)
-    bias = torch.zeros(R, V, dtype=torch.float64)
-    counts = torch.zeros(R, V, dtype=torch.int32)
-    in_prompt = torch.zeros(R, V, dtype=torch.bool)
-    for r, (_, prompt, produced, sp, stop_ids) in enumerate(rows):
-        if len(produced) < sp.min_tokens and stop_ids:
-            ban[r, sorted(stop_ids)] = True
-        for i, b in (sp.logit_bias or {}).items():
-            bias[r, i] = b
-        for j in produced:
-            counts[r, j] += 1
-        in_prompt[r, prompt] = True
-    vec = lambda name: torch.tensor([getattr(r[3], name) for r in rows], dtype=torch.float64)  # noqa: E731
-    got = adjust_logits(logits, ban, bias, counts, in_prompt, vec("repetition_penalty"),
-                        vec("frequency_penalty"), vec("presence_penalty"))
-    torch.testing.assert_close(got, torch.stack(want), rtol=0, atol=1e-12)
-    # each adjustment left out (None) is its neutral value
-    assert torch.equal(adjust_logits(logits), logits)
-
-
-@SETTINGS
-@given(data=st.data())
-def test_slot_state_equals_adjust_logits_over_requests_coming_and_going(data):
+def test_slot_state_equals_the_reference_over_requests_coming_and_going(data):
     """`SlotAdjustments` keeps its rows up to date by events (admission, each token, the ban
     lifted, the slot freed) instead of recomputing: after any sequence of them, every adjusted
-    slot's row of `choose_logits` equals `adjust_logits` of that request's history, and a slot
-    without adjustments is chosen from its raw logits."""
+    slot's row of `choose_logits` equals the reference (transformers' processors, OpenAI's
+    formula) of that request's history, and a slot without adjustments is chosen from its raw
+    logits."""
     from flexkv.serve.penalties import SlotAdjustments
 
     S, V, N = 3, 17, 6

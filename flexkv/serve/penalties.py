@@ -12,6 +12,8 @@ token is chosen (the argmax, or the sampler's temperature, top-k and top-p), as 
 The state is one row per slot (`[S, V]` tensors, each allocated the first time a request needs
 it) written at admission and after each step on the device, without a host sync; the host knows
 which slots need which adjustment, so a step where no request asked for one costs nothing.
+tests/test_serve_penalties.py checks it against transformers' logits processors and OpenAI's
+formula.
 Logprobs (`SamplingParams.logprobs`) stay those of the raw logits, as vLLM reports by default.
 """
 from __future__ import annotations
@@ -20,32 +22,9 @@ import torch
 from torch import Tensor
 
 
-def adjust_logits(logits: Tensor, ban: Tensor | None = None, bias: Tensor | None = None,
-                  counts: Tensor | None = None, in_prompt: Tensor | None = None,
-                  repetition: Tensor | None = None, frequency: Tensor | None = None,
-                  presence: Tensor | None = None) -> Tensor:
-    """logits [R, V] -> [R, V] (at least float32). ban, in_prompt: bool [R, V]; bias: float
-    [R, V]; counts: int [R, V] (times each token was produced); repetition, frequency,
-    presence: [R]. A None argument is that adjustment's neutral value."""
-    dt = torch.promote_types(logits.dtype, torch.float32)
-    out = logits.to(dt)
-    if ban is not None:
-        out = out.masked_fill(ban, float("-inf"))
-    if bias is not None:
-        out = out + bias
-    if repetition is not None:
-        seen = in_prompt if counts is None else (in_prompt | (counts > 0))
-        p = torch.where(seen, repetition[:, None].to(dt), 1.0)
-        out = torch.where(out > 0, out / p, out * p)
-    if counts is not None:
-        c = counts.to(dt)
-        out = out - frequency[:, None].to(dt) * c - presence[:, None].to(dt) * (c > 0).to(dt)
-    return out
-
-
 class SlotAdjustments:
-    """The engine's per-slot state, kept so that a step applies `adjust_logits` in at most six
-    passes over the logits: `add` [S, V] (the bias, -inf where banned), `rep` [S, V] (the
+    """The engine's per-slot state, kept so that a step applies the adjustments above in at most
+    six passes over the logits: `add` [S, V] (the bias, -inf where banned), `rep` [S, V] (the
     repetition penalty where the token was seen, else 1), `sub` [S, V] (frequency * count +
     presence where produced), each allocated the first time a request needs it and updated on
     events (admission, a token produced, the ban lifted, the slot freed), never per step. A
