@@ -692,9 +692,10 @@ def test_penalties_logit_bias_and_min_tokens(client, main, model_tok, stream):
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-def test_n_choices_per_prompt(client, stream):
+def test_n_choices_per_prompt(client, model_tok, stream):
     """`n` choices per prompt, in OpenAI's order (prompt i's at i*n .. i*n+n-1): greedy choices
     equal the n=1 answer; with a seed s, choice j is the n=1 answer with seed s + j."""
+    tok = model_tok[1]
     base = {"max_tokens": 8, "ignore_eos": True, "stream": stream}
     greedy = {**base, "temperature": 0}
     one = [_ask(client, {**greedy, "prompt": p})[:2] for p in ("A", "B")]
@@ -704,8 +705,10 @@ def test_n_choices_per_prompt(client, stream):
     assert got == [one[0]] * 3 + [one[1]] * 3
     # each prompt prefilled once: its other two choices took that prefill
     assert _metrics(client)["flexkv_prefills_shared_total"] == shared + 4
-    if stream:
-        assert usage["completion_tokens"] == 48
+    if stream:   # as OpenAI counts: each prompt once, every choice's tokens
+        n_prompt = len(tok("A")["input_ids"]) + len(tok("B")["input_ids"])
+        assert usage == {"prompt_tokens": n_prompt, "completion_tokens": 48,
+                         "total_tokens": n_prompt + 48}
     sampled = {**base, "temperature": 1.0, "seed": 77}
     want = [_ask(client, {**sampled, "prompt": "A", "seed": 77 + j})[:2] for j in range(3)]
     assert len(set(want)) > 1          # the choices differ
@@ -812,7 +815,7 @@ def test_echo_and_prompt_logprobs(client, model_tok, stream):
                               "total_tokens": T + len(cont)}
 
 
-def test_best_of_returns_the_candidates_with_the_best_mean_logprob(client):
+def test_best_of_returns_the_candidates_with_the_best_mean_logprob(client, model_tok):
     """`best_of` k with `n` m: each prompt's k candidates are the answers with seeds s .. s+k-1,
     and the m returned are those with the highest mean logprob per token, best first (logprobs
     shown only when asked); usage counts every candidate."""
@@ -833,7 +836,9 @@ def test_best_of_returns_the_candidates_with_the_best_mean_logprob(client):
     assert [c["text"] for c in r["choices"]] == want
     assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
     assert all(c["logprobs"] is None for c in r["choices"])
-    assert r["usage"]["completion_tokens"] == 2 * 4 * 6
+    assert r["usage"]["completion_tokens"] == 2 * 4 * 6        # every candidate's tokens
+    tok = model_tok[1]
+    assert r["usage"]["prompt_tokens"] == len(tok("A")["input_ids"]) + len(tok("B")["input_ids"])
     r = client.post("/v1/completions", json={**body, "prompt": "A", "best_of": 4, "logprobs": 1}).json()
     (c,) = r["choices"]
     assert c["text"] == want[0] and len(c["logprobs"]["token_logprobs"]) == 6

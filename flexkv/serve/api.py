@@ -31,7 +31,7 @@ prompt's text first; with `logprobs`, the prompt tokens' entries first, the firs
 the prefill computed them; `max_tokens: 0` only with echo: the prompt scored, nothing
 generated, as lm-evaluation-harness asks) and `best_of` (k >= n candidates per prompt, with
 seeds s .. s+k-1; the n with the highest mean logprob per token are returned, best first; not
-streamed; `usage` counts every candidate). OpenAI's other documented fields that this server
+streamed; `usage` counts every candidate's tokens, each prompt once). OpenAI's other documented fields that this server
 does not implement (`suffix`, `tools`, ...) are accepted only at their neutral value (null /
 empty / "none"); any other value is a 400 that names the field. Unknown
 fields are a 400 ("Unrecognized request argument supplied: ..."), as OpenAI's API answers them.
@@ -377,9 +377,10 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                            "server_error", code="cancelled")
         raise APIError(500, f"the engine failed on this request (finish_reason {r!r})", "server_error")
 
-    def usage(handles: list, texts: list) -> dict:
-        """Token counts summed over the request's prompts (as OpenAI counts a batch)."""
-        prompt = sum(int(h.prompt_tokens) for h in handles)
+    def usage(prep: _Prepared, handles: list, texts: list) -> dict:
+        """Token counts as OpenAI gives them: each prompt of a batch once (however many choices
+        or best_of candidates it has), every generated token of every choice and candidate."""
+        prompt = sum(int(h.prompt_tokens) for h in handles[::prep.best_of])
         n = sum(t.n_tokens for t in texts)
         return {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
 
@@ -527,7 +528,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                         break
                     yield _sse(event([choice(i, text.finish(), reason, new_logprobs(i))]))
                 if prep.include_usage and not failed:
-                    yield _sse(event([], usage(handles, texts)))
+                    yield _sse(event([], usage(prep, handles, texts)))
                 yield "data: [DONE]\n\n"
                 done = True
             finally:
@@ -567,7 +568,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         for i, c in enumerate(choices):
             c.index = i
         return CompletionResponse(id=rid, created=t, model=model_name, choices=choices,
-                                  usage=Usage(**usage(handles, texts)))
+                                  usage=Usage(**usage(prep, handles, texts)))
 
     @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={
         **post_errors, 200: {"content": {"text/event-stream": {}},
@@ -592,7 +593,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         for text in texts:
             text.finish()
         return ChatCompletionResponse(id=rid, created=t, model=model_name,
-                                      usage=Usage(**usage(handles, texts)),
+                                      usage=Usage(**usage(prep, handles, texts)),
                                       choices=[ChatChoice(index=i, message=AssistantMessage(content=text.text),
                                                           finish_reason=r,
                                                           logprobs=final_logprobs(True, h, text))
