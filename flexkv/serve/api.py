@@ -31,9 +31,10 @@ prompt's text first; with `logprobs`, the prompt tokens' entries first, the firs
 the prefill computed them; `max_tokens: 0` only with echo: the prompt scored, nothing
 generated, as lm-evaluation-harness asks) and `best_of` (k >= n candidates per prompt, with
 seeds s .. s+k-1; the n with the highest mean logprob per token are returned, best first; not
-streamed; `usage` counts every candidate's tokens, each prompt once). OpenAI's other documented fields that this server
-does not implement (`suffix`, `tools`, ...) are accepted only at their neutral value (null /
-empty / "none"); any other value is a 400 that names the field. Unknown
+streamed). `usage` counts each prompt once, however many choices or candidates it has, and
+every generated token, as OpenAI does. OpenAI's other documented fields that this server does
+not implement (`suffix`, `tools`, ...) are accepted only at their neutral value (null / empty /
+"none"); any other value is a 400 that names the field. Unknown
 fields are a 400 ("Unrecognized request argument supplied: ..."), as OpenAI's API answers them.
 
 Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. Invalid requests
