@@ -562,12 +562,10 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         for text in texts:
             text.finish()
         echo = prep.echo or [""] * len(handles)
-        choices = [CompletionChoice(index=0, text=echo[j] + texts[j].text, finish_reason=reasons[j],
+        choices = [CompletionChoice(index=i, text=echo[j] + texts[j].text, finish_reason=reasons[j],
                                     logprobs=final_logprobs(False, handles[j], texts[j], bool(prep.echo))
                                     if prep.show_logprobs else None)
-                   for j in best_candidates(prep, handles, texts)]
-        for i, c in enumerate(choices):
-            c.index = i
+                   for i, j in enumerate(best_candidates(prep, handles, texts))]
         return CompletionResponse(id=rid, created=t, model=model_name, choices=choices,
                                   usage=Usage(**usage(prep, handles, texts)))
 
