@@ -562,12 +562,12 @@ class Engine:
             return True
         self._prefilling.popleft()
         scratch, req.prefill, req.scratch = req.scratch, None, None
+        done = _Prefilled(req.prefill_key, req.handle.prompt, scratch, logits,
+                          req.handle.prompt_logprobs)
         with self._lock:
-            if any(r.prefill_key == req.prefill_key and r.handle.prompt == req.handle.prompt
-                   for r in self._waiting):   # kept for them (the last logits copied out of the chunk's)
-                pl = req.handle.prompt_logprobs
-                self._shared = _Prefilled(req.prefill_key, req.handle.prompt, scratch, logits.clone(),
-                                          None if pl is None else list(pl))
+            if any(done.serves(r) for r in self._waiting):   # kept for them
+                done.logits = logits.clone()                  # (out of the chunk's logits)
+                self._shared = done
         self._start(slot, req, scratch, logits)
         return True
 
