@@ -272,7 +272,10 @@ def test_compiled_prefill_equals_eager_with_a_bounded_number_of_graphs(tiny64):
     graphs (first chunk, later chunk, the prompt length made symbolic after its first change),
     and nothing breaks the graph. (Each graph costs ~15-20 s of CPU compile here, so one policy;
     h2o's compiled chunk, column sums inside the graph, is test_cuda's
-    test_serving_engine_compiled_prefill, on the device compile_prefill is for.)"""
+    test_serving_engine_compiled_prefill, on the device compile_prefill is for.) A request with
+    `prompt_logprobs` (every position's logits, the padded last chunk's padding left out) gets
+    the eager engine's (to 1e-5: the compiled attention's sums differ from eager's at ~1e-7),
+    at the cost of its own graphs."""
     from torch._dynamo.utils import counters
 
     torch._dynamo.reset()
@@ -289,6 +292,17 @@ def test_compiled_prefill_equals_eager_with_a_bounded_number_of_graphs(tiny64):
     assert got == want
     assert counters["stats"]["unique_graphs"] - before <= 3
     assert not counters["graph_break"], dict(counters["graph_break"])
+    scored = SamplingParams(max_tokens=2, prompt_logprobs=1)
+    handles = []
+    for eng in (Engine(tiny64, None, "snapkv", **common),
+                Engine(tiny64, None, "snapkv", compile_prefill=True, **common)):
+        handles.append(eng.submit(prompts[4], scored))
+        while eng.has_work():
+            eng.step()
+    want, got = handles
+    assert got.tokens == want.tokens and len(got.prompt_logprobs) == lengths[4]
+    for a, b in zip(got.prompt_logprobs[1:], want.prompt_logprobs[1:]):
+        assert a[0] == pytest.approx(b[0], abs=1e-5) and [i for i, _ in a[1]] == [i for i, _ in b[1]]
 
 
 @pytest.mark.parametrize("name, kw", [("adakv", dict(budget=10, window=2)),
