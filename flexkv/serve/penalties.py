@@ -37,9 +37,8 @@ class SlotAdjustments:
         self.S, self.V, self.device = slots, vocab, device
         self.dtype = torch.promote_types(dtype, torch.float32)
         self._state: dict[str, Tensor] = {}
-        self.ban: dict[int, int] = {}       # slot -> its min_tokens (stop ids banned until then)
+        self._ban: dict[int, tuple] = {}    # slot -> (min_tokens, its stop ids) while banned
         self._bias: dict[int, tuple] = {}   # slot -> (ids, values) of its logit_bias
-        self._ban_ids: dict[int, Tensor] = {}  # slot -> its banned (stop) ids, while banned
         self.penalty: set[int] = set()      # slots with any of the three penalties
         self._penalty_rows: Tensor | None = None
 
@@ -58,7 +57,7 @@ class SlotAdjustments:
 
     @property
     def slots(self) -> set[int]:
-        return set(self.ban) | set(self._bias) | self.penalty
+        return set(self._ban) | set(self._bias) | self.penalty
 
     def _ids(self, ids) -> Tensor:
         return torch.tensor(sorted(ids), dtype=torch.long, device=self.device)
@@ -70,8 +69,8 @@ class SlotAdjustments:
         if slot in self._bias:
             ids, vals = self._bias[slot]
             add[slot, ids] = vals
-        if slot in self.ban:
-            add[slot, self._ban_ids[slot]] = float("-inf")
+        if slot in self._ban:
+            add[slot, self._ban[slot][1]] = float("-inf")
 
     def admit(self, slot: int, params, prompt: list[int], stop_ids) -> None:
         """Write `slot`'s rows for a request with `params` (a `SamplingParams`), its prompt ids and
@@ -81,9 +80,8 @@ class SlotAdjustments:
             self._bias[slot] = (torch.tensor(ids, dtype=torch.long, device=self.device),
                                 torch.tensor(vals, dtype=self.dtype, device=self.device))
         if params.min_tokens > 0 and stop_ids:
-            self.ban[slot] = params.min_tokens
-            self._ban_ids[slot] = self._ids(stop_ids)
-        if slot in self._bias or slot in self.ban:
+            self._ban[slot] = (params.min_tokens, self._ids(stop_ids))
+        if slot in self._bias or slot in self._ban:
             self._write_add(slot)
         rep, freq, pres = params.repetition_penalty, params.frequency_penalty, params.presence_penalty
         if rep != 1:
@@ -147,17 +145,15 @@ class SlotAdjustments:
 
     def produced(self, slot: int, n: int) -> None:
         """`slot`'s request has produced `n` tokens: its `min_tokens` ban ends once n reaches it."""
-        if slot in self.ban and n >= self.ban[slot]:
-            del self.ban[slot]
-            del self._ban_ids[slot]
+        if slot in self._ban and n >= self._ban[slot][0]:
+            del self._ban[slot]
             self._write_add(slot)
 
     def free(self, slot: int) -> None:
         """`slot`'s request is done: its rows go back to neutral (a later request in the slot
         is adjusted beside others from them)."""
-        had_add = slot in self.ban or slot in self._bias
-        self.ban.pop(slot, None)
-        self._ban_ids.pop(slot, None)
+        had_add = slot in self._ban or slot in self._bias
+        self._ban.pop(slot, None)
         self._bias.pop(slot, None)
         if had_add:
             self._state["add"][slot] = 0.0
