@@ -236,6 +236,7 @@ class Engine:
         self._decoding: set[int] = set()      # slots whose request is decoding
         self._sampling: set[int] = set()      # decoding slots with temperature > 0 (host-side,
         self._sampling_rows: Tensor | None = None  # so an all-greedy step is one argmax)
+        self._sampling_hint = None            # cut_hint of the sampling slots' settings
         self._logprob_slots: set[int] = set()  # decoding slots whose request wants logprobs
         self._adjust = SlotAdjustments(S, a.vocab_size, dev,  # penalties, logit_bias, min_tokens
                                        next(model.parameters()).dtype)
@@ -594,7 +595,8 @@ class Engine:
         row = torch.tensor([slot], device=self.device)
         self._adjust.admit(slot, p, req.handle.prompt, req.stop_ids)
         choose = self._adjust.choose_first(logits, slot)
-        first = self._sample(choose, row, [slot]) if sampling else choose.argmax(dim=-1)
+        first = (self._sample(choose, row, cut_hint([p])) if sampling
+                 else choose.argmax(dim=-1))
         self._adjust.record(first, slot)
         self._steps[slot] = 1
         self._tok[slot, 0] = first[0]
@@ -626,11 +628,10 @@ class Engine:
             h.prompt_logprobs.extend(logprob_entries(logits[0, :m], target,
                                                      [h.params.prompt_logprobs] * m))
 
-    def _sample(self, logits: Tensor, rows: Tensor, slots: list[int]) -> Tensor:
-        """The tokens of `slots` (`rows` on the device) from their logits [len(rows), V]:
-        `sample_slots` gives each row what it gives that row in any batch (greedy rows: the
-        argmax); the requests' settings, known here, spare it work (`cut_hint`)."""
-        hint = cut_hint([self._slots[s].handle.params for s in slots])
+    def _sample(self, logits: Tensor, rows: Tensor, hint) -> Tensor:
+        """The tokens of slots `rows` from their logits [len(rows), V]: `sample_slots` gives
+        each row what it gives that row in any batch (greedy rows: the argmax); `hint`, the
+        `cut_hint` of those requests' settings (known here), spares it work."""
         return sample_slots(logits, self._temperature[rows], self._top_k[rows], self._top_p[rows],
                             self._seed[rows], self._steps[rows], hint=hint)
 
@@ -642,10 +643,12 @@ class Engine:
         choose = self._adjust.choose_logits(logits)
         nxt = choose.argmax(dim=-1)
         if self._sampling:
-            if self._sampling_rows is None:
-                self._sampling_rows = torch.tensor(sorted(self._sampling), device=self.device)
+            if self._sampling_rows is None:   # rebuilt only when the sampling slots change
+                slots = sorted(self._sampling)
+                self._sampling_rows = torch.tensor(slots, device=self.device)
+                self._sampling_hint = cut_hint(self._slots[s].handle.params for s in slots)
             rows = self._sampling_rows
-            nxt[rows] = self._sample(choose[rows], rows, sorted(self._sampling))
+            nxt[rows] = self._sample(choose[rows], rows, self._sampling_hint)
         self._adjust.record(nxt)
         self._counters["decode_steps_total"] += 1
         self._tok.copy_(torch.where(self._active[:, None], nxt[:, None], self._tok))
