@@ -9,6 +9,8 @@ indices (no `.item()`, no data-dependent shapes).
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 
@@ -227,6 +229,14 @@ class KVCache(nn.Module):
     def clear_rows(self, rows) -> None:
         for lc in self.layers:
             lc.clear_rows(rows)
+
+    def state_bytes(self) -> int:
+        """Bytes of every buffer: K, V, positions, budgets and the policy's statistics."""
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def clone(self) -> "KVCache":
+        """A copy with storage of its own, every buffer (a kept prefill state)."""
+        return copy.deepcopy(self)
 
     def copy_row(self, src: "KVCache", src_row: int, dst_row: int) -> None:
         """Row `src_row` of `src` into row `dst_row` here, every layer (see LayerCache.copy_row)."""

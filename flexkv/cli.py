@@ -362,9 +362,11 @@ def cmd_serve(args) -> int:
     params = dict(args.param or [])
     budget = args.budget if args.budget is not None else (None if args.policy == "full" else 256)
     _check_policy(args.policy, budget, params)
+    from flexkv.serve import parse_bytes
     if args.kv_memory is not None:
-        from flexkv.serve import parse_bytes
         parse_bytes(args.kv_memory)
+    if args.prefix_cache_memory is not None:
+        parse_bytes(args.prefix_cache_memory, "--prefix-cache-memory")
     device = _device(args.device)
     sock = None
     if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 listens, the others follow it
@@ -374,12 +376,14 @@ def cmd_serve(args) -> int:
             raise CLIError(f"--host/--port: cannot listen on {args.host}:{args.port}: "
                            f"{e.strerror or e}") from None
     tp = _init_process(device)
+    if tp and args.prefix_cache_memory is not None:
+        raise CLIError("--prefix-cache-memory is not supported under tensor parallelism (torchrun)")
     serve(args.model, policy=args.policy, budget=budget, max_slots=args.max_slots,
           kv_memory=args.kv_memory, max_new_tokens=args.max_new_tokens,
           max_prompt_tokens=args.max_prompt_tokens, prefill_chunk=args.prefill_chunk,
           max_waiting=args.max_waiting, host=args.host, port=args.port, device=device,
           dtype=args.dtype, compile=args.compile, compile_prefill=args.compile_prefill,
-          served_model_name=args.served_model_name, sock=sock, tp=tp, **params)
+          prefix_cache_memory=args.prefix_cache_memory, served_model_name=args.served_model_name, sock=sock, tp=tp, **params)
     return 0
 
 
@@ -502,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "--max-new-tokens)")
     s.add_argument("--prefill-chunk", type=_positive_int, default=512,
                    help="prompt tokens prefilled per scheduler step (default 512)")
+    s.add_argument("--prefix-cache-memory", default=None, metavar="SIZE",
+                   help="keep prefill states of chunk-aligned prompt prefixes in this much memory "
+                   "(e.g. 1GiB), so prompts that begin alike (a system prompt, a document, a "
+                   "chat's earlier turns) skip those chunks; default off")
     s.add_argument("--max-waiting", type=_positive_int, default=64,
                    help="requests that may wait for a slot; more get 429 (default 64)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

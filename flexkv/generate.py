@@ -318,6 +318,14 @@ class Prefill:
     def done(self) -> bool:
         return self.start >= self.T
 
+    def resume_at(self, start: int) -> None:
+        """Skip the first `start` prompt tokens: `cache` already holds the state that running
+        them gave (a chunk boundary before the last chunk: a multiple of `chunk` below T)."""
+        if self.start != 0 or not (0 < start < self.T and start % self.chunk == 0):
+            raise ValueError(f"resume_at: start must be a multiple of the chunk ({self.chunk}) in "
+                             f"(0, {self.T}) before the first chunk runs, got {start}")
+        self.start = start
+
     @torch.no_grad()
     def step(self) -> Tensor | None:
         """Run the next chunk; after the last one, the last position's logits [B, V]."""

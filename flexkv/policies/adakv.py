@@ -72,6 +72,10 @@ class AdaKV(SnapKV):
         most = (D - a) * min(self.n_kv_heads * sel, prompt_len - w) + a * sel  # D * largest quota
         return w + min(prompt_len - w, most // D + 1)
 
+    def prefix_key(self, prompt_len: int, max_new_tokens: int) -> tuple:
+        # each chunk's selection writes the head budgets with the decode room in them
+        return super().prefix_key(prompt_len, max_new_tokens) + (max_new_tokens,)
+
     def prefill_budget(self, lc: LayerCache, ctx: PrefillContext) -> Tensor:
         # tensor parallel: the layer-wide top-k runs over every rank's heads (gathered in global
         # head order, so ties go to the lower GLOBAL head); each rank keeps its heads' budgets

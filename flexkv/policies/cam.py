@@ -96,6 +96,11 @@ class CaM(CumulativeAttention, MergingPolicy, Streaming):
                                                     copy=True))
         return cache
 
+    def prefix_key(self, prompt_len: int, max_new_tokens: int) -> tuple:
+        if self.stochastic:   # the gates' uniforms are drawn per (prompt + new) length
+            return (prompt_len, max_new_tokens)
+        return super().prefix_key(prompt_len, max_new_tokens)
+
     def prefill_scores(self, ctx: PrefillContext) -> dict[str, Tensor]:
         stats = super().prefill_scores(ctx)  # score += this chunk's column sums
         if self.denominator == "max":       # the chunk's own attention (not a cached statistic)

@@ -26,6 +26,9 @@ class Full(Policy):
     def effective(self, prompt_len: int, max_new_tokens: int) -> bool:
         return False
 
+    def prefix_key(self, prompt_len: int, max_new_tokens: int) -> tuple:
+        return ()   # every token is kept: a chunk's cache is the tokens so far
+
     def store(self, lc: LayerCache, ctx: PrefillContext) -> None:
         """Every token is kept: when they fit as they come (a one-shot prefill or a first chunk;
         slot order carries no meaning) they are loaded without the priority sort and the gather

@@ -138,6 +138,9 @@ class LaProx(Policy):
     def capacity(self, layer, prompt_len, max_new_tokens):
         return self.prefill_slots(prompt_len) + max_new_tokens
 
+    def prefix_key(self, prompt_len, max_new_tokens):
+        return (self.prefill_slots(prompt_len),)   # what a chunk keeps (the cache's budgets)
+
     def layer_budget(self, layer, prompt_len, max_new_tokens, capacity):
         return self.prefill_slots(prompt_len)  # finish_prefill rewrites it
 

@@ -80,6 +80,11 @@ class SnapKV(Policy):
             return prompt_len + max_new_tokens
         return self.prefill_keep(layer, prompt_len) + max_new_tokens
 
+    def prefix_key(self, prompt_len: int, max_new_tokens: int) -> tuple:
+        """A chunk keeps `prefill_keep` of the whole prompt per layer: requests agreeing on it
+        have the same cache after a shared chunk-aligned prefix (see Policy.prefix_key)."""
+        return tuple(self.prefill_keep(l, prompt_len) for l in range(self.n_layers))
+
     def build_cache(self, model, batch: int, prompt_len: int, max_new_tokens: int,
                     capacities: list[int] | None = None):
         self.bind_model(model)

@@ -788,7 +788,7 @@ def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None
           max_prompt_tokens: int | None = None, prefill_chunk: int = 512, max_waiting: int = 64,
           host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", dtype: str = "float32",
           compile: bool | None = None, compile_prefill: bool = False,
-          served_model_name: str | None = None, log_level: str = "info",
+          prefix_cache_memory: str | int | None = None, served_model_name: str | None = None, log_level: str = "info",
           sock: socket.socket | None = None, tp: bool = False, **policy_params) -> None:
     """Load `model` (a known name, provisioned on first use as `flexkv demo` does, or a local HF
     checkpoint dir), build the engine and the app, and serve it with uvicorn until interrupted.
@@ -813,7 +813,7 @@ def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None
     engine = Engine(m, tok, policy=policy, budget=budget, max_new_tokens=max_new_tokens,
                     prefill_chunk=prefill_chunk, max_prompt_tokens=max_prompt_tokens,
                     max_waiting=max_waiting, compile=compile, compile_prefill=compile_prefill,
-                    **slots, **policy_params)
+                    prefix_cache_memory=prefix_cache_memory, **slots, **policy_params)
     shard = shard_of(m)
     if shard.rank != 0:
         engine.follow()

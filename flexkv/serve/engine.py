@@ -13,7 +13,9 @@ iteration:
    prompt being prefilled (and the same `max_tokens` and `prompt_logprobs`: `n` choices,
    `best_of` candidates, repeats) wait for that prefill and take its row, last logits and
    prompt logprobs (`_Prefilled`) instead of prefilling again; requests behind them start
-   meanwhile;
+   meanwhile. With `prefix_cache_memory`, the cache after each chunk that is not a prompt's last
+   is kept (least recently used first out); a prompt that begins with a kept chunk-aligned
+   prefix resumes from the longest one instead of running those chunks (`_PrefixCache`);
 3. one decode step for every slot (`decode_one_token`: compiled, `fullgraph=True`, CUDA graphs on
    CUDA) with an `active` mask: idle slots write, score and evict nothing; per-slot sampling
    parameters are tensors (`flexkv.serve.sampling`), so nothing recompiles as requests come
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections import OrderedDict
 import secrets
 import threading
 import time
@@ -114,12 +117,61 @@ class _Prefilled:
         return req.prefill_key == self.key and req.handle.prompt == self.prompt
 
 
+class _PrefixCache:
+    """Prefill states kept for later prompts that begin with the same tokens (a long system
+    prompt, a shared document, the earlier turns of a chat), within `limit` bytes, least
+    recently used first out.
+
+    An entry is a one-row cache as a prefill left it after a chunk that was not its prompt's
+    last, with the tokens it holds (a multiple of the chunk length) and the policy's
+    `prefix_key` of the request that made it: a request with an equal key whose prompt begins
+    with those tokens holds exactly that cache at that point of its own prefill (the policy's
+    contract, tests/test_prefix_cache.py), so it resumes there and gives the tokens it would
+    have given from scratch."""
+
+    def __init__(self, limit: int):
+        self.limit, self.bytes = limit, 0
+        self.entries: OrderedDict[tuple, tuple[tuple, KVCache, int]] = OrderedDict()
+
+    @staticmethod
+    def _key(policy_key: tuple, tokens: tuple) -> tuple:
+        return (policy_key, len(tokens), hash(tokens))
+
+    def longest(self, prompt: list[int], chunk: int, policy_key: tuple) -> tuple[int, KVCache] | None:
+        """The longest kept prefix of `prompt` (chunk-aligned, shorter than the prompt) under
+        `policy_key`: (its length, its cache), or None."""
+        for end in range((len(prompt) - 1) // chunk * chunk, 0, -chunk):
+            tokens = tuple(prompt[:end])
+            key = self._key(policy_key, tokens)
+            hit = self.entries.get(key)
+            if hit is not None and hit[0] == tokens:
+                self.entries.move_to_end(key)
+                return end, hit[1]
+        return None
+
+    def keep(self, prompt: list[int], end: int, policy_key: tuple, cache: KVCache) -> None:
+        """Keep a copy of `cache`, the state after `prompt[:end]`, unless it is kept already."""
+        tokens = tuple(prompt[:end])
+        key = self._key(policy_key, tokens)
+        if key in self.entries and self.entries[key][0] == tokens:
+            self.entries.move_to_end(key)
+            return
+        size = cache.state_bytes()
+        if size > self.limit:
+            return
+        while self.bytes + size > self.limit:
+            _, (_, _, gone) = self.entries.popitem(last=False)
+            self.bytes -= gone
+        self.entries[key] = (tokens, cache.clone(), size)   # (a colliding key is replaced)
+        self.bytes = sum(e[2] for e in self.entries.values())
+
+
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
           "t": 1e12, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
-def parse_bytes(x) -> int:
-    """`kv_memory`: an int (bytes) or a string such as "2GiB", "512MiB", "1.5GB"."""
+def parse_bytes(x, name: str = "kv_memory") -> int:
+    """A memory size: an int (bytes) or a string such as "2GiB", "512MiB", "1.5GB"."""
     if _is_int(x) and x > 0:
         return x
     if isinstance(x, str):
@@ -128,7 +180,7 @@ def parse_bytes(x) -> int:
             n = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
             if n > 0:
                 return n
-    raise ValueError(f"kv_memory must be a positive number of bytes (an int, or a string such as "
+    raise ValueError(f"{name} must be a positive number of bytes (an int, or a string such as "
                      f"'2GiB', '512MiB', '1.5GB'), got {x!r}")
 
 
@@ -143,6 +195,10 @@ class Engine:
     prefill chunk too (`flexkv.generate.compiled_prefill`: one chunk shape, the last chunk of a
     prompt left-padded, the same tokens; fewer, fused kernels per chunk where eager prefill is
     host-bound, e.g. a small model on a GPU); `max_waiting` bounds the queue.
+    `prefix_cache_memory` (bytes, or a string such as "1GiB"; default None: off) keeps the
+    prefill's cache after every chunk that is not a prompt's last, within that memory, so a
+    prompt that begins with the same chunk-aligned tokens as an earlier one (a shared system
+    prompt or document, a chat's earlier turns) skips those chunks; its tokens are the same.
     Extra keyword arguments are the policy's parameters, as in `flexkv.generate`.
 
     On a tensor-parallel model (`flexkv.load_model(..., tp=True)`) build the engine on every rank
@@ -155,7 +211,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, policy="full", budget=None, *, max_slots: int | None = None,
                  kv_memory=None, max_new_tokens: int = 256, max_prompt_tokens: int | None = None,
                  prefill_chunk: int | None = 512, max_waiting: int = 256, compile: bool | None = None,
-                 compile_prefill: bool = False, **policy_params):
+                 compile_prefill: bool = False, prefix_cache_memory=None, **policy_params):
         a = model.args
         ctx = a.max_position_embeddings
         if not _is_int(max_new_tokens) or not 1 <= max_new_tokens < ctx:
@@ -176,6 +232,14 @@ class Engine:
         if compile_prefill and shard_of(model).active:
             raise ValueError("compile_prefill=True is not supported on a tensor-parallel model "
                              "(its prefill runs eagerly); leave it False")
+        if prefix_cache_memory is not None:
+            prefix_limit = parse_bytes(prefix_cache_memory, "prefix_cache_memory")
+            if prefill_chunk is None:
+                raise ValueError("prefix_cache_memory needs an int prefill_chunk (the cache keeps "
+                                 "the state after each chunk), got prefill_chunk=None")
+            if shard_of(model).active:
+                raise ValueError("prefix_cache_memory is not supported on a tensor-parallel model "
+                                 "(every rank would have to keep the same entries); leave it None")
         if not _is_int(max_waiting) or max_waiting < 1:
             raise ValueError(f"max_waiting must be an int >= 1, got {max_waiting!r}")
         if max_slots is not None and kv_memory is not None:
@@ -244,6 +308,7 @@ class Engine:
         self._prefilling: deque[int] = deque()  # slots whose prompt is being prefilled, oldest first
         self._waiting: deque[_Running] = deque()
         self._shared: _Prefilled | None = None  # a finished prefill that waiting requests share
+        self._prefix = None if prefix_cache_memory is None else _PrefixCache(prefix_limit)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ids = itertools.count()
@@ -253,6 +318,7 @@ class Engine:
         self._counters = dict(tokens_generated_total=0, prompt_tokens_total=0,
                               requests_finished_total=0, requests_submitted_total=0,
                               decode_steps_total=0, prefill_chunks_total=0, prefills_shared_total=0,
+                              prefix_cache_hits_total=0, prefix_cache_tokens_total=0,
                               prefill_seconds_total=0.0, decode_seconds_total=0.0)
 
     # ------------------------------------------------------------------ public API
@@ -334,6 +400,9 @@ class Engine:
                        slots_total=self.max_slots, slots_used=used,
                        kv_bytes_allocated=self.cache.kv_bytes(),
                        kv_bytes_held=used * self.slot_kv_bytes, **self._counters)
+            if self._prefix is not None:
+                out.update(prefix_cache_entries=len(self._prefix.entries),
+                           prefix_cache_bytes=self._prefix.bytes)
         return out
 
     def latency_histograms(self) -> dict:
@@ -557,9 +626,14 @@ class Engine:
             return False
         slot = self._prefilling[0]
         req = self._slots[slot]
+        if self._prefix is not None and req.prefill.start == 0 and req.handle.params.prompt_logprobs is None:
+            self._resume_from_prefix(req)
         logits = req.prefill.step()
         self._counters["prefill_chunks_total"] += 1
         if logits is None:
+            if self._prefix is not None:
+                self._prefix.keep(req.handle.prompt, req.prefill.start, self._prefix_key(req),
+                                  req.scratch)
             return True
         self._prefilling.popleft()
         scratch, req.prefill, req.scratch = req.scratch, None, None
@@ -571,6 +645,21 @@ class Engine:
                 self._shared = done
         self._start(slot, req, scratch, logits)
         return True
+
+    def _prefix_key(self, req: _Running) -> tuple:
+        return self.policy.prefix_key(len(req.handle.prompt), req.handle.params.max_tokens)
+
+    def _resume_from_prefix(self, req: _Running) -> None:
+        """Before a prompt's first chunk: start from the longest kept prefix of it, if any (a
+        request that wants prompt logprobs runs every chunk: their logits are not kept)."""
+        hit = self._prefix.longest(req.handle.prompt, req.prefill.chunk, self._prefix_key(req))
+        if hit is None:
+            return
+        end, state = hit
+        req.scratch.copy_row(state, 0, 0)
+        req.prefill.resume_at(end)
+        self._counters["prefix_cache_hits_total"] += 1
+        self._counters["prefix_cache_tokens_total"] += end
 
     def _start(self, slot: int, req: _Running, scratch: KVCache, logits: Tensor) -> None:
         """`req`'s prompt is prefilled (`scratch`'s row, the last logits [1, V]): copy the row into
