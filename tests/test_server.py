@@ -1354,6 +1354,36 @@ def test_still_healthy_after_everything(client, main, aux, fuzz):
                          "ignore_eos": True})[1] == "length"
 
 
+def test_prefix_cache_over_http(model_tok):
+    """Chat requests that share a system prompt: the later ones resume from the kept prefix
+    (`/metrics`), and every answer equals `flexkv.generate` on its prompt alone."""
+    import torch
+
+    import flexkv
+
+    model, tok = model_tok
+    engine = Engine(model, tok, policy="h2o", budget=32, max_slots=2, max_new_tokens=8,
+                    prefill_chunk=8, prefix_cache_memory="64MiB", compile=False)
+    system = {"role": "system", "content": "You answer questions about this text. " * 3}
+    with BackgroundServer(build_app(engine, NAME)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        for i, question in enumerate(["What is it about?", "Who wrote it?", "Why?"]):
+            messages = [system, {"role": "user", "content": question}]
+            text, _, usage = _ask(c, dict(messages=messages, max_tokens=6, temperature=0,
+                                          ignore_eos=True), chat=True)
+            ids = tok(tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True),
+                      add_special_tokens=False)["input_ids"]   # as the server tokenizes
+            want = flexkv.generate(model, torch.tensor([ids]), max_new_tokens=6, policy="h2o",
+                                   budget=32, prefill_chunk=8).tokens[0, len(ids):].tolist()
+            assert text == _decode(tok, want), question
+            assert usage["prompt_tokens"] == len(ids)
+        m = _metrics(c)
+    shared = len(tok.apply_chat_template([system], tokenize=False))  # chars: ~ byte tokens
+    assert m["flexkv_prefix_cache_hits_total"] == 2
+    assert m["flexkv_prefix_cache_tokens_total"] >= 2 * (shared // 8 - 1) * 8
+    assert 0 < m["flexkv_prefix_cache_bytes"] <= 64 * 2**20
+
+
 # ----------------------------------------------------------------------------- the CLI
 def test_cli_serve_bad_arguments_exit_2(tiny_chat_dir, capsys):
     from flexkv.cli import main as cli
@@ -1362,7 +1392,8 @@ def test_cli_serve_bad_arguments_exit_2(tiny_chat_dir, capsys):
     for extra, needle in [(["--port", "70000"], "--port"), (["--max-slots", "0"], "--max-slots"),
                           (["--max-slots", "2", "--kv-memory", "1GiB"], "not allowed with"),
                           (["--policy", "nope"], "nope"), (["--max-waiting", "0"], "--max-waiting"),
-                          (["--kv-memory", "lots"], "kv_memory")]:
+                          (["--kv-memory", "lots"], "kv_memory"),
+                          (["--prefix-cache-memory", "0"], "--prefix-cache-memory")]:
         assert cli(base + extra) == 2, extra
         err = capsys.readouterr().err
         assert needle in err, (extra, err)
@@ -1383,14 +1414,16 @@ def test_cli_serve_passes_its_engine_options(tiny_chat_dir):
         assert cli(["serve", "--model", str(tiny_chat_dir), "--port", "0", "--policy", "h2o",
                     "--budget", "16", "--param", "recent=4", "--max-slots", "3",
                     "--max-new-tokens", "8", "--max-prompt-tokens", "64", "--prefill-chunk", "8",
-                    "--compile-prefill", "--no-compile", "--max-waiting", "5"]) == 0
+                    "--compile-prefill", "--no-compile", "--max-waiting", "5",
+                    "--prefix-cache-memory", "1GiB"]) == 0
     (model,), kw = serve.call_args
     assert model == str(tiny_chat_dir)
     assert {k: kw[k] for k in ("policy", "budget", "recent", "max_slots", "max_new_tokens",
                                "max_prompt_tokens", "prefill_chunk", "compile_prefill",
-                               "compile", "max_waiting")} == dict(
+                               "compile", "max_waiting", "prefix_cache_memory")} == dict(
         policy="h2o", budget=16, recent=4, max_slots=3, max_new_tokens=8, max_prompt_tokens=64,
-        prefill_chunk=8, compile_prefill=True, compile=False, max_waiting=5)
+        prefill_chunk=8, compile_prefill=True, compile=False, max_waiting=5,
+        prefix_cache_memory="1GiB")
     kw["sock"].close()
 
 
