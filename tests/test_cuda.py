@@ -650,6 +650,27 @@ def test_serving_engine_compiled_prefill(model32, dev, name, kw):
     _check_engine_tokens(model, dev, prompts, outs, n_new, policy=name, **kw)
 
 
+def test_serving_engine_prefix_cache_on_device(model32, dev):
+    """The prefix cache on the device, with the compiled prefill, in the engine's thread: three
+    prompts share a 24-token document; the two later ones resume from its kept chunk states, and
+    every request's tokens equal its solo run; the decode step replays with no skip."""
+    from flexkv import serve
+    model = model32
+    V = model.args.vocab_size
+    doc = random_ids(1, 24, V, seed=40)[0].tolist()
+    prompts = [doc + random_ids(1, L, V, seed=41 + L)[0].tolist() for L in (3, 9, 5)]
+    n_new = 16
+    eng = serve.Engine(model, None, policy="h2o", budget=16, max_slots=2, max_new_tokens=n_new,
+                       prefill_chunk=8, compile_prefill=True, prefix_cache_memory="256MiB")
+    outs, replays = _run_in_engine_thread(eng, prompts, serve.SamplingParams(max_tokens=n_new,
+                                                                             temperature=0))
+    m = eng.metrics()
+    assert m["prefix_cache_hits_total"] == 2 and m["prefix_cache_tokens_total"] == 2 * 24, m
+    if CUDA:
+        assert cudagraph_skips() == 0, dict(counters["inductor"])
+    _check_engine_tokens(model, dev, prompts, outs, n_new)
+
+
 def test_token_choice_on_device_equals_cpu_without_a_host_sync(dev):
     """The engine's token choice outside the compiled step: the logit adjustments
     (`SlotAdjustments`: penalties, logit_bias, min_tokens) and the sampler (`sample_slots` with
