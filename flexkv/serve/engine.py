@@ -56,6 +56,7 @@ from flexkv.distributed import shard_of
 from flexkv.generate import (Prefill, compiled_decode, compiled_prefill, cuda_graph_thread_state,
                              decode_one_token, grad_off, stop_token_ids)
 from flexkv.policies import make_policy
+from flexkv.serve.json_mode import JsonVocab
 from flexkv.serve.metrics import RequestLatency
 from flexkv.serve.penalties import SlotAdjustments
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
@@ -302,8 +303,10 @@ class Engine:
         self._sampling_rows: Tensor | None = None  # so an all-greedy step is one argmax)
         self._sampling_hint = None            # cut_hint of the sampling slots' settings
         self._logprob_slots: set[int] = set()  # decoding slots whose request wants logprobs
-        self._adjust = SlotAdjustments(S, a.vocab_size, dev,  # penalties, logit_bias, min_tokens
-                                       next(model.parameters()).dtype)
+        self._adjust = SlotAdjustments(S, a.vocab_size, dev,  # penalties, logit_bias, min_tokens,
+                                       next(model.parameters()).dtype,  # JSON mode
+                                       json_vocab=self._json_vocab)
+        self._json: JsonVocab | None = None
         self._latency = RequestLatency()
         self._prefilling: deque[int] = deque()  # slots whose prompt is being prefilled, oldest first
         self._waiting: deque[_Running] = deque()
@@ -411,6 +414,12 @@ class Engine:
         {"buckets": [(upper bound s, cumulative count)], "sum", "count"}) (`flexkv.serve.metrics`)."""
         return self._latency.snapshot()
 
+    def _json_vocab(self) -> JsonVocab:
+        """Every token's bytes, for JSON mode (built at the first request that asks)."""
+        if self._json is None:
+            self._json = JsonVocab.from_tokenizer(self.tokenizer, self.vocab_size, self.device)
+        return self._json
+
     # ------------------------------------------------------------------ validation / queueing
     def _check(self, prompt, params: SamplingParams) -> list[int]:
         if isinstance(prompt, Tensor):
@@ -430,6 +439,9 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.validate(self.max_new_tokens, self.vocab_size)
+        if params.response_format == "json_object" and self.tokenizer is None:
+            raise ValueError("response_format='json_object' needs the engine's tokenizer (to know "
+                             "each token's bytes); this engine was built without one")
         return list(prompt)
 
     @staticmethod
@@ -762,6 +774,7 @@ class Engine:
                 self._free(slot)
                 continue
             h._emit(tok, None if logprobs is None else logprobs.get(slot))
+            self._adjust.advance(slot, tok)
             req.generated += 1
             self._adjust.produced(slot, req.generated)
             self._counters["tokens_generated_total"] += 1

@@ -7,7 +7,11 @@ token is chosen (the argmax, or the sampler's temperature, top-k and top-p), as 
 3. `repetition_penalty` p (vLLM's and transformers'): a token seen in the prompt or the output
    so far has its logit divided by p where positive, multiplied by p where not;
    `frequency_penalty` f and `presence_penalty` r (OpenAI's): a token produced c times so far has
-   f * c + r * (c > 0) subtracted.
+   f * c + r * (c > 0) subtracted;
+0. before all of them, `response_format="json_object"`: every token that cannot continue the
+   request's JSON object is banned (`flexkv.serve.json_mode`; its stop tokens only once the
+   object is complete). The host advances the request's recognizer by each token it produces
+   (the engine reads the tokens anyway) and writes its row of the mask.
 
 The state is one row per slot (`[S, V]` tensors, each allocated the first time a request needs
 it) written at admission and after each step on the device, without a host sync; the host knows
@@ -21,6 +25,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from flexkv.serve.json_mode import DONE, INITIAL, feed
+
 
 class SlotAdjustments:
     """The engine's per-slot state, kept so that a step applies the adjustments above in at most
@@ -33,8 +39,10 @@ class SlotAdjustments:
     `choose_logits` / `choose_first` give the logits to choose from, `record` counts the tokens
     chosen, `produced` lifts the `min_tokens` ban, `free` makes the rows neutral again."""
 
-    def __init__(self, slots: int, vocab: int, device, dtype=torch.float32):
+    def __init__(self, slots: int, vocab: int, device, dtype=torch.float32, json_vocab=None):
         self.S, self.V, self.device = slots, vocab, device
+        self._json_vocab = json_vocab       # () -> JsonVocab, for JSON mode (built once, lazily)
+        self._json: dict[int, list] = {}    # slot -> [recognizer state, its stop ids]
         self.dtype = torch.promote_types(dtype, torch.float32)
         self._state: dict[str, Tensor] = {}
         self._ban: dict[int, tuple] = {}    # slot -> (min_tokens, its stop ids) while banned
@@ -57,7 +65,7 @@ class SlotAdjustments:
 
     @property
     def slots(self) -> set[int]:
-        return set(self._ban) | set(self._bias) | self.penalty
+        return set(self._ban) | set(self._bias) | self.penalty | set(self._json)
 
     def _ids(self, ids) -> Tensor:
         return torch.tensor(sorted(ids), dtype=torch.long, device=self.device)
@@ -72,9 +80,22 @@ class SlotAdjustments:
         if slot in self._ban:
             add[slot, self._ban[slot][1]] = float("-inf")
 
+    def _write_allow(self, slot: int) -> None:
+        """`slot`'s row of the JSON mask: the tokens that may continue its object, and its stop
+        ids once the object is complete (or if nothing else may follow)."""
+        state, stops = self._json[slot]
+        allow = self._tensor("allow", True, torch.bool)
+        mask, some = self._json_vocab().allowed(state)
+        allow[slot] = mask
+        if state[0] == DONE or not some:
+            allow[slot, stops] = True
+
     def admit(self, slot: int, params, prompt: list[int], stop_ids) -> None:
         """Write `slot`'s rows for a request with `params` (a `SamplingParams`), its prompt ids and
         its stop token ids; a request without adjustments leaves them neutral."""
+        if params.response_format == "json_object":
+            self._json[slot] = [INITIAL, self._ids(stop_ids)]
+            self._write_allow(slot)
         if params.logit_bias:
             ids, vals = zip(*sorted(params.logit_bias.items()))
             self._bias[slot] = (torch.tensor(ids, dtype=torch.long, device=self.device),
@@ -97,6 +118,8 @@ class SlotAdjustments:
 
     def _apply(self, out: Tensor, rows: slice) -> Tensor:
         st = self._state
+        if "allow" in st:
+            out = out.masked_fill(~st["allow"][rows], float("-inf"))
         if "add" in st:
             out += st["add"][rows]
         if "rep" in st:
@@ -143,6 +166,19 @@ class SlotAdjustments:
             sub.index_put_((rows, tokens), st["frequency"][rows] * counts[rows, tokens]
                            + st["presence"][rows])
 
+    def advance(self, slot: int, token: int) -> None:
+        """`slot` produced `token` (not a stop token): its JSON recognizer takes the token's
+        bytes and its mask row follows (a token without bytes, a special one, changes nothing)."""
+        if slot not in self._json:
+            return
+        data = self._json_vocab().bytes_of.get(token)
+        if data:
+            entry = self._json[slot]
+            state = feed(entry[0], data)
+            if state is not None:     # (the mask let only such tokens through)
+                entry[0] = state
+                self._write_allow(slot)
+
     def produced(self, slot: int, n: int) -> None:
         """`slot`'s request has produced `n` tokens: its `min_tokens` ban ends once n reaches it."""
         if slot in self._ban and n >= self._ban[slot][0]:
@@ -152,6 +188,8 @@ class SlotAdjustments:
     def free(self, slot: int) -> None:
         """`slot`'s request is done: its rows go back to neutral (a later request in the slot
         is adjusted beside others from them)."""
+        if self._json.pop(slot, None) is not None:
+            self._state["allow"][slot] = True
         had_add = slot in self._ban or slot in self._bias
         self._ban.pop(slot, None)
         self._bias.pop(slot, None)

@@ -21,6 +21,7 @@ def _is_number(x) -> bool:
     """A finite int or float (not a bool)."""
     return _is_int(x) or (isinstance(x, float) and math.isfinite(x))
 
+RESPONSE_FORMATS = ("text", "json_object")
 
 @dataclass
 class SamplingParams:
@@ -48,6 +49,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
+    # "json_object": the text is one JSON object (flexkv.serve.json_mode; needs the engine's
+    # tokenizer); "text": unconstrained
+    response_format: str = "text"
 
     def validate(self, max_new_tokens: int, vocab_size: int) -> None:
         if not _is_int(self.max_tokens) or not 0 <= self.max_tokens <= max_new_tokens:
@@ -96,6 +100,9 @@ class SamplingParams:
         m = self.min_tokens
         if not _is_int(m) or not 0 <= m <= self.max_tokens:
             raise ValueError(f"min_tokens must be an int in [0, max_tokens={self.max_tokens}], got {m!r}")
+        if self.response_format not in RESPONSE_FORMATS:
+            raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}, got "
+                             f"{self.response_format!r}")
 
 
 class QueueFull(RuntimeError):

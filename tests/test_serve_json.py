@@ -1,0 +1,199 @@
+"""JSON mode (`response_format="json_object"`, flexkv.serve.json_mode).
+
+- The recognizer against Python's `json` (hypothesis): every JSON object, dumped compact or
+  indented, is accepted byte by byte and ends complete; every prefix of it is accepted; on
+  random strings over JSON's alphabet, "accepted and complete" is exactly "`json.loads` gives a
+  dict" (no NaN / Infinity, RFC whitespace only).
+- The masks against brute force (hypothesis): for states reached by random valid prefixes, a
+  vocabulary of random multi-byte tokens (brackets, quotes, escapes, digits, letters), the
+  memoized mask equals simulating every token's bytes.
+- The engine: requests in JSON mode beside plain ones (a byte-level tokenizer and the tiny
+  float64 model): every token is one the recognizer takes, a request that stops has produced a
+  JSON object (`json.loads`), one cut by `max_tokens` a valid prefix of one; the plain requests'
+  tokens are those of `flexkv.generate` alone; a slot that held a JSON request serves the next
+  one as a fresh engine. Greedy and sampled, with penalties and `min_tokens` on top.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import flexkv
+from flexkv.serve import Engine, SamplingParams
+from flexkv.serve.json_mode import DONE, INITIAL, JsonVocab, feed, step
+from test_serve_engine import SETTINGS, random_prompt, solo
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**12, 10**12)
+    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12)
+OBJECTS = st.dictionaries(st.text(max_size=6), JSON_VALUES, max_size=4)
+ALPHABET = '{}[]":,0123456789.eE+-truefalsn \\u\n\tx'
+
+
+def accepts(text: str) -> bool:
+    state = feed(INITIAL, text.encode())
+    return state is not None and state[0] == DONE
+
+
+def loads_object(text: str) -> bool:
+    def no_constant(name):
+        raise ValueError(name)
+    try:
+        return isinstance(json.loads(text, parse_constant=no_constant), dict)
+    except ValueError:
+        return False
+
+
+@settings(max_examples=300, deadline=None)
+@given(obj=OBJECTS, indent=st.sampled_from([None, 0, 2]), ascii_=st.booleans())
+def test_every_object_and_each_prefix_is_accepted(obj, indent, ascii_):
+    data = f" {json.dumps(obj, indent=indent, ensure_ascii=ascii_)}\n".encode()
+    state = INITIAL
+    for b in data:
+        state = step(state, b)
+        assert state is not None, data
+    assert state[0] == DONE
+
+
+@settings(max_examples=1000, deadline=None)
+@given(text=st.text(alphabet=ALPHABET, max_size=24) | OBJECTS.map(json.dumps).flatmap(
+    lambda s: st.integers(0, len(s)).flatmap(
+        lambda i: st.text(alphabet=ALPHABET, max_size=3).map(lambda x: s[:i] + x + s[i + len(x):]))))
+def test_accepting_is_json_loads_of_an_object(text):
+    assert accepts(text) == loads_object(text), text
+    if accepts(text):   # and every prefix is a state
+        assert all(feed(INITIAL, text[:i].encode()) is not None for i in range(len(text)))
+
+
+@settings(max_examples=300, deadline=None)
+@given(number=st.text(alphabet="0123456789.eE+-", min_size=1, max_size=7), ws=st.sampled_from(["", " "]))
+def test_numbers_are_json_numbers(number, ws):
+    for text in (f'{{"a":{number}{ws}}}', f'{{"a":[{number}{ws}]}}', f'{{"a":[1,{number}{ws},2]}}'):
+        assert accepts(text) == loads_object(text), text
+
+
+TOKEN_BYTES = st.lists(st.sampled_from(list(b'{}[]":,0123456789.eE-+tfnrulas \\\n\x01\xc3\xa9x')),
+                       min_size=1, max_size=5).map(bytes)
+
+
+@settings(max_examples=100, deadline=None)
+@given(tokens=st.lists(st.one_of(st.none(), TOKEN_BYTES), min_size=1, max_size=60),
+       obj=OBJECTS, indent=st.sampled_from([None, 1]), memo=st.sampled_from([1, 4096]))
+def test_masks_equal_brute_force(tokens, obj, indent, memo):
+    vocab = JsonVocab(tokens, memo=memo)
+    text = json.dumps(obj, indent=indent).encode()
+    for i in range(len(text) + 1):                          # every state along one document
+        state = feed(INITIAL, text[:i])
+        for _ in range(2):                                  # a fresh mask, then the memo's
+            mask, some = vocab.allowed(state)
+            want = [bs is not None and len(bs) > 0 and feed(state, bs) is not None for bs in tokens]
+            assert mask.tolist() == want, (text[:i], state)
+            assert some == any(want)
+
+
+# ----------------------------------------------------------------------------- the engine
+class ByteTokenizer:
+    """Ids 0-255 are the bytes, 256 is eos (special), 257 a special token: what JsonVocab and
+    the engine need of a tokenizer."""
+    eos_token_id = 256
+    all_special_ids = [256, 257]
+
+    def __len__(self):
+        return 258
+
+    def convert_ids_to_tokens(self, i):
+        return f"<0x{i:02X}>" if i < 256 else ["</s>", "<x>"][i - 256]
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
+        data = bytes(i for i in ids if i < 256)
+        return data.decode("utf-8", errors="replace")
+
+
+@pytest.fixture(scope="module")
+def tiny64(tmp_path_factory):
+    """The tiny llama shape with a vocabulary of 258 (the bytes, eos, one special)."""
+    from helpers import make_checkpoint
+    path = make_checkpoint(tmp_path_factory.mktemp("json-llama"), "llama", seed=3, vocab_size=258,
+                           eos_token_id=256, bos_token_id=257)
+    model, _ = flexkv.load_model(path, dtype=torch.float64)
+    return model
+
+
+def check_json_tokens(tokens: list[int], reason: str):
+    data = bytes(t for t in tokens if t < 256)
+    assert all(t < 256 for t in tokens), tokens        # no special token inside the object
+    state = feed(INITIAL, data)
+    assert state is not None, data
+    if reason == "stop":
+        assert state[0] == DONE and loads_object(data.decode("utf-8", errors="replace")), data
+    return state
+
+
+@pytest.mark.parametrize("policy, kw", [("full", {}), ("h2o", dict(budget=12))])
+@SETTINGS
+@given(data=st.data())
+def test_engine_json_requests_beside_plain_ones(tiny64, policy, kw, data):
+    d = data.draw
+    V = tiny64.args.vocab_size
+    eng = Engine(tiny64, ByteTokenizer(), policy, max_slots=d(st.integers(1, 3)), max_new_tokens=40,
+                 max_prompt_tokens=30, prefill_chunk=8, **kw)
+    reqs = []
+    for i in range(d(st.integers(2, 5))):
+        T, n = d(st.integers(2, 30)), d(st.integers(1, 40))
+        json_mode = d(st.booleans())
+        extra = {}
+        if json_mode:
+            # a push toward closing the object, so some requests finish it
+            bias = d(st.sampled_from([None, {ord("}"): 5.0, ord('"'): 3.0, 256: 20.0}]))
+            extra = dict(temperature=d(st.sampled_from([0.0, 1.0])), seed=i, logit_bias=bias,
+                         min_tokens=d(st.integers(0, min(n, 3))),
+                         presence_penalty=d(st.sampled_from([0.0, 1.0])))
+        reqs.append((random_prompt(T, 100 + i, V), SamplingParams(
+            max_tokens=n, response_format="json_object" if json_mode else "text", **extra)))
+    handles = [eng.submit(p, sp) for p, sp in reqs]
+    while eng.has_work():
+        eng.step()
+    for (prompt, sp), h in zip(reqs, handles):
+        assert h.finish_reason in ("stop", "length")
+        if sp.response_format == "json_object":
+            check_json_tokens(h.tokens, h.finish_reason)
+            assert len(h.tokens) >= sp.min_tokens or h.finish_reason == "length"
+        else:
+            want, _ = solo(tiny64, prompt, sp.max_tokens, 8, policy, kw)
+            n = len(h.tokens)
+            assert h.tokens == want[:n] and (h.finish_reason == "stop" or n == sp.max_tokens)
+    assert not eng._adjust.slots                          # every row neutral again
+
+
+def test_a_finished_object_ends_with_eos_and_a_slot_is_fresh_after(tiny64):
+    V = tiny64.args.vocab_size
+    eng = Engine(tiny64, ByteTokenizer(), "full", max_slots=1, max_new_tokens=40,
+                 max_prompt_tokens=30, prefill_chunk=8)
+    prompt = random_prompt(12, 5, V)
+    # the bias makes `{"a":1}` the likeliest continuation at every point: then eos
+    bias = {b: 40.0 for b in b'{}"a:1'} | {256: 60.0}
+    h = eng.submit(prompt, SamplingParams(max_tokens=40, response_format="json_object",
+                                          logit_bias=bias))
+    while eng.has_work():
+        eng.step()
+    assert h.finish_reason == "stop"
+    check_json_tokens(h.tokens, "stop")
+    # the same request without JSON mode would stop at once (eos has the highest bias)
+    plain = eng.generate([prompt], SamplingParams(max_tokens=40, logit_bias=bias))[0]
+    assert plain == []
+    # and a plain request in the slot afterwards equals generate alone
+    assert eng.generate([prompt], SamplingParams(max_tokens=10))[0] == solo(tiny64, prompt, 10, 8, "full", {})[0]
+
+
+def test_json_mode_needs_a_tokenizer_and_a_known_format(tiny64):
+    eng = Engine(tiny64, None, "full", max_slots=1, max_new_tokens=4, max_prompt_tokens=30)
+    with pytest.raises(ValueError, match="needs the engine's tokenizer"):
+        eng.submit([1, 2], SamplingParams(max_tokens=4, response_format="json_object"))
+    with pytest.raises(ValueError, match="response_format must be one of"):
+        eng.submit([1, 2], SamplingParams(max_tokens=4, response_format="json_schema"))
