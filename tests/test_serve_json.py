@@ -197,3 +197,27 @@ def test_json_mode_needs_a_tokenizer_and_a_known_format(tiny64):
         eng.submit([1, 2], SamplingParams(max_tokens=4, response_format="json_object"))
     with pytest.raises(ValueError, match="response_format must be one of"):
         eng.submit([1, 2], SamplingParams(max_tokens=4, response_format="json_schema"))
+
+
+
+@pytest.fixture(scope="module")
+def real_vocab():
+    from test_server import _default_tokenizer_or_none
+    tok = _default_tokenizer_or_none()
+    if tok is None:
+        pytest.skip("the default model is not provisioned here")
+    return tok, JsonVocab.from_tokenizer(tok, len(tok))
+
+
+@settings(max_examples=40, deadline=None)
+@given(obj=OBJECTS, indent=st.sampled_from([None, 2]))
+def test_a_real_tokenizers_own_tokens_of_json_are_allowed(real_vocab, obj, indent):
+    """The default model's byte-level BPE tokenizer: however it splits a JSON document, each of
+    its tokens is allowed where it comes, and the document ends complete."""
+    tok, vocab = real_vocab
+    doc = json.dumps(obj, indent=indent, ensure_ascii=False)
+    state = INITIAL
+    for t in tok(doc, add_special_tokens=False)["input_ids"]:
+        assert vocab.allowed(state)[0][t], (doc, tok.decode([t]), state)
+        state = feed(state, vocab.bytes_of[t])
+    assert state[0] == DONE

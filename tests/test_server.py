@@ -1086,6 +1086,13 @@ BAD = [
                                           b'"presence_penalty": NaN}', 400, "presence_penalty"),
     ("chat-tools", "chat", {"messages": [{"role": "user", "content": "hi"}],
                             "tools": [{"type": "function"}]}, 400, "tools"),
+    ("chat-json-schema", "chat", {"messages": [{"role": "user", "content": "hi"}],
+                                  "response_format": {"type": "json_schema", "json_schema": {}}},
+     400, "response_format"),
+    ("response-format-unknown-type", "c", {"prompt": "hi", "response_format": {"type": "yaml"}},
+     400, "response_format"),
+    ("response-format-string", "c", {"prompt": "hi", "response_format": "json_object"}, 400,
+     "response_format"),
     ("chat-logprobs-int", "chat", {"messages": [{"role": "user", "content": "hi"}], "logprobs": 2}, 400, "logprobs"),
     ("chat-top-logprobs-alone", "chat", {"messages": [{"role": "user", "content": "hi"}],
                                          "top_logprobs": 2}, 400, "top_logprobs"),
@@ -1107,6 +1114,31 @@ def test_bad_requests_get_openai_errors(client, path, body, status, param):
     assert err["type"] == "invalid_request_error" and err["message"]
     assert err["param"] == param, err
     assert "\n" not in err["message"]
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("stream", [False, True])
+def test_json_object_mode(client, chat, stream):
+    """`response_format: {"type": "json_object"}`: the text is a JSON object when the request
+    stops, a valid beginning of one when `max_tokens` cuts it (flexkv.serve.json_mode; the
+    engine side is tests/test_serve_json.py)."""
+    from flexkv.serve.json_mode import DONE, INITIAL, feed
+    body = {"max_tokens": MAIN_MAX_NEW, "temperature": 0.8, "seed": 3, "stream": stream,
+            "response_format": {"type": "json_object"}}
+    body |= ({"messages": [{"role": "user", "content": "Reply in JSON."}]} if chat
+             else {"prompt": "JSON: "})
+    for seed in range(3):
+        text, reason, _ = _ask(client, dict(body, seed=seed), chat=chat)
+        state = feed(INITIAL, text.encode())
+        assert state is not None, text
+        if reason == "stop":
+            assert state[0] == DONE and isinstance(json.loads(text), dict), text
+        else:
+            assert reason == "length"
+    e = client.post("/v1/chat/completions", json={
+        "messages": [{"role": "user", "content": "hi"}],
+        "response_format": {"type": "json_schema", "json_schema": {}}}).json()["error"]
+    assert "'json_schema' is not supported" in e["message"], e
 
 
 def test_bad_request_messages_are_clear(client):

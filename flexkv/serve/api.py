@@ -259,7 +259,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                               presence_penalty=float(req.presence_penalty or 0),
                               frequency_penalty=float(req.frequency_penalty or 0),
                               repetition_penalty=float(req.repetition_penalty),
-                              logit_bias=req.logit_bias_ids(), min_tokens=req.min_tokens)
+                              logit_bias=req.logit_bias_ids(), min_tokens=req.min_tokens,
+                              response_format=req.format_type())
 
     def logprobs_json(chat: bool, ids: list, entries: list, offset: int) -> tuple[dict, int]:
         """OpenAI's logprobs object for tokens `ids` with their engine entries (logprob, top

@@ -30,7 +30,7 @@ class Neutral:
     COMPLETION = {"suffix": (None, "")}
     CHAT = {"tools": (None, []), "tool_choice": (None, "none"),
             "parallel_tool_calls": (None, True, False), "functions": (None, []),
-            "function_call": (None, "none"), "response_format": (None, {"type": "text"}),
+            "function_call": (None, "none"),
             "modalities": (None, ["text"]), "store": (None, False),
             "service_tier": (None, "auto", "default")}
 
@@ -96,6 +96,22 @@ class SamplingFields(BaseModel):
                             "(end of sequence, stop_token_ids, stop strings) before this many "
                             "tokens; at most max_tokens")
     user: str | None = Field(None, description="ignored")
+    response_format: dict | None = Field(None, description='{"type": "text"} (the default) or '
+                                         '{"type": "json_object"}: the text is one JSON object '
+                                         "(an extension for completions, as vLLM's)")
+
+    @field_validator("response_format")
+    @classmethod
+    def _response_format(cls, v):
+        if v is not None and (set(v) != {"type"} or v["type"] not in ("text", "json_object")):
+            kind = v.get("type") if isinstance(v.get("type"), str) else None
+            more = f" ({kind!r} is not supported)" if kind else ""
+            raise ValueError('response_format must be {"type": "text"} or {"type": "json_object"}'
+                             + more)
+        return v
+
+    def format_type(self) -> str:
+        return "text" if self.response_format is None else self.response_format["type"]
 
     @field_validator("logit_bias")
     @classmethod
@@ -226,7 +242,6 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     functions: list[dict] | None = None
     function_call: str | dict | None = None
-    response_format: dict | None = None
     modalities: list[str] | None = None
     store: bool | None = None
     service_tier: str | None = None
