@@ -75,10 +75,13 @@ def end_to_end(model, tok, a, prompts: list) -> list[dict]:
         before = engine.metrics()
         outs = engine.generate(prompts, params)
         wall = time.perf_counter() - t0
-        steps = engine.metrics()["decode_steps_total"] - before["decode_steps_total"]
+        after = engine.metrics()
+        steps = after["decode_steps_total"] - before["decode_steps_total"]
+        decode_s = after["decode_seconds_total"] - before["decode_seconds_total"]
         n = sum(len(o) for o in outs)
         rows.append({"response_format": fmt, "wall_s": wall, "tokens": n, "tok_s": n / wall,
-                     "decode_steps": steps, "ms_per_step": 1e3 * wall / max(1, steps)})
+                     "decode_steps": steps, "ms_per_step": 1e3 * decode_s / max(1, steps),
+                     "sample": tok.decode(outs[0])[:120]})
     return rows[2:]
 
 
@@ -115,7 +118,7 @@ def main(argv=None) -> None:
           f"End to end: {a.policy}@{a.budget}, {a.slots} slots, {a.prompt_len}-token prompts, "
           f"{a.max_tokens} greedy tokens (a JSON request may stop earlier, once its object is "
           "complete; plain ones ignore eos).", "",
-          "| response_format | wall s | tokens | decode steps | ms per step | out tok/s |",
+          "| response_format | wall s | tokens | decode steps | ms per decode step (choice and delivery included) | out tok/s |",
           "|---|---|---|---|---|---|"]
     md += [f"| {r['response_format']} | {r['wall_s']:.2f} | {r['tokens']} | {r['decode_steps']} | "
            f"{r['ms_per_step']:.1f} | {r['tok_s']:.1f} |" for r in rows]
