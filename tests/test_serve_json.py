@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 import flexkv
 from flexkv.serve import Engine, SamplingParams
-from flexkv.serve.json_mode import DONE, INITIAL, JsonVocab, feed, step
+from flexkv.serve.json_mode import DONE, INITIAL, MAX_WS_RUN, JsonRequest, JsonVocab, feed, step
 from test_serve_engine import SETTINGS, random_prompt, solo
 
 JSON_VALUES = st.recursive(
@@ -125,14 +125,20 @@ def tiny64(tmp_path_factory):
     return model
 
 
-def check_json_tokens(tokens: list[int], reason: str):
-    data = bytes(t for t in tokens if t < 256)
+def check_json_tokens(tokens: list[int], reason: str, params: SamplingParams | None = None):
+    """The tokens are one JSON object (`reason` "stop") or the start of one ("length"); no
+    structural whitespace run passes MAX_WS_RUN; once the object is complete, only stop tokens
+    follow, unless `min_tokens` is not reached yet."""
     assert all(t < 256 for t in tokens), tokens        # no special token inside the object
-    state = feed(INITIAL, data)
-    assert state is not None, data
+    req = JsonRequest()
+    for n, t in enumerate(tokens):
+        assert req.ws_run <= MAX_WS_RUN
+        assert not req.done or (params is not None and n < params.min_tokens), (n, tokens)
+        assert req.advance(bytes([t])), bytes(tokens[:n + 1])
+    data = bytes(tokens)
     if reason == "stop":
-        assert state[0] == DONE and loads_object(data.decode("utf-8", errors="replace")), data
-    return state
+        assert req.done and loads_object(data.decode("utf-8", errors="replace")), data
+    return req.state
 
 
 @pytest.mark.parametrize("policy, kw", [("full", {}), ("h2o", dict(budget=12))])
@@ -162,7 +168,7 @@ def test_engine_json_requests_beside_plain_ones(tiny64, policy, kw, data):
     for (prompt, sp), h in zip(reqs, handles):
         assert h.finish_reason in ("stop", "length")
         if sp.response_format == "json_object":
-            check_json_tokens(h.tokens, h.finish_reason)
+            check_json_tokens(h.tokens, h.finish_reason, sp)
             assert len(h.tokens) >= sp.min_tokens or h.finish_reason == "length"
         else:
             want, _ = solo(tiny64, prompt, sp.max_tokens, 8, policy, kw)
@@ -221,3 +227,26 @@ def test_a_real_tokenizers_own_tokens_of_json_are_allowed(real_vocab, obj, inden
         assert vocab.allowed(state)[0][t], (doc, tok.decode([t]), state)
         state = feed(state, vocab.bytes_of[t])
     assert state[0] == DONE
+
+
+def test_whitespace_runs_are_bounded_and_a_complete_object_ends(tiny64):
+    """A model that prefers whitespace above all: after MAX_WS_RUN structural whitespace bytes
+    the next token is something else; under `ignore_eos` (no stop token to end a complete
+    object) whitespace follows the object until `max_tokens`."""
+    V = tiny64.args.vocab_size
+    eng = Engine(tiny64, ByteTokenizer(), "full", max_slots=2, max_new_tokens=40,
+                 max_prompt_tokens=30, prefill_chunk=8)
+    prompt = random_prompt(6, 9, V)
+    ws = {ord(" "): 90.0, ord("\n"): 90.0}
+    h = eng.submit(prompt, SamplingParams(max_tokens=40, response_format="json_object", logit_bias=ws))
+    close = ws | {ord("{"): 95.0, ord("}"): 95.0}
+    g = eng.submit(prompt, SamplingParams(max_tokens=40, response_format="json_object",
+                                          logit_bias=close, ignore_eos=True))
+    while eng.has_work():
+        eng.step()
+    assert h.finish_reason == "length"
+    assert all(t in ws for t in h.tokens[:MAX_WS_RUN]) and h.tokens[MAX_WS_RUN] == ord("{")
+    check_json_tokens(h.tokens, "length")
+    assert g.finish_reason == "length" and len(g.tokens) == 40
+    end = bytes(g.tokens).index(b"}")
+    assert bytes(g.tokens[:end + 1]).strip() == b"{}" and all(t in ws for t in g.tokens[end + 1:])

@@ -12,8 +12,11 @@ simulated, and in a string every token made of plain string bytes is allowed wit
 simulation; masks are memoized per state, keyed by what a token can see of the stack (its top
 `closers + 1` entries, `closers` the most closing brackets any one token holds). The serving
 engine (`flexkv.serve.penalties`) advances a request's state by each token it produces and bans
-the tokens outside the mask before choosing; its stop tokens (end of sequence) are allowed only
-once the object is complete, and then only whitespace besides them.
+the tokens outside the mask before choosing. Its stop tokens (end of sequence) are allowed only
+once the object is complete, and then nothing else (whitespace only while no stop token may be
+chosen: none under `ignore_eos`, or `min_tokens` not reached). Outside strings, whitespace
+tokens are banned after `MAX_WS_RUN` whitespace bytes in a row (a model in JSON mode can
+otherwise emit newlines forever).
 """
 from __future__ import annotations
 
@@ -36,6 +39,7 @@ NUMBER_ENDS = frozenset({ZERO, INT, FRAC, EXP})   # a number may end here
 LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
 
 INITIAL = (START, None, "")
+MAX_WS_RUN = 32   # structural whitespace bytes in a row, after which whitespace tokens are banned
 
 
 def _after_value(stack: str) -> tuple:
@@ -137,6 +141,30 @@ def is_plain_string_byte(b: int) -> bool:
     return b >= 0x20 and b != QUOTE and b != BACKSLASH
 
 
+class JsonRequest:
+    """One request's recognizer: its state and the run of structural whitespace bytes (outside
+    strings) its text ends with (models in JSON mode can otherwise emit newlines forever)."""
+
+    def __init__(self):
+        self.state, self.ws_run = INITIAL, 0
+
+    @property
+    def done(self) -> bool:
+        return self.state[0] == DONE
+
+    def advance(self, data: bytes) -> bool:
+        """Take a token's bytes (False, and no change, where they cannot follow)."""
+        state, run = self.state, self.ws_run
+        for b in data:
+            mode = state[0]
+            state = step(state, b)
+            if state is None:
+                return False
+            run = run + 1 if b in WS and mode not in (STRING, ESCAPE, UNICODE) else 0
+        self.state, self.ws_run = state, run
+        return True
+
+
 class JsonVocab:
     """The tokens that may follow each recognizer state, as `[V]` bool masks on `device`.
 
@@ -157,6 +185,9 @@ class JsonVocab:
             else:
                 quoted.append((i, bs))
         self.string_plain = plain
+        self.ws_start = torch.zeros(self.V, dtype=torch.bool)
+        self.ws_start[[i for i, bs in self.tokens if bs[0] in WS]] = True
+        self.ws_start = self.ws_start.to(self.device)
         self.string_other: dict[int, list] = {}
         for i, bs in quoted:
             self.string_other.setdefault(bs[0], []).append((i, bs))

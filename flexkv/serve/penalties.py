@@ -9,8 +9,8 @@ token is chosen (the argmax, or the sampler's temperature, top-k and top-p), as 
    `frequency_penalty` f and `presence_penalty` r (OpenAI's): a token produced c times so far has
    f * c + r * (c > 0) subtracted;
 0. before all of them, `response_format="json_object"`: every token that cannot continue the
-   request's JSON object is banned (`flexkv.serve.json_mode`; its stop tokens only once the
-   object is complete). The host advances the request's recognizer by each token it produces
+   request's JSON object is banned (`flexkv.serve.json_mode`; once the object is complete,
+   everything but its stop tokens). The host advances the request's recognizer by each token it produces
    (the engine reads the tokens anyway) and writes its row of the mask.
 
 The state is one row per slot (`[S, V]` tensors, each allocated the first time a request needs
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from flexkv.serve.json_mode import DONE, INITIAL, feed
+from flexkv.serve.json_mode import MAX_WS_RUN, JsonRequest
 
 
 class SlotAdjustments:
@@ -42,7 +42,7 @@ class SlotAdjustments:
     def __init__(self, slots: int, vocab: int, device, dtype=torch.float32, json_vocab=None):
         self.S, self.V, self.device = slots, vocab, device
         self._json_vocab = json_vocab       # () -> JsonVocab, for JSON mode (built once, lazily)
-        self._json: dict[int, list] = {}    # slot -> [recognizer state, its stop ids]
+        self._json: dict[int, tuple] = {}   # slot -> (its JsonRequest, its stop ids)
         self.dtype = torch.promote_types(dtype, torch.float32)
         self._state: dict[str, Tensor] = {}
         self._ban: dict[int, tuple] = {}    # slot -> (min_tokens, its stop ids) while banned
@@ -81,21 +81,26 @@ class SlotAdjustments:
             add[slot, self._ban[slot][1]] = float("-inf")
 
     def _write_allow(self, slot: int) -> None:
-        """`slot`'s row of the JSON mask: the tokens that may continue its object, and its stop
-        ids once the object is complete (or if nothing else may follow)."""
-        state, stops = self._json[slot]
+        """`slot`'s row of the JSON mask: the tokens that may continue its object. Once the
+        object is complete, only its stop ids (whitespace instead while none can be chosen: no
+        stop ids under `ignore_eos`, or `min_tokens` not reached); whitespace tokens are banned
+        after a run of `MAX_WS_RUN` structural whitespace bytes."""
+        req, stops = self._json[slot]
         allow = self._tensor("allow", True, torch.bool)
-        mask, some = self._json_vocab().allowed(state)
+        if req.done and len(stops) and slot not in self._ban:
+            allow[slot] = False
+            allow[slot, stops] = True
+            return
+        mask, some = self._json_vocab().allowed(req.state)
+        if not req.done and req.ws_run >= MAX_WS_RUN:
+            mask = mask & ~self._json_vocab().ws_start
         allow[slot] = mask
-        if state[0] == DONE or not some:
+        if req.done or not some:
             allow[slot, stops] = True
 
     def admit(self, slot: int, params, prompt: list[int], stop_ids) -> None:
         """Write `slot`'s rows for a request with `params` (a `SamplingParams`), its prompt ids and
         its stop token ids; a request without adjustments leaves them neutral."""
-        if params.response_format == "json_object":
-            self._json[slot] = [INITIAL, self._ids(stop_ids)]
-            self._write_allow(slot)
         if params.logit_bias:
             ids, vals = zip(*sorted(params.logit_bias.items()))
             self._bias[slot] = (torch.tensor(ids, dtype=torch.long, device=self.device),
@@ -109,6 +114,9 @@ class SlotAdjustments:
             self._tensor("rep", 1.0)[slot, self._ids(set(prompt))] = float(rep)
         if freq or pres:
             self._tensor("counts", 0, torch.int32)[slot] = 0
+        if params.response_format == "json_object":
+            self._json[slot] = (JsonRequest(), self._ids(stop_ids))
+            self._write_allow(slot)
         if rep != 1 or freq or pres:
             for name, value, neutral in (("repetition", rep, 1.0), ("frequency", freq, 0.0),
                                          ("presence", pres, 0.0)):
@@ -172,18 +180,16 @@ class SlotAdjustments:
         if slot not in self._json:
             return
         data = self._json_vocab().bytes_of.get(token)
-        if data:
-            entry = self._json[slot]
-            state = feed(entry[0], data)
-            if state is not None:     # (the mask let only such tokens through)
-                entry[0] = state
-                self._write_allow(slot)
+        if data and self._json[slot][0].advance(data):   # (the mask let only such tokens through)
+            self._write_allow(slot)
 
     def produced(self, slot: int, n: int) -> None:
         """`slot`'s request has produced `n` tokens: its `min_tokens` ban ends once n reaches it."""
         if slot in self._ban and n >= self._ban[slot][0]:
             del self._ban[slot]
             self._write_add(slot)
+            if slot in self._json:    # a complete object may end now
+                self._write_allow(slot)
 
     def free(self, slot: int) -> None:
         """`slot`'s request is done: its rows go back to neutral (a later request in the slot
