@@ -8,9 +8,9 @@
    Reported: the vocabulary table's build time, the distinct recognizer states the documents
    reach, and the mask time per token with the memo cold (the first pass) and warm.
 2. End to end: the engine (`--policy` at `--budget`, `--slots` slots) generating `--max-tokens`
-   greedy tokens for each of `--slots` prompts, plain and in JSON mode; wall seconds and output
-   tokens/s (a JSON request that completes its object stops early, so tokens/s is the figure to
-   compare).
+   greedy tokens for each of `--slots` prompts, plain and in JSON mode; wall seconds, tokens,
+   and the milliseconds per decode step (the figure to compare: a JSON request that completes
+   its object stops there, so it produces fewer tokens).
 """
 from __future__ import annotations
 
