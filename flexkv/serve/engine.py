@@ -40,12 +40,11 @@ from __future__ import annotations
 
 import itertools
 import re
-from collections import OrderedDict
 import secrets
 import threading
 import time
 import traceback
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 
 import torch
@@ -638,7 +637,7 @@ class Engine:
             return False
         slot = self._prefilling[0]
         req = self._slots[slot]
-        if self._prefix is not None and req.prefill.start == 0 and req.handle.params.prompt_logprobs is None:
+        if self._prefix is not None and req.prefill.start == 0:
             self._resume_from_prefix(req)
         logits = req.prefill.step()
         self._counters["prefill_chunks_total"] += 1
@@ -664,6 +663,8 @@ class Engine:
     def _resume_from_prefix(self, req: _Running) -> None:
         """Before a prompt's first chunk: start from the longest kept prefix of it, if any (a
         request that wants prompt logprobs runs every chunk: their logits are not kept)."""
+        if req.handle.params.prompt_logprobs is not None:
+            return
         hit = self._prefix.longest(req.handle.prompt, req.prefill.chunk, self._prefix_key(req))
         if hit is None:
             return
