@@ -9,8 +9,6 @@ indices (no `.item()`, no data-dependent shapes).
 """
 from __future__ import annotations
 
-import copy
-
 import torch
 from torch import Tensor, nn
 
@@ -150,6 +148,26 @@ class LayerCache(nn.Module):
         """Bytes of K and V storage held (allocated slots, not only the retained tokens)."""
         return self.k.numel() * self.k.element_size() + self.v.numel() * self.v.element_size()
 
+    def slot_buffers(self) -> tuple[str, ...]:
+        """The buffers indexed by slot along dim 2: K, V, positions, statistics."""
+        return ("k", "v", "pos") + self.stat_names
+
+    def snapshot_row(self, row: int, n: int) -> dict[str, Tensor]:
+        """Copies of row `row`'s buffers, the slot-indexed ones cut after slot `n` (past the last
+        held one, so nothing held is lost): a state `restore_row` puts back."""
+        slot = set(self.slot_buffers())
+        return {name: (buf[row][:, :n] if name in slot else buf[row]).clone()
+                for name, buf in self.named_buffers()}
+
+    def restore_row(self, snap: dict[str, Tensor], row: int) -> None:
+        """Row `row` holds the state of `snap` (`snapshot_row`): its tokens, statistics, budgets
+        and policy-owned buffers; the slots past the snapshot's are empty."""
+        self.clear_rows(row)
+        slot = set(self.slot_buffers())
+        for name, src in snap.items():
+            dst = getattr(self, name)[row]
+            (dst[:, :src.shape[1]] if name in slot else dst).copy_(src)
+
     def clear_rows(self, rows) -> None:
         """Empty batch rows `rows` (an int, a slice or an index tensor): every slot free, every
         statistic 0 (outside any compiled step: a serving slot freed for the next request)."""
@@ -230,13 +248,18 @@ class KVCache(nn.Module):
         for lc in self.layers:
             lc.clear_rows(rows)
 
-    def state_bytes(self) -> int:
-        """Bytes of every buffer: K, V, positions, budgets and the policy's statistics."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+    def snapshot_row(self, row: int) -> list[dict[str, Tensor]]:
+        """Row `row`'s state, every layer, in the least memory that restores it (`restore_row`):
+        each layer's slots cut after its last held one (one host read for all layers). A kept
+        prefill state of `full` after a short prefix is then that prefix's size, not the slot's."""
+        held = [(lc.pos[row] >= 0).any(dim=0) for lc in self.layers]          # [S_l] each
+        last = torch.stack([(h * torch.arange(1, h.shape[0] + 1, device=h.device)).max()
+                            for h in held]).tolist()
+        return [lc.snapshot_row(row, n) for lc, n in zip(self.layers, last)]
 
-    def clone(self) -> "KVCache":
-        """A copy with storage of its own, every buffer (a kept prefill state)."""
-        return copy.deepcopy(self)
+    def restore_row(self, snap: list[dict[str, Tensor]], row: int) -> None:
+        for lc, layer in zip(self.layers, snap, strict=True):
+            lc.restore_row(layer, row)
 
     def copy_row(self, src: "KVCache", src_row: int, dst_row: int) -> None:
         """Row `src_row` of `src` into row `dst_row` here, every layer (see LayerCache.copy_row)."""

@@ -4,8 +4,9 @@
 - The contract (hypothesis, every policy and parameter variant of tests/policy_cases.py and
   `full`, float64 tiny model): two prompts share their first k chunks; when the policy's
   `prefix_key`s of the two requests are equal, the second one's prefill resumed from the first
-  one's cache at that boundary ends with every cache buffer and the last logits equal, bit for
-  bit, to its prefill from scratch (chunked or padded as the compiled prefill runs it). Prompt
+  one's kept state at that boundary ends with the same positions, the same K, V and statistics
+  in every held slot, every other buffer (budgets, policy-owned tables) and the last logits
+  equal, bit for bit, to its prefill from scratch (chunked or padded as the compiled prefill runs it). Prompt
   lengths and `max_tokens` are drawn equal half of the time, so the policies whose key is the
   prompt's shape are checked too.
 - The engine (hypothesis, every policy): requests whose prompts share prefixes arrive at
@@ -42,18 +43,19 @@ def tiny64(tiny_llama_dir):
 
 def run_prefill(model, policy, caps, prompt, max_new, chunk, pad, resume=None, keep_at=None):
     """Prefill `prompt` into a fresh one-row cache as the engine does; `resume`: (start, state)
-    to resume from; `keep_at`: the boundary whose state is returned as well (a clone)."""
+    to resume from; `keep_at`: the boundary whose state is returned as well (`snapshot_row`,
+    as the engine keeps it)."""
     cache = policy.build_cache(model, 1, len(prompt), max_new, capacities=caps)
     ids = torch.tensor([prompt])
     run = Prefill(model, cache, policy, ids, torch.arange(len(prompt))[None], chunk, max_new, pad=pad)
     if resume is not None:
-        cache.copy_row(resume[1], 0, 0)
+        cache.restore_row(resume[1], 0)
         run.resume_at(resume[0])
     kept, logits = None, None
     while not run.done:
         logits = run.step()
         if run.start == keep_at:
-            kept = cache.clone()
+            kept = cache.snapshot_row(0)
     return cache, logits, kept
 
 
@@ -84,10 +86,15 @@ def test_equal_prefix_keys_mean_equal_caches(tiny64, name, data):
     resumed, logits_r, _ = run_prefill(tiny64, policy, caps, b, N_b, chunk, pad, resume=(k * chunk, state))
     fresh, logits_f, _ = run_prefill(tiny64, policy, caps, b, N_b, chunk, pad)
     assert torch.equal(logits_r, logits_f), f"{name} {kw}: last logits"
-    theirs = dict(fresh.named_buffers())
-    for buf_name, buf in resumed.named_buffers():
-        assert torch.equal(buf, theirs[buf_name]), \
-            f"{name} {kw}: {buf_name} after resuming at {k * chunk} of {T_b} (from a {T_a}-token prompt)"
+    for l, (mine, theirs) in enumerate(zip(resumed.layers, fresh.layers)):
+        held = theirs.pos >= 0   # an empty slot's K, V and statistics are never read (a write
+        slot_bufs = mine.slot_buffers()  # resets them), and a resumed one has none left over
+        for buf_name, buf in mine.named_buffers():
+            want = getattr(theirs, buf_name)
+            same = (torch.equal(buf[held], want[held]) and torch.equal(mine.pos, theirs.pos)
+                    if buf_name in slot_bufs else torch.equal(buf, want))
+            assert same, (f"{name} {kw}: layer {l} {buf_name} after resuming at {k * chunk} of "
+                          f"{T_b} (from a {T_a}-token prompt)")
 
 
 @st.composite
@@ -176,13 +183,19 @@ def test_a_hit_skips_the_kept_chunks(tiny64):
 
 
 def test_the_memory_bound_drops_the_least_recently_used(tiny64):
+    """streaming@4 in chunks of 4: every kept state holds 4 tokens, so every entry has one size."""
     V = tiny64.args.vocab_size
-    eng = Engine(tiny64, None, "streaming", budget=8, max_slots=1, max_new_tokens=4,
+    eng = Engine(tiny64, None, "streaming", budget=4, n_sink=1, max_slots=1, max_new_tokens=4,
                  max_prompt_tokens=MAX_PROMPT, prefill_chunk=4, prefix_cache_memory=1)
     eng.generate([random_prompt(9, 1, V)], SamplingParams(max_tokens=1))
     assert eng.metrics()["prefix_cache_entries"] == 0  # an entry larger than the bound: not kept
-    size = eng.cache.state_bytes()                     # one slot's row: one entry's bytes
-    eng = Engine(tiny64, None, "streaming", budget=8, max_slots=1, max_new_tokens=4,
+    eng = Engine(tiny64, None, "streaming", budget=4, n_sink=1, max_slots=1, max_new_tokens=4,
+                 max_prompt_tokens=MAX_PROMPT, prefill_chunk=4, prefix_cache_memory="1GiB")
+    eng.generate([random_prompt(9, 1, V)], SamplingParams(max_tokens=1))
+    m = eng.metrics()
+    assert m["prefix_cache_entries"] == 2 and m["prefix_cache_bytes"] % 2 == 0
+    size = m["prefix_cache_bytes"] // 2
+    eng = Engine(tiny64, None, "streaming", budget=4, n_sink=1, max_slots=1, max_new_tokens=4,
                  max_prompt_tokens=MAX_PROMPT, prefill_chunk=4, prefix_cache_memory=2 * size + size // 2)
     a, b = random_prompt(9, 1, V), random_prompt(9, 2, V)
     eng.generate([a], SamplingParams(max_tokens=1))    # keeps a[:4], a[:8]
@@ -200,6 +213,23 @@ def test_the_memory_bound_drops_the_least_recently_used(tiny64):
     m = eng.metrics()
     assert m["prefix_cache_hits_total"] == 2 and m["prefix_cache_tokens_total"] == 12
     assert m["prefix_cache_bytes"] <= 2 * size + size // 2
+
+
+def test_a_kept_state_holds_only_its_prefix(tiny64):
+    """`full` sized for 40-token prompts keeps a 4-token prefix's state in 4 slots per layer, not
+    the slot's 50: the entries after 4, 8 and 12 tokens weigh as 4 + 8 + 12 slots (positions and
+    K/V), whatever the slot capacity."""
+    V = tiny64.args.vocab_size
+    eng = Engine(tiny64, None, "full", max_slots=1, max_new_tokens=MAX_NEW, max_prompt_tokens=MAX_PROMPT,
+                 prefill_chunk=4, prefix_cache_memory="1GiB")
+    eng.generate([random_prompt(13, 1, V)], SamplingParams(max_tokens=1))
+    a = tiny64.args
+    per_slot = a.num_key_value_heads * (2 * a.head_dim * 8 + 8) * a.num_hidden_layers  # fp64 K, V; int64 pos
+    budgets = a.num_key_value_heads * 8 * a.num_hidden_layers                          # [Hkv] int64 each
+    m = eng.metrics()
+    assert m["prefix_cache_entries"] == 3
+    assert m["prefix_cache_bytes"] == (4 + 8 + 12) * per_slot + 3 * budgets
+    assert eng.cache.layers[0].capacity == MAX_PROMPT + MAX_NEW
 
 
 @pytest.mark.parametrize("kw, match", [

@@ -131,15 +131,15 @@ class _PrefixCache:
 
     def __init__(self, limit: int):
         self.limit, self.bytes = limit, 0
-        self.entries: OrderedDict[tuple, tuple[tuple, KVCache, int]] = OrderedDict()
+        self.entries: OrderedDict[tuple, tuple[tuple, list, int]] = OrderedDict()
 
     @staticmethod
     def _key(policy_key: tuple, tokens: tuple) -> tuple:
         return (policy_key, len(tokens), hash(tokens))
 
-    def longest(self, prompt: list[int], chunk: int, policy_key: tuple) -> tuple[int, KVCache] | None:
+    def longest(self, prompt: list[int], chunk: int, policy_key: tuple) -> tuple[int, list] | None:
         """The longest kept prefix of `prompt` (chunk-aligned, shorter than the prompt) under
-        `policy_key`: (its length, its cache), or None."""
+        `policy_key`: (its length, its cache's `snapshot_row`), or None."""
         for end in range((len(prompt) - 1) // chunk * chunk, 0, -chunk):
             tokens = tuple(prompt[:end])
             key = self._key(policy_key, tokens)
@@ -150,19 +150,21 @@ class _PrefixCache:
         return None
 
     def keep(self, prompt: list[int], end: int, policy_key: tuple, cache: KVCache) -> None:
-        """Keep a copy of `cache`, the state after `prompt[:end]`, unless it is kept already."""
+        """Keep `cache`'s state (its one row), the state after `prompt[:end]`, unless it is
+        kept already."""
         tokens = tuple(prompt[:end])
         key = self._key(policy_key, tokens)
         if key in self.entries and self.entries[key][0] == tokens:
             self.entries.move_to_end(key)
             return
-        size = cache.state_bytes()
+        snap = cache.snapshot_row(0)
+        size = sum(t.numel() * t.element_size() for layer in snap for t in layer.values())
         if size > self.limit:
             return
         while self.bytes + size > self.limit:
             _, (_, _, gone) = self.entries.popitem(last=False)
             self.bytes -= gone
-        self.entries[key] = (tokens, cache.clone(), size)   # (a colliding key is replaced)
+        self.entries[key] = (tokens, snap, size)   # (a colliding key is replaced)
         self.bytes = sum(e[2] for e in self.entries.values())
 
 
@@ -669,7 +671,7 @@ class Engine:
         if hit is None:
             return
         end, state = hit
-        req.scratch.copy_row(state, 0, 0)
+        req.scratch.restore_row(state, 0)
         req.prefill.resume_at(end)
         self._counters["prefix_cache_hits_total"] += 1
         self._counters["prefix_cache_tokens_total"] += end
