@@ -57,7 +57,9 @@ def measure(engine: Engine, workload) -> dict:
     after = engine.metrics()
     return {"wall_s": wall, "tokens": [h.tokens for h in handles],
             "ttft_s": statistics.mean(h.first_token_at - h.submitted_at for h in handles),
-            **{k: after[k] - before.get(k, 0) for k in COUNTERS if k in after}}
+            **{k: after[k] - before.get(k, 0) for k in COUNTERS if k in after},
+            "kept_mb": after.get("prefix_cache_bytes", 0) / 2**20,
+            "kept_entries": after.get("prefix_cache_entries", 0)}
 
 
 def main(argv=None) -> None:
@@ -117,11 +119,11 @@ def main(argv=None) -> None:
           f"`document`: {a.questions} questions about the document, submitted at once; `chat`: "
           f"{a.turns} turns of one conversation, each prompt the previous one + its answer + a "
           "new message.", "",
-          "| policy | workload | prefix cache | wall s | mean TTFT s | prefill chunks | prompt tokens skipped | tokens as without |",
-          "|---|---|---|---|---|---|---|---|"]
+          "| policy | workload | prefix cache | wall s | mean TTFT s | prefill chunks | prompt tokens skipped | states kept (MiB) | tokens as without |",
+          "|---|---|---|---|---|---|---|---|---|"]
     md += [f"| {r['policy']} | {r['workload']} | {r['prefix_cache']} | {r['wall_s']:.2f} | "
            f"{r['ttft_s']:.2f} | {r['prefill_chunks_total']} | {r.get('prefix_cache_tokens_total', 0)} | "
-           f"{'yes' if r['same_tokens'] else 'NO'} |" for r in rows]
+           f"{r['kept_entries']} ({r['kept_mb']:.1f}) | {'yes' if r['same_tokens'] else 'NO'} |" for r in rows]
     write_results(a.out, res, "\n".join(md) + "\n")
 
 
