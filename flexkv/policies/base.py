@@ -146,9 +146,10 @@ class Policy:
     def prefix_key(self, prompt_len: int, max_new_tokens: int) -> tuple:
         """What a prefill's cache after a chunk that is not the prompt's last depends on, besides
         the tokens up to that chunk's end, the chunk length and the slot capacities: requests with
-        equal keys whose prompts agree up to a chunk boundary hold the same cache there, every
-        buffer bit for bit, so the serving engine's prefix cache may resume one from the other's
-        state. The default, the prompt length and `max_new_tokens`, is safe for any policy (the
+        equal keys whose prompts agree up to a chunk boundary hold the same cache there (the
+        same positions, the same K, V and statistics in every held slot, every other buffer
+        equal, bit for bit), so the serving engine's prefix cache may resume one from the
+        other's state. The default, the prompt length and `max_new_tokens`, is safe for any policy (the
         prefill-only selections size their keep counts from the whole prompt). A decode-time
         policy's chunks keep the best `budget` tokens seen so far whatever follows: only whether
         the budget binds at all sets its cache's budgets. Checked for every policy and parameter

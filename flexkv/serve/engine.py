@@ -122,8 +122,9 @@ class _PrefixCache:
     prompt, a shared document, the earlier turns of a chat), within `limit` bytes, least
     recently used first out.
 
-    An entry is a one-row cache as a prefill left it after a chunk that was not its prompt's
-    last, with the tokens it holds (a multiple of the chunk length) and the policy's
+    An entry is the state a prefill left after a chunk that was not its prompt's last (its
+    one-row cache's `snapshot_row`: each layer's slots up to its last held one), with the tokens
+    it holds (a multiple of the chunk length) and the policy's
     `prefix_key` of the request that made it: a request with an equal key whose prompt begins
     with those tokens holds exactly that cache at that point of its own prefill (the policy's
     contract, tests/test_prefix_cache.py), so it resumes there and gives the tokens it would

@@ -1,5 +1,9 @@
 """Per-request logit adjustments of the serving engine, applied to a slot's logits before its
-token is chosen (the argmax, or the sampler's temperature, top-k and top-p), as vLLM applies them:
+token is chosen (the argmax, or the sampler's temperature, top-k and top-p), as vLLM applies them.
+First, JSON mode (`response_format="json_object"`): every token that cannot continue the
+request's JSON object is banned (-inf; `flexkv.serve.json_mode`; once the object is complete,
+everything but its stop tokens); the host advances the request's recognizer by each token it
+produces (the engine reads the tokens anyway) and writes its row of the mask. Then:
 
 1. `min_tokens` (vLLM's): the request's stop token ids (end-of-sequence included unless
    `ignore_eos`) are banned (-inf) until it has produced `min_tokens` tokens;
@@ -7,11 +11,7 @@ token is chosen (the argmax, or the sampler's temperature, top-k and top-p), as 
 3. `repetition_penalty` p (vLLM's and transformers'): a token seen in the prompt or the output
    so far has its logit divided by p where positive, multiplied by p where not;
    `frequency_penalty` f and `presence_penalty` r (OpenAI's): a token produced c times so far has
-   f * c + r * (c > 0) subtracted;
-0. before all of them, `response_format="json_object"`: every token that cannot continue the
-   request's JSON object is banned (`flexkv.serve.json_mode`; once the object is complete,
-   everything but its stop tokens). The host advances the request's recognizer by each token it produces
-   (the engine reads the tokens anyway) and writes its row of the mask.
+   f * c + r * (c > 0) subtracted.
 
 The state is one row per slot (`[S, V]` tensors, each allocated the first time a request needs
 it) written at admission and after each step on the device, without a host sync; the host knows
