@@ -33,6 +33,7 @@ from policy_cases import CASES
 from test_serve_engine import MAX_NEW, MAX_PROMPT, SETTINGS, pos_sets, random_prompt, solo
 
 POLICIES = sorted(CASES) + ["full"]
+T_MAX = 24   # the contract test's prompts (in chunks of 2-6 tokens)
 
 
 @pytest.fixture(scope="module")
@@ -60,28 +61,28 @@ def run_prefill(model, policy, caps, prompt, max_new, chunk, pad, resume=None, k
 
 
 @pytest.mark.parametrize("name", POLICIES)
-@settings(SETTINGS, max_examples=40)   # cheap: prefills of at most 40 tokens, no decode
+@settings(SETTINGS, max_examples=60)   # prefills of at most T_MAX tokens, no decode
 @given(data=st.data())
 def test_equal_prefix_keys_mean_equal_caches(tiny64, name, data):
     d = data.draw
-    kw = CASES[name](d, d(st.integers(8, 30))) if name in CASES else {}
-    policy = make_policy(name, **kw)
     V = tiny64.args.vocab_size
-    chunk = d(st.integers(1, 8))
-    k = d(st.integers(1, max(1, (MAX_PROMPT - 1) // chunk)))
+    chunk = d(st.integers(2, 6))
+    k = d(st.integers(1, (T_MAX - 1) // chunk))
     shared = d(st.lists(st.integers(0, V - 1), min_size=k * chunk, max_size=k * chunk))
-    T_a = d(st.integers(k * chunk + 1, MAX_PROMPT))
+    T_a = d(st.integers(max(8, k * chunk + 1), T_MAX))
+    kw = CASES[name](d, T_a) if name in CASES else {}   # budgets below or above this prompt
+    policy = make_policy(name, **kw)
     N_a = d(st.integers(1, MAX_NEW))
     same_shape = d(st.booleans())
-    T_b = T_a if same_shape else d(st.integers(k * chunk + 1, MAX_PROMPT))
+    T_b = T_a if same_shape else d(st.integers(k * chunk + 1, T_MAX))
     N_b = N_a if same_shape else d(st.integers(1, MAX_NEW))
     a = shared + d(st.lists(st.integers(0, V - 1), min_size=T_a - k * chunk, max_size=T_a - k * chunk))
     b = shared + d(st.lists(st.integers(0, V - 1), min_size=T_b - k * chunk, max_size=T_b - k * chunk))
     pad = d(st.booleans())
     if policy.prefix_key(T_a, N_a) != policy.prefix_key(T_b, N_b):
         return
-    policy.validate(MAX_PROMPT, MAX_NEW, tiny64.args.num_hidden_layers)
-    caps = policy.max_capacities(tiny64, MAX_PROMPT, MAX_NEW)
+    policy.validate(T_MAX, MAX_NEW, tiny64.args.num_hidden_layers)
+    caps = policy.max_capacities(tiny64, T_MAX, MAX_NEW)
     _, _, state = run_prefill(tiny64, policy, caps, a, N_a, chunk, pad, keep_at=k * chunk)
     resumed, logits_r, _ = run_prefill(tiny64, policy, caps, b, N_b, chunk, pad, resume=(k * chunk, state))
     fresh, logits_f, _ = run_prefill(tiny64, policy, caps, b, N_b, chunk, pad)
@@ -100,7 +101,7 @@ def test_equal_prefix_keys_mean_equal_caches(tiny64, name, data):
 @st.composite
 def shared_schedule(draw, name):
     kw = CASES[name](draw, draw(st.integers(8, 30))) if name in CASES else {}
-    chunk = draw(st.integers(1, 8))
+    chunk = draw(st.integers(2, 8))
     n_prefixes = draw(st.integers(1, 2))
     reqs = []
     for _ in range(draw(st.integers(2, 5))):
