@@ -36,6 +36,16 @@ POLICIES = sorted(CASES) + ["full"]
 T_MAX = 24   # the contract test's prompts (in chunks of 2-6 tokens)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Many small eager prefills of a tiny model: under pytest-xdist (a worker per core) two
+    intra-op threads per worker fight over the cores, ~20x slower here than one."""
+    from helpers import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny64(tiny_llama_dir):
     model, _ = flexkv.load_model(tiny_llama_dir, dtype=torch.float64)

@@ -38,6 +38,16 @@ SETTINGS = settings(max_examples=5, deadline=None,
 MAX_NEW, MAX_PROMPT = 10, 40
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Many small eager steps of a tiny model: under pytest-xdist (a worker per core) two
+    intra-op threads per worker fight over the cores; one is several times faster here."""
+    from helpers import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny64(tiny_llama_dir):
     model, _ = flexkv.load_model(tiny_llama_dir, dtype=torch.float64)

@@ -115,6 +115,16 @@ class ByteTokenizer:
         return data.decode("utf-8", errors="replace")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_torch_thread():
+    """Many small eager prefills of a tiny model: under pytest-xdist (a worker per core) two
+    intra-op threads per worker fight over the cores, ~20x slower here than one."""
+    from helpers import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny64(tmp_path_factory):
     """The tiny llama shape with a vocabulary of 258 (the bytes, eos, one special)."""
