@@ -179,6 +179,17 @@ def gguf_reference(default_model_wheel, tmp_path_factory):
     return gguf_path, tok, model.eval()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a module's tests (`pytestmark =
+    pytest.mark.usefixtures("one_torch_thread")`): for tiny eager models, where two threads per
+    pytest-xdist worker on 2 cores spin against each other (measured 5-20x slower)."""
+    from helpers import torch_threads
+
+    with torch_threads(1):
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory) -> pathlib.Path:
     from helpers import make_checkpoint

@@ -35,6 +35,8 @@ from flexkv.policies.registry import _POLICIES
 from helpers import make_checkpoint
 from tp_worker import POLICY_PARAMS, make_kwargs, prompt
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny single-process references
+
 HERE = Path(__file__).parent
 COMPILED_STEPS = 50
 
@@ -45,16 +47,6 @@ def _torchrun(args: list[str], timeout: int = 600, **kw) -> subprocess.Completed
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
                            "--nproc-per-node", "2", *args], capture_output=True, text=True,
                           timeout=timeout, env=env, **kw)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The single-process references are tiny: one thread (two spin on a busy 2-core machine,
-    measured 20x slower)."""
-    from helpers import torch_threads
-
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -32,18 +32,10 @@ from flexkv.serve.metrics import prometheus_text
 from policy_cases import CASES
 from test_serve_engine import MAX_NEW, MAX_PROMPT, SETTINGS, pos_sets, random_prompt, solo
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many small eager prefills of a tiny model
+
 POLICIES = sorted(CASES) + ["full"]
 T_MAX = 24   # the contract test's prompts (in chunks of 2-6 tokens)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Many small eager prefills of a tiny model: under pytest-xdist (a worker per core) two
-    intra-op threads per worker fight over the cores, ~20x slower here than one."""
-    from helpers import torch_threads
-
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -32,20 +32,12 @@ from flexkv.serve import Engine, QueueFull, SamplingParams
 from helpers import decode_graphs
 from policy_cases import CASES
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many small eager steps of a tiny model
+
 SETTINGS = settings(max_examples=5, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
                                            HealthCheck.data_too_large])
 MAX_NEW, MAX_PROMPT = 10, 40
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Many small eager steps of a tiny model: under pytest-xdist (a worker per core) two
-    intra-op threads per worker fight over the cores; one is several times faster here."""
-    from helpers import torch_threads
-
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,8 @@ from flexkv.serve import Engine, SamplingParams
 from flexkv.serve.json_mode import DONE, INITIAL, MAX_WS_RUN, JsonRequest, JsonVocab, feed, step
 from test_serve_engine import SETTINGS, random_prompt, solo
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # many small eager steps of a tiny model
+
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(-10**12, 10**12)
     | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=8),
@@ -113,16 +115,6 @@ class ByteTokenizer:
     def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=False):
         data = bytes(i for i in ids if i < 256)
         return data.decode("utf-8", errors="replace")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """Many small eager prefills of a tiny model: under pytest-xdist (a worker per core) two
-    intra-op threads per worker fight over the cores, ~20x slower here than one."""
-    from helpers import torch_threads
-
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -30,6 +30,8 @@ from flexkv.serve import Engine  # noqa: E402
 from flexkv.serve.api import BackgroundServer, build_app  # noqa: E402
 from flexkv.serve.detokenize import IncrementalText  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the engine thread, uvicorn and the clients share 2 cores
+
 NAME = "tiny-llama"
 SPECIALS = ["<s>", "</s>", "<|user|>", "<|assistant|>"]
 CHAT_TEMPLATE = (
@@ -58,16 +60,6 @@ def byte_tokenizer():
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module", autouse=True)
-def _one_torch_thread():
-    """The engine thread, uvicorn and the clients share 2 cores: one intra-op thread is ~5x
-    faster here than two fighting over them."""
-    from helpers import torch_threads
-
-    with torch_threads(1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def tiny_chat_dir(tmp_path_factory):
     from helpers import make_checkpoint
