@@ -50,7 +50,7 @@ def _number(mode: int, b: int) -> int | None:
     digit = b in DIGITS
     if mode == MINUS:
         return ZERO if b == ord("0") else INT if digit else None
-    if mode == INT and digit or mode in (DOT, FRAC) and digit:
+    if digit and mode in (INT, DOT, FRAC):
         return INT if mode == INT else FRAC
     if mode in (ZERO, INT) and b == ord("."):
         return DOT
@@ -175,22 +175,22 @@ class JsonVocab:
         self.V, self.device, self.memo_size = len(token_bytes), torch.device(device), memo
         self.tokens = [(i, bytes(bs)) for i, bs in enumerate(token_bytes) if bs]
         self.bytes_of = dict(self.tokens)
-        self.by_first: dict[int, list] = {}
-        quoted = []                 # tokens a string cannot take whole
-        plain = torch.zeros(self.V, dtype=torch.bool)
+        self.by_first: dict[int, list] = {}      # first byte -> [(id, bytes)]
+        self.string_other: dict[int, list] = {}  # the same, for tokens a string cannot take whole
+        plain, ws_first = [], []
         for i, bs in self.tokens:
             self.by_first.setdefault(bs[0], []).append((i, bs))
             if all(is_plain_string_byte(b) for b in bs):
-                plain[i] = True
+                plain.append(i)
             else:
-                quoted.append((i, bs))
-        self.string_plain = plain
-        self.ws_start = torch.zeros(self.V, dtype=torch.bool)
-        self.ws_start[[i for i, bs in self.tokens if bs[0] in WS]] = True
-        self.ws_start = self.ws_start.to(self.device)
-        self.string_other: dict[int, list] = {}
-        for i, bs in quoted:
-            self.string_other.setdefault(bs[0], []).append((i, bs))
+                self.string_other.setdefault(bs[0], []).append((i, bs))
+            if bs[0] in WS:
+                ws_first.append(i)
+        self.string_plain = torch.zeros(self.V, dtype=torch.bool)
+        self.string_plain[plain] = True
+        ws_start = torch.zeros(self.V, dtype=torch.bool)
+        ws_start[ws_first] = True
+        self.ws_start = ws_start.to(self.device)   # tokens that begin with whitespace
         # the most closing brackets one token holds: a mask depends on that many stack entries
         # (plus the one it then reads) and on whether the stack is deeper
         self.closers = max((bs.count(b"}") + bs.count(b"]") for _, bs in self.tokens), default=0)
@@ -226,7 +226,7 @@ class JsonVocab:
         ok = [i for b in range(256) if b in table and step(state, b) is not None
               for i, bs in table[b] if feed(state, bs) is not None]
         mask[ok] = True
-        hit = self._memo[key] = (mask.to(self.device), bool(ok) or state[0] == STRING and bool(mask.any()))
+        hit = self._memo[key] = (mask.to(self.device), bool(mask.any()))
         if len(self._memo) > self.memo_size:
             self._memo.popitem(last=False)
         return hit
