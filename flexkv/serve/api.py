@@ -260,7 +260,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
                               frequency_penalty=float(req.frequency_penalty or 0),
                               repetition_penalty=float(req.repetition_penalty),
                               logit_bias=req.logit_bias_ids(), min_tokens=req.min_tokens,
-                              response_format=req.format_type())
+                              response_format=req.format_type(), json_schema=req.schema())
 
     def logprobs_json(chat: bool, ids: list, entries: list, offset: int) -> tuple[dict, int]:
         """OpenAI's logprobs object for tokens `ids` with their engine entries (logprob, top

@@ -441,8 +441,8 @@ class Engine:
         if not isinstance(params, SamplingParams):
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.validate(self.max_new_tokens, self.vocab_size)
-        if params.response_format == "json_object" and self.tokenizer is None:
-            raise ValueError("response_format='json_object' needs the engine's tokenizer (to know "
+        if params.response_format != "text" and self.tokenizer is None:
+            raise ValueError(f"response_format={params.response_format!r} needs the engine's tokenizer (to know "
                              "each token's bytes); this engine was built without one")
         return list(prompt)
 

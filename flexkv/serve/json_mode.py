@@ -1,22 +1,27 @@
-"""JSON mode (`response_format: {"type": "json_object"}`): the generated text is one JSON object.
+"""Structured output (`response_format` `json_object` or `json_schema`): the generated text is
+one JSON value of a grammar (`flexkv.serve.json_schema`: JSON mode is the grammar of
+`{"type": "object"}`).
 
-A byte-level recognizer of RFC 8259 JSON whose top-level value is an object (whitespace around
-it allowed). Its state is a tuple `(mode, extra, stack)`: what may come next (`mode`; `extra`
-holds a string's kind, the hex digits left of a `\\u` escape, or the rest of `true` / `false` /
-`null`) and the open containers (`stack`, e.g. `"{[{"`). `step` advances it by one byte and
-returns None where the byte cannot follow.
+A byte-level recognizer of RFC 8259 JSON restricted by the grammar. It reads bytes
+nondeterministically (a schema's `anyOf` branches, a number that may end or go on, enum values
+that share a start), so its state is a frozenset of threads `(mode, extra, stack)`: what may
+come next (`mode`; `extra` holds the value's node, a string's kind and length so far, the hex
+digits left of a `\\u` escape, or the candidate keys / literal texts still matching) and the
+open containers (`stack`: frames `(bracket, node, n)`, n the next property's index of an object,
+the items so far of an array). `step` advances a state by one byte; an empty state is a dead end.
 
-`JsonVocab` knows every token's bytes and gives, per state, the tokens that may follow (a
-`[V]` bool mask on the engine's device): only the tokens whose first byte can follow are
-simulated, and in a string every token made of plain string bytes is allowed without
-simulation; masks are memoized per state, keyed by what a token can see of the stack (its top
-`closers + 1` entries, `closers` the most closing brackets any one token holds). The serving
-engine (`flexkv.serve.penalties`) advances a request's state by each token it produces and bans
-the tokens outside the mask before choosing. Its stop tokens (end of sequence) are allowed only
-once the object is complete, and then nothing else (whitespace only while no stop token may be
-chosen: none under `ignore_eos`, or `min_tokens` not reached). Outside strings, whitespace
-tokens are banned after `MAX_WS_RUN` whitespace bytes in a row (a model in JSON mode can
-otherwise emit newlines forever).
+`JsonVocab` knows every token's bytes and gives, per grammar and state, the tokens that may follow
+(a `[V]` bool mask on the engine's device): only the tokens whose first byte can follow are
+simulated, and in a string of any length every token of whole plain characters is allowed
+without simulation; masks are memoized, keyed by what a token can see of each thread's stack
+(its top `closers + 1` frames, `closers` the most closing brackets any one token holds). The
+serving engine (`flexkv.serve.penalties`) advances a request's state by each token it produces
+and bans the tokens outside the mask before choosing. Its stop tokens (end of sequence) are
+allowed once the value is complete, and then only what continues the value (a top-level
+number's digits; nothing after an object: whitespace only while no stop token may be chosen:
+none under `ignore_eos`, or `min_tokens` not reached). Outside strings, whitespace tokens are
+banned after `MAX_WS_RUN` whitespace bytes in a row (a model in JSON mode can otherwise emit
+newlines forever).
 """
 from __future__ import annotations
 
@@ -25,33 +30,50 @@ from collections import OrderedDict
 import torch
 from torch import Tensor
 
+from flexkv.serve.json_schema import JSON_OBJECT, Arr, Grammar, Lit, Num, Obj, Str, Union
+
 WS = frozenset(b" \t\n\r")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 DIGITS = frozenset(b"0123456789")
 ESCAPES = frozenset(b'"\\/bfnrt')
-QUOTE, BACKSLASH = ord('"'), ord("\\")
+QUOTE, BACKSLASH, COMMA = ord('"'), ord("\\"), ord(",")
 
 # modes: what may come next
-(START, VALUE, ARRAY_FIRST, KEY_FIRST, KEY, COLON, AFTER, DONE,            # structure
- STRING, ESCAPE, UNICODE, LITERAL,                                        # strings, literals
+(VALUE, ARRAY_FIRST, KEY_FIRST, KEY, COLON, AFTER, DONE,                  # structure
+ KEYNAME, STRING, ESCAPE, UNICODE, LITERAL,                               # strings, literals
  MINUS, ZERO, INT, DOT, FRAC, EXP_MARK, EXP_SIGN, EXP) = range(20)        # numbers
 NUMBER_ENDS = frozenset({ZERO, INT, FRAC, EXP})   # a number may end here
-LITERALS = {ord("t"): b"rue", ord("f"): b"alse", ord("n"): b"ull"}
+IN_TEXT = frozenset({KEYNAME, STRING, ESCAPE, UNICODE, LITERAL})   # whitespace there is text
+MAP_KEY = -1        # a STRING's kind for a key of an object without properties (else its Str node)
+MAX_WS_RUN = 32     # structural whitespace bytes in a row, after which whitespace tokens are banned
+# a UTF-8 lead byte -> (the bytes still to come, the range of the next one) (Unicode's table 3-7)
+UTF8_LEAD = ({b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)} | {0xE0: (2, 0xA0, 0xBF), 0xED: (2, 0x80, 0x9F)}
+             | {b: (2, 0x80, 0xBF) for b in (*range(0xE1, 0xED), 0xEE, 0xEF)}
+             | {0xF0: (3, 0x90, 0xBF), 0xF4: (3, 0x80, 0x8F)} | {b: (3, 0x80, 0xBF) for b in range(0xF1, 0xF4)})
 
-INITIAL = (START, None, "")
-MAX_WS_RUN = 32   # structural whitespace bytes in a row, after which whitespace tokens are banned
+
+def initial(g: Grammar) -> frozenset:
+    return frozenset({(VALUE, g.root, ())})
 
 
-def _after_value(stack: str) -> tuple:
-    return (AFTER, None, stack) if stack else (DONE, None, "")
+def is_done(state: frozenset) -> bool:
+    """The text so far is a whole value (it may also go on: a top-level number)."""
+    return any(t[0] == DONE for t in state)
 
 
-def _number(mode: int, b: int) -> int | None:
+def _end(stack: tuple) -> tuple:
+    """The thread after a value ends."""
+    return (AFTER, None, stack) if stack else (DONE, None, ())
+
+
+def _number(mode: int, integer: bool, b: int) -> int | None:
     digit = b in DIGITS
     if mode == MINUS:
         return ZERO if b == ord("0") else INT if digit else None
     if digit and mode in (INT, DOT, FRAC):
         return INT if mode == INT else FRAC
+    if integer:
+        return None
     if mode in (ZERO, INT) and b == ord("."):
         return DOT
     if mode in (ZERO, INT, FRAC) and b in b"eE":
@@ -63,110 +85,193 @@ def _number(mode: int, b: int) -> int | None:
     return None
 
 
-def _value_start(b: int, stack: str) -> tuple | None:
-    if b == ord("{"):
-        return (KEY_FIRST, None, stack + "{")
-    if b == ord("["):
-        return (ARRAY_FIRST, None, stack + "[")
-    if b == QUOTE:
-        return (STRING, False, stack)
-    if b == ord("-"):
-        return (MINUS, None, stack)
-    if b in DIGITS:
-        return (ZERO if b == ord("0") else INT, None, stack)
-    if b in LITERALS:
-        return (LITERAL, LITERALS[b], stack)
-    return None
+def _in_number(mode: int, integer: bool, stack: tuple) -> list:
+    """A number's thread, and where it may end, the thread after it."""
+    t = (mode, integer, stack)
+    return [t, _end(stack)] if mode in NUMBER_ENDS else [t]
 
 
-def step(state: tuple, b: int) -> tuple | None:
-    """The state after byte `b`, or None where `b` cannot follow."""
-    mode, extra, stack = state
-    if mode == STRING:          # extra: a key's string (True) or a value's
-        if b == QUOTE:
-            return (COLON, None, stack) if extra else _after_value(stack)
-        if b == BACKSLASH:
-            return (ESCAPE, extra, stack)
-        return None if b < 0x20 else state
+def _literal(texts, b: int, stack: tuple) -> list:
+    rests = [t[1:] for t in texts if t[0] == b]
+    more = frozenset(r for r in rests if r)
+    out = [(LITERAL, more, stack)] if more else []
+    return out + [_end(stack)] if b"" in rests else out
+
+
+def _start(g: Grammar, i: int, b: int, stack: tuple) -> list:
+    """The threads after a value of node `i` begins with byte `b`."""
+    node = g.nodes[i]
+    if isinstance(node, Union):
+        return [t for o in node.options for t in _start(g, o, b, stack)]
+    if isinstance(node, Obj):
+        return [(KEY_FIRST, None, stack + (("{", i, 0),))] if b == ord("{") else []
+    if isinstance(node, Arr):
+        return [(ARRAY_FIRST, None, stack + (("[", i, 0),))] if b == ord("[") else []
+    if isinstance(node, Str):
+        return [(STRING, (i, 0 if node.counted else None, None), stack)] if b == QUOTE else []
+    if isinstance(node, Num):
+        if b == ord("-"):
+            return [(MINUS, node.integer, stack)]
+        return _in_number(ZERO if b == ord("0") else INT, node.integer, stack) if b in DIGITS else []
+    assert isinstance(node, Lit)
+    return _literal(node.texts, b, stack)
+
+
+def _char(g: Grammar, kind: int, count):
+    """A string's length after one more character (counted up to its node's cap)."""
+    return None if count is None else min(count + 1, g.nodes[kind].cap)
+
+
+def _string(g: Grammar, mode: int, extra, stack: tuple, b: int) -> list:
+    """STRING, ESCAPE and UNICODE threads (extra: kind, characters so far (None: not counted),
+    then for STRING the bytes a UTF-8 character still needs (None, or (how many, the next one's
+    range)), for UNICODE the hex digits left and whether a surrogate may be starting)."""
+    kind, count = extra[:2]
     if mode == ESCAPE:
         if b == ord("u"):
-            return (UNICODE, (extra, 4), stack)
-        return (STRING, extra, stack) if b in ESCAPES else None
-    if mode == UNICODE:         # extra: (the string's kind, hex digits left)
-        if b not in HEX:
-            return None
-        kind, left = extra
-        return (STRING, kind, stack) if left == 1 else (UNICODE, (kind, left - 1), stack)
-    if mode == LITERAL:         # extra: the literal's bytes still to come
-        if b != extra[0]:
-            return None
-        return (LITERAL, extra[1:], stack) if len(extra) > 1 else _after_value(stack)
-    if mode >= MINUS:
-        nxt = _number(mode, b)
-        if nxt is not None:
-            return (nxt, None, stack)
-        return step(_after_value(stack), b) if mode in NUMBER_ENDS else None
+            return [(UNICODE, (kind, count, 4, False), stack)]
+        return [(STRING, (kind, _char(g, kind, count), None), stack)] if b in ESCAPES else []
+    if mode == UNICODE:         # extra[3]: a counted string's escape began with d (a surrogate?)
+        left = extra[2] - 1
+        if b not in HEX or (extra[3] and b in b"89abAB"):   # an escape is one character: a
+            return []                                       # counted string takes no surrogates
+        lead = count is not None and left == 3 and b in b"dD"
+        return [(STRING, (kind, _char(g, kind, count), None), stack) if left == 0
+                else (UNICODE, (kind, count, left, lead), stack)]
+    utf = extra[2]
+    if utf is not None:         # inside a UTF-8 character: its next byte, in range
+        left, lo, hi = utf
+        if not lo <= b <= hi:
+            return []
+        return [(STRING, (kind, count, (left - 1, 0x80, 0xBF) if left > 1 else None), stack)]
+    if b == QUOTE:
+        if kind == MAP_KEY:
+            return [(COLON, g.nodes[stack[-1][1]].values, stack)]
+        return [_end(stack)] if count is None or count >= g.nodes[kind].min else []
+    if b < 0x20:
+        return []
+    utf = None
+    if b >= 0x80:               # well-formed UTF-8 only (as `bytes.decode` takes it)
+        utf = UTF8_LEAD.get(b)
+        if utf is None:
+            return []
+    if count is not None:       # a character begins
+        limit = g.nodes[kind].max
+        if limit is not None and count >= limit:
+            return []
+        if b != BACKSLASH:      # (an escape counts when it ends)
+            count = _char(g, kind, count)
+    if b == BACKSLASH:
+        return [(ESCAPE, (kind, count), stack)]
+    return [(STRING, (kind, count, utf), stack)]
+
+
+def _container(g: Grammar, mode: int, stack: tuple, b: int) -> list:
+    """ARRAY_FIRST, KEY_FIRST, KEY and AFTER threads: the top frame's brackets, commas and keys."""
+    tag, i, n = stack[-1]
+    node = g.nodes[i]
+    if tag == "[":
+        if b == ord("]") and mode in (ARRAY_FIRST, AFTER) and n >= node.min:
+            return [_end(stack[:-1])]
+        if node.max is not None and n >= node.max:
+            return []
+        if mode == ARRAY_FIRST:
+            return _start(g, node.item(0), b, stack[:-1] + (("[", i, min(1, node.cap)),))
+        if mode == AFTER and b == COMMA:
+            return [(VALUE, node.item(n), stack[:-1] + (("[", i, min(n + 1, node.cap)),))]
+        return []
+    if b == ord("}") and mode in (KEY_FIRST, AFTER) and not node.need[n]:
+        return [_end(stack[:-1])]
+    if b == COMMA and mode == AFTER and (node.nexts[n] if node.props else node.values is not None):
+        return [(KEY, None, stack)]
+    if b == QUOTE and mode in (KEY_FIRST, KEY):
+        if node.props:
+            keys = frozenset((node.props[j][0][1:], j) for j in node.nexts[n])
+            return [(KEYNAME, keys, stack)] if keys else []
+        return [(STRING, (MAP_KEY, None, None), stack)] if node.values is not None else []
+    return []
+
+
+def _step(g: Grammar, thread: tuple, b: int) -> list:
+    mode, extra, stack = thread
+    if mode in (STRING, ESCAPE, UNICODE):
+        return _string(g, mode, extra, stack, b)
+    if mode == KEYNAME:         # extra: {(the key's bytes still to come, its index)}
+        rests = [(r[1:], j) for r, j in extra if r[0] == b]
+        for r, j in rests:
+            if not r:           # the key is complete (its closing quote): its value follows
+                _, i, _ = stack[-1]
+                return [(COLON, g.nodes[i].props[j][1], stack[:-1] + (("{", i, j + 1),))]
+        return [(KEYNAME, frozenset(rests), stack)] if rests else []
+    if mode == LITERAL:         # extra: {the texts' bytes still to come}
+        return _literal(extra, b, stack)
+    if mode >= MINUS:           # extra: integer only
+        nxt = _number(mode, extra, b)
+        return [] if nxt is None else _in_number(nxt, extra, stack)
     if b in WS:
-        return state
-    if mode == START:
-        return (KEY_FIRST, None, "{") if b == ord("{") else None
-    if mode in (VALUE, ARRAY_FIRST):
-        if mode == ARRAY_FIRST and b == ord("]"):
-            return _after_value(stack[:-1])
-        return _value_start(b, stack)
-    if mode in (KEY_FIRST, KEY):
-        if mode == KEY_FIRST and b == ord("}"):
-            return _after_value(stack[:-1])
-        return (STRING, True, stack) if b == QUOTE else None
+        return [thread]
+    if mode == VALUE:
+        return _start(g, extra, b, stack)
     if mode == COLON:
-        return (VALUE, None, stack) if b == ord(":") else None
-    if mode == AFTER:
-        if b == ord(","):
-            return (KEY, None, stack) if stack[-1] == "{" else (VALUE, None, stack)
-        if b == ord("}" if stack[-1] == "{" else "]"):
-            return _after_value(stack[:-1])
-    return None                 # DONE: only whitespace
+        return [(VALUE, extra, stack)] if b == ord(":") else []
+    return [] if mode == DONE else _container(g, mode, stack, b)
 
 
-def feed(state: tuple | None, data: bytes) -> tuple | None:
-    """The state after `data` (None where some byte cannot follow)."""
+def step(g: Grammar, state: frozenset, b: int) -> frozenset:
+    """The state after byte `b` (empty where `b` cannot follow)."""
+    return frozenset(t for thread in state for t in _step(g, thread, b))
+
+
+def feed(g: Grammar, state: frozenset, data: bytes) -> frozenset:
+    """The state after `data` (empty where some byte cannot follow)."""
     for b in data:
-        if state is None:
-            return None
-        state = step(state, b)
+        if not state:
+            break
+        state = step(g, state, b)
     return state
 
 
-def is_plain_string_byte(b: int) -> bool:
-    return b >= 0x20 and b != QUOTE and b != BACKSLASH
+def is_plain_string_token(data: bytes) -> bool:
+    """Whole characters of a string, none of them a quote, a backslash or a control character."""
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return all(b >= 0x20 and b != QUOTE and b != BACKSLASH for b in data)
 
 
 class JsonRequest:
-    """One request's recognizer: its state and the run of structural whitespace bytes (outside
-    strings) its text ends with (models in JSON mode can otherwise emit newlines forever)."""
+    """One request's recognizer: its grammar, its state and the run of structural whitespace
+    bytes (outside strings) its text ends with (models in JSON mode can otherwise emit newlines
+    forever)."""
 
-    def __init__(self):
-        self.state, self.ws_run = INITIAL, 0
+    def __init__(self, grammar: Grammar = JSON_OBJECT):
+        self.grammar, self.state, self.ws_run = grammar, initial(grammar), 0
 
     @property
     def done(self) -> bool:
-        return self.state[0] == DONE
+        return is_done(self.state)
+
+    @property
+    def open_threads(self) -> frozenset:
+        """The state without its finished threads: what may still continue the value."""
+        return frozenset(t for t in self.state if t[0] != DONE)
 
     def advance(self, data: bytes) -> bool:
         """Take a token's bytes (False, and no change, where they cannot follow)."""
         state, run = self.state, self.ws_run
         for b in data:
-            mode = state[0]
-            state = step(state, b)
-            if state is None:
+            text = any(t[0] in IN_TEXT for t in state)
+            state = step(self.grammar, state, b)
+            if not state:
                 return False
-            run = run + 1 if b in WS and mode not in (STRING, ESCAPE, UNICODE) else 0
+            run = run + 1 if b in WS and not text else 0
         self.state, self.ws_run = state, run
         return True
 
 
 class JsonVocab:
-    """The tokens that may follow each recognizer state, as `[V]` bool masks on `device`.
+    """The tokens that may follow each grammar's states, as `[V]` bool masks on `device`.
 
     `token_bytes[i]`: token i's bytes, or None for a token that never appears in JSON text
     (special tokens, a piece of a character whose bytes are unknown, ids the tokenizer lacks)."""
@@ -180,7 +285,7 @@ class JsonVocab:
         plain, ws_first = [], []
         for i, bs in self.tokens:
             self.by_first.setdefault(bs[0], []).append((i, bs))
-            if all(is_plain_string_byte(b) for b in bs):
+            if is_plain_string_token(bs):
                 plain.append(i)
             else:
                 self.string_other.setdefault(bs[0], []).append((i, bs))
@@ -208,23 +313,26 @@ class JsonVocab:
         return cls([None if i in special or i >= n else pieces.bytes(i) for i in range(vocab_size)],
                    device)
 
-    def _key(self, state: tuple) -> tuple:
-        mode, extra, stack = state
+    def _key(self, g: Grammar, state: frozenset) -> tuple:
         k = self.closers + 1
-        return (mode, extra, stack[-k:], len(stack) > k)
+        return g, frozenset((mode, extra, stack[-k:], len(stack) > k) for mode, extra, stack in state)
 
-    def allowed(self, state: tuple) -> tuple[Tensor, bool]:
-        """([V] bool on the device: the tokens whose bytes may follow `state`, whether there is
-        any), memoized."""
-        key = self._key(state)
+    def allowed(self, g: Grammar, state: frozenset) -> tuple[Tensor, bool]:
+        """([V] bool on the device: the tokens whose bytes may follow `state` of grammar `g`,
+        whether there is any), memoized."""
+        key = self._key(g, state)
         hit = self._memo.get(key)
         if hit is not None:
             self._memo.move_to_end(key)
             return hit
-        mask = self.string_plain.clone() if state[0] == STRING else torch.zeros(self.V, dtype=torch.bool)
-        table = self.string_other if state[0] == STRING else self.by_first
-        ok = [i for b in range(256) if b in table and step(state, b) is not None
-              for i, bs in table[b] if feed(state, bs) is not None]
+        # inside strings of any length only: a token of whole plain characters keeps each thread there
+        free = all(t[0] == STRING and t[1][1:] == (None, None) for t in state)
+        mask = self.string_plain.clone() if free else torch.zeros(self.V, dtype=torch.bool)
+        ok = []
+        for b, tokens in (self.string_other if free else self.by_first).items():
+            after = step(g, state, b)
+            if after:
+                ok += [i for i, bs in tokens if feed(g, after, bs[1:])]
         mask[ok] = True
         hit = self._memo[key] = (mask.to(self.device), bool(mask.any()))
         if len(self._memo) > self.memo_size:

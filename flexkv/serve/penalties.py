@@ -1,9 +1,10 @@
 """Per-request logit adjustments of the serving engine, applied to a slot's logits before its
 token is chosen (the argmax, or the sampler's temperature, top-k and top-p), as vLLM applies them.
-First, JSON mode (`response_format="json_object"`): every token that cannot continue the
-request's JSON object is banned (-inf; `flexkv.serve.json_mode`; once the object is complete,
-everything but its stop tokens); the host advances the request's recognizer by each token it
-produces (the engine reads the tokens anyway) and writes its row of the mask. Then:
+First, structured output (`response_format` "json_object" or "json_schema"): every token that
+cannot continue the request's JSON value is banned (-inf; `flexkv.serve.json_mode`; once the
+value is complete, everything but its stop tokens and what may still continue it); the host
+advances the request's recognizer by each token it produces (the engine reads the tokens
+anyway) and writes its row of the mask. Then:
 
 1. `min_tokens` (vLLM's): the request's stop token ids (end-of-sequence included unless
    `ignore_eos`) are banned (-inf) until it has produced `min_tokens` tokens;
@@ -81,17 +82,19 @@ class SlotAdjustments:
             add[slot, self._ban[slot][1]] = float("-inf")
 
     def _write_allow(self, slot: int) -> None:
-        """`slot`'s row of the JSON mask: the tokens that may continue its object. Once the
-        object is complete, only its stop ids (whitespace instead while none can be chosen: no
-        stop ids under `ignore_eos`, or `min_tokens` not reached); whitespace tokens are banned
-        after a run of `MAX_WS_RUN` structural whitespace bytes."""
+        """`slot`'s row of the JSON mask: the tokens that may continue its value. Once the
+        value is complete, its stop ids and the tokens that continue it without whitespace (a
+        top-level number's digits; none after an object); whitespace instead while no stop id can
+        be chosen (none under `ignore_eos`, or `min_tokens` not reached); whitespace tokens are
+        banned after a run of `MAX_WS_RUN` structural whitespace bytes."""
         req, stops = self._json[slot]
         allow = self._tensor("allow", True, torch.bool)
         if req.done and len(stops) and slot not in self._ban:
-            allow[slot] = False
+            rest = req.open_threads
+            allow[slot] = self._json_vocab().allowed(req.grammar, rest)[0] if rest else False
             allow[slot, stops] = True
             return
-        mask, some = self._json_vocab().allowed(req.state)
+        mask, some = self._json_vocab().allowed(req.grammar, req.state)
         if not req.done and req.ws_run >= MAX_WS_RUN:
             mask = mask & ~self._json_vocab().ws_start
         allow[slot] = mask
@@ -114,8 +117,9 @@ class SlotAdjustments:
             self._tensor("rep", 1.0)[slot, self._ids(set(prompt))] = float(rep)
         if freq or pres:
             self._tensor("counts", 0, torch.int32)[slot] = 0
-        if params.response_format == "json_object":
-            self._json[slot] = (JsonRequest(), self._ids(stop_ids))
+        grammar = params.grammar()
+        if grammar is not None:
+            self._json[slot] = (JsonRequest(grammar), self._ids(stop_ids))
             self._write_allow(slot)
         if rep != 1 or freq or pres:
             for name, value, neutral in (("repetition", rep, 1.0), ("frequency", freq, 0.0),

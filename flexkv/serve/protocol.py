@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from flexkv.serve.json_schema import compile_schema
 from flexkv.serve.request import MAX_LOGPROBS, MAX_REPETITION_PENALTY
 
 MAX_PROMPT_CHARS = 4_000_000     # a body bound before tokenizing; the token limit is the engine's
@@ -54,6 +55,7 @@ class Neutral:
 
 Bias = Annotated[float, Field(ge=-100.0, le=100.0, allow_inf_nan=False)]
 _TOKEN_ID = re.compile(r"[0-9]{1,12}")
+_SCHEMA_NAME = re.compile(r"[a-zA-Z0-9_-]{1,64}")   # OpenAI's
 
 
 class StreamOptions(BaseModel):
@@ -96,22 +98,53 @@ class SamplingFields(BaseModel):
                             "(end of sequence, stop_token_ids, stop strings) before this many "
                             "tokens; at most max_tokens")
     user: str | None = Field(None, description="ignored")
-    response_format: dict | None = Field(None, description='{"type": "text"} (the default) or '
-                                         '{"type": "json_object"}: the text is one JSON object '
-                                         "(an extension for completions, as vLLM's)")
+    response_format: dict | None = Field(None, description='{"type": "text"} (the default), '
+                                         '{"type": "json_object"} (the text is one JSON object) or '
+                                         '{"type": "json_schema", "json_schema": {"name": ..., '
+                                         '"schema": {...}}} (one JSON value of the schema); an '
+                                         "extension for completions, as vLLM's")
 
     @field_validator("response_format")
     @classmethod
     def _response_format(cls, v):
-        if v is not None and (set(v) != {"type"} or v["type"] not in ("text", "json_object")):
-            kind = v.get("type") if isinstance(v.get("type"), str) else None
-            more = f" ({kind!r} is not supported)" if kind else ""
-            raise ValueError('response_format must be {"type": "text"} or {"type": "json_object"}'
-                             + more)
+        if v is None:
+            return v
+        kind = v.get("type")
+        if kind == "json_schema":
+            spec = v.get("json_schema")
+            if set(v) != {"type", "json_schema"} or not isinstance(spec, dict):
+                raise ValueError('response_format of type "json_schema" must be {"type": '
+                                 '"json_schema", "json_schema": {"name": ..., "schema": {...}}}')
+            unknown = sorted(set(spec) - {"name", "schema", "strict", "description"})
+            if unknown:
+                raise ValueError(f"response_format.json_schema: unknown field {unknown[0]!r} "
+                                 "(known: name, schema, strict, description)")
+            name = spec.get("name")
+            if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+                raise ValueError("response_format.json_schema.name must be 1-64 characters of "
+                                 f"a-z, A-Z, 0-9, _ and -, got {name!r}")
+            if "schema" not in spec:
+                raise ValueError("response_format.json_schema.schema is required (the JSON Schema "
+                                 "the text must follow)")
+            if not isinstance(spec.get("strict", False), (bool, type(None))):
+                raise ValueError("response_format.json_schema.strict must be a bool or null "
+                                 "(flexkv always holds the text to the schema)")
+            compile_schema(spec["schema"])   # a ValueError naming what it holds that is not supported
+            return v
+        if set(v) != {"type"} or kind not in ("text", "json_object"):
+            more = f" ({kind!r} is not supported)" if isinstance(kind, str) else ""
+            raise ValueError('response_format must be {"type": "text"}, {"type": "json_object"} or '
+                             '{"type": "json_schema", "json_schema": {...}}' + more)
         return v
 
     def format_type(self) -> str:
         return "text" if self.response_format is None else self.response_format["type"]
+
+    def schema(self):
+        """The JSON Schema of a `json_schema` response format, else None."""
+        if self.format_type() != "json_schema":
+            return None
+        return self.response_format["json_schema"]["schema"]
 
     @field_validator("logit_bias")
     @classmethod

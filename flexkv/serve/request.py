@@ -21,7 +21,7 @@ def _is_number(x) -> bool:
     """A finite int or float (not a bool)."""
     return _is_int(x) or (isinstance(x, float) and math.isfinite(x))
 
-RESPONSE_FORMATS = ("text", "json_object")
+RESPONSE_FORMATS = ("text", "json_object", "json_schema")
 
 @dataclass
 class SamplingParams:
@@ -49,9 +49,18 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     logit_bias: dict[int, float] | None = None
     min_tokens: int = 0
-    # "json_object": the text is one JSON object (flexkv.serve.json_mode; needs the engine's
-    # tokenizer); "text": unconstrained
+    # "json_object": the text is one JSON object; "json_schema": one JSON value of the schema
+    # `json_schema` (flexkv.serve.json_schema says which keywords it takes); both need the
+    # engine's tokenizer (flexkv.serve.json_mode); "text": unconstrained
     response_format: str = "text"
+    json_schema: dict | bool | None = None
+
+    def grammar(self):
+        """The grammar the text must follow (`flexkv.serve.json_schema.Grammar`), or None."""
+        from flexkv.serve.json_schema import JSON_OBJECT, compile_schema
+        if self.response_format == "json_object":
+            return JSON_OBJECT
+        return compile_schema(self.json_schema) if self.response_format == "json_schema" else None
 
     def validate(self, max_new_tokens: int, vocab_size: int) -> None:
         if not _is_int(self.max_tokens) or not 0 <= self.max_tokens <= max_new_tokens:
@@ -103,6 +112,11 @@ class SamplingParams:
         if self.response_format not in RESPONSE_FORMATS:
             raise ValueError(f"response_format must be one of {RESPONSE_FORMATS}, got "
                              f"{self.response_format!r}")
+        if (self.json_schema is None) != (self.response_format != "json_schema"):
+            raise ValueError("json_schema (a JSON Schema dict) is given exactly when response_format "
+                             f"is 'json_schema', got response_format={self.response_format!r} and "
+                             f"json_schema={self.json_schema!r}"[:300])
+        self.grammar()      # a ValueError naming what the schema holds that is not supported
 
 
 class QueueFull(RuntimeError):

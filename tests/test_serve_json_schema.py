@@ -1,0 +1,442 @@
+"""Structured output with a JSON Schema (`response_format="json_schema"`, flexkv.serve.json_schema
+compiles it, flexkv.serve.json_mode recognizes it).
+
+- Sound (hypothesis): on random schemas of every supported keyword, a text the recognizer
+  accepts as complete is `json.loads`-able and valid under `valid` below, an independent
+  validator of the same subset; random texts near valid ones and random byte strings too.
+- Complete for the texts flexkv asks for (hypothesis): every instance written with the schema's
+  key order and compact enum values, with any whitespace between tokens, is accepted byte by
+  byte and ends complete.
+- The masks equal brute force (every token's bytes simulated) at every state along an instance.
+- What is not supported is a `ValueError` naming the keyword and where it is.
+- The engine: schema requests beside plain ones give valid instances (or prefixes when cut), the
+  plain ones equal `flexkv.generate`; an enum and a top-level number end where they should.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from flexkv.serve import Engine, SamplingParams
+from flexkv.serve.json_mode import JsonRequest, JsonVocab, feed, initial, is_done, step
+from flexkv.serve.json_schema import compile_schema
+from test_serve_engine import SETTINGS, random_prompt, solo
+from test_serve_json import ByteTokenizer, tiny64  # noqa: F401 (a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+# ----------------------------------------------------------------------------- a reference
+def valid(value, schema, root=None) -> bool:
+    """`value` (from json.loads) is an instance of `schema` (the subset flexkv supports; keys of
+    an object with properties in any order, as JSON Schema has it)."""
+    root = schema if root is None else root
+    if schema is True or schema == {}:
+        return True
+    if "$ref" in schema:
+        ref = schema["$ref"]
+        return valid(value, root if ref == "#" else root[ref.split("/")[1]][ref.split("/")[2]], root)
+    if "anyOf" in schema or "oneOf" in schema:
+        return any(valid(value, s, root) for s in schema.get("anyOf", schema.get("oneOf")))
+    if "allOf" in schema:
+        return all(valid(value, s, root) for s in schema["allOf"])
+    kind = _kind(value)
+    types = schema.get("type")
+    if types is not None:
+        types = [types] if isinstance(types, str) else types
+        if kind not in types and not (kind == "integer" and "number" in types):
+            return False
+    if "const" in schema and not same(value, schema["const"]):
+        return False
+    if "enum" in schema and not any(same(value, v) for v in schema["enum"]):
+        return False
+    if kind == "string":
+        return schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
+    if kind == "array":
+        prefix, items = schema.get("prefixItems", []), schema.get("items", True)
+        if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value)):
+            return False
+        return all(valid(v, prefix[i] if i < len(prefix) else items, root) if (i < len(prefix) or items is not False)
+                   else False for i, v in enumerate(value))
+    if kind == "object":
+        props = schema.get("properties")
+        extra = schema.get("additionalProperties", False if props is not None else True)
+        if any(r not in value for r in schema.get("required", [])):
+            return False
+        for k, v in value.items():
+            if props is not None and k in props:
+                if not valid(v, props[k], root):
+                    return False
+            elif extra is False or not valid(v, extra, root):
+                return False
+    return True
+
+
+def _kind(v) -> str:
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return "boolean"
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer()):
+        return "integer"
+    return {float: "number", str: "string", list: "array", dict: "object"}[type(v)]
+
+
+def same(a, b) -> bool:
+    """Equal as JSON values (true is not 1)."""
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return type(a) is type(b) and a == b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return a == b
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    return type(a) is type(b) and a == b
+
+
+def loads(text: bytes):
+    def no_constant(name):
+        raise ValueError(name)
+    return json.loads(text.decode("utf-8"), parse_constant=no_constant)
+
+
+def accepts(schema, text: bytes) -> bool:
+    g = compile_schema(schema)
+    return is_done(feed(g, initial(g), text))
+
+
+# ----------------------------------------------------------------------------- schemas, instances
+SCALARS = st.none() | st.booleans() | st.integers(-1000, 1000) | st.text("ab\"\\é", max_size=3)
+LITERAL_VALUES = st.recursive(SCALARS, lambda v: st.lists(v, max_size=2)
+                              | st.dictionaries(st.text("ab", max_size=2), v, max_size=2), max_leaves=4)
+NAMES = st.text("abk_\"é", min_size=0, max_size=3)
+
+
+def _leaf():
+    lengths = st.tuples(st.integers(0, 3), st.integers(0, 3)).map(sorted)
+    return st.one_of(
+        st.sampled_from([{"type": t} for t in ("integer", "number", "boolean", "null", "string")]
+                        + [{}, {"type": ["integer", "null"]}, {"type": ["string", "boolean"]}]),
+        lengths.map(lambda lh: {"type": "string", "minLength": lh[0], "maxLength": lh[1]}),
+        st.integers(1, 3).map(lambda n: {"type": "string", "minLength": n}),
+        st.lists(LITERAL_VALUES, min_size=1, max_size=3).map(lambda vs: {"enum": vs}),
+        LITERAL_VALUES.map(lambda v: {"const": v}))
+
+
+def _containers(inner):
+    props = st.dictionaries(NAMES, inner, max_size=3)
+    return st.one_of(
+        props.flatmap(lambda p: st.lists(st.sampled_from(sorted(p)), unique=True).map(
+            lambda req: {"type": "object", "properties": p, "required": req}) if p else
+            st.just({"type": "object", "properties": {}})),
+        inner.map(lambda v: {"type": "object", "additionalProperties": v}),
+        st.just({"type": "object", "additionalProperties": False}),
+        st.tuples(inner, st.integers(0, 2), st.one_of(st.none(), st.integers(2, 3))).map(
+            lambda t: {"type": "array", "items": t[0], "minItems": t[1]} | ({} if t[2] is None else {"maxItems": t[2]})),
+        st.lists(inner, min_size=1, max_size=2).map(lambda ps: {"prefixItems": ps, "items": False}),
+        st.lists(inner, min_size=2, max_size=3).map(lambda alts: {"anyOf": alts}))
+
+
+SCHEMAS = st.recursive(_leaf(), _containers, max_leaves=6)
+TREE = {"$defs": {"node": {"type": "object", "properties": {
+    "v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}, "maxItems": 2}},
+    "required": ["v"]}}, "$ref": "#/$defs/node"}
+
+
+@st.composite
+def instance(draw, schema, root=None, ws=st.sampled_from(["", " ", "\n  "])):
+    """A text of one instance of `schema` as flexkv writes it (the properties in order, enum and
+    const values compact), with whitespace `ws` drawn between tokens."""
+    root = schema if root is None else root
+    w = draw(ws)
+    if schema is True or schema == {}:
+        return w + json.dumps(draw(LITERAL_VALUES))
+    if "$ref" in schema:
+        return draw(instance(root[schema["$ref"].split("/")[1]][schema["$ref"].split("/")[2]], root, ws))
+    if "anyOf" in schema:
+        return draw(instance(draw(st.sampled_from(schema["anyOf"])), root, ws))
+    if "enum" in schema or "const" in schema:
+        v = draw(st.sampled_from(schema["enum"])) if "enum" in schema else schema["const"]
+        return w + json.dumps(v, separators=(",", ":"), ensure_ascii=False)
+    types = schema.get("type") or ("object" if "properties" in schema or "additionalProperties" in schema
+                                   else "array")
+    kind = draw(st.sampled_from(types)) if isinstance(types, list) else types
+    if kind == "integer":
+        return w + str(draw(st.integers(-10**6, 10**6)))
+    if kind == "number":
+        return w + draw(st.sampled_from(["0", "-1.5", "2e3", "1E-2", "3.25e+1", "17"]))
+    if kind == "boolean":
+        return w + draw(st.sampled_from(["true", "false"]))
+    if kind == "null":
+        return w + "null"
+    if kind == "string":
+        lo, hi = schema.get("minLength", 0), schema.get("maxLength", 4)
+        s = draw(st.text(st.characters(max_codepoint=0xFFFF, exclude_categories=["Cs"]),
+                         min_size=lo, max_size=max(lo, hi)))
+        return w + json.dumps(s, ensure_ascii=draw(st.booleans()))
+    if kind == "array":
+        prefix, items = schema.get("prefixItems", []), schema.get("items", True)
+        hi = len(prefix) if items is False else schema.get("maxItems", max(schema.get("minItems", 0), 3))
+        n = draw(st.integers(schema.get("minItems", 0), hi))
+        parts = [draw(instance(prefix[i] if i < len(prefix) else items, root, ws)) for i in range(n)]
+        return w + "[" + ",".join(parts) + draw(ws) + "]"
+    props = schema.get("properties")
+    if props is None:
+        extra = schema.get("additionalProperties", True)
+        keys = [] if extra is False else draw(st.lists(st.text("xyz", max_size=2), unique=True, max_size=3))
+        pairs = [(k, extra) for k in keys]
+    else:
+        pairs = [(k, s) for k, s in props.items() if k in schema.get("required", []) or draw(st.booleans())]
+    body = ",".join(draw(ws) + json.dumps(k, ensure_ascii=False) + draw(ws) + ":" + draw(instance(s, root, ws))
+                    for k, s in pairs)
+    return w + "{" + body + draw(ws) + "}"
+
+
+def schema_and_text(schemas=st.one_of(SCHEMAS, SCHEMAS, SCHEMAS, st.just(TREE)), loose=False):
+    """(a schema, a text of one of its instances), or with `loose`, of an instance of the schema
+    without its limits (lengths, counts, required keys, integers, enum values, items: false),
+    which may or may not be one of its own."""
+    return schemas.flatmap(lambda s: st.tuples(st.just(s), instance(loosen(s) if loose else s, loosen(s) if loose else None)
+                                               .map(lambda t: (t + " ").encode())))
+
+
+def loosen(schema):
+    if not isinstance(schema, dict):
+        return schema
+    if "enum" in schema or "const" in schema:
+        return {}
+    out = {k: v for k, v in schema.items()
+           if k not in ("minLength", "maxLength", "minItems", "maxItems", "required")}
+    if out.get("type") == "integer":
+        out["type"] = "number"
+    if out.get("items") is False:
+        out["items"] = {}
+    for key in ("properties", "$defs"):
+        if key in out:
+            out[key] = {k: loosen(v) for k, v in out[key].items()}
+    for key in ("anyOf", "prefixItems"):
+        if key in out:
+            out[key] = [loosen(v) for v in out[key]]
+    if isinstance(out.get("items"), dict):
+        out["items"] = loosen(out["items"])
+    if isinstance(out.get("additionalProperties"), dict):
+        out["additionalProperties"] = loosen(out["additionalProperties"])
+    return out
+
+
+# ----------------------------------------------------------------------------- the recognizer
+@settings(max_examples=400, deadline=None)
+@given(case=schema_and_text())
+def test_every_instance_is_accepted_byte_by_byte_and_is_valid(case):
+    schema, text = case
+    g = compile_schema(schema)
+    state = initial(g)
+    for i, b in enumerate(text):
+        state = step(g, state, b)
+        assert state, (schema, text[:i + 1])
+    assert is_done(state), (schema, text)
+    assert valid(loads(text), schema), (schema, text)      # (the generator's own check)
+
+
+MUTATION = st.text('{}[]":,0123456789.-eatrufnl \\xé', min_size=1, max_size=3)
+
+
+@settings(max_examples=600, deadline=None)
+@given(case=schema_and_text(loose=True), at=st.floats(0, 1), new=MUTATION, edit=st.sampled_from(["none", "cut", "insert"]))
+def test_what_is_accepted_is_a_valid_instance(case, at, new, edit):
+    """Near-misses: instances of the schema without its limits, some with a few characters
+    replaced or inserted; accepted as complete only if valid."""
+    schema, text = case
+    s = text.decode()
+    i = int(at * len(s))
+    if edit != "none":
+        s = s[:i] + new + s[i + (len(new) if edit == "cut" else 0):]
+    if accepts(schema, s.encode()):
+        assert valid(loads(s.encode()), schema), (schema, s)
+
+
+@settings(max_examples=300, deadline=None)
+@given(schema=SCHEMAS, text=st.text('{}[]":,0123456789.-eatrufnlbk \\', max_size=12))
+def test_random_texts_accepted_are_valid(schema, text):
+    if accepts(schema, text.encode()):
+        assert valid(loads(text.encode()), schema), (schema, text)
+
+
+def test_keys_come_in_order_required_ones_present_and_lengths_counted():
+    person = {"type": "object", "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 3},
+                                               "age": {"type": "integer"}, "tags": {
+                                                   "type": "array", "items": {"enum": ["a", 1]}, "maxItems": 2}},
+              "required": ["age"]}
+    ok = [b'{"age":3}', b'{"name":"ab","age":-1}', b'{"age":0,"tags":["a",1]}', b'{ "name" : "\\u00e9" , "age" : 7 }',
+          '{"name":"\U0001F600","age":1}'.encode()]
+    bad = [b'{}', b'{"name":"ab"}', b'{"age":3,"name":"ab"}', b'{"age":1.5}', b'{"name":"","age":1}',
+           b'{"name":"abcd","age":1}', b'{"age":1,"tags":["a",1,"a"]}', b'{"age":1,"tags":["b"]}',
+           b'{"age":1,"x":2}', b'{"age":1,}', b'{"name":"\\ud83d\\ude00","age":1}', b'{"age":01}']
+    for t in ok:
+        assert accepts(person, t), t
+    for t in bad:
+        assert not accepts(person, t), t
+    assert accepts(TREE, b'{"v":1,"kids":[{"v":2},{"v":3,"kids":[]}]}')
+    assert not accepts(TREE, b'{"v":1,"kids":[{"v":2,"kids":[{},{}]}]}')
+    # enum values sharing a start, and a top-level number that may go on
+    assert all(accepts({"enum": [1, 12, "x"]}, t) for t in (b"1", b"12", b' "x"\n'))
+    assert not accepts({"enum": [1, 12]}, b"123")
+    g = compile_schema({"type": "integer"})
+    assert is_done(feed(g, initial(g), b"12")) and feed(g, initial(g), b"123")
+
+
+@pytest.mark.parametrize("schema, message", [
+    ({"type": "string", "pattern": "a+"}, "at /pattern: the keyword 'pattern' is not supported"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}},
+     "at /properties/n/minimum: the keyword 'minimum' is not supported"),
+    ({"type": "array", "uniqueItems": True}, "'uniqueItems' is not supported"),
+    ({"not": {}}, "'not' is not supported"),
+    ({"$ref": "#/components/x"}, "only '#', '#/$defs/NAME'"),
+    ({"$ref": "#/$defs/x"}, "'#/$defs/x' is not defined"),
+    ({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"}, "a $ref cycle"),
+    ({"$defs": {"a": {"anyOf": [{"$ref": "#/$defs/a"}, {"type": "null"}]}}, "$ref": "#/$defs/a"},
+     "anyOf reaches itself"),
+    ({"type": "object", "properties": {"a": {}}, "required": ["b"]}, "'b' is required but not a property"),
+    ({"type": "object", "properties": {"a": {}}, "additionalProperties": True},
+     "additionalProperties: must be absent or false beside properties"),
+    ({"type": "strin"}, "at /type: must be one of"),
+    ({"type": "string", "items": {}}, "apply to arrays"),
+    ({"type": "string", "minLength": 3, "maxLength": 2}, "nothing can match"),
+    ({"type": "array", "minItems": -1}, "minItems: must be an int >= 0"),
+    ({"enum": []}, "the enum is empty"),
+    ({"type": "string", "enum": [1, 2]}, "no enum / const value is of the schema's type"),
+    ({"allOf": [{}, {}]}, "only allOf of one schema"),
+    ({"anyOf": [{}], "type": "string"}, "anyOf beside ['type'] is not supported"),
+    ({"$ref": "#", "type": "object"}, "$ref beside ['type']"),
+    (False, "a schema must be an object or true"),
+    ({"enum": [float("nan")]}, "json_schema must be JSON"),
+])
+def test_what_is_not_supported_is_a_clear_error(schema, message):
+    with pytest.raises(ValueError, match="json_schema") as e:
+        compile_schema(schema)
+    assert message in str(e.value), str(e.value)
+
+
+def test_annotations_pass_and_pydantic_schemas_compile():
+    pydantic = pytest.importorskip("pydantic")
+
+    class Pet(pydantic.BaseModel):
+        name: str = pydantic.Field(description="its name", max_length=8)
+        kind: str = pydantic.Field(json_schema_extra={"enum": ["cat", "dog"]})
+
+    class Owner(pydantic.BaseModel):
+        owner: str | None = None
+        pets: list[Pet]
+        best: Pet | None = None
+
+    schema = Owner.model_json_schema()
+    text = b'{"owner":null,"pets":[{"name":"Rex","kind":"dog"}],"best":{"name":"Tom","kind":"cat"}}'
+    assert accepts(schema, text) and Owner.model_validate_json(text)
+    assert not accepts(schema, b'{"pets":[{"name":"Rex","kind":"cow"}]}')
+    assert accepts({"title": "T", "description": "d", "format": "date-time", "type": "string",
+                    "examples": ["x"], "$schema": "https://json-schema.org/draft/2020-12/schema"}, b'"x"')
+
+
+# ----------------------------------------------------------------------------- masks
+TOKEN_BYTES = st.lists(st.sampled_from(list(b'{}[]":,0123456789.eE-+tfnrulabk \\\n\xc3\xa9x')),
+                       min_size=1, max_size=4).map(bytes)
+
+
+@settings(max_examples=80, deadline=None)
+@given(tokens=st.lists(st.one_of(st.none(), TOKEN_BYTES), min_size=1, max_size=50),
+       case=schema_and_text(), memo=st.sampled_from([1, 4096]))
+def test_masks_equal_brute_force(tokens, case, memo):
+    schema, text = case
+    g = compile_schema(schema)
+    vocab = JsonVocab(tokens, memo=memo)
+    for i in range(len(text) + 1):
+        state = feed(g, initial(g), text[:i])
+        for _ in range(2):                                  # a fresh mask, then the memo's
+            mask, some = vocab.allowed(g, state)
+            want = [bool(bs) and bool(feed(g, state, bs)) for bs in tokens]
+            assert mask.tolist() == want, (schema, text[:i])
+            assert some == any(want)
+
+
+# ----------------------------------------------------------------------------- the engine
+ENGINE_SCHEMAS = [
+    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}}, "required": ["b"]},
+    {"type": "array", "items": {"type": "boolean"}, "maxItems": 2},
+    {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}]},
+    TREE,
+]
+
+
+def check_tokens(tokens: list[int], reason: str, schema):
+    """The tokens are one instance of `schema` (`reason` "stop") or the start of one."""
+    assert all(t < 256 for t in tokens), tokens
+    req = JsonRequest(compile_schema(schema))
+    for n, t in enumerate(tokens):
+        assert req.advance(bytes([t])), bytes(tokens[:n + 1])
+    if reason == "stop":
+        assert req.done and valid(loads(bytes(tokens)), schema), bytes(tokens)
+
+
+@SETTINGS
+@given(data=st.data())
+def test_engine_schema_requests_beside_plain_ones(tiny64, data):  # noqa: F811 (the fixture)
+    d = data.draw
+    V = tiny64.args.vocab_size
+    eng = Engine(tiny64, ByteTokenizer(), "h2o", budget=12, max_slots=d(st.integers(1, 3)),
+                 max_new_tokens=30, max_prompt_tokens=20, prefill_chunk=8)
+    reqs = []
+    for i in range(d(st.integers(2, 4))):
+        schema = d(st.sampled_from([None] + ENGINE_SCHEMAS))
+        # a push toward ending values, so some requests finish them
+        extra = {} if schema is None else dict(
+            response_format="json_schema", json_schema=schema, temperature=d(st.sampled_from([0.0, 1.0])),
+            seed=i, logit_bias=d(st.sampled_from([None, {ord("}"): 4.0, ord("]"): 4.0, ord('"'): 3.0, 256: 20.0}])))
+        reqs.append((random_prompt(d(st.integers(2, 20)), 50 + i, V),
+                     SamplingParams(max_tokens=d(st.integers(1, 30)), **extra)))
+    handles = [eng.submit(p, sp) for p, sp in reqs]
+    while eng.has_work():
+        eng.step()
+    for (prompt, sp), h in zip(reqs, handles):
+        if sp.json_schema is not None:
+            check_tokens(h.tokens, h.finish_reason, sp.json_schema)
+        else:
+            want, _ = solo(tiny64, prompt, sp.max_tokens, 8, "h2o", dict(budget=12))
+            assert h.tokens == want[:len(h.tokens)]
+    assert not eng._adjust.slots
+
+
+def test_an_enum_and_a_number_end_where_they_should(tiny64):  # noqa: F811 (the fixture)
+    eng = Engine(tiny64, ByteTokenizer(), "full", max_slots=2, max_new_tokens=12, max_prompt_tokens=30,
+                 prefill_chunk=8)
+    prompt = random_prompt(10, 4, tiny64.args.vocab_size)
+    eos = {256: 60.0}
+    enum = eng.submit(prompt, SamplingParams(max_tokens=12, response_format="json_schema",
+                                             json_schema={"enum": ["yes", "no", 3]}, logit_bias=eos))
+    # eos beats every digit, and is allowed once the number is whole: one digit, then the end
+    number = eng.submit(prompt, SamplingParams(max_tokens=12, response_format="json_schema",
+                                               json_schema={"type": "integer"}, logit_bias=eos | {ord("7"): 40.0}))
+    # without eos the number goes on (only digits may follow a whole one)
+    digits = eng.generate([prompt], SamplingParams(max_tokens=5, response_format="json_schema", ignore_eos=True,
+                                                   json_schema={"type": "integer"}, logit_bias={ord("7"): 40.0}))[0]
+    while eng.has_work():
+        eng.step()
+    assert enum.finish_reason == "stop" and loads(bytes(enum.tokens)) in ("yes", "no", 3)
+    assert number.finish_reason == "stop" and bytes(number.tokens) == b"7"
+    assert bytes(digits) == b"77777"
+
+
+def test_sampling_params_check_the_schema(tiny64):  # noqa: F811 (the fixture)
+    eng = Engine(tiny64, ByteTokenizer(), "full", max_slots=1, max_new_tokens=16, max_prompt_tokens=30)
+    with pytest.raises(ValueError, match="json_schema at /pattern"):
+        eng.submit([1, 2], SamplingParams(response_format="json_schema", json_schema={"type": "string", "pattern": "x"}))
+    with pytest.raises(ValueError, match="given exactly when response_format is 'json_schema'"):
+        eng.submit([1, 2], SamplingParams(response_format="json_schema"))
+    with pytest.raises(ValueError, match="given exactly when response_format is 'json_schema'"):
+        eng.submit([1, 2], SamplingParams(json_schema={"type": "string"}))
+    with pytest.raises(ValueError, match="needs the engine's tokenizer"):
+        Engine(tiny64, None, "full", max_slots=1, max_new_tokens=16, max_prompt_tokens=30).submit(
+            [1, 2], SamplingParams(response_format="json_schema", json_schema={}))
