@@ -1,16 +1,17 @@
-"""What JSON mode (`response_format="json_object"`) costs the serving engine.
+"""What structured output (`response_format` "json_object" or "json_schema") costs the serving engine.
 
     python bench/serve_json.py --out bench/results/serve/json-cpu
 
 1. The host side, per token: the model's tokenizer splits JSON documents (real prose in string
    values, numbers, booleans, nesting, indented or compact); each token's mask is looked up
    (`JsonVocab.allowed`) and the recognizer advanced, as the engine does per produced token.
-   Reported: the vocabulary table's build time, the distinct recognizer states the documents
-   reach, and the mask time per token with the memo cold (the first pass) and warm.
+   Reported, for JSON mode and for the documents' JSON Schema (`DOC_SCHEMA`): the vocabulary
+   table's build time, the distinct recognizer states the documents reach, and the mask time
+   per token with the memo cold (the first pass) and warm.
 2. End to end: the engine (`--policy` at `--budget`, `--slots` slots) generating `--max-tokens`
-   greedy tokens for each of `--slots` prompts, plain and in JSON mode; wall seconds, tokens,
-   and the milliseconds per decode step (the figure to compare: a JSON request that completes
-   its object stops there, so it produces fewer tokens).
+   greedy tokens for each of `--slots` prompts, plain, in JSON mode and with `REPLY_SCHEMA`;
+   wall seconds, tokens, and the milliseconds per decode step (the figure to compare: a JSON
+   request that completes its value stops there, so it produces fewer tokens).
 """
 from __future__ import annotations
 
@@ -28,7 +29,22 @@ import flexkv  # noqa: E402
 from bench.serve_n import prose_ids  # noqa: E402
 from bench.stamp import commit_id, write_results  # noqa: E402
 from flexkv.serve import Engine, SamplingParams  # noqa: E402
-from flexkv.serve.json_mode import INITIAL, JsonVocab, feed  # noqa: E402
+from flexkv.serve.json_mode import JsonVocab, feed, initial  # noqa: E402
+from flexkv.serve.json_schema import JSON_OBJECT, compile_schema  # noqa: E402
+
+ITEM = {"type": "object", "properties": {
+    "name": {"type": "string"}, "summary": {"type": "string", "maxLength": 240},
+    "rank": {"type": "number"}, "seen": {"type": "boolean"},
+    "tags": {"type": "array", "prefixItems": [{"type": "string", "maxLength": 3}, {"type": "null"},
+                                              {"type": "integer"}], "items": False}},
+    "required": ["name", "summary", "rank", "seen", "tags"]}
+DOC_SCHEMA = {"type": "object", "properties": {"doc": {"type": "integer"},
+                                               "items": {"type": "array", "items": ITEM}},
+              "required": ["doc", "items"]}
+REPLY_SCHEMA = {"type": "object", "properties": {
+    "topic": {"type": "string", "maxLength": 40}, "sentiment": {"enum": ["positive", "neutral", "negative"]},
+    "keywords": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4}},
+    "required": ["topic", "sentiment", "keywords"]}
 
 
 def documents(count: int) -> list[str]:
@@ -42,7 +58,7 @@ def documents(count: int) -> list[str]:
     return docs
 
 
-def host_side(tok, vocab_size: int, docs: list[str]) -> dict:
+def host_side(tok, vocab_size: int, docs: list[str], grammar) -> dict:
     t0 = time.perf_counter()
     vocab = JsonVocab.from_tokenizer(tok, vocab_size)
     build = time.perf_counter() - t0
@@ -50,11 +66,11 @@ def host_side(tok, vocab_size: int, docs: list[str]) -> dict:
     for _ in range(2):
         times = []
         for doc in docs:
-            state = INITIAL
+            state = initial(grammar)
             for t in tok(doc, add_special_tokens=False)["input_ids"]:
                 t0 = time.perf_counter()
-                mask, _ = vocab.allowed(state)
-                state = feed(state, vocab.bytes_of[t])
+                mask, _ = vocab.allowed(grammar, state)
+                state = feed(grammar, state, vocab.bytes_of[t])
                 times.append(time.perf_counter() - t0)
                 assert bool(mask[t]), "a document's own token was masked"
         passes.append(times)
@@ -69,8 +85,10 @@ def end_to_end(model, tok, a, prompts: list) -> list[dict]:
     engine = Engine(model, tok, a.policy, budget=a.budget, max_slots=a.slots,
                     max_new_tokens=a.max_tokens, max_prompt_tokens=a.prompt_len,
                     prefill_chunk=a.prompt_len)
-    for fmt in ("text", "json_object", "text", "json_object"):   # each once warm
-        params = SamplingParams(max_tokens=a.max_tokens, response_format=fmt, ignore_eos=fmt == "text")
+    formats = [("text", None), ("json_object", None), ("json_schema", REPLY_SCHEMA)]
+    for fmt, schema in formats * 2:   # each once warm
+        params = SamplingParams(max_tokens=a.max_tokens, response_format=fmt, json_schema=schema,
+                                ignore_eos=fmt == "text")
         t0 = time.perf_counter()
         before = engine.metrics()
         outs = engine.generate(prompts, params)
@@ -82,7 +100,7 @@ def end_to_end(model, tok, a, prompts: list) -> list[dict]:
         rows.append({"response_format": fmt, "wall_s": wall, "tokens": n, "tok_s": n / wall,
                      "decode_steps": steps, "ms_per_step": 1e3 * decode_s / max(1, steps),
                      "sample": tok.decode(outs[0])[:120]})
-    return rows[2:]
+    return rows[len(formats):]
 
 
 def main(argv=None) -> None:
@@ -99,7 +117,9 @@ def main(argv=None) -> None:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     model, tok = flexkv.load_model(a.model)
-    host = host_side(tok, model.args.vocab_size, documents(a.documents))
+    docs = documents(a.documents)
+    host = {name: host_side(tok, model.args.vocab_size, docs, g)
+            for name, g in (("json_object", JSON_OBJECT), ("json_schema", compile_schema(DOC_SCHEMA)))}
     prompts = prose_ids(tok, a.prompt_len, a.slots)
     rows = end_to_end(model, tok, a, prompts)
     res = {"model": a.model, "policy": a.policy, "budget": a.budget, "slots": a.slots,
@@ -107,19 +127,22 @@ def main(argv=None) -> None:
            "torch": torch.__version__, "commit": commit_id(("flexkv", "bench")),
            "command": "python bench/serve_json.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "host": host, "rows": rows}
-    md = [f"# JSON mode's cost ({a.model}, {a.threads} threads, torch {torch.__version__}, "
+    md = [f"# Structured output's cost ({a.model}, {a.threads} threads, torch {torch.__version__}, "
           f"{res['commit']})", "", f"`{res['command']}`", "",
-          f"Host side over {a.documents} JSON documents ({host['tokens']} tokens of the model's "
-          f"tokenizer): vocabulary table built in {host['build_s']:.2f} s; {host['states']} "
-          "distinct recognizer states (memo entries).", "",
-          "| memo | mask + advance per token, mean ms | max ms |", "|---|---|---|",
-          f"| cold (first pass) | {host['cold_mean_ms']:.3f} | {host['cold_max_ms']:.1f} |",
-          f"| warm | {host['warm_mean_ms']:.4f} | {host['warm_max_ms']:.3f} |", "",
-          f"End to end: {a.policy}@{a.budget}, {a.slots} slots, {a.prompt_len}-token prompts, "
-          f"{a.max_tokens} greedy tokens (a JSON request may stop earlier, once its object is "
-          "complete; plain ones ignore eos).", "",
-          "| response_format | wall s | tokens | decode steps | ms per decode step (choice and delivery included) | out tok/s |",
-          "|---|---|---|---|---|---|"]
+          f"Host side over {a.documents} JSON documents ({host['json_object']['tokens']} tokens of "
+          "the model's tokenizer), in JSON mode and with the documents' schema (`DOC_SCHEMA`): "
+          "the vocabulary table's build, the distinct recognizer states (memo entries), and the "
+          "mask lookup + advance per token.", "",
+          "| grammar | table build s | states | cold mean ms | cold max ms | warm mean ms | warm max ms |",
+          "|---|---|---|---|---|---|---|"]
+    md += [f"| {name} | {h['build_s']:.2f} | {h['states']} | {h['cold_mean_ms']:.3f} | "
+           f"{h['cold_max_ms']:.1f} | {h['warm_mean_ms']:.4f} | {h['warm_max_ms']:.3f} |"
+           for name, h in host.items()]
+    md += ["", f"End to end: {a.policy}@{a.budget}, {a.slots} slots, {a.prompt_len}-token prompts, "
+           f"{a.max_tokens} greedy tokens (a JSON request may stop earlier, once its value is "
+           "complete; plain ones ignore eos; json_schema is `REPLY_SCHEMA`).", "",
+           "| response_format | wall s | tokens | decode steps | ms per decode step (choice and delivery included) | out tok/s |",
+           "|---|---|---|---|---|---|"]
     md += [f"| {r['response_format']} | {r['wall_s']:.2f} | {r['tokens']} | {r['decode_steps']} | "
            f"{r['ms_per_step']:.1f} | {r['tok_s']:.1f} |" for r in rows]
     write_results(a.out, res, "\n".join(md) + "\n")

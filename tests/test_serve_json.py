@@ -92,6 +92,26 @@ def test_numbers_are_json_numbers(number, ws):
         assert accepts(text) == loads_object(text), text
 
 
+STRING_PIECES = st.lists(st.integers(0x80, 0xFF).map(lambda b: bytes([b]))
+                         | st.characters(min_codepoint=0x20, exclude_characters='"\\',
+                                         exclude_categories=["Cs"]).map(str.encode), max_size=6)
+
+
+@settings(max_examples=500, deadline=None)
+@given(pieces=STRING_PIECES)
+def test_strings_hold_well_formed_utf8(pieces):
+    """Stray bytes of multi-byte characters among whole ones: a string takes exactly the
+    well-formed UTF-8 (the text always decodes), as a key and as a value."""
+    data = b"".join(pieces)
+    try:
+        data.decode("utf-8")
+        ok = True
+    except UnicodeDecodeError:
+        ok = False
+    for text in (b'{"a":"' + data + b'"}', b'{"' + data + b'":1}'):
+        assert is_done(feed(INITIAL, text)) == ok, text
+
+
 TOKEN_BYTES = st.lists(st.sampled_from(list(b'{}[]":,0123456789.eE-+tfnrulas \\\n\x01\xc3\xa9x')),
                        min_size=1, max_size=5).map(bytes)
 

@@ -59,8 +59,9 @@ def valid(value, schema, root=None) -> bool:
         prefix, items = schema.get("prefixItems", []), schema.get("items", True)
         if not schema.get("minItems", 0) <= len(value) <= schema.get("maxItems", len(value)):
             return False
-        return all(valid(v, prefix[i] if i < len(prefix) else items, root) if (i < len(prefix) or items is not False)
-                   else False for i, v in enumerate(value))
+        if items is False and len(value) > len(prefix):
+            return False
+        return all(valid(v, prefix[i] if i < len(prefix) else items, root) for i, v in enumerate(value))
     if kind == "object":
         props = schema.get("properties")
         extra = schema.get("additionalProperties", False if props is not None else True)
@@ -136,7 +137,8 @@ def _containers(inner):
         inner.map(lambda v: {"type": "object", "additionalProperties": v}),
         st.just({"type": "object", "additionalProperties": False}),
         st.tuples(inner, st.integers(0, 2), st.one_of(st.none(), st.integers(2, 3))).map(
-            lambda t: {"type": "array", "items": t[0], "minItems": t[1]} | ({} if t[2] is None else {"maxItems": t[2]})),
+            lambda t: {"type": "array", "items": t[0], "minItems": t[1]}
+            | ({} if t[2] is None else {"maxItems": t[2]})),
         st.lists(inner, min_size=1, max_size=2).map(lambda ps: {"prefixItems": ps, "items": False}),
         st.lists(inner, min_size=2, max_size=3).map(lambda alts: {"anyOf": alts}))
 
@@ -191,8 +193,8 @@ def instance(draw, schema, root=None, ws=st.sampled_from(["", " ", "\n  "])):
         pairs = [(k, extra) for k in keys]
     else:
         pairs = [(k, s) for k, s in props.items() if k in schema.get("required", []) or draw(st.booleans())]
-    body = ",".join(draw(ws) + json.dumps(k, ensure_ascii=False) + draw(ws) + ":" + draw(instance(s, root, ws))
-                    for k, s in pairs)
+    body = ",".join(draw(ws) + json.dumps(k, ensure_ascii=False) + draw(ws) + ":"
+                    + draw(instance(s, root, ws)) for k, s in pairs)
     return w + "{" + body + draw(ws) + "}"
 
 
@@ -200,8 +202,10 @@ def schema_and_text(schemas=st.one_of(SCHEMAS, SCHEMAS, SCHEMAS, st.just(TREE)),
     """(a schema, a text of one of its instances), or with `loose`, of an instance of the schema
     without its limits (lengths, counts, required keys, integers, enum values, items: false),
     which may or may not be one of its own."""
-    return schemas.flatmap(lambda s: st.tuples(st.just(s), instance(loosen(s) if loose else s, loosen(s) if loose else None)
-                                               .map(lambda t: (t + " ").encode())))
+    def with_text(s):
+        target = loosen(s) if loose else s
+        return st.tuples(st.just(s), instance(target, target).map(lambda t: (t + " ").encode()))
+    return schemas.flatmap(with_text)
 
 
 def loosen(schema):
@@ -246,7 +250,8 @@ MUTATION = st.text('{}[]":,0123456789.-eatrufnl \\xé', min_size=1, max_size=3)
 
 
 @settings(max_examples=600, deadline=None)
-@given(case=schema_and_text(loose=True), at=st.floats(0, 1), new=MUTATION, edit=st.sampled_from(["none", "cut", "insert"]))
+@given(case=schema_and_text(loose=True), at=st.floats(0, 1), new=MUTATION,
+       edit=st.sampled_from(["none", "cut", "insert"]))
 def test_what_is_accepted_is_a_valid_instance(case, at, new, edit):
     """Near-misses: instances of the schema without its limits, some with a few characters
     replaced or inserted; accepted as complete only if valid."""
@@ -267,12 +272,11 @@ def test_random_texts_accepted_are_valid(schema, text):
 
 
 def test_keys_come_in_order_required_ones_present_and_lengths_counted():
-    person = {"type": "object", "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 3},
-                                               "age": {"type": "integer"}, "tags": {
-                                                   "type": "array", "items": {"enum": ["a", 1]}, "maxItems": 2}},
-              "required": ["age"]}
-    ok = [b'{"age":3}', b'{"name":"ab","age":-1}', b'{"age":0,"tags":["a",1]}', b'{ "name" : "\\u00e9" , "age" : 7 }',
-          '{"name":"\U0001F600","age":1}'.encode()]
+    person = {"type": "object", "required": ["age"], "properties": {
+        "name": {"type": "string", "minLength": 1, "maxLength": 3}, "age": {"type": "integer"},
+        "tags": {"type": "array", "items": {"enum": ["a", 1]}, "maxItems": 2}}}
+    ok = [b'{"age":3}', b'{"name":"ab","age":-1}', b'{"age":0,"tags":["a",1]}',
+          b'{ "name" : "\\u00e9" , "age" : 7 }', '{"name":"\U0001F600","age":1}'.encode()]
     bad = [b'{}', b'{"name":"ab"}', b'{"age":3,"name":"ab"}', b'{"age":1.5}', b'{"name":"","age":1}',
            b'{"name":"abcd","age":1}', b'{"age":1,"tags":["a",1,"a"]}', b'{"age":1,"tags":["b"]}',
            b'{"age":1,"x":2}', b'{"age":1,}', b'{"name":"\\ud83d\\ude00","age":1}', b'{"age":01}']
@@ -364,7 +368,8 @@ def test_masks_equal_brute_force(tokens, case, memo):
 
 # ----------------------------------------------------------------------------- the engine
 ENGINE_SCHEMAS = [
-    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}}, "required": ["b"]},
+    {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}},
+     "required": ["b"]},
     {"type": "array", "items": {"type": "boolean"}, "maxItems": 2},
     {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}]},
     TREE,
@@ -394,7 +399,8 @@ def test_engine_schema_requests_beside_plain_ones(tiny64, data):  # noqa: F811 (
         # a push toward ending values, so some requests finish them
         extra = {} if schema is None else dict(
             response_format="json_schema", json_schema=schema, temperature=d(st.sampled_from([0.0, 1.0])),
-            seed=i, logit_bias=d(st.sampled_from([None, {ord("}"): 4.0, ord("]"): 4.0, ord('"'): 3.0, 256: 20.0}])))
+            seed=i, logit_bias=d(st.sampled_from(
+                [None, {ord("}"): 4.0, ord("]"): 4.0, ord('"'): 3.0, 256: 20.0}])))
         reqs.append((random_prompt(d(st.integers(2, 20)), 50 + i, V),
                      SamplingParams(max_tokens=d(st.integers(1, 30)), **extra)))
     handles = [eng.submit(p, sp) for p, sp in reqs]
@@ -417,11 +423,12 @@ def test_an_enum_and_a_number_end_where_they_should(tiny64):  # noqa: F811 (the 
     enum = eng.submit(prompt, SamplingParams(max_tokens=12, response_format="json_schema",
                                              json_schema={"enum": ["yes", "no", 3]}, logit_bias=eos))
     # eos beats every digit, and is allowed once the number is whole: one digit, then the end
-    number = eng.submit(prompt, SamplingParams(max_tokens=12, response_format="json_schema",
-                                               json_schema={"type": "integer"}, logit_bias=eos | {ord("7"): 40.0}))
+    integer = dict(response_format="json_schema", json_schema={"type": "integer"})
+    number = eng.submit(prompt, SamplingParams(max_tokens=12, logit_bias=eos | {ord("7"): 40.0},
+                                               **integer))
     # without eos the number goes on (only digits may follow a whole one)
-    digits = eng.generate([prompt], SamplingParams(max_tokens=5, response_format="json_schema", ignore_eos=True,
-                                                   json_schema={"type": "integer"}, logit_bias={ord("7"): 40.0}))[0]
+    digits = eng.generate([prompt], SamplingParams(max_tokens=5, ignore_eos=True,
+                                                   logit_bias={ord("7"): 40.0}, **integer))[0]
     while eng.has_work():
         eng.step()
     assert enum.finish_reason == "stop" and loads(bytes(enum.tokens)) in ("yes", "no", 3)
@@ -432,7 +439,8 @@ def test_an_enum_and_a_number_end_where_they_should(tiny64):  # noqa: F811 (the 
 def test_sampling_params_check_the_schema(tiny64):  # noqa: F811 (the fixture)
     eng = Engine(tiny64, ByteTokenizer(), "full", max_slots=1, max_new_tokens=16, max_prompt_tokens=30)
     with pytest.raises(ValueError, match="json_schema at /pattern"):
-        eng.submit([1, 2], SamplingParams(response_format="json_schema", json_schema={"type": "string", "pattern": "x"}))
+        eng.submit([1, 2], SamplingParams(response_format="json_schema",
+                                          json_schema={"type": "string", "pattern": "x"}))
     with pytest.raises(ValueError, match="given exactly when response_format is 'json_schema'"):
         eng.submit([1, 2], SamplingParams(response_format="json_schema"))
     with pytest.raises(ValueError, match="given exactly when response_format is 'json_schema'"):

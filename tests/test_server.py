@@ -1114,23 +1114,46 @@ def test_json_object_mode(client, chat, stream):
     """`response_format: {"type": "json_object"}`: the text is a JSON object when the request
     stops, a valid beginning of one when `max_tokens` cuts it (flexkv.serve.json_mode; the
     engine side is tests/test_serve_json.py)."""
-    from flexkv.serve.json_mode import DONE, INITIAL, feed
-    body = {"max_tokens": MAIN_MAX_NEW, "temperature": 0.8, "seed": 3, "stream": stream,
-            "response_format": {"type": "json_object"}}
-    body |= ({"messages": [{"role": "user", "content": "Reply in JSON."}]} if chat
-             else {"prompt": "JSON: "})
-    for seed in range(3):
-        text, reason, _ = _ask(client, dict(body, seed=seed), chat=chat)
-        state = feed(INITIAL, text.encode())
-        assert state is not None, text
-        if reason == "stop":
-            assert state[0] == DONE and isinstance(json.loads(text), dict), text
-        else:
-            assert reason == "length"
-    e = client.post("/v1/chat/completions", json={
-        "messages": [{"role": "user", "content": "hi"}],
-        "response_format": {"type": "json_schema", "json_schema": {}}}).json()["error"]
-    assert "'json_schema' is not supported" in e["message"], e
+    from flexkv.serve.json_mode import JsonRequest
+    from flexkv.serve.json_schema import compile_schema
+    schema = {"type": "object", "properties": {"answer": {"enum": ["yes", "no"]},
+                                               "why": {"type": "string", "maxLength": 12}},
+              "required": ["answer"]}
+    formats = [({"type": "json_object"}, {"type": "object"}),
+               ({"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}, schema)]
+    for fmt, want in formats:
+        body = {"max_tokens": MAIN_MAX_NEW, "temperature": 0.8, "stream": stream, "response_format": fmt}
+        body |= ({"messages": [{"role": "user", "content": "Reply in JSON."}]} if chat
+                 else {"prompt": "JSON: "})
+        for seed in range(3):
+            text, reason, _ = _ask(client, dict(body, seed=seed), chat=chat)
+            req = JsonRequest(compile_schema(want))
+            assert req.advance(text.encode()), text
+            if reason == "stop":
+                value = json.loads(text)
+                assert req.done and isinstance(value, dict), text
+                assert fmt["type"] == "json_object" or (value["answer"] in ("yes", "no") and set(value) <= {"answer", "why"})
+            else:
+                assert reason == "length"
+
+
+@pytest.mark.parametrize("fmt, message", [
+    ({"type": "json_schema", "json_schema": {}}, "name must be 1-64 characters"),
+    ({"type": "json_schema", "json_schema": {"name": "x"}}, "json_schema.schema is required"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "extra": 1}}, "unknown field 'extra'"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}}, "strict must be a bool"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a"}}},
+     "json_schema at /pattern: the keyword 'pattern' is not supported"),
+    ({"type": "json_schema"}, 'must be {"type": "json_schema", "json_schema"'),
+    ({"type": "yaml"}, "('yaml' is not supported)"),
+])
+def test_response_format_errors_name_what_is_wrong(client, fmt, message):
+    for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                       ("/v1/completions", {"prompt": "hi"})):
+        r = client.post(path, json=body | {"response_format": fmt})
+        assert r.status_code == 400, r.text
+        e = r.json()["error"]
+        assert message in e["message"] and e["param"] == "response_format", e
 
 
 def test_bad_request_messages_are_clear(client):

@@ -11,11 +11,11 @@ open containers (`stack`: frames `(bracket, node, n)`, n the next property's ind
 the items so far of an array). `step` advances a state by one byte; an empty state is a dead end.
 
 `JsonVocab` knows every token's bytes and gives, per grammar and state, the tokens that may follow
-(a `[V]` bool mask on the engine's device): only the tokens whose first byte can follow are
-simulated, and in a string of any length every token of whole plain characters is allowed
-without simulation; masks are memoized, keyed by what a token can see of each thread's stack
-(its top `closers + 1` frames, `closers` the most closing brackets any one token holds). The
-serving engine (`flexkv.serve.penalties`) advances a request's state by each token it produces
+(a `[V]` bool mask on the engine's device): a walk of the trie of the tokens' bytes, pruned where
+the state dies; in a string, every token of whole plain characters that fits the string's length
+limit is allowed without a walk. Masks are memoized, keyed by what a token can see of each
+thread's stack (its top `closers + 1` frames, `closers` the most closing brackets any one token
+holds). The serving engine (`flexkv.serve.penalties`) advances a request's state by each token it produces
 and bans the tokens outside the mask before choosing. Its stop tokens (end of sequence) are
 allowed once the value is complete, and then only what continues the value (a top-level
 number's digits; nothing after an object: whitespace only while no stop token may be chosen:
@@ -47,9 +47,11 @@ IN_TEXT = frozenset({KEYNAME, STRING, ESCAPE, UNICODE, LITERAL})   # whitespace 
 MAP_KEY = -1        # a STRING's kind for a key of an object without properties (else its Str node)
 MAX_WS_RUN = 32     # structural whitespace bytes in a row, after which whitespace tokens are banned
 # a UTF-8 lead byte -> (the bytes still to come, the range of the next one) (Unicode's table 3-7)
-UTF8_LEAD = ({b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)} | {0xE0: (2, 0xA0, 0xBF), 0xED: (2, 0x80, 0x9F)}
+UTF8_LEAD = ({b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)}
              | {b: (2, 0x80, 0xBF) for b in (*range(0xE1, 0xED), 0xEE, 0xEF)}
-             | {0xF0: (3, 0x90, 0xBF), 0xF4: (3, 0x80, 0x8F)} | {b: (3, 0x80, 0xBF) for b in range(0xF1, 0xF4)})
+             | {0xE0: (2, 0xA0, 0xBF), 0xED: (2, 0x80, 0x9F)}
+             | {b: (3, 0x80, 0xBF) for b in range(0xF1, 0xF4)}
+             | {0xF0: (3, 0x90, 0xBF), 0xF4: (3, 0x80, 0x8F)})
 
 
 def initial(g: Grammar) -> frozenset:
@@ -231,13 +233,28 @@ def feed(g: Grammar, state: frozenset, data: bytes) -> frozenset:
     return state
 
 
-def is_plain_string_token(data: bytes) -> bool:
-    """Whole characters of a string, none of them a quote, a backslash or a control character."""
+def _plain_chars(data: bytes) -> int:
+    """How many characters `data` holds if it is whole plain string characters (none a quote, a
+    backslash or a control character), else -1."""
     try:
-        data.decode("utf-8")
+        text = data.decode("utf-8")
     except UnicodeDecodeError:
-        return False
-    return all(b >= 0x20 and b != QUOTE and b != BACKSLASH for b in data)
+        return -1
+    return len(text) if all(b >= 0x20 and b != QUOTE and b != BACKSLASH for b in data) else -1
+
+
+def _string_room(g: Grammar, state: frozenset):
+    """Where every thread is in a string between characters: the most plain characters one of
+    them may still take (inf where its length is not limited); else None."""
+    room = None
+    for mode, extra, _ in state:
+        if mode != STRING or extra[2] is not None:
+            return None
+        kind, count = extra[:2]
+        limit = None if count is None else g.nodes[kind].max
+        r = float("inf") if limit is None else limit - count
+        room = r if room is None else max(room, r)
+    return room
 
 
 class JsonRequest:
@@ -280,19 +297,23 @@ class JsonVocab:
         self.V, self.device, self.memo_size = len(token_bytes), torch.device(device), memo
         self.tokens = [(i, bytes(bs)) for i, bs in enumerate(token_bytes) if bs]
         self.bytes_of = dict(self.tokens)
-        self.by_first: dict[int, list] = {}      # first byte -> [(id, bytes)]
-        self.string_other: dict[int, list] = {}  # the same, for tokens a string cannot take whole
-        plain, ws_first = [], []
+        # a trie of every token's bytes (node: [{byte: child}, [ids ending here]]), and one of
+        # the tokens that are not whole plain string characters (plain_chars: how many the
+        # others hold), each walked once per state, pruned where the state dies
+        self.trie, self.string_other = [{}, []], [{}, []]
+        self.plain_chars = torch.full((self.V,), 2**30, dtype=torch.int32)
+        ws_first = []
         for i, bs in self.tokens:
-            self.by_first.setdefault(bs[0], []).append((i, bs))
-            if is_plain_string_token(bs):
-                plain.append(i)
-            else:
-                self.string_other.setdefault(bs[0], []).append((i, bs))
+            chars = _plain_chars(bs)
+            for trie in (self.trie,) if chars >= 0 else (self.trie, self.string_other):
+                node = trie
+                for b in bs:
+                    node = node[0].setdefault(b, [{}, []])
+                node[1].append(i)
+            if chars >= 0:
+                self.plain_chars[i] = chars
             if bs[0] in WS:
                 ws_first.append(i)
-        self.string_plain = torch.zeros(self.V, dtype=torch.bool)
-        self.string_plain[plain] = True
         ws_start = torch.zeros(self.V, dtype=torch.bool)
         ws_start[ws_first] = True
         self.ws_start = ws_start.to(self.device)   # tokens that begin with whitespace
@@ -325,14 +346,22 @@ class JsonVocab:
         if hit is not None:
             self._memo.move_to_end(key)
             return hit
-        # inside strings of any length only: a token of whole plain characters keeps each thread there
-        free = all(t[0] == STRING and t[1][1:] == (None, None) for t in state)
-        mask = self.string_plain.clone() if free else torch.zeros(self.V, dtype=torch.bool)
-        ok = []
-        for b, tokens in (self.string_other if free else self.by_first).items():
-            after = step(g, state, b)
-            if after:
-                ok += [i for i, bs in tokens if feed(g, after, bs[1:])]
+        # inside strings, between characters: a token of whole plain characters is allowed where
+        # some thread has room for them; the others are found by walking the trie
+        room = _string_room(g, state)
+        if room is None:
+            mask, trie = torch.zeros(self.V, dtype=torch.bool), self.trie
+        else:
+            mask, trie = self.plain_chars <= min(room, 2**29), self.string_other
+        ok, todo = [], [(trie, state)]
+        while todo:
+            (children, _), at = todo.pop()
+            for b, child in children.items():
+                after = step(g, at, b)
+                if after:
+                    ok += child[1]
+                    if child[0]:
+                        todo.append((child, after))
         mask[ok] = True
         hit = self._memo[key] = (mask.to(self.device), bool(mask.any()))
         if len(self._memo) > self.memo_size:
