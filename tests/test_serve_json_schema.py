@@ -53,6 +53,10 @@ def valid(value, schema, root=None) -> bool:
         return False
     if "enum" in schema and not any(same(value, v) for v in schema["enum"]):
         return False
+    if kind in ("integer", "number"):
+        return (value >= schema.get("minimum", value) and value <= schema.get("maximum", value)
+                and value > schema.get("exclusiveMinimum", value - 1)
+                and value < schema.get("exclusiveMaximum", value + 1))
     if kind == "string":
         return schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
     if kind == "array":
@@ -124,6 +128,9 @@ def _leaf():
                         + [{}, {"type": ["integer", "null"]}, {"type": ["string", "boolean"]}]),
         lengths.map(lambda lh: {"type": "string", "minLength": lh[0], "maxLength": lh[1]}),
         st.integers(1, 3).map(lambda n: {"type": "string", "minLength": n}),
+        st.tuples(st.sampled_from(["minimum", "exclusiveMinimum", None]), st.integers(-120, 60),
+                  st.sampled_from(["maximum", "exclusiveMaximum", None]), st.integers(0, 150)).map(
+            lambda t: {"type": "integer"} | ({t[0]: t[1]} if t[0] else {}) | ({t[2]: t[1] + t[3] + 2} if t[2] else {})),
         st.lists(LITERAL_VALUES, min_size=1, max_size=3).map(lambda vs: {"enum": vs}),
         LITERAL_VALUES.map(lambda v: {"const": v}))
 
@@ -168,7 +175,9 @@ def instance(draw, schema, root=None, ws=st.sampled_from(["", " ", "\n  "])):
                                    else "array")
     kind = draw(st.sampled_from(types)) if isinstance(types, list) else types
     if kind == "integer":
-        return w + str(draw(st.integers(-10**6, 10**6)))
+        lo = schema.get("minimum", schema.get("exclusiveMinimum", -10**6 - 1) + 1)
+        hi = schema.get("maximum", schema.get("exclusiveMaximum", 10**6 + 1) - 1)
+        return w + str(draw(st.integers(max(lo, -200), min(hi, 300)) | st.integers(lo, hi)))
     if kind == "number":
         return w + draw(st.sampled_from(["0", "-1.5", "2e3", "1E-2", "3.25e+1", "17"]))
     if kind == "boolean":
@@ -214,7 +223,8 @@ def loosen(schema):
     if "enum" in schema or "const" in schema:
         return {}
     out = {k: v for k, v in schema.items()
-           if k not in ("minLength", "maxLength", "minItems", "maxItems", "required")}
+           if k not in ("minLength", "maxLength", "minItems", "maxItems", "required", "minimum",
+                        "maximum", "exclusiveMinimum", "exclusiveMaximum")}
     if out.get("type") == "integer":
         out["type"] = "number"
     if out.get("items") is False:
@@ -291,12 +301,23 @@ def test_keys_come_in_order_required_ones_present_and_lengths_counted():
     assert not accepts({"enum": [1, 12]}, b"123")
     g = compile_schema({"type": "integer"})
     assert is_done(feed(g, initial(g), b"12")) and feed(g, initial(g), b"123")
+    # bounded integers: a prefix lives while some integer in bounds begins with it
+    g = compile_schema({"type": "integer", "minimum": -3, "exclusiveMaximum": 13})
+    assert [t for t in (b"-", b"-3", b"-4", b"-0", b"0", b"1", b"12", b"13", b"120", b"2", b"20")
+            if feed(g, initial(g), t)] == [b"-", b"-3", b"-0", b"0", b"1", b"12", b"2"]
+    for lo, hi in ((-3, 12), (10, 150), (-150, -10)):
+        assert [v for v in range(-200, 2000) if accepts({"type": "integer", "minimum": lo, "maximum": hi},
+                                                        str(v).encode())] == list(range(lo, hi + 1))
 
 
 @pytest.mark.parametrize("schema, message", [
     ({"type": "string", "pattern": "a+"}, "at /pattern: the keyword 'pattern' is not supported"),
-    ({"type": "object", "properties": {"n": {"type": "integer", "minimum": 0}}},
-     "at /properties/n/minimum: the keyword 'minimum' is not supported"),
+    ({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}},
+     "at /properties/n/multipleOf: the keyword 'multipleOf' is not supported"),
+    ({"type": "number", "minimum": 0}, "apply to integers"),
+    ({"type": ["number", "null"], "maximum": 0}, "apply to integers"),
+    ({"type": "integer", "minimum": 3, "exclusiveMaximum": 3}, "no integer is within the bounds"),
+    ({"type": "integer", "minimum": "0"}, "minimum: must be a finite number"),
     ({"type": "array", "uniqueItems": True}, "'uniqueItems' is not supported"),
     ({"not": {}}, "'not' is not supported"),
     ({"$ref": "#/components/x"}, "only '#', '#/$defs/NAME'"),
@@ -371,6 +392,8 @@ ENGINE_SCHEMAS = [
     {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}},
      "required": ["b"]},
     {"type": "array", "items": {"type": "boolean"}, "maxItems": 2},
+    {"type": "object", "properties": {"n": {"type": "integer", "minimum": -5, "maximum": 40}},
+     "required": ["n"]},
     {"anyOf": [{"type": "string", "maxLength": 3}, {"type": "null"}]},
     TREE,
 ]

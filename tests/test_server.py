@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import typing
 import re
 import socket
 import subprocess
@@ -991,6 +992,19 @@ def test_openai_client(main, model_tok):
     assert e.value.body["param"] == "max_tokens"
     with pytest.raises(openai.NotFoundError):
         oc.completions.create(model="gpt-4", prompt="Hello", max_tokens=1)
+    # structured output from a pydantic model, as the SDK sends it (a strict json_schema); with
+    # whitespace biased away the object's 11-12 bytes and the end fit in max_tokens
+    pydantic = pytest.importorskip("pydantic")
+
+    class Reply(pydantic.BaseModel):
+        ok: typing.Literal["yes", "no"]
+
+    parse = getattr(oc.chat.completions, "parse", None) or oc.beta.chat.completions.parse
+    no_ws = {str(i): -100 for w in " \n\t\r" for i in tok(w, add_special_tokens=False)["input_ids"]}
+    r = parse(model=NAME, messages=msgs, response_format=Reply, max_tokens=MAIN_MAX_NEW,
+              temperature=0, logit_bias=no_ws)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].message.parsed.ok in ("yes", "no")
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -25,6 +25,7 @@ newlines forever).
 """
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 
 import torch
@@ -46,6 +47,7 @@ NUMBER_ENDS = frozenset({ZERO, INT, FRAC, EXP})   # a number may end here
 IN_TEXT = frozenset({KEYNAME, STRING, ESCAPE, UNICODE, LITERAL})   # whitespace there is text
 MAP_KEY = -1        # a STRING's kind for a key of an object without properties (else its Str node)
 MAX_WS_RUN = 32     # structural whitespace bytes in a row, after which whitespace tokens are banned
+MEMO_BYTES = 256 << 20   # JsonVocab's masks on the device ([V] bool each), at most
 # a UTF-8 lead byte -> (the bytes still to come, the range of the next one) (Unicode's table 3-7)
 UTF8_LEAD = ({b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)}
              | {b: (2, 0x80, 0xBF) for b in (*range(0xE1, 0xED), 0xEE, 0xEF)}
@@ -87,10 +89,44 @@ def _number(mode: int, integer: bool, b: int) -> int | None:
     return None
 
 
-def _in_number(mode: int, integer: bool, stack: tuple) -> list:
-    """A number's thread, and where it may end, the thread after it."""
-    t = (mode, integer, stack)
-    return [t, _end(stack)] if mode in NUMBER_ENDS else [t]
+def _in_number(g: Grammar, mode: int, extra: tuple, stack: tuple) -> list:
+    """A number's thread (extra: its node, and a bounded integer's text so far, else None), and
+    where it may end, the thread after it; none where a bounded integer cannot meet its bounds."""
+    i, text = extra
+    if text is not None and not _may_reach(g.nodes[i], text):
+        return []
+    t = (mode, extra, stack)
+    ends = mode in NUMBER_ENDS and (text is None or _within(g.nodes[i], int(text)))
+    return [t, _end(stack)] if ends else [t]
+
+
+def _bounds(node: Num) -> tuple:
+    return (-math.inf if node.lo is None else node.lo), (math.inf if node.hi is None else node.hi)
+
+
+def _within(node: Num, value: int) -> bool:
+    lo, hi = _bounds(node)
+    return lo <= value <= hi
+
+
+def _may_reach(node: Num, text: str) -> bool:
+    """Some integer from node.lo to node.hi begins with `text` ("-", "-12", "0", "345", ...)."""
+    lo, hi = _bounds(node)
+    neg, digits = text.startswith("-"), text.lstrip("-")
+    if not digits:                      # "-": any integer <= 0
+        return lo <= min(0, hi)
+    if digits == "0":                   # "0", "-0": just 0
+        return lo <= 0 <= hi
+    p, k = int(digits), 1
+    while True:                         # with more digits: p * k ... (p + 1) * k - 1, k = 10^n
+        a, b = p * k, (p + 1) * k - 1
+        if neg:
+            a, b = -b, -a
+        if max(a, lo) <= min(b, hi):
+            return True
+        if (b < lo) if neg else (a > hi):   # every longer one is further out
+            return False
+        k *= 10
 
 
 def _literal(texts, b: int, stack: tuple) -> list:
@@ -112,9 +148,12 @@ def _start(g: Grammar, i: int, b: int, stack: tuple) -> list:
     if isinstance(node, Str):
         return [(STRING, (i, 0 if node.counted else None, None), stack)] if b == QUOTE else []
     if isinstance(node, Num):
+        text = "" if node.bounded else None
         if b == ord("-"):
-            return [(MINUS, node.integer, stack)]
-        return _in_number(ZERO if b == ord("0") else INT, node.integer, stack) if b in DIGITS else []
+            return _in_number(g, MINUS, (i, None if text is None else "-"), stack)
+        if b not in DIGITS:
+            return []
+        return _in_number(g, ZERO if b == ord("0") else INT, (i, None if text is None else chr(b)), stack)
     assert isinstance(node, Lit)
     return _literal(node.texts, b, stack)
 
@@ -207,9 +246,12 @@ def _step(g: Grammar, thread: tuple, b: int) -> list:
         return [(KEYNAME, frozenset(rests), stack)] if rests else []
     if mode == LITERAL:         # extra: {the texts' bytes still to come}
         return _literal(extra, b, stack)
-    if mode >= MINUS:           # extra: integer only
-        nxt = _number(mode, extra, b)
-        return [] if nxt is None else _in_number(nxt, extra, stack)
+    if mode >= MINUS:           # extra: the number's node, a bounded integer's text so far
+        i, text = extra
+        nxt = _number(mode, g.nodes[i].integer, b)
+        if nxt is None:
+            return []
+        return _in_number(g, nxt, (i, None if text is None else text + chr(b)), stack)
     if b in WS:
         return [thread]
     if mode == VALUE:
@@ -293,8 +335,10 @@ class JsonVocab:
     `token_bytes[i]`: token i's bytes, or None for a token that never appears in JSON text
     (special tokens, a piece of a character whose bytes are unknown, ids the tokenizer lacks)."""
 
-    def __init__(self, token_bytes: list, device="cpu", memo: int = 4096):
-        self.V, self.device, self.memo_size = len(token_bytes), torch.device(device), memo
+    def __init__(self, token_bytes: list, device="cpu", memo: int | None = None):
+        self.V, self.device = len(token_bytes), torch.device(device)
+        # masks kept (least recently used out): by default as many as MEMO_BYTES hold
+        self.memo_size = max(64, MEMO_BYTES // max(1, self.V)) if memo is None else memo
         self.tokens = [(i, bytes(bs)) for i, bs in enumerate(token_bytes) if bs]
         self.bytes_of = dict(self.tokens)
         # a trie of every token's bytes (node: [{byte: child}, [ids ending here]]), and one of

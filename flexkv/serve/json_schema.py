@@ -17,19 +17,21 @@ vLLM's default xgrammar backend read it):
 - Arrays: `items` (a schema, or false after `prefixItems`), `prefixItems`, `minItems`,
   `maxItems`. Strings: `minLength`, `maxLength` (in characters, as Python's `len` counts
   them; an escape is one, so such a string takes no `\\u` surrogate escapes: a character past
-  U+FFFF comes as its UTF-8 bytes).
-  `integer` allows no fraction or exponent.
+  U+FFFF comes as its UTF-8 bytes). `integer` allows no fraction or exponent, and takes
+  `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (numbers, as in 2020-12); a
+  `number` takes no bounds.
 - Annotations are ignored: `title`, `description`, `default`, `examples`, `format` (an
   annotation in JSON Schema 2020-12 unless a validator opts in), `$schema`, `$id`, `$comment`,
   `deprecated`, `readOnly`, `writeOnly`, `discriminator`; `$defs` / `definitions` are only looked up.
 - `enum` / `const` values are written in their compact form (`json.dumps(v, separators=(",", ":"),
   ensure_ascii=False)`); a `type` beside them keeps the values of those types.
-Anything else (`pattern`, `minimum`, `multipleOf`, `uniqueItems`, `not`, `if`, ...) is a
+Anything else (`pattern`, `multipleOf`, `uniqueItems`, `not`, `if`, ...) is a
 `ValueError` naming the keyword and where it is: never silently ignored.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -38,7 +40,8 @@ ANNOTATIONS = frozenset({"title", "description", "default", "examples", "format"
                          "$defs", "definitions"})
 TYPE_KEYWORDS = {"object": {"properties", "required", "additionalProperties"},
                  "array": {"items", "prefixItems", "minItems", "maxItems"},
-                 "string": {"minLength", "maxLength"}}
+                 "string": {"minLength", "maxLength"},
+                 "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}}
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 SUPPORTED = (ANNOTATIONS | {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"}
              | set().union(*TYPE_KEYWORDS.values()))
@@ -82,7 +85,15 @@ class Str:
 
 @dataclass(frozen=True)
 class Num:
+    """A number; an integer (no fraction or exponent) between `lo` and `hi` (None: unbounded),
+    whose digits the recognizer then carries, to tell whether the bounds can still be met."""
     integer: bool = False
+    lo: int | None = None
+    hi: int | None = None
+
+    @property
+    def bounded(self) -> bool:
+        return self.lo is not None or self.hi is not None
 
 
 @dataclass(frozen=True)
@@ -169,7 +180,8 @@ class _Compiler:
             self.fail(f"{where}/{unknown[0]}", f"the keyword {unknown[0]!r} is not supported (supported: "
                       f"type, enum, const, anyOf, oneOf, allOf of one, $ref, properties, required, "
                       f"additionalProperties, items, prefixItems, minItems, maxItems, minLength, "
-                      f"maxLength, and annotations)")
+                      f"maxLength, minimum, maximum, exclusiveMinimum, exclusiveMaximum, and "
+                      f"annotations)")
         given = set(s) - ANNOTATIONS
         if "$ref" in s:
             if given != {"$ref"}:
@@ -202,9 +214,12 @@ class _Compiler:
                 self.fail(where, f"{sorted(keys & given)} apply to {t}s, not to type {types}")
         kinds = []
         if "number" in types:
+            if TYPE_KEYWORDS["integer"] & given:
+                self.fail(where, f"{sorted(TYPE_KEYWORDS['integer'] & given)} are supported on "
+                          "integers only (type integer), not on numbers")
             kinds.append(self.add(Num()))
         elif "integer" in types:
-            kinds.append(self.add(Num(integer=True)))
+            kinds.append(self.integer(s, where))
         words = [b for t, b in (("boolean", b"true"), ("boolean", b"false"), ("null", b"null")) if t in types]
         if words:
             kinds.append(self.add(Lit(frozenset(words))))
@@ -240,6 +255,23 @@ class _Compiler:
             self.fail(where, "the enum is empty: nothing can match" if not values else
                       "no enum / const value is of the schema's type: nothing can match")
         return self.add(Lit(texts))
+
+    def integer(self, s: dict, where: str) -> int:
+        bound = {}
+        for key in TYPE_KEYWORDS["integer"] & set(s):
+            v = s[key]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                self.fail(f"{where}/{key}", f"must be a finite number, got {v!r}")
+            bound[key] = v
+        # the integers allowed: from lo to hi
+        los = [math.ceil(bound["minimum"])] if "minimum" in bound else []
+        los += [math.floor(bound["exclusiveMinimum"]) + 1] if "exclusiveMinimum" in bound else []
+        his = [math.floor(bound["maximum"])] if "maximum" in bound else []
+        his += [math.ceil(bound["exclusiveMaximum"]) - 1] if "exclusiveMaximum" in bound else []
+        lo, hi = max(los, default=None), min(his, default=None)
+        if lo is not None and hi is not None and hi < lo:
+            self.fail(where, f"no integer is within the bounds {bound}: nothing can match")
+        return self.add(Num(True, lo, hi))
 
     def string(self, s: dict, where: str) -> int:
         lo, hi = self.count(s, "minLength", where, 0), self.count(s, "maxLength", where, None)
