@@ -15,6 +15,7 @@ compiles it, flexkv.serve.json_mode recognizes it).
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import given, settings
@@ -58,6 +59,8 @@ def valid(value, schema, root=None) -> bool:
                 and value > schema.get("exclusiveMinimum", value - 1)
                 and value < schema.get("exclusiveMaximum", value + 1))
     if kind == "string":
+        if "pattern" in schema and not re.search(python_pattern(schema["pattern"]), value, re.ASCII):
+            return False
         return schema.get("minLength", 0) <= len(value) <= schema.get("maxLength", len(value))
     if kind == "array":
         prefix, items = schema.get("prefixItems", []), schema.get("items", True)
@@ -103,6 +106,12 @@ def same(a, b) -> bool:
     return type(a) is type(b) and a == b
 
 
+def python_pattern(p: str) -> str:
+    """The same pattern for Python's `re` (with re.ASCII: \\d, \\w and \\s as ECMA-262 has them on
+    ASCII): `$` at the end is the end of the string."""
+    return p[:-1] + r"\Z" if p.endswith("$") else p
+
+
 def loads(text: bytes):
     def no_constant(name):
         raise ValueError(name)
@@ -121,6 +130,10 @@ LITERAL_VALUES = st.recursive(SCALARS, lambda v: st.lists(v, max_size=2)
 NAMES = st.text("abk_\"é", min_size=0, max_size=3)
 
 
+PATTERNS = [r"^[a-c]{1,3}$", r"^\d{2}-\d{2}$", "x", r"^(ab|c)*$", r"^[^a\d]?$", r"^\w+@\w+$",
+            r"é|\\", r"^\s*$"]
+
+
 def _leaf():
     lengths = st.tuples(st.integers(0, 3), st.integers(0, 3)).map(sorted)
     return st.one_of(
@@ -128,6 +141,7 @@ def _leaf():
                         + [{}, {"type": ["integer", "null"]}, {"type": ["string", "boolean"]}]),
         lengths.map(lambda lh: {"type": "string", "minLength": lh[0], "maxLength": lh[1]}),
         st.integers(1, 3).map(lambda n: {"type": "string", "minLength": n}),
+        st.sampled_from(PATTERNS).map(lambda p: {"type": "string", "pattern": p}),
         st.tuples(st.sampled_from(["minimum", "exclusiveMinimum", None]), st.integers(-120, 60),
                   st.sampled_from(["maximum", "exclusiveMaximum", None]), st.integers(0, 150)).map(
             lambda t: {"type": "integer"} | ({t[0]: t[1]} if t[0] else {}) | ({t[2]: t[1] + t[3] + 2} if t[2] else {})),
@@ -184,6 +198,11 @@ def instance(draw, schema, root=None, ws=st.sampled_from(["", " ", "\n  "])):
         return w + draw(st.sampled_from(["true", "false"]))
     if kind == "null":
         return w + "null"
+    if kind == "string" and "pattern" in schema:
+        p = python_pattern(schema["pattern"])
+        s = draw(st.from_regex(re.compile(p, re.ASCII), alphabet=st.characters(
+            max_codepoint=0x2FF, exclude_categories=["Cs"])))
+        return w + json.dumps(s, ensure_ascii=draw(st.booleans()))
     if kind == "string":
         lo, hi = schema.get("minLength", 0), schema.get("maxLength", 4)
         s = draw(st.text(st.characters(max_codepoint=0xFFFF, exclude_categories=["Cs"]),
@@ -223,7 +242,7 @@ def loosen(schema):
     if "enum" in schema or "const" in schema:
         return {}
     out = {k: v for k, v in schema.items()
-           if k not in ("minLength", "maxLength", "minItems", "maxItems", "required", "minimum",
+           if k not in ("minLength", "maxLength", "minItems", "maxItems", "required", "minimum", "pattern",
                         "maximum", "exclusiveMinimum", "exclusiveMaximum")}
     if out.get("type") == "integer":
         out["type"] = "number"
@@ -311,7 +330,11 @@ def test_keys_come_in_order_required_ones_present_and_lengths_counted():
 
 
 @pytest.mark.parametrize("schema, message", [
-    ({"type": "string", "pattern": "a+"}, "at /pattern: the keyword 'pattern' is not supported"),
+    ({"type": "string", "pattern": "a(?=b)"}, "at /pattern: pattern 'a(?=b)' at 2: lookaround"),
+    ({"type": "string", "pattern": "a", "maxLength": 3}, "pattern beside minLength / maxLength"),
+    ({"type": "string", "pattern": r"(a)\1"}, "the escape \\1 is not supported"),
+    ({"type": "string", "pattern": "[^\\s\\S]"}, "no string matches it"),
+    ({"type": "string", "pattern": "a{5000}"}, "more than 4096 NFA states"),
     ({"type": "object", "properties": {"n": {"type": "integer", "multipleOf": 2}}},
      "at /properties/n/multipleOf: the keyword 'multipleOf' is not supported"),
     ({"type": "number", "minimum": 0}, "apply to integers"),
@@ -463,7 +486,7 @@ def test_sampling_params_check_the_schema(tiny64):  # noqa: F811 (the fixture)
     eng = Engine(tiny64, ByteTokenizer(), "full", max_slots=1, max_new_tokens=16, max_prompt_tokens=30)
     with pytest.raises(ValueError, match="json_schema at /pattern"):
         eng.submit([1, 2], SamplingParams(response_format="json_schema",
-                                          json_schema={"type": "string", "pattern": "x"}))
+                                          json_schema={"type": "string", "pattern": "(?!x)"}))
     with pytest.raises(ValueError, match="given exactly when response_format is 'json_schema'"):
         eng.submit([1, 2], SamplingParams(response_format="json_schema"))
     with pytest.raises(ValueError, match="given exactly when response_format is 'json_schema'"):

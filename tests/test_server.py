@@ -1156,8 +1156,10 @@ def test_json_object_mode(client, chat, stream):
     ({"type": "json_schema", "json_schema": {"name": "x"}}, "json_schema.schema is required"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "extra": 1}}, "unknown field 'extra'"),
     ({"type": "json_schema", "json_schema": {"name": "x", "schema": {}, "strict": "yes"}}, "strict must be a bool"),
-    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "a"}}},
-     "json_schema at /pattern: the keyword 'pattern' is not supported"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "(?=a)"}}},
+     "json_schema at /pattern: pattern '(?=a)' at 1: lookaround and other (?...) groups are not supported"),
+    ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 2}}},
+     "json_schema at /multipleOf: the keyword 'multipleOf' is not supported"),
     ({"type": "json_schema"}, 'must be {"type": "json_schema", "json_schema"'),
     ({"type": "yaml"}, "('yaml' is not supported)"),
 ])

@@ -36,7 +36,7 @@ from flexkv.serve.json_schema import JSON_OBJECT, Arr, Grammar, Lit, Num, Obj, S
 WS = frozenset(b" \t\n\r")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 DIGITS = frozenset(b"0123456789")
-ESCAPES = frozenset(b'"\\/bfnrt')
+ESCAPED = {ord(k): ord(v) for k, v in zip('"\\/bfnrt', '"\\/\b\f\n\r\t')}   # the character
 QUOTE, BACKSLASH, COMMA = ord('"'), ord("\\"), ord(",")
 
 # modes: what may come next
@@ -146,7 +146,8 @@ def _start(g: Grammar, i: int, b: int, stack: tuple) -> list:
     if isinstance(node, Arr):
         return [(ARRAY_FIRST, None, stack + (("[", i, 0),))] if b == ord("[") else []
     if isinstance(node, Str):
-        return [(STRING, (i, 0 if node.counted else None, None), stack)] if b == QUOTE else []
+        rx = None if node.pattern is None else node.pattern.start
+        return [(STRING, (i, 0 if node.counted else None, None, rx), stack)] if b == QUOTE else []
     if isinstance(node, Num):
         text = "" if node.bounded else None
         if b == ord("-"):
@@ -163,39 +164,66 @@ def _char(g: Grammar, kind: int, count):
     return None if count is None else min(count + 1, g.nodes[kind].cap)
 
 
+def _took(g: Grammar, kind: int, count, rx, cp: int, stack: tuple) -> list:
+    """A string after a character `cp` that ends an escape or a UTF-8 sequence, or one byte."""
+    if rx is not None:
+        rx = g.nodes[kind].pattern.step(rx, cp)
+        if not rx:
+            return []
+    return [(STRING, (kind, count, None, rx), stack)]
+
+
 def _string(g: Grammar, mode: int, extra, stack: tuple, b: int) -> list:
-    """STRING, ESCAPE and UNICODE threads (extra: kind, characters so far (None: not counted),
-    then for STRING the bytes a UTF-8 character still needs (None, or (how many, the next one's
-    range)), for UNICODE the hex digits left and whether a surrogate may be starting)."""
-    kind, count = extra[:2]
+    """STRING, ESCAPE and UNICODE threads. extra: the string's kind, its characters so far (None:
+    not counted), the pattern's NFA states (None: no pattern), and for STRING the bytes a UTF-8
+    character still needs (None, or (how many, the next one's range, the code point's bits so far
+    where a pattern reads it)), for UNICODE the hex digits left and the value so far (where
+    tracked: a pattern's string, or a counted one's lead digit, to refuse surrogates)."""
     if mode == ESCAPE:
+        kind, count, rx = extra
         if b == ord("u"):
-            return [(UNICODE, (kind, count, 4, False), stack)]
-        return [(STRING, (kind, _char(g, kind, count), None), stack)] if b in ESCAPES else []
-    if mode == UNICODE:         # extra[3]: a counted string's escape began with d (a surrogate?)
-        left = extra[2] - 1
-        if b not in HEX or (extra[3] and b in b"89abAB"):   # an escape is one character: a
-            return []                                       # counted string takes no surrogates
-        lead = count is not None and left == 3 and b in b"dD"
-        return [(STRING, (kind, _char(g, kind, count), None), stack) if left == 0
-                else (UNICODE, (kind, count, left, lead), stack)]
-    utf = extra[2]
+            tracked = count is not None or rx is not None
+            return [(UNICODE, (kind, count, rx, 4, 0 if tracked else None), stack)]
+        if b not in ESCAPED:
+            return []
+        return _took(g, kind, _char(g, kind, count), rx, ESCAPED[b], stack)
+    if mode == UNICODE:
+        kind, count, rx, left, v = extra
+        if b not in HEX:
+            return []
+        left -= 1
+        if v is not None:       # the code points it may still be: v * span ... + span - 1
+            v, span = v * 16 + int(chr(b), 16), 16 ** left
+            if 0xD800 <= v * span and v * span + span - 1 <= 0xDFFF:
+                return []       # a surrogate: a tracked string's escape is one character
+            if rx is not None and not g.nodes[kind].pattern.may_take(rx, v * span, v * span + span - 1):
+                return []
+            if rx is None:      # a counted string only needs to know a lead d
+                v = v if v == 0xD else 0
+        if left:
+            return [(UNICODE, (kind, count, rx, left, v), stack)]
+        return _took(g, kind, _char(g, kind, count), rx, v, stack)
+    kind, count, utf, rx = extra
     if utf is not None:         # inside a UTF-8 character: its next byte, in range
-        left, lo, hi = utf
+        left, lo, hi, v = utf
         if not lo <= b <= hi:
             return []
-        return [(STRING, (kind, count, (left - 1, 0x80, 0xBF) if left > 1 else None), stack)]
+        left -= 1
+        if v is not None:       # (a pattern reads the code point)
+            v = (v << 6) | (b & 0x3F)
+            if not left:
+                return _took(g, kind, count, rx, v, stack)
+            if not g.nodes[kind].pattern.may_take(rx, v << 6 * left, ((v + 1) << 6 * left) - 1):
+                return []
+        return [(STRING, (kind, count, (left, 0x80, 0xBF, v) if left else None, rx), stack)]
     if b == QUOTE:
         if kind == MAP_KEY:
             return [(COLON, g.nodes[stack[-1][1]].values, stack)]
+        if rx is not None and not g.nodes[kind].pattern.accepts(rx):
+            return []
         return [_end(stack)] if count is None or count >= g.nodes[kind].min else []
     if b < 0x20:
         return []
-    utf = None
-    if b >= 0x80:               # well-formed UTF-8 only (as `bytes.decode` takes it)
-        utf = UTF8_LEAD.get(b)
-        if utf is None:
-            return []
     if count is not None:       # a character begins
         limit = g.nodes[kind].max
         if limit is not None and count >= limit:
@@ -203,8 +231,21 @@ def _string(g: Grammar, mode: int, extra, stack: tuple, b: int) -> list:
         if b != BACKSLASH:      # (an escape counts when it ends)
             count = _char(g, kind, count)
     if b == BACKSLASH:
-        return [(ESCAPE, (kind, count), stack)]
-    return [(STRING, (kind, count, utf), stack)]
+        return [(ESCAPE, (kind, count, rx), stack)]
+    if b < 0x80:
+        return _took(g, kind, count, rx, b, stack)
+    lead = UTF8_LEAD.get(b)     # well-formed UTF-8 only (as `bytes.decode` takes it)
+    if lead is None:
+        return []
+    n, lo, hi = lead
+    v = None
+    if rx is not None:          # the code points the sequence may still be
+        v, rest = b & (0x3F >> n), 6 * (n - 1)
+        first = (v << 6 * n) | ((lo & 0x3F) << rest)
+        last = (v << 6 * n) | ((hi & 0x3F) << rest) | ((1 << rest) - 1)
+        if not g.nodes[kind].pattern.may_take(rx, first, last):
+            return []
+    return [(STRING, (kind, count, (n, lo, hi, v), rx), stack)]
 
 
 def _container(g: Grammar, mode: int, stack: tuple, b: int) -> list:
@@ -229,7 +270,7 @@ def _container(g: Grammar, mode: int, stack: tuple, b: int) -> list:
         if node.props:
             keys = frozenset((node.props[j][0][1:], j) for j in node.nexts[n])
             return [(KEYNAME, keys, stack)] if keys else []
-        return [(STRING, (MAP_KEY, None, None), stack)] if node.values is not None else []
+        return [(STRING, (MAP_KEY, None, None, None), stack)] if node.values is not None else []
     return []
 
 
@@ -290,7 +331,7 @@ def _string_room(g: Grammar, state: frozenset):
     them may still take (inf where its length is not limited); else None."""
     room = None
     for mode, extra, _ in state:
-        if mode != STRING or extra[2] is not None:
+        if mode != STRING or extra[2:] != (None, None):     # in a character, or a pattern
             return None
         kind, count = extra[:2]
         limit = None if count is None else g.nodes[kind].max

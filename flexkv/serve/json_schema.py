@@ -17,7 +17,8 @@ vLLM's default xgrammar backend read it):
 - Arrays: `items` (a schema, or false after `prefixItems`), `prefixItems`, `minItems`,
   `maxItems`. Strings: `minLength`, `maxLength` (in characters, as Python's `len` counts
   them; an escape is one, so such a string takes no `\\u` surrogate escapes: a character past
-  U+FFFF comes as its UTF-8 bytes). `integer` allows no fraction or exponent, and takes
+  U+FFFF comes as its UTF-8 bytes); or `pattern` (`flexkv.serve.json_regex`: ECMA-262's common
+  subset, matching anywhere unless anchored with ^ / $; not beside a length). `integer` allows no fraction or exponent, and takes
   `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (numbers, as in 2020-12); a
   `number` takes no bounds.
 - Annotations are ignored: `title`, `description`, `default`, `examples`, `format` (an
@@ -25,7 +26,7 @@ vLLM's default xgrammar backend read it):
   `deprecated`, `readOnly`, `writeOnly`, `discriminator`; `$defs` / `definitions` are only looked up.
 - `enum` / `const` values are written in their compact form (`json.dumps(v, separators=(",", ":"),
   ensure_ascii=False)`); a `type` beside them keeps the values of those types.
-Anything else (`pattern`, `multipleOf`, `uniqueItems`, `not`, `if`, ...) is a
+Anything else (`multipleOf`, `uniqueItems`, `not`, `if`, ...) is a
 `ValueError` naming the keyword and where it is: never silently ignored.
 """
 from __future__ import annotations
@@ -35,12 +36,14 @@ import math
 from dataclasses import dataclass, field
 from functools import lru_cache
 
+from flexkv.serve.json_regex import compile_pattern
+
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "format", "$schema", "$id",
                          "$comment", "deprecated", "readOnly", "writeOnly", "discriminator",
                          "$defs", "definitions"})
 TYPE_KEYWORDS = {"object": {"properties", "required", "additionalProperties"},
                  "array": {"items", "prefixItems", "minItems", "maxItems"},
-                 "string": {"minLength", "maxLength"},
+                 "string": {"minLength", "maxLength", "pattern"},
                  "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}}
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 SUPPORTED = (ANNOTATIONS | {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"}
@@ -73,10 +76,12 @@ class Arr:
 
 @dataclass(frozen=True)
 class Str:
-    """A string of `min` to `max` characters (counted up to `cap` only when limited)."""
+    """A string of `min` to `max` characters (counted up to `cap` only when limited), or one in
+    which `pattern` (`flexkv.serve.json_regex.Regex`) matches."""
     min: int = 0
     max: int | None = None
     cap: int = 0
+    pattern: object = None
 
     @property
     def counted(self) -> bool:
@@ -180,7 +185,7 @@ class _Compiler:
             self.fail(f"{where}/{unknown[0]}", f"the keyword {unknown[0]!r} is not supported (supported: "
                       f"type, enum, const, anyOf, oneOf, allOf of one, $ref, properties, required, "
                       f"additionalProperties, items, prefixItems, minItems, maxItems, minLength, "
-                      f"maxLength, minimum, maximum, exclusiveMinimum, exclusiveMaximum, and "
+                      f"maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, and "
                       f"annotations)")
         given = set(s) - ANNOTATIONS
         if "$ref" in s:
@@ -274,6 +279,14 @@ class _Compiler:
         return self.add(Num(True, lo, hi))
 
     def string(self, s: dict, where: str) -> int:
+        if "pattern" in s:
+            if "minLength" in s or "maxLength" in s:
+                self.fail(where, "pattern beside minLength / maxLength is not supported (say the "
+                          "length in the pattern: {m,n})")
+            try:
+                return self.add(Str(pattern=compile_pattern(s["pattern"])))
+            except ValueError as e:
+                self.fail(f"{where}/pattern", str(e))
         lo, hi = self.count(s, "minLength", where, 0), self.count(s, "maxLength", where, None)
         if hi is not None and hi < lo:
             self.fail(where, f"maxLength {hi} < minLength {lo}: nothing can match")
