@@ -7,7 +7,8 @@
    (`JsonVocab.allowed`) and the recognizer advanced, as the engine does per produced token.
    Reported, for JSON mode and for the documents' JSON Schema (`DOC_SCHEMA`): the vocabulary
    table's build time, the distinct recognizer states the documents reach, and the mask time
-   per token with the memo cold (the first pass) and warm.
+   per token with the memo cold (the first pass) and warm; then per `PATTERNS` entry, a string
+   schema with that pattern over one text (cold masks: each state's first).
 2. End to end: the engine (`--policy` at `--budget`, `--slots` slots) generating `--max-tokens`
    greedy tokens for each of `--slots` prompts, plain, in JSON mode and with `REPLY_SCHEMA`;
    wall seconds, tokens, and the milliseconds per decode step (the figure to compare: a JSON
@@ -41,6 +42,8 @@ ITEM = {"type": "object", "properties": {
 DOC_SCHEMA = {"type": "object", "properties": {"doc": {"type": "integer"},
                                                "items": {"type": "array", "items": ITEM}},
               "required": ["doc", "items"]}
+PATTERNS = {r"^\d{4}-\d{2}-\d{2}$": "2024-05-17", "@": "write to me at someone@example.org please",
+            r"^[A-Za-z ]+$": "Hello there General Kenobi"}
 REPLY_SCHEMA = {"type": "object", "properties": {
     "topic": {"type": "string", "maxLength": 40}, "sentiment": {"enum": ["positive", "neutral", "negative"]},
     "keywords": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4}},
@@ -78,6 +81,23 @@ def host_side(tok, vocab_size: int, docs: list[str], grammar) -> dict:
     return {"build_s": build, "tokens": len(cold), "states": len(vocab._memo),
             "cold_mean_ms": 1e3 * statistics.mean(cold), "cold_max_ms": 1e3 * max(cold),
             "warm_mean_ms": 1e3 * statistics.mean(warm), "warm_max_ms": 1e3 * max(warm)}
+
+
+def patterns(tok, vocab_size: int) -> list[dict]:
+    vocab = JsonVocab.from_tokenizer(tok, vocab_size)
+    rows = []
+    for pattern, text in PATTERNS.items():
+        g = compile_schema({"type": "string", "pattern": pattern})
+        state, times = initial(g), []
+        for t in tok(json.dumps(text), add_special_tokens=False)["input_ids"]:
+            t0 = time.perf_counter()
+            mask, _ = vocab.allowed(g, state)
+            state = feed(g, state, vocab.bytes_of[t])
+            times.append(time.perf_counter() - t0)
+            assert bool(mask[t]), "a text's own token was masked"
+        rows.append({"pattern": pattern, "tokens": len(times), "mean_ms": 1e3 * statistics.mean(times),
+                     "max_ms": 1e3 * max(times)})
+    return rows
 
 
 def end_to_end(model, tok, a, prompts: list) -> list[dict]:
@@ -120,13 +140,14 @@ def main(argv=None) -> None:
     docs = documents(a.documents)
     host = {name: host_side(tok, model.args.vocab_size, docs, g)
             for name, g in (("json_object", JSON_OBJECT), ("json_schema", compile_schema(DOC_SCHEMA)))}
+    pattern_rows = patterns(tok, model.args.vocab_size)
     prompts = prose_ids(tok, a.prompt_len, a.slots)
     rows = end_to_end(model, tok, a, prompts)
     res = {"model": a.model, "policy": a.policy, "budget": a.budget, "slots": a.slots,
            "prompt_len": a.prompt_len, "max_tokens": a.max_tokens, "threads": a.threads,
            "torch": torch.__version__, "commit": commit_id(("flexkv", "bench")),
            "command": "python bench/serve_json.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-           "host": host, "rows": rows}
+           "host": host, "patterns": pattern_rows, "rows": rows}
     md = [f"# Structured output's cost ({a.model}, {a.threads} threads, torch {torch.__version__}, "
           f"{res['commit']})", "", f"`{res['command']}`", "",
           f"Host side over {a.documents} JSON documents ({host['json_object']['tokens']} tokens of "
@@ -138,6 +159,11 @@ def main(argv=None) -> None:
     md += [f"| {name} | {h['build_s']:.2f} | {h['states']} | {h['cold_mean_ms']:.3f} | "
            f"{h['cold_max_ms']:.1f} | {h['warm_mean_ms']:.4f} | {h['warm_max_ms']:.3f} |"
            for name, h in host.items()]
+    md += ["", "A string schema with a `pattern`, over one text (a new state's mask walks the "
+           "vocabulary's trie as far as the pattern lets it):", "",
+           "| pattern | tokens | mask + advance per token, mean ms | max ms |", "|---|---|---|---|"]
+    md += [f"| `{r['pattern']}` | {r['tokens']} | {r['mean_ms']:.1f} | {r['max_ms']:.1f} |"
+           for r in pattern_rows]
     md += ["", f"End to end: {a.policy}@{a.budget}, {a.slots} slots, {a.prompt_len}-token prompts, "
            f"{a.max_tokens} greedy tokens (a JSON request may stop earlier, once its value is "
            "complete; plain ones ignore eos; json_schema is `REPLY_SCHEMA`).", "",
