@@ -23,6 +23,7 @@ tests` runs them on the GPU machine:
 - the serving engine's step replays a CUDA graph with one dynamo graph and no skips, and its
   tokens equal `flexkv.generate` run alone on each request; its token choice (logit
   adjustments and the sampler) gives the CPU's tokens for the same logits without a host sync;
+  structured output (JSON mode, a JSON Schema) with its masks on the device gives valid values;
 - the speed tables' per-kernel breakdown (bench/kernel_profile.py) sees the kernels replayed
   from a CUDA graph, without a recompile or a skip.
 
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import math
 import os
 
@@ -669,6 +671,49 @@ def test_serving_engine_prefix_cache_on_device(model32, dev):
     if CUDA:
         assert cudagraph_skips() == 0, dict(counters["inductor"])
     _check_engine_tokens(model, dev, prompts, outs, n_new)
+
+
+def test_serving_engine_structured_output_on_device(tmp_path, dev):
+    """JSON mode and a JSON Schema (a pattern, bounded integers, an enum) on the device, in the
+    engine's thread: the masks live on the device; each answer is a valid value (a valid
+    beginning where `max_tokens` cut it); the plain request beside them equals its solo run;
+    the decode step replays with no skip."""
+    from flexkv import serve
+    from flexkv.serve.json_mode import JsonRequest
+    from flexkv.serve.json_schema import JSON_OBJECT, compile_schema
+    from test_serve_json import ByteTokenizer
+    path = make_checkpoint(tmp_path / "bytes", "llama", seed=3, vocab_size=258, eos_token_id=256,
+                           bos_token_id=257)
+    model, _ = flexkv.load_model(path, device=DEVICE)
+    schema = {"type": "object", "required": ["id", "n"], "properties": {
+        "id": {"type": "string", "pattern": "^[a-z]{2}-\\d{2}$"},
+        "n": {"type": "integer", "minimum": -3, "maximum": 250}, "ok": {"enum": [True, "x"]}}}
+    n_new = 24
+    push = {ord("}"): 3.0, ord('"'): 2.0, 256: 8.0}     # toward finishing values, then eos
+    reqs = [(JSON_OBJECT, serve.SamplingParams(max_tokens=n_new, response_format="json_object",
+                                               logit_bias=push)),
+            (compile_schema(schema), serve.SamplingParams(
+                max_tokens=n_new, response_format="json_schema", json_schema=schema, logit_bias=push)),
+            (None, serve.SamplingParams(max_tokens=n_new, temperature=0, ignore_eos=True))]
+    prompts = [random_ids(1, L, 258, seed=50 + L)[0].tolist() for L in (9, 14, 11)]
+    eng = serve.Engine(model, ByteTokenizer(), policy="h2o", budget=16, max_slots=3,
+                       max_new_tokens=n_new, prefill_chunk=8)
+    eng.start()
+    try:
+        counters.clear()
+        handles = [eng.submit(p, sp) for p, (_, sp) in zip(prompts, reqs)]
+        outs = [h.result(timeout=600) for h in handles]
+    finally:
+        eng.shutdown()
+    assert eng._adjust._state["allow"].device.type == torch.device(DEVICE).type
+    for (grammar, _), h, out in zip(reqs[:2], handles, outs):
+        req = JsonRequest(grammar)
+        assert all(t < 256 for t in out) and req.advance(bytes(out)), bytes(out)
+        if h.finish_reason == "stop":
+            assert req.done and json.loads(bytes(out)) is not None
+    if CUDA:
+        assert cudagraph_skips() == 0, dict(counters["inductor"])
+    _check_engine_tokens(model, dev, prompts[2:], outs[2:], n_new)
 
 
 def test_token_choice_on_device_equals_cpu_without_a_host_sync(dev):

@@ -361,6 +361,9 @@ def test_keys_come_in_order_required_ones_present_and_lengths_counted():
     ({"anyOf": [{}], "type": "string"}, "anyOf beside ['type'] is not supported"),
     ({"$ref": "#", "type": "object"}, "$ref beside ['type']"),
     (False, "a schema must be an object or true"),
+    ({"type": "object", "properties": {"me": {"$ref": "#"}}, "required": ["me"]}, "no finite instance"),
+    ({"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}}, "$defs": {
+        "n": {"type": "array", "items": {"$ref": "#/$defs/n"}, "minItems": 1}}}, "no finite instance"),
     ({"enum": [float("nan")]}, "json_schema must be JSON"),
 ])
 def test_what_is_not_supported_is_a_clear_error(schema, message):

@@ -5,22 +5,24 @@ one JSON value of a grammar (`flexkv.serve.json_schema`: JSON mode is the gramma
 A byte-level recognizer of RFC 8259 JSON restricted by the grammar. It reads bytes
 nondeterministically (a schema's `anyOf` branches, a number that may end or go on, enum values
 that share a start), so its state is a frozenset of threads `(mode, extra, stack)`: what may
-come next (`mode`; `extra` holds the value's node, a string's kind and length so far, the hex
-digits left of a `\\u` escape, or the candidate keys / literal texts still matching) and the
-open containers (`stack`: frames `(bracket, node, n)`, n the next property's index of an object,
-the items so far of an array). `step` advances a state by one byte; an empty state is a dead end.
+come next (`mode`; `extra` holds the value's node, a string's kind, length so far and pattern
+states, a UTF-8 character's or a `\\u` escape's rest, a bounded integer's digits, or the
+candidate keys / literal texts still matching) and the open containers (`stack`: frames
+`(bracket, node, n)`, n the next property's index of an object, the items so far of an array).
+`step` advances a state by one byte; an empty state is a dead end, and every live state can be
+finished. Strings hold well-formed UTF-8 only, so the text always decodes.
 
-`JsonVocab` knows every token's bytes and gives, per grammar and state, the tokens that may follow
-(a `[V]` bool mask on the engine's device): a walk of the trie of the tokens' bytes, pruned where
-the state dies; in a string, every token of whole plain characters that fits the string's length
-limit is allowed without a walk. Masks are memoized, keyed by what a token can see of each
-thread's stack (its top `closers + 1` frames, `closers` the most closing brackets any one token
-holds). The serving engine (`flexkv.serve.penalties`) advances a request's state by each token it produces
-and bans the tokens outside the mask before choosing. Its stop tokens (end of sequence) are
-allowed once the value is complete, and then only what continues the value (a top-level
-number's digits; nothing after an object: whitespace only while no stop token may be chosen:
-none under `ignore_eos`, or `min_tokens` not reached). Outside strings, whitespace tokens are
-banned after `MAX_WS_RUN` whitespace bytes in a row (a model in JSON mode can otherwise emit
+`JsonVocab` knows every token's bytes and gives, per grammar and state, the tokens that may
+follow (a `[V]` bool mask on the engine's device): a walk of the trie of the tokens' bytes,
+pruned where the state dies; in a string, every token of whole plain characters that fits the
+string's length limit is allowed without a walk. Masks are memoized, keyed by what a token can
+see of each thread's stack (its top `closers + 1` frames, `closers` the most closing brackets any
+one token holds). The serving engine (`flexkv.serve.penalties`) advances a request's state by
+each token it produces and bans the tokens outside the mask before choosing. Its stop tokens
+(end of sequence) are allowed once the value is complete, beside what may still continue it (a
+top-level number's digits; nothing after an object: whitespace only while no stop token may be
+chosen: none under `ignore_eos`, or `min_tokens` not reached). Outside strings, whitespace tokens
+are banned after `MAX_WS_RUN` whitespace bytes in a row (a model in JSON mode can otherwise emit
 newlines forever).
 """
 from __future__ import annotations
@@ -149,12 +151,10 @@ def _start(g: Grammar, i: int, b: int, stack: tuple) -> list:
         rx = None if node.pattern is None else node.pattern.start
         return [(STRING, (i, 0 if node.counted else None, None, rx), stack)] if b == QUOTE else []
     if isinstance(node, Num):
-        text = "" if node.bounded else None
-        if b == ord("-"):
-            return _in_number(g, MINUS, (i, None if text is None else "-"), stack)
-        if b not in DIGITS:
+        if b != ord("-") and b not in DIGITS:
             return []
-        return _in_number(g, ZERO if b == ord("0") else INT, (i, None if text is None else chr(b)), stack)
+        mode = MINUS if b == ord("-") else ZERO if b == ord("0") else INT
+        return _in_number(g, mode, (i, chr(b) if node.bounded else None), stack)
     assert isinstance(node, Lit)
     return _literal(node.texts, b, stack)
 

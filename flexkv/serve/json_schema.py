@@ -382,7 +382,37 @@ class _Compiler:
                            tuple(ref(p) for p in node.prefix), node.min, node.max, node.cap)
             nodes.append(node)
         # a resolved ref or a one-option union points at its target instead of being a node
-        return Grammar(nodes, ref(root))
+        g = Grammar(nodes, ref(root))
+        self.check_finite(g)
+        return g
+
+    def check_finite(self, g: Grammar) -> None:
+        """Every node a text can reach has a finite instance (else a model could write itself
+        into a value it can never finish, e.g. an object that requires an object like itself)."""
+        finite = set()
+        while True:
+            grown = {i for i, n in enumerate(g.nodes) if i not in finite and n is not None and (
+                isinstance(n, (Str, Num, Lit))
+                or (isinstance(n, Union) and any(o in finite for o in n.options))
+                or (isinstance(n, Arr) and all(n.item(j) in finite for j in range(n.min)))
+                or (isinstance(n, Obj) and all(v in finite for _, v, req in n.props if req)))}
+            if not grown:
+                break
+            finite |= grown
+        reach, todo = {g.root}, [g.root]
+        while todo:
+            n = g.nodes[todo.pop()]
+            kids = (n.options if isinstance(n, Union) else
+                    (*n.prefix, *(() if n.items is None else (n.items,))) if isinstance(n, Arr) else
+                    (*(v for _, v, _ in n.props), *(() if n.values is None else (n.values,)))
+                    if isinstance(n, Obj) else ())
+            for k in kids:
+                if k not in reach:
+                    reach.add(k)
+                    todo.append(k)
+        if reach - finite:
+            self.fail("", "a part of the schema has no finite instance (e.g. an object that "
+                      "requires a property of its own type): a text could never end")
 
 
 @lru_cache(maxsize=256)
