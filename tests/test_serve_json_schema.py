@@ -497,3 +497,56 @@ def test_sampling_params_check_the_schema(tiny64):  # noqa: F811 (the fixture)
     with pytest.raises(ValueError, match="needs the engine's tokenizer"):
         Engine(tiny64, None, "full", max_slots=1, max_new_tokens=16, max_prompt_tokens=30).submit(
             [1, 2], SamplingParams(response_format="json_schema", json_schema={}))
+
+
+# ----------------------------------------------------------------------------- formats
+def _format_ok(fmt: str, s: str) -> bool:
+    """Python's own parsers (a date's day checked against its month in a leap year, as flexkv's
+    pattern has it: RFC 3339's years 0000-9999, 29 February in any)."""
+    import datetime
+    import ipaddress
+    import uuid
+    try:
+        if fmt == "date":
+            y, m, d = s.split("-")
+            datetime.date(2000, int(m), int(d))
+            return len(y) == 4 and len(m) == len(d) == 2 and y.isdigit()
+        if fmt == "uuid":
+            return len(s) == 36 and str(uuid.UUID(s)) == s.lower()
+        if fmt == "ipv4":
+            ipaddress.IPv4Address(s)
+            return s.isascii()
+    except ValueError:
+        return False
+    raise AssertionError(fmt)
+
+
+@settings(max_examples=300, deadline=None)
+@given(fmt=st.sampled_from(["date", "uuid", "ipv4"]), data=st.data())
+def test_formats_accept_what_pythons_parsers_accept(fmt, data):
+    """Strings drawn from the format's pattern, and near-misses of them (a character replaced):
+    accepted exactly when Python's parser takes them."""
+    from flexkv.serve.json_schema import FORMATS
+    s = data.draw(st.from_regex(re.compile(python_pattern(FORMATS[fmt]), re.ASCII)))
+    if data.draw(st.booleans()) and s:
+        i = data.draw(st.integers(0, len(s) - 1))
+        s = s[:i] + data.draw(st.sampled_from("0139-.:aZ")) + s[i + 1:]
+    g = compile_schema({"type": "string", "format": fmt})
+    assert is_done(feed(g, initial(g), json.dumps(s).encode())) == _format_ok(fmt, s), (fmt, s)
+
+
+def test_time_hostname_email_formats_and_other_formats_pass():
+    cases = {"time": (["12:30:00Z", "23:59:60.5+01:00", "00:00:00.123-11:30"], ["24:00:00Z", "12:30:00", "1:30:00Z"]),
+             "date-time": (["2024-05-17T12:30:00Z", "2024-02-29t00:00:00+00:00"], ["2024-05-17 12:30:00Z", "2024-05-17"]),
+             "hostname": (["example.com", "a", "x-1.y"], ["-bad.com", "a..b", "a_b.com"]),
+             "email": (["a.b@example.org", "x+y@a-b.co"], ["a@b", "a..b@x.org", "@x.org", "a@-x.org"])}
+    for fmt, (ok, bad) in cases.items():
+        assert all(accepts({"type": "string", "format": fmt}, json.dumps(s).encode()) for s in ok), fmt
+        assert not any(accepts({"type": "string", "format": fmt}, json.dumps(s).encode()) for s in bad), fmt
+    # formats flexkv does not hold to are annotations; formats on other types too
+    assert accepts({"type": "string", "format": "uri"}, b'"not a uri"')
+    assert accepts({"type": "integer", "format": "int64"}, b"12")
+    with pytest.raises(ValueError, match="format 'date' beside a pattern"):
+        compile_schema({"type": "string", "format": "date", "pattern": "x"})
+    with pytest.raises(ValueError, match="format beside minLength"):
+        compile_schema({"type": "string", "format": "uuid", "maxLength": 36})

@@ -21,8 +21,11 @@ vLLM's default xgrammar backend read it):
   subset, matching anywhere unless anchored with ^ / $; not beside a length). `integer` allows no fraction or exponent, and takes
   `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (numbers, as in 2020-12); a
   `number` takes no bounds.
-- Annotations are ignored: `title`, `description`, `default`, `examples`, `format` (an
-  annotation in JSON Schema 2020-12 unless a validator opts in), `$schema`, `$id`, `$comment`,
+- A string's `format` `date`, `time`, `date-time` (RFC 3339), `uuid`, `ipv4`, `hostname` or
+  `email` (a dotted domain) is held to, as OpenAI's strict mode holds it, by a pattern
+  (`FORMATS`; a `date`'s day is checked against its month, not the year: 29 February always);
+  other formats are annotations, as JSON Schema 2020-12 has them.
+- Annotations are ignored: `title`, `description`, `default`, `examples`, `$schema`, `$id`, `$comment`,
   `deprecated`, `readOnly`, `writeOnly`, `discriminator`; `$defs` / `definitions` are only looked up.
 - `enum` / `const` values are written in their compact form (`json.dumps(v, separators=(",", ":"),
   ensure_ascii=False)`); a `type` beside them keeps the values of those types.
@@ -46,6 +49,17 @@ TYPE_KEYWORDS = {"object": {"properties", "required", "additionalProperties"},
                  "string": {"minLength", "maxLength", "pattern"},
                  "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}}
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+_DATE = r"\d{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)|02-(?:0[1-9]|[12]\d))"
+_TIME = r"(?:[01]\d|2[0-3]):[0-5]\d:(?:[0-5]\d|60)(?:\.\d+)?(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+# the string formats held to (as OpenAI's strict mode does), each as a pattern; others are
+# annotations. "date": a day up to 29, 30 or 31 by month (29 February in any year)
+FORMATS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}[Tt]{_TIME}$",
+           "uuid": "^[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$",
+           "ipv4": f"^(?:{_OCTET}\\.){{3}}{_OCTET}$",
+           "hostname": f"^{_LABEL}(?:\\.{_LABEL})*$",
+           "email": f"^[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]+(?:\\.[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]+)*@{_LABEL}(?:\\.{_LABEL})+$"}
 SUPPORTED = (ANNOTATIONS | {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"}
              | set().union(*TYPE_KEYWORDS.values()))
 
@@ -279,14 +293,19 @@ class _Compiler:
         return self.add(Num(True, lo, hi))
 
     def string(self, s: dict, where: str) -> int:
-        if "pattern" in s:
+        pattern, key = s.get("pattern"), "pattern"
+        if s.get("format") in FORMATS:
+            if pattern is not None:
+                self.fail(where, f"format {s['format']!r} beside a pattern is not supported")
+            pattern, key = FORMATS[s["format"]], "format"
+        if pattern is not None:
             if "minLength" in s or "maxLength" in s:
-                self.fail(where, "pattern beside minLength / maxLength is not supported (say the "
-                          "length in the pattern: {m,n})")
+                self.fail(where, f"{key} beside minLength / maxLength is not supported (say the "
+                          "length in a pattern: {m,n})")
             try:
-                return self.add(Str(pattern=compile_pattern(s["pattern"])))
+                return self.add(Str(pattern=compile_pattern(pattern)))
             except ValueError as e:
-                self.fail(f"{where}/pattern", str(e))
+                self.fail(f"{where}/{key}", str(e))
         lo, hi = self.count(s, "minLength", where, 0), self.count(s, "maxLength", where, None)
         if hi is not None and hi < lo:
             self.fail(where, f"maxLength {hi} < minLength {lo}: nothing can match")
