@@ -438,11 +438,13 @@ class JsonVocab:
             mask, trie = torch.zeros(self.V, dtype=torch.bool), self.trie
         else:
             mask, trie = self.plain_chars <= min(room, 2**29), self.string_other
-        ok, todo = [], [(trie, state)]
+        ok, todo, steps = [], [(trie, state)], {}   # steps: (state, byte) -> state, this walk's
         while todo:
             (children, _), at = todo.pop()
             for b, child in children.items():
-                after = step(g, at, b)
+                after = steps.get((at, b))
+                if after is None:
+                    after = steps[at, b] = step(g, at, b)
                 if after:
                     ok += child[1]
                     if child[0]:
