@@ -361,6 +361,10 @@ def test_keys_come_in_order_required_ones_present_and_lengths_counted():
     ({"anyOf": [{}], "type": "string"}, "anyOf beside ['type'] is not supported"),
     ({"$ref": "#", "type": "object"}, "$ref beside ['type']"),
     (False, "a schema must be an object or true"),
+    ({"$defs": [1], "$ref": "#/$defs/a"}, "'#/$defs/a' is not defined"),
+    ({"type": "string", "pattern": ["a"]}, "pattern: must be a string"),
+    ({"type": "string", "format": ["date"]}, "format: must be a string"),
+    ({"type": "string", "enum": ["a", "bb"], "maxLength": 1}, "enum / const beside ['maxLength']"),
     ({"type": "object", "properties": {"me": {"$ref": "#"}}, "required": ["me"]}, "no finite instance"),
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}}, "$defs": {
         "n": {"type": "array", "items": {"$ref": "#/$defs/n"}, "minItems": 1}}}, "no finite instance"),
@@ -550,3 +554,24 @@ def test_time_hostname_email_formats_and_other_formats_pass():
         compile_schema({"type": "string", "format": "date", "pattern": "x"})
     with pytest.raises(ValueError, match="format beside minLength"):
         compile_schema({"type": "string", "format": "uuid", "maxLength": 36})
+
+
+SUPPORTED_KEYS = {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref", "$defs", "properties",
+                  "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
+                  "minLength", "maxLength", "pattern", "format", "minimum", "exclusiveMaximum", "title", "x",
+                  "a", "definitions"}
+JSON_ANY = st.recursive(st.none() | st.booleans() | st.integers(-3, 300) | st.floats(allow_nan=False)
+                        | st.sampled_from(["string", "integer", "object", "array", "#", "#/$defs/a", "a+",
+                                           "#/definitions/a", "date", "^x$", "(", "", 10**9]),
+                        lambda v: st.lists(v, max_size=3) | st.dictionaries(
+                            st.sampled_from(sorted(SUPPORTED_KEYS)), v, max_size=4), max_leaves=10)
+@settings(max_examples=1500, deadline=None)
+@given(schema=JSON_ANY)
+def test_any_json_as_a_schema_compiles_or_is_a_value_error(schema):
+    """Whatever a client sends as a schema: a grammar, or a ValueError (a 400), never another
+    exception (a 500)."""
+    try:
+        g = compile_schema(schema)
+    except ValueError:
+        return
+    feed(g, initial(g), b'{"a": [1, "x", null, true]}')

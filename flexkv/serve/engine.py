@@ -442,8 +442,9 @@ class Engine:
             raise ValueError(f"params must be a SamplingParams, got {type(params).__name__}")
         params.validate(self.max_new_tokens, self.vocab_size)
         if params.response_format != "text" and self.tokenizer is None:
-            raise ValueError(f"response_format={params.response_format!r} needs the engine's tokenizer (to know "
-                             "each token's bytes); this engine was built without one")
+            raise ValueError(f"response_format={params.response_format!r} needs the engine's "
+                             "tokenizer (to know each token's bytes); this engine was built "
+                             "without one")
         return list(prompt)
 
     @staticmethod

@@ -18,7 +18,8 @@ vLLM's default xgrammar backend read it):
   `maxItems`. Strings: `minLength`, `maxLength` (in characters, as Python's `len` counts
   them; an escape is one, so such a string takes no `\\u` surrogate escapes: a character past
   U+FFFF comes as its UTF-8 bytes); or `pattern` (`flexkv.serve.json_regex`: ECMA-262's common
-  subset, matching anywhere unless anchored with ^ / $; not beside a length). `integer` allows no fraction or exponent, and takes
+  subset, matching anywhere unless anchored with ^ / $; not beside a length). `integer` allows
+  no fraction or exponent, and takes
   `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (numbers, as in 2020-12); a
   `number` takes no bounds.
 - A string's `format` `date`, `time`, `date-time` (RFC 3339), `uuid`, `ipv4`, `hostname` or
@@ -49,17 +50,19 @@ TYPE_KEYWORDS = {"object": {"properties", "required", "additionalProperties"},
                  "string": {"minLength", "maxLength", "pattern"},
                  "integer": {"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"}}
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
-_DATE = r"\d{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)|02-(?:0[1-9]|[12]\d))"
+_DATE = (r"\d{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)"
+         r"|02-(?:0[1-9]|[12]\d))")
 _TIME = r"(?:[01]\d|2[0-3]):[0-5]\d:(?:[0-5]\d|60)(?:\.\d+)?(?:[Zz]|[+-](?:[01]\d|2[0-3]):[0-5]\d)"
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 _LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_ATOM = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
 # the string formats held to (as OpenAI's strict mode does), each as a pattern; others are
 # annotations. "date": a day up to 29, 30 or 31 by month (29 February in any year)
 FORMATS = {"date": f"^{_DATE}$", "time": f"^{_TIME}$", "date-time": f"^{_DATE}[Tt]{_TIME}$",
            "uuid": "^[0-9a-fA-F]{8}(?:-[0-9a-fA-F]{4}){3}-[0-9a-fA-F]{12}$",
            "ipv4": f"^(?:{_OCTET}\\.){{3}}{_OCTET}$",
            "hostname": f"^{_LABEL}(?:\\.{_LABEL})*$",
-           "email": f"^[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]+(?:\\.[A-Za-z0-9!#$%&'*+/=?^_`{{|}}~-]+)*@{_LABEL}(?:\\.{_LABEL})+$"}
+           "email": f"^{_ATOM}(?:\\.{_ATOM})*@{_LABEL}(?:\\.{_LABEL})+$"}
 SUPPORTED = (ANNOTATIONS | {"type", "enum", "const", "anyOf", "oneOf", "allOf", "$ref"}
              | set().union(*TYPE_KEYWORDS.values()))
 
@@ -179,7 +182,9 @@ class _Compiler:
         if target == "#":
             sub = self.root_schema
         elif len(parts) == 3 and parts[0] == "#" and parts[1] in ("$defs", "definitions"):
-            sub = (self.root_schema.get(parts[1]) or {}).get(parts[2].replace("~1", "/").replace("~0", "~"))
+            defs = self.root_schema.get(parts[1]) if isinstance(self.root_schema, dict) else None
+            name = parts[2].replace("~1", "/").replace("~0", "~")
+            sub = defs.get(name) if isinstance(defs, dict) else None
             if sub is None:
                 self.fail(f"{where}/$ref", f"{target!r} is not defined")
         else:
@@ -196,11 +201,8 @@ class _Compiler:
             self.fail(where, f"a schema must be an object or true, got {json.dumps(s)[:60]}")
         unknown = sorted(set(s) - SUPPORTED)
         if unknown:
-            self.fail(f"{where}/{unknown[0]}", f"the keyword {unknown[0]!r} is not supported (supported: "
-                      f"type, enum, const, anyOf, oneOf, allOf of one, $ref, properties, required, "
-                      f"additionalProperties, items, prefixItems, minItems, maxItems, minLength, "
-                      f"maxLength, pattern, minimum, maximum, exclusiveMinimum, exclusiveMaximum, and "
-                      f"annotations)")
+            self.fail(f"{where}/{unknown[0]}", f"the keyword {unknown[0]!r} is not supported "
+                      f"(supported: {', '.join(sorted(SUPPORTED - ANNOTATIONS))}, and annotations)")
         given = set(s) - ANNOTATIONS
         if "$ref" in s:
             if given != {"$ref"}:
@@ -225,6 +227,9 @@ class _Compiler:
                 self.fail(f"{where}/type", f"must be one of {TYPES} or a non-empty list of them, "
                           f"got {s['type']!r}")
         if "enum" in s or "const" in s:
+            if given - {"enum", "const", "type"}:
+                self.fail(where, f"enum / const beside {sorted(given - {'enum', 'const', 'type'})} "
+                          "is not supported")
             return self.literals(s, types, where)
         if types is None:   # the types whose keywords it holds, else any value
             types = [t for t, keys in TYPE_KEYWORDS.items() if keys & given] or list(TYPES)
@@ -294,6 +299,10 @@ class _Compiler:
 
     def string(self, s: dict, where: str) -> int:
         pattern, key = s.get("pattern"), "pattern"
+        if "pattern" in s and not isinstance(pattern, str):
+            self.fail(f"{where}/pattern", f"must be a string, got {pattern!r}")
+        if "format" in s and not isinstance(s["format"], str):
+            self.fail(f"{where}/format", f"must be a string, got {s['format']!r}")
         if s.get("format") in FORMATS:
             if pattern is not None:
                 self.fail(where, f"format {s['format']!r} beside a pattern is not supported")
@@ -413,7 +422,8 @@ class _Compiler:
             grown = {i for i, n in enumerate(g.nodes) if i not in finite and n is not None and (
                 isinstance(n, (Str, Num, Lit))
                 or (isinstance(n, Union) and any(o in finite for o in n.options))
-                or (isinstance(n, Arr) and all(n.item(j) in finite for j in range(n.min)))
+                or (isinstance(n, Arr)   # (items past the prefix are all one node)
+                    and all(n.item(j) in finite for j in range(min(n.min, len(n.prefix) + 1))))
                 or (isinstance(n, Obj) and all(v in finite for _, v, req in n.props if req)))}
             if not grown:
                 break

@@ -9,6 +9,8 @@ import threading
 import time
 from dataclasses import dataclass
 
+from flexkv.serve.json_schema import JSON_OBJECT, compile_schema
+
 MAX_LOGPROBS = 20     # the most likely alternatives a request may ask for at each token
 MAX_REPETITION_PENALTY = 100.0
 
@@ -57,7 +59,6 @@ class SamplingParams:
 
     def grammar(self):
         """The grammar the text must follow (`flexkv.serve.json_schema.Grammar`), or None."""
-        from flexkv.serve.json_schema import JSON_OBJECT, compile_schema
         if self.response_format == "json_object":
             return JSON_OBJECT
         return compile_schema(self.json_schema) if self.response_format == "json_schema" else None
