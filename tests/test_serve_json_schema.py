@@ -575,3 +575,11 @@ def test_any_json_as_a_schema_compiles_or_is_a_value_error(schema):
     except ValueError:
         return
     feed(g, initial(g), b'{"a": [1, "x", null, true]}')
+
+
+def test_a_schema_nested_too_deeply_is_a_value_error():
+    schema = {}
+    for _ in range(5000):
+        schema = {"type": "array", "items": schema}
+    with pytest.raises(ValueError, match="nested less deeply than Python's recursion limit"):
+        compile_schema(schema)

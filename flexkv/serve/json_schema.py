@@ -458,9 +458,14 @@ def compile_schema(schema) -> Grammar:
     256); a `ValueError` that names the keyword and where it is for what is not supported."""
     try:
         text = json.dumps(schema, allow_nan=False)   # key order kept: it is the order of properties
-    except (TypeError, ValueError) as e:
+        return _compile(text)
+    except (TypeError, RecursionError) as e:
+        raise ValueError(f"json_schema must be JSON (a dict of JSON values) nested less deeply "
+                         f"than Python's recursion limit: {type(e).__name__}") from None
+    except ValueError as e:
+        if str(e).startswith("json_schema"):
+            raise
         raise ValueError(f"json_schema must be JSON (a dict of JSON values): {e}") from None
-    return _compile(text)
 
 
 JSON_OBJECT = compile_schema({"type": "object"})
