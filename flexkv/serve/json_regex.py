@@ -205,7 +205,7 @@ class Regex:
     start: frozenset = frozenset()
 
     def __post_init__(self):
-        self._step = lru_cache(maxsize=65536)(self._step_uncached)
+        self._step = lru_cache(maxsize=4096)(self._step_uncached)   # (states, code point) -> states
 
     def __repr__(self):
         return f"Regex({self.text!r})"
