@@ -485,6 +485,12 @@ def test_an_enum_and_a_number_end_where_they_should(tiny64):  # noqa: F811 (the 
     while eng.has_work():
         eng.step()
     assert enum.finish_reason == "stop" and loads(bytes(enum.tokens)) in ("yes", "no", 3)
+    m = eng.metrics()       # what the masks cost, in the engine's metrics and in Prometheus text
+    assert m["structured_masks_computed_total"] >= 3 and m["structured_mask_seconds_total"] > 0
+    assert 0 < m["structured_masks_kept"] <= m["structured_masks_computed_total"]
+    from flexkv.serve.metrics import prometheus_text
+    text = prometheus_text(eng, "m", {"queue_full": 0, "disconnects": 0})
+    assert "# TYPE flexkv_structured_masks_computed_total counter" in text
     assert number.finish_reason == "stop" and bytes(number.tokens) == b"7"
     assert bytes(digits) == b"77777"
 

@@ -397,7 +397,9 @@ class Engine:
         requests, tokens, decode steps and prefill chunks, and the scheduler's wall seconds in
         prefill chunks and in decode steps (sampling and token delivery included; a CUDA prefill
         chunk is synchronized before its time is read, so its kernels are not counted as the
-        next decode step's). Their sum against elapsed time is how busy the engine was."""
+        next decode step's). Their sum against elapsed time is how busy the engine was. Once a
+        request asked for structured output: the masks computed, their seconds (the token
+        tables' build included) and the masks kept."""
         with self._lock:
             used = sum(r is not None for r in self._slots)
             out = dict(running=len(self._decoding), prefilling=len(self._prefilling),
@@ -408,6 +410,10 @@ class Engine:
             if self._prefix is not None:
                 out.update(prefix_cache_entries=len(self._prefix.entries),
                            prefix_cache_bytes=self._prefix.bytes)
+            if self._json is not None:     # structured output's masks, on the engine's thread
+                out.update(structured_masks_computed_total=self._json.masks_computed,
+                           structured_mask_seconds_total=self._json.seconds,
+                           structured_masks_kept=self._json.masks_kept)
         return out
 
     def latency_histograms(self) -> dict:

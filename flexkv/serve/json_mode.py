@@ -28,6 +28,7 @@ newlines forever).
 from __future__ import annotations
 
 import math
+import time
 from collections import OrderedDict
 
 import torch
@@ -377,6 +378,7 @@ class JsonVocab:
     (special tokens, a piece of a character whose bytes are unknown, ids the tokenizer lacks)."""
 
     def __init__(self, token_bytes: list, device="cpu", memo: int | None = None):
+        start = time.perf_counter()
         self.V, self.device = len(token_bytes), torch.device(device)
         # masks kept (least recently used out): by default as many as MEMO_BYTES hold
         self.memo_size = max(64, MEMO_BYTES // max(1, self.V)) if memo is None else memo
@@ -406,6 +408,9 @@ class JsonVocab:
         # (plus the one it then reads) and on whether the stack is deeper
         self.closers = max((bs.count(b"}") + bs.count(b"]") for _, bs in self.tokens), default=0)
         self._memo: OrderedDict[tuple, tuple[Tensor, bool]] = OrderedDict()
+        # what the masks cost (the engine's metrics): masks computed, seconds (the tables' build
+        # included), all on the engine's thread
+        self.masks_computed, self.seconds = 0, time.perf_counter() - start
 
     @classmethod
     def from_tokenizer(cls, tokenizer, vocab_size: int, device="cpu") -> "JsonVocab":
@@ -419,6 +424,10 @@ class JsonVocab:
         return cls([None if i in special or i >= n else pieces.bytes(i) for i in range(vocab_size)],
                    device)
 
+    @property
+    def masks_kept(self) -> int:
+        return len(self._memo)
+
     def _key(self, g: Grammar, state: frozenset) -> tuple:
         k = self.closers + 1
         return g, frozenset((mode, extra, stack[-k:], len(stack) > k) for mode, extra, stack in state)
@@ -431,6 +440,7 @@ class JsonVocab:
         if hit is not None:
             self._memo.move_to_end(key)
             return hit
+        start = time.perf_counter()
         # inside strings, between characters: a token of whole plain characters is allowed where
         # some thread has room for them; the others are found by walking the trie
         room = _string_room(g, state)
@@ -453,4 +463,6 @@ class JsonVocab:
         hit = self._memo[key] = (mask.to(self.device), bool(mask.any()))
         if len(self._memo) > self.memo_size:
             self._memo.popitem(last=False)
+        self.masks_computed += 1
+        self.seconds += time.perf_counter() - start
         return hit
