@@ -999,10 +999,14 @@ def test_openai_client(main, model_tok):
     class Reply(pydantic.BaseModel):
         ok: typing.Literal["yes", "no"]
 
+    call = oc.chat.completions.create(model=NAME, messages=msgs, tools=TOOLS, max_tokens=MAIN_MAX_NEW,
+                                      tool_choice={"type": "function", "function": {"name": "pick"}},
+                                      temperature=0, logit_bias=_no_whitespace(tok)).choices[0]
+    assert call.finish_reason == "tool_calls" and call.message.tool_calls[0].function.name == "pick"
+    assert json.loads(call.message.tool_calls[0].function.arguments) in ({"x": 1}, {"x": 2})
     parse = getattr(oc.chat.completions, "parse", None) or oc.beta.chat.completions.parse
-    no_ws = {str(i): -100 for w in " \n\t\r" for i in tok(w, add_special_tokens=False)["input_ids"]}
     r = parse(model=NAME, messages=msgs, response_format=Reply, max_tokens=MAIN_MAX_NEW,
-              temperature=0, logit_bias=no_ws)
+              temperature=0, logit_bias=_no_whitespace(tok))
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.parsed.ok in ("yes", "no")
 
@@ -1149,6 +1153,86 @@ def test_json_object_mode(client, chat, stream):
                 assert fmt["type"] == "json_object" or (value["answer"] in ("yes", "no") and set(value) <= {"answer", "why"})
             else:
                 assert reason == "length"
+
+
+TOOLS = [{"type": "function", "function": {"name": "pick", "description": "pick x", "parameters": {
+    "type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"]}}},
+         {"type": "function", "function": {"name": "no_args"}}]
+
+
+def _no_whitespace(tok) -> dict:
+    return {str(i): -100 for w in " \n\t\r" for i in tok(w, add_special_tokens=False)["input_ids"]}
+
+
+def _call_from_events(events) -> tuple[dict, str]:
+    """A streamed tool call assembled from its deltas (as the openai SDK does), and the finish
+    reason."""
+    call, reason = {"function": {"arguments": ""}}, None
+    for e in events[:-1]:
+        (c,) = e["choices"]
+        for tc in c["delta"].get("tool_calls") or ():
+            call.update({k: v for k, v in tc.items() if k in ("id", "type")})
+            call["function"]["name"] = tc["function"].get("name", call["function"].get("name"))
+            call["function"]["arguments"] += tc["function"].get("arguments", "")
+        assert c["delta"].get("content") is None
+        reason = c["finish_reason"] or reason
+    return call, reason
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
+def test_forced_tool_calls(aux, model_tok, stream):
+    """`tool_choice` naming a function, and "required": the reply is one call (content null,
+    finish_reason "tool_calls") whose arguments are JSON of the function's parameters; streamed,
+    a named call's arguments come as they are generated, a "required" one whole. The call and a
+    tool's answer then go back in as messages (the chat template renders them)."""
+    _, tok = model_tok
+    user = {"role": "user", "content": "pick one"}
+    with httpx.Client(base_url=aux.url, timeout=120) as c:
+        for choice in ({"type": "function", "function": {"name": "pick"}}, "required"):
+            body = {"messages": [user], "tools": TOOLS, "tool_choice": choice, "max_tokens": 80,
+                    "temperature": 0, "logit_bias": _no_whitespace(tok), "stream": stream}
+            if stream:
+                with c.stream("POST", "/v1/chat/completions", json=body) as r:
+                    assert r.status_code == 200, r.read()
+                    call, reason = _call_from_events(_events(r))
+            else:
+                r = c.post("/v1/chat/completions", json=body)
+                assert r.status_code == 200, r.text
+                (ch,) = r.json()["choices"]
+                assert ch["message"]["content"] is None and len(ch["message"]["tool_calls"]) == 1
+                call, reason = ch["message"]["tool_calls"][0], ch["finish_reason"]
+            assert reason == "tool_calls" and call["type"] == "function" and call["id"].startswith("call_")
+            name, args = call["function"]["name"], json.loads(call["function"]["arguments"])
+            assert name == "pick" if choice != "required" else name in ("pick", "no_args")
+            assert args in ({"x": 1}, {"x": 2}) if name == "pick" else args == {}
+        msgs = [user, {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "tool_call_id": call["id"], "content": "picked"}]
+        r = c.post("/v1/chat/completions", json={"messages": msgs, "tools": TOOLS, "tool_choice": "none",
+                                                 "max_tokens": 4})
+        assert r.status_code == 200, r.text
+        assert r.json()["choices"][0]["message"]["tool_calls"] is None
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"tools": TOOLS}, "tool_choice: 'auto' (the default when tools are given) is not supported"),
+    ({"tools": TOOLS, "tool_choice": "auto"}, "'auto' (the default when tools are given)"),
+    ({"tool_choice": "required"}, "a tool_choice that calls a function needs tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice names 'nope', which is not among the tools"),
+    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
+     "beside a response_format"),
+    ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "each function needs a name of its own"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string", "pattern": "(?=x)"}}}],
+      "tool_choice": "required"}, "function 'f': parameters: json_schema at /pattern"),
+    ({"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "required"}, "name"),
+    ({"messages": [{"role": "tool", "content": "x"}]}, "a tool message needs tool_call_id"),
+    ({"messages": [{"role": "user", "content": None}]}, "a user message needs content"),
+])
+def test_tool_errors_name_what_is_wrong(client, body, message):
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]} | body)
+    assert r.status_code == 400, r.text
+    e = r.json()["error"]
+    assert message in e["message"], e
 
 
 @pytest.mark.parametrize("fmt, message", [

@@ -46,6 +46,7 @@ A client that disconnects (streaming or not) cancels its request, which frees it
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import socket
 import sys
@@ -60,6 +61,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flexkv.serve import QueueFull, SamplingParams
 from flexkv.serve.detokenize import IncrementalText, TokenPieces
 from flexkv.serve.metrics import prometheus_text
+from flexkv.serve.tool_calls import ToolCallReply
 from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest,
                                    ChatCompletionResponse, ChatMessage, CompletionChoice,
                                    CompletionRequest, CompletionResponse, ErrorResponse,
@@ -352,10 +354,10 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         if not getattr(tok, "chat_template", None):
             raise APIError(400, f"the model {model_name} has no chat template; use /v1/completions",
                            param="messages")
-        msgs = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                for m in req.messages]
+        msgs = [m.template_dict() for m in req.messages]
+        tools = {} if not req.tools else {"tools": [t.model_dump(exclude_none=True) for t in req.tools]}
         try:
-            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **tools)
         except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja raise_exception, ...)
             raise APIError(400, f"messages: the chat template rejected them: {' '.join(str(e).split())}",
                            param="messages") from None
@@ -364,8 +366,12 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         if max_tokens is None:
             max_tokens = engine_limit(len(ids))
         k = (req.top_logprobs or 0) if req.logprobs else None
-        return _Prepared([ids] * req.n, [sampling(req, max_tokens, j, k) for j in range(req.n)], req.n,
-                         req.stop_list(), req.stream,
+        params = [sampling(req, max_tokens, j, k) for j in range(req.n)]
+        if req.forced_tools():      # the reply is the call: its schema (tool_calls.py)
+            schema = req.call_schema()
+            params = [dataclasses.replace(p, response_format="json_schema", json_schema=schema)
+                      for p in params]
+        return _Prepared([ids] * req.n, params, req.n, req.stop_list(), req.stream,
                          bool(req.stream_options and req.stream_options.include_usage))
 
     def finish_reason(handle, text: IncrementalText) -> str:
@@ -577,27 +583,34 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         prep = prepare_chat(req)
         handles = submit(prep, chat=True)
         rid, t = f"chatcmpl-{handles[0].request_id}", _now()
+        named = req.tool_choice.function.name if req.forced_tools() and req.tool_choice != "required" else None
+        calls = [ToolCallReply(named) for _ in handles] if req.forced_tools() else None
         if prep.stream:
             def choice(i, piece, reason, logprobs=None, delta=None):
+                if calls is not None and delta is None:
+                    delta, reason = calls[i].delta(piece, reason)
                 delta = {"content": piece} if delta is None else delta
-                if reason is not None and not piece:
+                if reason is not None and not piece and calls is None:
                     delta = {}
                 return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             def first(i):
-                return choice(i, "", None, delta={"role": "assistant", "content": ""})
+                delta = calls[i].first_delta() if calls else {"role": "assistant", "content": ""}
+                return choice(i, "", None, delta=delta)
             return stream_response(prep, handles, rid, "chat.completion.chunk", t, choice, first=first)
         texts = prep.texts(tok)
         if not await run_blocking(request, handles, texts):
             return Response(status_code=499)
         reasons = [finish_reason(h, text) for h, text in zip(handles, texts)]
-        for text in texts:
+        choices = []
+        for i, (h, text, r) in enumerate(zip(handles, texts, reasons)):
             text.finish()
-        return ChatCompletionResponse(id=rid, created=t, model=model_name,
-                                      usage=Usage(**usage(prep, handles, texts)),
-                                      choices=[ChatChoice(index=i, message=AssistantMessage(content=text.text),
-                                                          finish_reason=r,
-                                                          logprobs=final_logprobs(True, h, text))
-                                               for i, (h, text, r) in enumerate(zip(handles, texts, reasons))])
+            content, tool_calls = text.text, None
+            if calls is not None:
+                content, tool_calls, r = calls[i].message(text.text, r)
+            choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=tool_calls),
+                                      finish_reason=r, logprobs=final_logprobs(True, h, text)))
+        return ChatCompletionResponse(id=rid, created=t, model=model_name, choices=choices,
+                                      usage=Usage(**usage(prep, handles, texts)))
 
     def card() -> ModelCard:
         return ModelCard(id=model_name, created=created, max_model_len=_context_len(engine))

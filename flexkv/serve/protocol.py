@@ -29,8 +29,7 @@ class Neutral:
     """OpenAI fields this server does not implement: accepted only at these (neutral) values."""
 
     COMPLETION = {"suffix": (None, "")}
-    CHAT = {"tools": (None, []), "tool_choice": (None, "none"),
-            "parallel_tool_calls": (None, True, False), "functions": (None, []),
+    CHAT = {"functions": (None, []),
             "function_call": (None, "none"),
             "modalities": (None, ["text"]), "store": (None, False),
             "service_tier": (None, "auto", "default")}
@@ -248,14 +247,125 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class FunctionCall(BaseModel):
     model_config = _STRICT
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    model_config = _STRICT
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(BaseModel):
+    """A message; an assistant's may hold `tool_calls` (its content then may be null), a tool's
+    answers one of them (`tool_call_id`)."""
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _fields_of_the_role(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a {self.role} message needs content (only an assistant's with "
+                             "tool_calls may have none)")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only an assistant message may have tool_calls")
+        if (self.tool_call_id is not None) != (self.role == "tool"):
+            raise ValueError("a tool message needs tool_call_id (the call it answers), and only it")
+        return self
 
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "\n".join(p.text for p in self.content)
+
+    def template_dict(self) -> dict:
+        """The message as chat templates take it (transformers' convention: a call's arguments
+        as a dict where they are JSON)."""
+        out = {"role": "system" if self.role == "developer" else self.role, "content": self.text()}
+        if self.tool_calls:
+            out["tool_calls"] = [{"id": c.id, "type": "function", "function": {
+                "name": c.function.name, "arguments": _json_or_text(c.function.arguments)}}
+                for c in self.tool_calls]
+        if self.tool_call_id is not None:
+            out["tool_call_id"] = self.tool_call_id
+        if self.name is not None:
+            out["name"] = self.name
+        return out
+
+
+def _json_or_text(text: str):
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class FunctionDefinition(BaseModel):
+    model_config = _STRICT
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = Field(None, description="a JSON Schema of the arguments (absent: none)")
+    strict: bool | None = Field(None, description="accepted; the arguments always follow the schema")
+
+    def schema(self) -> dict:
+        return {"type": "object", "properties": {}} if self.parameters is None else self.parameters
+
+
+class Tool(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = _STRICT
+    name: str
+
+
+class NamedToolChoice(BaseModel):
+    model_config = _STRICT
+    type: Literal["function"]
+    function: NamedFunction
+
+
+def _rebase(schema, prefix: str):
+    """`schema` with its `$defs` / `definitions` lifted out and every `$ref` into them (or to its
+    root, `#`) renamed under `prefix`, to sit in a larger schema: (the schema, its defs)."""
+    if not isinstance(schema, dict):
+        return schema, {}
+    defs = {}
+    for key in ("$defs", "definitions"):
+        for name, sub in (schema.get(key) or {}).items() if isinstance(schema.get(key), dict) else ():
+            defs[f"{prefix}.{name}"] = sub
+
+    def rename(node):
+        if isinstance(node, list):
+            return [rename(x) for x in node]
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for k, v in node.items():
+            if k in ("enum", "const", "default", "examples"):
+                out[k] = v
+            elif k == "$ref" and isinstance(v, str):
+                parts = v.split("/")
+                out[k] = (f"#/$defs/{prefix}" if v == "#" else f"#/$defs/{prefix}.{parts[2]}"
+                          if len(parts) == 3 and parts[1] in ("$defs", "definitions") else v)
+            else:
+                out[k] = rename(v)
+        return out
+    body = {k: v for k, v in schema.items() if k not in ("$defs", "definitions")}
+    out_defs = {name: rename(sub) for name, sub in defs.items()}
+    out_defs[prefix] = rename(body)
+    return {"$ref": f"#/$defs/{prefix}"}, out_defs
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -270,9 +380,15 @@ class ChatCompletionRequest(SamplingFields):
                                   "distribution, before temperature, top-k and top-p)")
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the k most likely "
                                      "tokens' logprobs at each token; needs logprobs=true")
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
-    parallel_tool_calls: bool | None = None
+    tools: list[Tool] | None = Field(None, max_length=128, description="functions the model may "
+                                     "be made to call: with tool_choice 'required' or a named "
+                                     "function, the reply is a call whose arguments follow the "
+                                     "function's parameters schema")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, validate_default=True, description="'none', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}; "
+        "'auto' (the default with tools) is not supported: flexkv has no parser for a model's own "
+        "tool-call format")
+    parallel_tool_calls: bool | None = Field(None, description="accepted; a reply holds one call")
     functions: list[dict] | None = None
     function_call: str | dict | None = None
     modalities: list[str] | None = None
@@ -286,6 +402,64 @@ class ChatCompletionRequest(SamplingFields):
         if v is not None and not info.data.get("logprobs"):
             raise ValueError("top_logprobs needs logprobs=true")
         return v
+
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v):
+        names = [t.function.name for t in v or ()]
+        if len(set(names)) != len(names):
+            raise ValueError("tools: each function needs a name of its own")
+        for t in v or ():
+            try:
+                compile_schema(t.function.schema())
+            except ValueError as e:
+                raise ValueError(f"function {t.function.name!r}: parameters: {e}") from None
+        return v
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v, info):
+        tools = info.data.get("tools")
+        choice = "auto" if v is None and tools else v
+        if choice == "auto":
+            raise ValueError("'auto' (the default when tools are given) is not supported: "
+                             "flexkv has no parser for this model's own tool-call format; use "
+                             "'required', a named function, or 'none'")
+        if choice not in (None, "none"):
+            if not tools:
+                raise ValueError("a tool_choice that calls a function needs tools")
+            if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+                    t.function.name for t in tools}:
+                raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among "
+                                 "the tools")
+            if (info.data.get("response_format") or {}).get("type", "text") != "text":
+                raise ValueError("tool_choice that calls a function beside a response_format: "
+                                 "the reply is the call; give one of them")
+        return v
+
+    def forced_tools(self) -> list[str] | None:
+        """The functions the reply must call one of (a named tool_choice: that one), else None."""
+        if self.tool_choice == "required":
+            return [t.function.name for t in self.tools]
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return [self.tool_choice.function.name]
+        return None
+
+    def call_schema(self) -> dict:
+        """The JSON Schema of the reply when it must call a function: a named one's parameters;
+        for 'required', {"name": one of the tools, "arguments": its parameters}, in that order."""
+        names = self.forced_tools()
+        params = {t.function.name: t.function.schema() for t in self.tools}
+        if len(names) == 1 and isinstance(self.tool_choice, NamedToolChoice):
+            return params[names[0]]
+        defs, options = {}, []
+        for i, name in enumerate(names):
+            ref, more = _rebase(params[name], f"tool{i}")
+            defs |= more
+            options.append({"type": "object", "properties": {"name": {"const": name},
+                                                             "arguments": ref},
+                            "required": ["name", "arguments"]})
+        return {"$defs": defs, "anyOf": options}
 
     @field_validator("messages")
     @classmethod
@@ -361,14 +535,15 @@ class CompletionResponse(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     logprobs: ChatLogprobs | None = None
-    finish_reason: Literal["stop", "length"] | None
+    finish_reason: Literal["stop", "length", "tool_calls"] | None
 
 
 class ChatCompletionResponse(BaseModel):
