@@ -583,8 +583,9 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         prep = prepare_chat(req)
         handles = submit(prep, chat=True)
         rid, t = f"chatcmpl-{handles[0].request_id}", _now()
-        named = req.tool_choice.function.name if req.forced_tools() and req.tool_choice != "required" else None
-        calls = [ToolCallReply(named) for _ in handles] if req.forced_tools() else None
+        forced = req.forced_tools()    # the reply is a call (tool_calls.py)
+        named = forced[0] if forced and req.tool_choice != "required" else None
+        calls = [ToolCallReply(named) for _ in handles] if forced else None
         if prep.stream:
             def choice(i, piece, reason, logprobs=None, delta=None):
                 if calls is not None and delta is None:
@@ -607,8 +608,9 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             content, tool_calls = text.text, None
             if calls is not None:
                 content, tool_calls, r = calls[i].message(text.text, r)
-            choices.append(ChatChoice(index=i, message=AssistantMessage(content=content, tool_calls=tool_calls),
-                                      finish_reason=r, logprobs=final_logprobs(True, h, text)))
+            message = AssistantMessage(content=content, tool_calls=tool_calls)
+            choices.append(ChatChoice(index=i, message=message, finish_reason=r,
+                                      logprobs=final_logprobs(True, h, text)))
         return ChatCompletionResponse(id=rid, created=t, model=model_name, choices=choices,
                                       usage=Usage(**usage(prep, handles, texts)))
 

@@ -385,9 +385,9 @@ class ChatCompletionRequest(SamplingFields):
                                      "function, the reply is a call whose arguments follow the "
                                      "function's parameters schema")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        None, validate_default=True, description="'none', 'required' or {\"type\": \"function\", \"function\": {\"name\": ...}}; "
-        "'auto' (the default with tools) is not supported: flexkv has no parser for a model's own "
-        "tool-call format")
+        None, validate_default=True, description="'none', 'required' or {\"type\": \"function\", "
+        "\"function\": {\"name\": ...}}; 'auto' (the default with tools) is not supported: flexkv "
+        "has no parser for a model's own tool-call format")
     parallel_tool_calls: bool | None = Field(None, description="accepted; a reply holds one call")
     functions: list[dict] | None = None
     function_call: str | dict | None = None
