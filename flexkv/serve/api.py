@@ -61,13 +61,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from flexkv.serve import QueueFull, SamplingParams
 from flexkv.serve.detokenize import IncrementalText, TokenPieces
 from flexkv.serve.metrics import prometheus_text
-from flexkv.serve.tool_calls import ToolCallReply
 from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest,
                                    ChatCompletionResponse, ChatMessage, CompletionChoice,
                                    CompletionRequest, CompletionResponse, ErrorResponse,
                                    Health, ModelCard, ModelList, StreamOptions, TextPart,
                                    Usage, Neutral, SamplingFields, MAX_PROMPT_CHARS, MAX_PROMPTS,
                                    MAX_STOP, MAX_STOP_CHARS)
+from flexkv.serve.tool_calls import ToolCallReply
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
