@@ -1213,6 +1213,30 @@ def test_forced_tool_calls(aux, model_tok, stream):
         assert r.json()["choices"][0]["message"]["tool_calls"] is None
 
 
+def test_a_tool_call_reply_from_whole_cut_and_streamed_texts():
+    from flexkv.serve.tool_calls import ToolCallReply
+
+    def call(reply, name, args):
+        return [{"id": reply.id, "type": "function", "function": {"name": name, "arguments": args}}]
+    r = ToolCallReply(None)         # "required": the text names the function
+    assert r.message(' {"name": "pick", "arguments": {"x": 1} }\n', "stop") == (
+        None, call(r, "pick", '{"x": 1}'), "tool_calls")
+    assert r.message('{"name":"pick","arguments":{"x"', "length") == (None, call(r, "pick", '{"x"'), "length")
+    assert r.message('{"name": "pi', "length") == ('{"name": "pi', None, "length")   # cut before the name
+    n = ToolCallReply("pick")
+    assert n.message(' {"x": 2} ', "stop") == (None, call(n, "pick", '{"x": 2}'), "tool_calls")
+    assert n.message('{"x": ', "length") == (None, call(n, "pick", '{"x":'), "length")
+    s = ToolCallReply("pick")       # streamed: the header first, then the arguments as they come
+    assert s.first_delta()["tool_calls"][0]["function"] == {"name": "pick", "arguments": ""}
+    assert s.delta('{"x"', None) == ({"tool_calls": [{"index": 0, "function": {"arguments": '{"x"'}}]}, None)
+    assert s.delta(":1}", "stop")[1] == "tool_calls"
+    q = ToolCallReply(None)         # streamed "required": the call whole at the end
+    assert q.first_delta() == {"role": "assistant", "content": None}
+    assert q.delta('{"name":"pick",', None) == ({}, None)
+    delta, reason = q.delta('"arguments":{"x":2}}', "stop")
+    assert reason == "tool_calls" and delta["tool_calls"][0]["function"] == {"name": "pick", "arguments": '{"x":2}'}
+
+
 @pytest.mark.parametrize("body, message", [
     ({"tools": TOOLS}, "tool_choice: 'auto' (the default when tools are given) is not supported"),
     ({"tools": TOOLS, "tool_choice": "auto"}, "'auto' (the default when tools are given)"),
