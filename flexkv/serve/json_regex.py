@@ -115,7 +115,7 @@ class _Parser:
             return None
         body = self.s[self.i + 1:end]
         lo, comma, hi = body.partition(",")
-        if not lo.isdigit() or not (hi.isdigit() or hi == ""):
+        if not (lo.isascii() and lo.isdigit()) or not (hi == "" or (hi.isascii() and hi.isdigit())):
             return None
         lo, hi = int(lo), (int(hi) if hi else None) if comma else int(lo)
         if hi is not None and hi < lo:
