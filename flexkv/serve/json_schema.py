@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 from flexkv.serve.json_regex import compile_pattern
@@ -73,8 +73,17 @@ class Obj:
     that order; without, any keys, each value a `values` node (None: no keys at all)."""
     props: tuple = ()
     values: int | None = None
-    need: tuple = ()    # need[i]: a required key is among props[i:]
-    nexts: tuple = ()   # nexts[i]: the props that may come after props[:i] (up to a required one)
+    # derived from props: need[i], a required key is among props[i:]; nexts[i], the props that
+    # may come after props[:i] (up to the first required one)
+    need: tuple = field(init=False, repr=False, compare=False)
+    nexts: tuple = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        n = len(self.props)
+        required = [j for j, (_, _, req) in enumerate(self.props) if req]
+        object.__setattr__(self, "need", tuple(any(r >= j for r in required) for j in range(n + 1)))
+        object.__setattr__(self, "nexts", tuple(
+            tuple(range(j, next((r for r in required if r >= j), n - 1) + 1)) for j in range(n + 1)))
 
 
 @dataclass(frozen=True)
@@ -258,7 +267,7 @@ class _Compiler:
     def any(self) -> int:
         if self.any_node is None:
             self.any_node = i = self.add(None)
-            self.nodes[i] = ("union", [self.add(Obj(values=i, need=(False,), nexts=((),))),
+            self.nodes[i] = ("union", [self.add(Obj(values=i)),
                                        self.add(Arr(items=i)), self.add(Str()), self.add(Num()),
                                        self.add(Lit(frozenset({b"true", b"false", b"null"})))])
         return self.any_node
@@ -346,7 +355,7 @@ class _Compiler:
                 self.fail(f"{where}/required", f"{r!r} is required but there are no properties")
             values = None if extra is False else self.node(True if extra is None else extra,
                                                            f"{where}/additionalProperties")
-            return self.add(Obj(values=values, need=(False,), nexts=((),)))
+            return self.add(Obj(values=values))
         if not isinstance(props, dict):
             self.fail(f"{where}/properties", "must be an object of schemas")
         if extra not in (None, False):
@@ -356,15 +365,8 @@ class _Compiler:
         if missing:
             self.fail(f"{where}/required", f"{missing[0]!r} is required but not a property")
         i = self.add(None)
-        entries = tuple((_compact(k), self.node(v, f"{where}/properties/{k}"), k in required)
-                        for k, v in props.items())
-        n = len(entries)
-        need = tuple(any(r for _, _, r in entries[j:]) for j in range(n + 1))
-        nexts = []
-        for j in range(n + 1):
-            stop = next((m for m in range(j, n) if entries[m][2]), n - 1)
-            nexts.append(tuple(range(j, stop + 1)))
-        self.nodes[i] = Obj(entries, None, need, tuple(nexts))
+        self.nodes[i] = Obj(tuple((_compact(k), self.node(v, f"{where}/properties/{k}"), k in required)
+                                  for k, v in props.items()))
         return i
 
     def finish(self, root: int) -> Grammar:
@@ -404,10 +406,10 @@ class _Compiler:
                 node = Union(f[1]) if isinstance(f, tuple) else None
             elif isinstance(node, Obj):
                 node = Obj(tuple((k, ref(v), r) for k, v, r in node.props),
-                           None if node.values is None else ref(node.values), node.need, node.nexts)
+                           None if node.values is None else ref(node.values))
             elif isinstance(node, Arr):
-                node = Arr(None if node.items is None else ref(node.items),
-                           tuple(ref(p) for p in node.prefix), node.min, node.max, node.cap)
+                node = replace(node, items=None if node.items is None else ref(node.items),
+                               prefix=tuple(ref(p) for p in node.prefix))
             nodes.append(node)
         # a resolved ref or a one-option union points at its target instead of being a node
         g = Grammar(nodes, ref(root))

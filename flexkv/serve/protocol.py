@@ -343,8 +343,8 @@ def _rebase(schema, prefix: str):
         return schema, {}
     defs = {}
     for key in ("$defs", "definitions"):
-        for name, sub in (schema.get(key) or {}).items() if isinstance(schema.get(key), dict) else ():
-            defs[f"{prefix}.{name}"] = sub
+        if isinstance(schema.get(key), dict):
+            defs |= {f"{prefix}.{name}": sub for name, sub in schema[key].items()}
 
     def rename(node):
         if isinstance(node, list):
