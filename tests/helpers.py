@@ -11,6 +11,7 @@ random models do not collapse into repeating one token, and a norm loaded wrongl
 """
 from __future__ import annotations
 
+import json
 import pathlib
 
 import torch
@@ -25,6 +26,53 @@ TINY = dict(vocab_size=101, hidden_size=64, intermediate_size=128, num_hidden_la
 
 LLAMA3_SCALING = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+
+
+# A byte-level tokenizer built in code (one token per byte, no merges) and a minimal chat
+# template: the tokenizer of the server, CLI and serving-bench tests.
+BYTE_SPECIALS = ("<s>", "</s>", "<|user|>", "<|assistant|>")
+BYTE_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+BYTE_VOCAB = 256 + len(BYTE_SPECIALS)
+
+
+def byte_tokenizer(chat: bool = True, specials=BYTE_SPECIALS):
+    """A `PreTrainedTokenizerFast`: 256 byte tokens, then `specials` (bos, eos, ...); with
+    `BYTE_CHAT_TEMPLATE` where `chat`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tk = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tk.decoder = decoders.ByteLevel()
+    tk.add_special_tokens(list(specials))
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token=specials[0], eos_token=specials[1])
+    if chat:
+        tok.chat_template = BYTE_CHAT_TEMPLATE
+    assert len(tok) == 256 + len(specials)
+    return tok
+
+
+def sse_events(response) -> list:
+    """The `data:` payloads of a server-sent-events response (httpx, streamed): JSON decoded,
+    '[DONE]' kept."""
+    out = []
+    for line in response.iter_lines():
+        if not line:
+            continue
+        assert line.startswith("data: "), line
+        payload = line[len("data: "):]
+        out.append(payload if payload == "[DONE]" else json.loads(payload))
+    return out
+
+
+def no_whitespace_bias(tok) -> dict:
+    """A `logit_bias` that keeps JSON whitespace out of a structured reply (a compact one fits
+    the few tokens a test gives it)."""
+    return {str(i): -100 for w in " \n\t\r" for i in tok(w, add_special_tokens=False)["input_ids"]}
 
 
 def make_config(model_type: str = "llama", **overrides):

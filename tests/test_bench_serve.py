@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from helpers import load_bench
+from helpers import byte_tokenizer, load_bench
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -16,23 +16,11 @@ def load_serve_bench():
     return load_bench("serve")
 
 
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tk = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(["<s>", "</s>"])
-    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     from helpers import make_checkpoint
 
-    tok = byte_tokenizer()
+    tok = byte_tokenizer(chat=False, specials=("<s>", "</s>"))
     d = make_checkpoint(tmp_path_factory.mktemp("tiny-serve-bench"), "llama", seed=0,
                         vocab_size=len(tok), max_position_embeddings=256,
                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)

@@ -17,6 +17,7 @@ import torch
 
 from flexkv import cli
 from flexkv.cli import main
+from helpers import BYTE_VOCAB, byte_tokenizer
 from flexkv.passkey import (
     ANSWER_PREFIX,
     INTRO,
@@ -26,35 +27,13 @@ from flexkv.passkey import (
     random_key,
 )
 
-SPECIALS = ["<s>", "</s>", "<|user|>", "<|assistant|>"]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-VOCAB = 256 + len(SPECIALS)
-
-
-def _byte_tokenizer(chat: bool):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {ch: i for i, ch in enumerate(alphabet)}
-    tk = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(SPECIALS)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
-    if chat:
-        tok.chat_template = CHAT_TEMPLATE
-    assert len(tok) == VOCAB
-    return tok
+VOCAB = BYTE_VOCAB
 
 
 def _make_checkpoint(d, chat: bool):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = _byte_tokenizer(chat)
+    tok = byte_tokenizer(chat)
     cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
                       num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                       max_position_embeddings=4096, tie_word_embeddings=True,
@@ -79,7 +58,7 @@ def tiny_tok(tiny_dir):
 
 @pytest.fixture(scope="module")
 def plain_tok():
-    return _byte_tokenizer(chat=False)
+    return byte_tokenizer(chat=False)
 
 
 @pytest.fixture(autouse=True)

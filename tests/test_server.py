@@ -28,36 +28,17 @@ httpx = pytest.importorskip("httpx")
 
 
 from flexkv.serve import Engine  # noqa: E402
+from helpers import BYTE_VOCAB, byte_tokenizer, no_whitespace_bias, sse_events  # noqa: E402
 from flexkv.serve.api import BackgroundServer, build_app  # noqa: E402
 from flexkv.serve.detokenize import IncrementalText  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the engine thread, uvicorn and the clients share 2 cores
 
 NAME = "tiny-llama"
-SPECIALS = ["<s>", "</s>", "<|user|>", "<|assistant|>"]
-CHAT_TEMPLATE = (
-    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
-    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
-)
-VOCAB = 256 + len(SPECIALS)
+VOCAB = BYTE_VOCAB
 CTX = 256
 MAIN_MAX_NEW = 16
 AUX_MAX_NEW = 200
-
-
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
-    tk = Tokenizer(models.BPE(vocab={ch: i for i, ch in enumerate(alphabet)}, merges=[]))
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tk.decoder = decoders.ByteLevel()
-    tk.add_special_tokens(SPECIALS)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>")
-    tok.chat_template = CHAT_TEMPLATE
-    assert len(tok) == VOCAB
-    return tok
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -145,18 +126,6 @@ def client(main):
 
 
 # ----------------------------------------------------------------------------- helpers
-def _events(response) -> list:
-    """The `data:` payloads of a server-sent-events response (JSON decoded, '[DONE]' kept)."""
-    out = []
-    for line in response.iter_lines():
-        if not line:
-            continue
-        assert line.startswith("data: "), line
-        payload = line[len("data: "):]
-        out.append(payload if payload == "[DONE]" else json.loads(payload))
-    return out
-
-
 def _collect(events, chat: bool):
     """Stream events -> (text, finish_reason, usage or None); checks the OpenAI chunk shapes."""
     assert events and events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
@@ -185,7 +154,7 @@ def _ask(client, body: dict, chat: bool = False):
         with client.stream("POST", path, json=body) as r:
             assert r.status_code == 200, r.read()
             assert r.headers["content-type"].startswith("text/event-stream")
-            return _collect(_events(r), chat)
+            return _collect(sse_events(r), chat)
     r = client.post(path, json=body)
     assert r.status_code == 200, r.text
     d = r.json()
@@ -544,7 +513,7 @@ def _batch_choices(client, body: dict) -> tuple[list, dict | None]:
         return [(c["text"], c["finish_reason"]) for c in d["choices"]], d["usage"]
     with client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200, r.read()
-        events = _events(r)
+        events = sse_events(r)
     assert events[-1] == "[DONE]" and "[DONE]" not in events[:-1]
     chunks, usage = events[:-1], None
     if body.get("stream_options", {}).get("include_usage"):
@@ -602,7 +571,7 @@ def _chat_choices(client, body: dict) -> list:
         return [(c["message"]["content"], c["finish_reason"]) for c in ch]
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200, r.read()
-        events = _events(r)
+        events = sse_events(r)
     assert events[-1] == "[DONE]"
     texts, reasons = {}, {}
     for c in events[:-1]:
@@ -743,7 +712,7 @@ def _completion(client, body: dict) -> tuple[str, dict | None, str]:
         return c["text"], c["logprobs"], c["finish_reason"]
     with client.stream("POST", "/v1/completions", json=body) as r:
         assert r.status_code == 200, r.read()
-        events = _events(r)
+        events = sse_events(r)
     assert events[-1] == "[DONE]" and events[-2]["choices"][0]["finish_reason"] is not None
     lp = _merge_stream_logprobs(events, chat=False) if body.get("logprobs") is not None else None
     return ("".join(c["choices"][0]["text"] for c in events[:-1]), lp,
@@ -852,7 +821,7 @@ def test_logprobs(client, model_tok, stream):
     body = {"prompt": prompt, "max_tokens": 10, "temperature": 0, "ignore_eos": True, "logprobs": 3}
     if stream:
         with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
-            events = _events(r)
+            events = sse_events(r)
         text = "".join(c["choices"][0]["text"] for c in events[:-1])
         lp = _merge_stream_logprobs(events, chat=False)
     else:
@@ -878,7 +847,7 @@ def test_logprobs(client, model_tok, stream):
             "logprobs": True, "top_logprobs": 2}
     if stream:
         with client.stream("POST", "/v1/chat/completions", json={**chat, "stream": True}) as r:
-            events = _events(r)
+            events = sse_events(r)
         content = "".join(c["choices"][0]["delta"].get("content", "") for c in events[:-1])
         entries = _merge_stream_logprobs(events, chat=True)["content"]
     else:
@@ -999,14 +968,9 @@ def test_openai_client(main, model_tok):
     class Reply(pydantic.BaseModel):
         ok: typing.Literal["yes", "no"]
 
-    call = oc.chat.completions.create(model=NAME, messages=msgs, tools=TOOLS, max_tokens=MAIN_MAX_NEW,
-                                      tool_choice={"type": "function", "function": {"name": "pick"}},
-                                      temperature=0, logit_bias=_no_whitespace(tok)).choices[0]
-    assert call.finish_reason == "tool_calls" and call.message.tool_calls[0].function.name == "pick"
-    assert json.loads(call.message.tool_calls[0].function.arguments) in ({"x": 1}, {"x": 2})
     parse = getattr(oc.chat.completions, "parse", None) or oc.beta.chat.completions.parse
     r = parse(model=NAME, messages=msgs, response_format=Reply, max_tokens=MAIN_MAX_NEW,
-              temperature=0, logit_bias=_no_whitespace(tok))
+              temperature=0, logit_bias=no_whitespace_bias(tok))
     assert r.choices[0].finish_reason == "stop"
     assert r.choices[0].message.parsed.ok in ("yes", "no")
 
@@ -1155,110 +1119,6 @@ def test_json_object_mode(client, chat, stream):
                 assert reason == "length"
 
 
-TOOLS = [{"type": "function", "function": {"name": "pick", "description": "pick x", "parameters": {
-    "type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"]}}},
-         {"type": "function", "function": {"name": "no_args"}}]
-
-
-def _no_whitespace(tok) -> dict:
-    return {str(i): -100 for w in " \n\t\r" for i in tok(w, add_special_tokens=False)["input_ids"]}
-
-
-def _call_from_events(events) -> tuple[dict, str]:
-    """A streamed tool call assembled from its deltas (as the openai SDK does), and the finish
-    reason."""
-    call, reason = {"function": {"arguments": ""}}, None
-    for e in events[:-1]:
-        (c,) = e["choices"]
-        for tc in c["delta"].get("tool_calls") or ():
-            call.update({k: v for k, v in tc.items() if k in ("id", "type")})
-            call["function"]["name"] = tc["function"].get("name", call["function"].get("name"))
-            call["function"]["arguments"] += tc["function"].get("arguments", "")
-        assert c["delta"].get("content") is None
-        reason = c["finish_reason"] or reason
-    return call, reason
-
-
-@pytest.mark.parametrize("stream", [False, True], ids=["json", "sse"])
-def test_forced_tool_calls(aux, model_tok, stream):
-    """`tool_choice` naming a function, and "required": the reply is one call (content null,
-    finish_reason "tool_calls") whose arguments are JSON of the function's parameters; streamed,
-    a named call's arguments come as they are generated, a "required" one whole. The call and a
-    tool's answer then go back in as messages (the chat template renders them)."""
-    _, tok = model_tok
-    user = {"role": "user", "content": "pick one"}
-    with httpx.Client(base_url=aux.url, timeout=120) as c:
-        for choice in ({"type": "function", "function": {"name": "pick"}}, "required"):
-            body = {"messages": [user], "tools": TOOLS, "tool_choice": choice, "max_tokens": 80,
-                    "temperature": 0, "logit_bias": _no_whitespace(tok), "stream": stream}
-            if stream:
-                with c.stream("POST", "/v1/chat/completions", json=body) as r:
-                    assert r.status_code == 200, r.read()
-                    call, reason = _call_from_events(_events(r))
-            else:
-                r = c.post("/v1/chat/completions", json=body)
-                assert r.status_code == 200, r.text
-                (ch,) = r.json()["choices"]
-                assert ch["message"]["content"] is None and len(ch["message"]["tool_calls"]) == 1
-                call, reason = ch["message"]["tool_calls"][0], ch["finish_reason"]
-            assert reason == "tool_calls" and call["type"] == "function" and call["id"].startswith("call_")
-            name, args = call["function"]["name"], json.loads(call["function"]["arguments"])
-            assert name == "pick" if choice != "required" else name in ("pick", "no_args")
-            assert args in ({"x": 1}, {"x": 2}) if name == "pick" else args == {}
-        msgs = [user, {"role": "assistant", "content": None, "tool_calls": [call]},
-                {"role": "tool", "tool_call_id": call["id"], "content": "picked"}]
-        r = c.post("/v1/chat/completions", json={"messages": msgs, "tools": TOOLS, "tool_choice": "none",
-                                                 "max_tokens": 4})
-        assert r.status_code == 200, r.text
-        assert r.json()["choices"][0]["message"]["tool_calls"] is None
-
-
-def test_a_tool_call_reply_from_whole_cut_and_streamed_texts():
-    from flexkv.serve.tool_calls import ToolCallReply
-
-    def call(reply, name, args):
-        return [{"id": reply.id, "type": "function", "function": {"name": name, "arguments": args}}]
-    r = ToolCallReply(None)         # "required": the text names the function
-    assert r.message(' {"name": "pick", "arguments": {"x": 1} }\n', "stop") == (
-        None, call(r, "pick", '{"x": 1}'), "tool_calls")
-    assert r.message('{"name":"pick","arguments":{"x"', "length") == (None, call(r, "pick", '{"x"'), "length")
-    assert r.message('{"name": "pi', "length") == ('{"name": "pi', None, "length")   # cut before the name
-    n = ToolCallReply("pick")
-    assert n.message(' {"x": 2} ', "stop") == (None, call(n, "pick", '{"x": 2}'), "tool_calls")
-    assert n.message('{"x": ', "length") == (None, call(n, "pick", '{"x":'), "length")
-    s = ToolCallReply("pick")       # streamed: the header first, then the arguments as they come
-    assert s.first_delta()["tool_calls"][0]["function"] == {"name": "pick", "arguments": ""}
-    assert s.delta('{"x"', None) == ({"tool_calls": [{"index": 0, "function": {"arguments": '{"x"'}}]}, None)
-    assert s.delta(":1}", "stop")[1] == "tool_calls"
-    q = ToolCallReply(None)         # streamed "required": the call whole at the end
-    assert q.first_delta() == {"role": "assistant", "content": None}
-    assert q.delta('{"name":"pick",', None) == ({}, None)
-    delta, reason = q.delta('"arguments":{"x":2}}', "stop")
-    assert reason == "tool_calls" and delta["tool_calls"][0]["function"] == {"name": "pick", "arguments": '{"x":2}'}
-
-
-@pytest.mark.parametrize("body, message", [
-    ({"tools": TOOLS}, "tool_choice: 'auto' (the default when tools are given) is not supported"),
-    ({"tools": TOOLS, "tool_choice": "auto"}, "'auto' (the default when tools are given)"),
-    ({"tool_choice": "required"}, "a tool_choice that calls a function needs tools"),
-    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
-     "tool_choice names 'nope', which is not among the tools"),
-    ({"tools": TOOLS, "tool_choice": "required", "response_format": {"type": "json_object"}},
-     "beside a response_format"),
-    ({"tools": TOOLS + TOOLS[:1], "tool_choice": "required"}, "each function needs a name of its own"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string", "pattern": "(?=x)"}}}],
-      "tool_choice": "required"}, "function 'f': parameters: json_schema at /pattern"),
-    ({"tools": [{"type": "function", "function": {"name": "bad name"}}], "tool_choice": "required"}, "name"),
-    ({"messages": [{"role": "tool", "content": "x"}]}, "a tool message needs tool_call_id"),
-    ({"messages": [{"role": "user", "content": None}]}, "a user message needs content"),
-])
-def test_tool_errors_name_what_is_wrong(client, body, message):
-    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]} | body)
-    assert r.status_code == 400, r.text
-    e = r.json()["error"]
-    assert message in e["message"], e
-
-
 @pytest.mark.parametrize("fmt, message", [
     ({"type": "json_schema", "json_schema": {}}, "name must be 1-64 characters"),
     ({"type": "json_schema", "json_schema": {"name": "x"}}, "json_schema.schema is required"),
@@ -1378,7 +1238,7 @@ def test_engine_shutdown_ends_waiting_requests_cleanly(held):
         with httpx.Client(base_url=held.url, timeout=60) as c:
             if stream:
                 with c.stream("POST", "/v1/completions", json={**body, "stream": True}) as r:
-                    results[stream] = (r.status_code, _events(r))
+                    results[stream] = (r.status_code, sse_events(r))
             else:
                 r = c.post("/v1/completions", json=body)
                 results[stream] = (r.status_code, r.json())

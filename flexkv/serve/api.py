@@ -33,7 +33,7 @@ generated, as lm-evaluation-harness asks) and `best_of` (k >= n candidates per p
 seeds s .. s+k-1; the n with the highest mean logprob per token are returned, best first; not
 streamed). `usage` counts each prompt once, however many choices or candidates it has, and
 every generated token, as OpenAI does. OpenAI's other documented fields that this server does
-not implement (`suffix`, `tools`, ...) are accepted only at their neutral value (null / empty /
+not implement (`suffix`, `functions`, ...) are accepted only at their neutral value (null / empty /
 "none"); any other value is a 400 that names the field. Unknown
 fields are a 400 ("Unrecognized request argument supplied: ..."), as OpenAI's API answers them.
 
@@ -67,7 +67,7 @@ from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionR
                                    Health, ModelCard, ModelList, StreamOptions, TextPart,
                                    Usage, Neutral, SamplingFields, MAX_PROMPT_CHARS, MAX_PROMPTS,
                                    MAX_STOP, MAX_STOP_CHARS)
-from flexkv.serve.tool_calls import ToolCallReply
+from flexkv.serve.tool_calls import reply, tool_messages
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
@@ -355,9 +355,14 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             raise APIError(400, f"the model {model_name} has no chat template; use /v1/completions",
                            param="messages")
         msgs = [m.template_dict() for m in req.messages]
-        tools = {} if not req.tools else {"tools": [t.model_dump(exclude_none=True) for t in req.tools]}
+        tools = [t.model_dump(exclude_none=True) for t in req.tools or ()]
+        mode = req.tool_mode()
+
+        def render(messages, **kwargs):
+            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                           **kwargs)
         try:
-            text = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True, **tools)
+            text = tool_messages(render, msgs, tools, mode, req.named_tool())
         except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja raise_exception, ...)
             raise APIError(400, f"messages: the chat template rejected them: {' '.join(str(e).split())}",
                            param="messages") from None
@@ -367,7 +372,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
             max_tokens = engine_limit(len(ids))
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = [sampling(req, max_tokens, j, k) for j in range(req.n)]
-        if req.forced_tools():      # the reply is the call: its schema (tool_calls.py)
+        if mode is not None:        # the reply may call tools: its schema (tool_calls.py)
             schema = req.call_schema()
             params = [dataclasses.replace(p, response_format="json_schema", json_schema=schema)
                       for p in params]
@@ -583,9 +588,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         prep = prepare_chat(req)
         handles = submit(prep, chat=True)
         rid, t = f"chatcmpl-{handles[0].request_id}", _now()
-        forced = req.forced_tools()    # the reply is a call (tool_calls.py)
-        named = forced[0] if forced and req.tool_choice != "required" else None
-        calls = [ToolCallReply(named) for _ in handles] if forced else None
+        mode = req.tool_mode()       # the reply may call tools (tool_calls.py)
+        calls = None if mode is None else [reply(mode, req.named_tool()) for _ in handles]
         if prep.stream:
             def choice(i, piece, reason, logprobs=None, delta=None):
                 if calls is not None and delta is None:

@@ -381,14 +381,14 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the k most likely "
                                      "tokens' logprobs at each token; needs logprobs=true")
     tools: list[Tool] | None = Field(None, max_length=128, description="functions the model may "
-                                     "be made to call: with tool_choice 'required' or a named "
-                                     "function, the reply is a call whose arguments follow the "
-                                     "function's parameters schema")
+                                     "call; the reply's calls always follow their parameters' schemas")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
-        None, validate_default=True, description="'none', 'required' or {\"type\": \"function\", "
-        "\"function\": {\"name\": ...}}; 'auto' (the default with tools) is not supported: flexkv "
-        "has no parser for a model's own tool-call format")
-    parallel_tool_calls: bool | None = Field(None, description="accepted; a reply holds one call")
+        None, validate_default=True, description="'auto' (the default with tools: a call or a "
+        "text reply, the model's choice), 'none', 'required' or {\"type\": \"function\", "
+        "\"function\": {\"name\": ...}}")
+    parallel_tool_calls: bool | None = Field(None, description="with tool_choice 'auto', whether "
+                                             "a reply may hold several calls (default true); "
+                                             "'required' and a named function give one")
     functions: list[dict] | None = None
     function_call: str | dict | None = None
     modalities: list[str] | None = None
@@ -420,46 +420,57 @@ class ChatCompletionRequest(SamplingFields):
     @classmethod
     def _tool_choice(cls, v, info):
         tools = info.data.get("tools")
-        choice = "auto" if v is None and tools else v
-        if choice == "auto":
-            raise ValueError("'auto' (the default when tools are given) is not supported: "
-                             "flexkv has no parser for this model's own tool-call format; use "
-                             "'required', a named function, or 'none'")
-        if choice not in (None, "none"):
+        if v not in (None, "none"):
             if not tools:
-                raise ValueError("a tool_choice that calls a function needs tools")
-            if isinstance(choice, NamedToolChoice) and choice.function.name not in {
+                raise ValueError("a tool_choice other than 'none' needs tools")
+            if isinstance(v, NamedToolChoice) and v.function.name not in {
                     t.function.name for t in tools}:
-                raise ValueError(f"tool_choice names {choice.function.name!r}, which is not among "
+                raise ValueError(f"tool_choice names {v.function.name!r}, which is not among "
                                  "the tools")
-            if (info.data.get("response_format") or {}).get("type", "text") != "text":
-                raise ValueError("tool_choice that calls a function beside a response_format: "
-                                 "the reply is the call; give one of them")
+        if v != "none" and tools and (info.data.get("response_format") or {}).get(
+                "type", "text") != "text":
+            raise ValueError("tools beside a response_format: the reply is a call or the tools' "
+                             "text reply; give tool_choice 'none' or no response_format")
         return v
 
-    def forced_tools(self) -> list[str] | None:
-        """The functions the reply must call one of (a named tool_choice: that one), else None."""
-        if self.tool_choice == "required":
-            return [t.function.name for t in self.tools]
+    def tool_mode(self) -> str | None:
+        """How the reply uses the tools: "auto" (a call or a text reply), "required" (a call of
+        any of them), "named" (a call of the named one), or None (plain text)."""
+        if not self.tools or self.tool_choice == "none":
+            return None
         if isinstance(self.tool_choice, NamedToolChoice):
-            return [self.tool_choice.function.name]
-        return None
+            return "named"
+        return self.tool_choice or "auto"
+
+    def named_tool(self) -> str | None:
+        """The function a named tool_choice calls, else None."""
+        return self.tool_choice.function.name if self.tool_mode() == "named" else None
 
     def call_schema(self) -> dict:
-        """The JSON Schema of the reply when it must call a function: a named one's parameters;
-        for 'required', {"name": one of the tools, "arguments": its parameters}, in that order."""
-        names = self.forced_tools()
+        """The JSON Schema of the reply (tool_calls.py), for a `tool_mode()`:
+        - named: the function's parameters;
+        - required: {"name": one of the tools, "arguments": its parameters}, in that order;
+        - auto: {"tool_calls": [such calls, one or more]} or {"response": text}."""
+        mode = self.tool_mode()
         params = {t.function.name: t.function.schema() for t in self.tools}
-        if len(names) == 1 and isinstance(self.tool_choice, NamedToolChoice):
-            return params[names[0]]
-        defs, options = {}, []
-        for i, name in enumerate(names):
+        if mode == "named":
+            return params[self.named_tool()]
+        defs, calls = {}, []
+        for i, name in enumerate(params):
             ref, more = _rebase(params[name], f"tool{i}")
             defs |= more
-            options.append({"type": "object", "properties": {"name": {"const": name},
-                                                             "arguments": ref},
-                            "required": ["name", "arguments"]})
-        return {"$defs": defs, "anyOf": options}
+            calls.append({"type": "object", "properties": {"name": {"const": name},
+                                                           "arguments": ref},
+                          "required": ["name", "arguments"]})
+        if mode == "required":
+            return {"$defs": defs, "anyOf": calls}
+        many = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+        if self.parallel_tool_calls is False:
+            many["maxItems"] = 1
+        return {"$defs": defs, "anyOf": [
+            {"type": "object", "properties": {"tool_calls": many}, "required": ["tool_calls"]},
+            {"type": "object", "properties": {"response": {"type": "string"}},
+             "required": ["response"]}]}
 
     @field_validator("messages")
     @classmethod
