@@ -233,11 +233,11 @@ def test_shard_args_and_single_rank_helpers(ckpts):
 
 # ----------------------------------------------------------------------------- CLI
 def _cli_checkpoint(path: Path) -> Path:
-    """A tiny llama with 4 KV heads and the byte tokenizer of test_cli, saved at `path`."""
-    from test_cli import VOCAB, _byte_tokenizer
+    """A tiny llama with 4 KV heads and the byte tokenizer (helpers), saved at `path`."""
+    from helpers import BYTE_VOCAB, byte_tokenizer
 
-    tok = _byte_tokenizer(chat=False)
-    d = make_checkpoint(path, "llama", seed=5, vocab_size=VOCAB, num_attention_heads=8,
+    tok = byte_tokenizer(chat=False)
+    d = make_checkpoint(path, "llama", seed=5, vocab_size=BYTE_VOCAB, num_attention_heads=8,
                         num_key_value_heads=4, head_dim=8, max_position_embeddings=256,
                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id,
                         eos_token_id=tok.eos_token_id)
