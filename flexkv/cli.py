@@ -367,6 +367,10 @@ def cmd_serve(args) -> int:
         parse_bytes(args.kv_memory)
     if args.prefix_cache_memory is not None:
         parse_bytes(args.prefix_cache_memory, "--prefix-cache-memory")
+    api_key = args.api_key if args.api_key is not None else os.environ.get("FLEXKV_API_KEY")
+    if api_key is not None and not api_key.strip():
+        raise CLIError("--api-key (or FLEXKV_API_KEY) is empty: give a key, or leave both unset "
+                       "for a server without one")
     device = _device(args.device)
     sock = None
     if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 listens, the others follow it
@@ -383,7 +387,8 @@ def cmd_serve(args) -> int:
           max_prompt_tokens=args.max_prompt_tokens, prefill_chunk=args.prefill_chunk,
           max_waiting=args.max_waiting, host=args.host, port=args.port, device=device,
           dtype=args.dtype, compile=args.compile, compile_prefill=args.compile_prefill,
-          prefix_cache_memory=args.prefix_cache_memory, served_model_name=args.served_model_name, sock=sock, tp=tp, **params)
+          prefix_cache_memory=args.prefix_cache_memory, served_model_name=args.served_model_name,
+          sock=sock, tp=tp, api_key=api_key, **params)
     return 0
 
 
@@ -514,6 +519,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests that may wait for a slot; more get 429 (default 64)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free)")
+    s.add_argument("--api-key", default=None, metavar="KEY",
+                   help="requests to /v1 need 'Authorization: Bearer KEY' (the openai client's "
+                   "api_key), else 401; default: the FLEXKV_API_KEY environment variable, else "
+                   "no key (/health and /metrics stay open)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (default: the engine's choice)")
     s.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=False,

@@ -1415,6 +1415,50 @@ def test_prefix_cache_over_http(model_tok):
     assert 0 < m["flexkv_prefix_cache_bytes"] <= 64 * 2**20
 
 
+# ----------------------------------------------------------------------------- the API key
+def test_an_api_key_guards_v1(model_tok):
+    """`build_app(..., api_key=)` / `flexkv serve --api-key`: every /v1 request without
+    `Authorization: Bearer <key>` is a 401 with OpenAI's error body, before its body is read (a
+    malformed one too); with the key, requests and streams work as without one; /health,
+    /metrics and the OpenAPI schema (which states the key) stay open."""
+    model, tok = model_tok
+    engine = Engine(model, tok, policy="h2o", budget=32, max_slots=1, max_new_tokens=4,
+                    max_waiting=4, compile=False)
+    with pytest.raises(ValueError, match="api_key"):
+        build_app(engine, NAME, api_key=" ")
+    body = {"prompt": "hi", "max_tokens": 2, "temperature": 0}
+    with BackgroundServer(build_app(engine, NAME, api_key="s3cret")) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        for headers, why in (({}, "didn't provide an API key"),
+                             ({"Authorization": "Bearer nope"}, "Incorrect API key"),
+                             ({"Authorization": "Bearer s3cret-and-more"}, "Incorrect API key"),
+                             ({"Authorization": "Basic s3cret"}, "didn't provide an API key"),
+                             ({"Authorization": "Bearer"}, "didn't provide an API key")):
+            for method, path, kw in (("POST", "/v1/completions", {"json": body}),
+                                     ("POST", "/v1/chat/completions", {"content": b"{not json"}),
+                                     ("GET", "/v1/models", {}), ("GET", "/v1/nowhere", {})):
+                r = c.request(method, path, headers=headers, **kw)
+                assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
+                e = r.json()["error"]
+                assert why in e["message"] and e["code"] == "invalid_api_key", e
+        key = {"Authorization": "Bearer s3cret"}
+        r = c.post("/v1/completions", json=body, headers=key)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        assert c.post("/v1/completions", content=b"{not json", headers=key).status_code == 400
+        with c.stream("POST", "/v1/completions", json=body | {"stream": True}, headers=key) as r:
+            assert r.status_code == 200 and sse_events(r)[-1] == "[DONE]"
+        assert c.get("/health").status_code == 200 and c.get("/metrics").status_code == 200
+        spec = c.get("/openapi.json").json()
+        assert spec["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
+        assert spec["paths"]["/v1/completions"]["post"]["security"] == [{"apiKey": []}]
+        assert "security" not in spec["paths"]["/health"]["get"]
+        openai = pytest.importorskip("openai")
+        good = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="s3cret", max_retries=0)
+        assert good.completions.create(model=NAME, prompt="hi", max_tokens=1).usage.completion_tokens == 1
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{srv.url}/v1", api_key="nope", max_retries=0).models.list()
+
+
 # ----------------------------------------------------------------------------- the CLI
 def test_cli_serve_bad_arguments_exit_2(tiny_chat_dir, capsys):
     from flexkv.cli import main as cli
@@ -1424,7 +1468,8 @@ def test_cli_serve_bad_arguments_exit_2(tiny_chat_dir, capsys):
                           (["--max-slots", "2", "--kv-memory", "1GiB"], "not allowed with"),
                           (["--policy", "nope"], "nope"), (["--max-waiting", "0"], "--max-waiting"),
                           (["--kv-memory", "lots"], "kv_memory"),
-                          (["--prefix-cache-memory", "0"], "--prefix-cache-memory")]:
+                          (["--prefix-cache-memory", "0"], "--prefix-cache-memory"),
+                          (["--api-key", " "], "--api-key")]:
         assert cli(base + extra) == 2, extra
         err = capsys.readouterr().err
         assert needle in err, (extra, err)
@@ -1446,7 +1491,7 @@ def test_cli_serve_passes_its_engine_options(tiny_chat_dir):
                     "--budget", "16", "--param", "recent=4", "--max-slots", "3",
                     "--max-new-tokens", "8", "--max-prompt-tokens", "64", "--prefill-chunk", "8",
                     "--compile-prefill", "--no-compile", "--max-waiting", "5",
-                    "--prefix-cache-memory", "1GiB"]) == 0
+                    "--prefix-cache-memory", "1GiB", "--api-key", "s3cret"]) == 0
     (model,), kw = serve.call_args
     assert model == str(tiny_chat_dir)
     assert {k: kw[k] for k in ("policy", "budget", "recent", "max_slots", "max_new_tokens",
@@ -1455,7 +1500,15 @@ def test_cli_serve_passes_its_engine_options(tiny_chat_dir):
         policy="h2o", budget=16, recent=4, max_slots=3, max_new_tokens=8, max_prompt_tokens=64,
         prefill_chunk=8, compile_prefill=True, compile=False, max_waiting=5,
         prefix_cache_memory="1GiB")
+    assert kw["api_key"] == "s3cret"
     kw["sock"].close()
+    for env, want in (({"FLEXKV_API_KEY": "from-env"}, "from-env"), ({}, None)):
+        with mock.patch("flexkv.serve.api.serve") as serve, mock.patch.dict("os.environ", env):
+            if not env:
+                __import__("os").environ.pop("FLEXKV_API_KEY", None)
+            assert cli(["serve", "--model", str(tiny_chat_dir), "--port", "0"]) == 0
+        assert serve.call_args[1]["api_key"] == want
+        serve.call_args[1]["sock"].close()
 
 
 def test_cli_serve_end_to_end(tiny_chat_dir):

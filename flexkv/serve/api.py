@@ -48,6 +48,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import secrets
 import socket
 import sys
 import time
@@ -86,6 +87,38 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
                    headers: dict | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+class RequireAPIKey:
+    """ASGI middleware: every request to `/v1` and below needs `Authorization: Bearer <key>`
+    (as OpenAI's API, and vLLM's `--api-key`), else a 401 with OpenAI's error body, before
+    anything of the request is read; `/health`, `/metrics` and the docs stay open. It wraps
+    neither `receive` nor `send`, so streaming and disconnects are as without it."""
+
+    def __init__(self, app, key: str):
+        self.app, self.key = app, key.encode()
+
+    def _allowed(self, scope) -> str | None:
+        """None when the request may go on, else why not."""
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not (
+                scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+            return None
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, token = given.partition(b" ")
+        if scheme.lower() != b"bearer" or not token.strip():
+            return ("You didn't provide an API key: this server needs one in an Authorization "
+                    "header (Authorization: Bearer YOUR_KEY).")
+        if not secrets.compare_digest(token.strip(), self.key):
+            return "Incorrect API key provided."
+        return None
+
+    async def __call__(self, scope, receive, send):
+        why = self._allowed(scope)
+        if why is None:
+            return await self.app(scope, receive, send)
+        response = error_response(401, why, code="invalid_api_key",
+                                  headers={"WWW-Authenticate": "Bearer"})
+        await response(scope, receive, send)
 
 
 def _field_names() -> set[str]:
@@ -182,10 +215,14 @@ def _context_len(engine) -> int | None:
     return getattr(args, "max_position_embeddings", None)
 
 
-def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
+def build_app(engine, model_name: str, *, start_engine: bool = True,
+              api_key: str | None = None) -> FastAPI:
     """The FastAPI app over `engine` (a `flexkv.serve.Engine`), serving it as `model_name`.
     With `start_engine` (default) the app's lifespan runs `engine.start()` at startup and
-    `engine.shutdown()` at shutdown."""
+    `engine.shutdown()` at shutdown. With `api_key`, requests to `/v1` need it
+    (`RequireAPIKey`)."""
+    if api_key is not None and not api_key.strip():
+        raise ValueError("api_key: an empty key would let anyone in; give a key, or None for none")
     tok = engine.tokenizer
     pieces = TokenPieces(tok)
     created = _now()
@@ -640,7 +677,9 @@ def build_app(engine, model_name: str, *, start_engine: bool = True) -> FastAPI:
         return PlainTextResponse(prometheus_text(engine, model_name, counters),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    _clean_openapi(app, model_name, engine)
+    if api_key is not None:
+        app.add_middleware(RequireAPIKey, key=api_key.strip())
+    _clean_openapi(app, model_name, engine, api_key is not None)
     return app
 
 
@@ -662,11 +701,11 @@ class _SSEResponse(StreamingResponse):
                     h.cancel()
 
 
-def _clean_openapi(app: FastAPI, model_name: str, engine) -> None:
+def _clean_openapi(app: FastAPI, model_name: str, engine, keyed: bool = False) -> None:
     """The app's OpenAPI schema says what this server accepts: the 400 error body instead of
     FastAPI's 422 (never sent here), the served model's name, `max_tokens` up to the engine's
-    `max_new_tokens`, token ids below the vocabulary size, and the single neutral value accepted
-    for each OpenAI field that is not implemented."""
+    `max_new_tokens`, token ids below the vocabulary size, the single neutral value accepted
+    for each OpenAI field that is not implemented, and (`keyed`) the bearer key `/v1` needs."""
     original = app.openapi
     vocab = getattr(getattr(getattr(engine, "model", None), "args", None), "vocab_size", None)
 
@@ -682,6 +721,18 @@ def _clean_openapi(app: FastAPI, model_name: str, engine) -> None:
                 for op in item.values():
                     if isinstance(op, dict):
                         op.get("responses", {}).pop("422", None)
+            if keyed:
+                schema.setdefault("components", {})["securitySchemes"] = {
+                    "apiKey": {"type": "http", "scheme": "bearer",
+                               "description": "the server's --api-key"}}
+                for path, item in schema.get("paths", {}).items():
+                    for op in item.values():
+                        if path.startswith("/v1/") and isinstance(op, dict):
+                            op["security"] = [{"apiKey": []}]
+                            op.setdefault("responses", {})["401"] = {
+                                "description": "no API key, or a wrong one",
+                                "content": {"application/json": {"schema": {
+                                    "$ref": "#/components/schemas/ErrorResponse"}}}}
             comps = schema.get("components", {}).get("schemas", {})
             comps.pop("HTTPValidationError", None)
             comps.pop("ValidationError", None)
@@ -809,9 +860,11 @@ def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None
           host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", dtype: str = "float32",
           compile: bool | None = None, compile_prefill: bool = False,
           prefix_cache_memory: str | int | None = None, served_model_name: str | None = None, log_level: str = "info",
-          sock: socket.socket | None = None, tp: bool = False, **policy_params) -> None:
+          sock: socket.socket | None = None, tp: bool = False, api_key: str | None = None,
+          **policy_params) -> None:
     """Load `model` (a known name, provisioned on first use as `flexkv demo` does, or a local HF
     checkpoint dir), build the engine and the app, and serve it with uvicorn until interrupted.
+    With `api_key`, requests to `/v1` need `Authorization: Bearer <api_key>`.
 
     `tp=True` (every rank of an initialised process group calls this, e.g. under torchrun):
     each rank loads its shard and builds the same engine; rank 0 listens and schedules, the
@@ -842,11 +895,12 @@ def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None
         sock = bind_socket(host, port)
     name = served_model_name or model
     where = f", tensor parallel over {shard.world} ranks" if shard.active else ""
-    app = build_app(engine, name)
+    app = build_app(engine, name, api_key=api_key)
     h, p = sock.getsockname()[:2]
     shown = f"[{h}]" if ":" in h else h
     print(f"[flexkv] serving {name} at http://{shown}:{p}/v1 (policy {policy}, budget {budget}, "
-          f"{engine.max_slots} slots, up to {max_waiting} waiting{where}; Ctrl-C stops)", file=sys.stderr,
+          f"{engine.max_slots} slots, up to {max_waiting} waiting{where}"
+          f"{'; /v1 needs the API key' if api_key else ''}; Ctrl-C stops)", file=sys.stderr,
           flush=True)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])
