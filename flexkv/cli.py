@@ -520,9 +520,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     s.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 = any free)")
     s.add_argument("--api-key", default=None, metavar="KEY",
-                   help="requests to /v1 need 'Authorization: Bearer KEY' (the openai client's "
-                   "api_key), else 401; default: the FLEXKV_API_KEY environment variable, else "
-                   "no key (/health and /metrics stay open)")
+                   help="requests to /v1, /tokenize and /detokenize need 'Authorization: "
+                   "Bearer KEY' (the openai client's api_key), else 401; default: the "
+                   "FLEXKV_API_KEY environment variable, else no key (/health and /metrics stay "
+                   "open)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (default: the engine's choice)")
     s.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=False,

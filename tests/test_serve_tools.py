@@ -315,6 +315,22 @@ def test_auto_tool_choice(server, stream):
                                                                "length", None)
 
 
+def test_tokenize_counts_the_tools_prompt(server):
+    """`/tokenize` of messages with tools gives the prompt the chat request runs on: the tools'
+    instruction included, per tool_choice."""
+    httpx = pytest.importorskip("httpx")
+    msgs = [{"role": "user", "content": "pick one"}]
+    with httpx.Client(base_url=server.url, timeout=120) as c:
+        counts = set()
+        for choice in ("auto", "required", {"type": "function", "function": {"name": "pick"}}, "none"):
+            fields = {"messages": msgs, "tools": TOOLS, "tool_choice": choice}
+            tokens = c.post("/tokenize", json=fields).json()["tokens"]
+            r = c.post("/v1/chat/completions", json=fields | {"max_tokens": 1})
+            assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == len(tokens), r.text
+            counts.add(len(tokens))
+        assert len(counts) == 4                  # each choice's own prompt ("none": no instruction)
+
+
 def test_the_openai_client_calls_tools(server):
     openai = pytest.importorskip("openai")
     oc = openai.OpenAI(base_url=f"{server.url}/v1", api_key="none", max_retries=0)

@@ -1323,7 +1323,8 @@ def test_client_disconnect_without_streaming_cancels(aux, path):
 
 # ----------------------------------------------------------------------------- fuzzing
 FUZZ_OPS = [("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-            ("GET", "/v1/models/{model_id}"), ("GET", "/health"), ("GET", "/metrics")]
+            ("GET", "/v1/models/{model_id}"), ("POST", "/tokenize"), ("POST", "/detokenize"),
+            ("GET", "/health"), ("GET", "/metrics")]
 
 
 @pytest.fixture(scope="module")
@@ -1415,6 +1416,49 @@ def test_prefix_cache_over_http(model_tok):
     assert 0 < m["flexkv_prefix_cache_bytes"] <= 64 * 2**20
 
 
+# ----------------------------------------------------------------------------- tokenize
+def test_tokenize_and_detokenize(client, model_tok):
+    """`/tokenize` (as vLLM's): a prompt's ids as /v1/completions tokenizes it, a conversation's
+    as /v1/chat/completions renders it (the same count as its usage); `/detokenize` inverts it;
+    bad input is a 400 that names the field."""
+    _, tok = model_tok
+    r = client.post("/tokenize", json={"prompt": "Hello there", "return_token_strs": True})
+    assert r.status_code == 200, r.text
+    d = r.json()
+    assert d["tokens"] == tok("Hello there")["input_ids"] and d["count"] == len(d["tokens"])
+    assert d["max_model_len"] == CTX and d["token_strs"] == tok.convert_ids_to_tokens(d["tokens"])
+    bare = client.post("/tokenize", json={"prompt": "Hello there", "add_special_tokens": False}).json()
+    assert bare["tokens"] == tok("Hello there", add_special_tokens=False)["input_ids"]
+    assert bare["token_strs"] is None
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"}]
+    chat = client.post("/tokenize", json={"model": NAME, "messages": msgs}).json()
+    done = client.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 1}).json()
+    assert chat["count"] == done["usage"]["prompt_tokens"]
+    assert chat["tokens"] == tok(tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True),
+                                 add_special_tokens=False)["input_ids"]
+    open_turn = client.post("/tokenize", json={"messages": msgs, "add_generation_prompt": False}).json()
+    assert open_turn["tokens"] == chat["tokens"][:len(open_turn["tokens"])] < chat["tokens"]
+    back = client.post("/detokenize", json={"tokens": bare["tokens"]})
+    assert back.status_code == 200 and back.json() == {"prompt": "Hello there"}
+    for path, body, status, param in [
+            ("/tokenize", {"prompt": 1}, 400, "prompt"),
+            ("/tokenize", {"prompt": "x", "max_tokens": 3}, 400, "max_tokens"),
+            ("/tokenize", {"messages": [], "prompt": "x"}, 400, None),
+            ("/tokenize", {"messages": [{"role": "user"}]}, 400, "messages"),
+            ("/tokenize", {"messages": msgs, "tool_choice": "required"}, 400, "tool_choice"),
+            ("/tokenize", {"prompt": "x", "model": "gpt-4"}, 404, "model"),
+            ("/tokenize", [], 400, None),
+            ("/detokenize", {"tokens": [1, VOCAB]}, 400, "tokens"),
+            ("/detokenize", {"tokens": [-1]}, 400, "tokens"),
+            ("/detokenize", {"tokens": [1], "model": "gpt-4"}, 404, "model")]:
+        r = client.post(path, json=body)
+        assert r.status_code == status, (body, r.text)
+        e = r.json()["error"]
+        assert param is None or e["param"] == param, (body, e)
+    assert "tokens[1]: token ids must be in [0, " in client.post(
+        "/detokenize", json={"tokens": [1, VOCAB]}).json()["error"]["message"]
+
+
 # ----------------------------------------------------------------------------- the API key
 def test_an_api_key_guards_v1(model_tok):
     """`build_app(..., api_key=)` / `flexkv serve --api-key`: every /v1 request without
@@ -1436,7 +1480,9 @@ def test_an_api_key_guards_v1(model_tok):
                              ({"Authorization": "Bearer"}, "didn't provide an API key")):
             for method, path, kw in (("POST", "/v1/completions", {"json": body}),
                                      ("POST", "/v1/chat/completions", {"content": b"{not json"}),
-                                     ("GET", "/v1/models", {}), ("GET", "/v1/nowhere", {})):
+                                     ("GET", "/v1/models", {}), ("GET", "/v1/nowhere", {}),
+                                     ("POST", "/tokenize", {"json": {"prompt": "hi"}}),
+                                     ("POST", "/detokenize", {"json": {"tokens": [1]}})):
                 r = c.request(method, path, headers=headers, **kw)
                 assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", r.text
                 e = r.json()["error"]
@@ -1451,7 +1497,9 @@ def test_an_api_key_guards_v1(model_tok):
         spec = c.get("/openapi.json").json()
         assert spec["components"]["securitySchemes"]["apiKey"]["scheme"] == "bearer"
         assert spec["paths"]["/v1/completions"]["post"]["security"] == [{"apiKey": []}]
+        assert spec["paths"]["/tokenize"]["post"]["security"] == [{"apiKey": []}]
         assert "security" not in spec["paths"]["/health"]["get"]
+        assert c.post("/tokenize", json={"prompt": "hi"}, headers=key).json()["count"] >= 2
         openai = pytest.importorskip("openai")
         good = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="s3cret", max_retries=0)
         assert good.completions.create(model=NAME, prompt="hi", max_tokens=1).usage.completion_tokens == 1

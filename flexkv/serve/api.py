@@ -63,9 +63,11 @@ from flexkv.serve import QueueFull, SamplingParams
 from flexkv.serve.detokenize import IncrementalText, TokenPieces
 from flexkv.serve.metrics import prometheus_text
 from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest,
-                                   ChatCompletionResponse, ChatMessage, CompletionChoice,
-                                   CompletionRequest, CompletionResponse, ErrorResponse,
-                                   Health, ModelCard, ModelList, StreamOptions, TextPart,
+                                   ChatCompletionResponse, ChatFields, ChatMessage, CompletionChoice,
+                                   CompletionRequest, CompletionResponse, DetokenizeRequest,
+                                   DetokenizeResponse, ErrorResponse, Health, ModelCard, ModelList,
+                                   StreamOptions, TextPart, TokenizeChatRequest,
+                                   TokenizeCompletionRequest, TokenizeRequest, TokenizeResponse, TOKENIZE_TAGS,
                                    Usage, Neutral, SamplingFields, MAX_PROMPT_CHARS, MAX_PROMPTS,
                                    MAX_STOP, MAX_STOP_CHARS)
 from flexkv.serve.tool_calls import reply, tool_messages
@@ -89,19 +91,23 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+def _keyed(path: str) -> bool:
+    """The paths an API key guards: the API's (`/v1` and below, `/tokenize`, `/detokenize`)."""
+    return path in ("/v1", "/tokenize", "/detokenize") or path.startswith("/v1/")
+
+
 class RequireAPIKey:
-    """ASGI middleware: every request to `/v1` and below needs `Authorization: Bearer <key>`
-    (as OpenAI's API, and vLLM's `--api-key`), else a 401 with OpenAI's error body, before
-    anything of the request is read; `/health`, `/metrics` and the docs stay open. It wraps
-    neither `receive` nor `send`, so streaming and disconnects are as without it."""
+    """ASGI middleware: every request to the API's paths (`_keyed`) needs `Authorization:
+    Bearer <key>` (as OpenAI's API, and vLLM's `--api-key`), else a 401 with OpenAI's error
+    body, before anything of the request is read; `/health`, `/metrics` and the docs stay open.
+    It wraps neither `receive` nor `send`, so streaming and disconnects are as without it."""
 
     def __init__(self, app, key: str):
         self.app, self.key = app, key.encode()
 
     def _allowed(self, scope) -> str | None:
         """None when the request may go on, else why not."""
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not (
-                scope["path"] == "/v1" or scope["path"].startswith("/v1/")):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not _keyed(scope["path"]):
             return None
         given = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, token = given.partition(b" ")
@@ -123,7 +129,8 @@ class RequireAPIKey:
 
 def _field_names() -> set[str]:
     names = set()
-    for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions):
+    for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions,
+              TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest):
         names.update(m.model_fields)
     return names
 
@@ -135,7 +142,7 @@ def _validation_message(errors) -> tuple[str, str | None]:
     """pydantic errors -> (one readable message, the top-level field) for the 400 body."""
     parts, param = [], None
     for err in errors:
-        loc = [x for x in err.get("loc", ()) if x != "body"]
+        loc = [x for x in err.get("loc", ()) if x != "body" and x not in TOKENIZE_TAGS]
         typ = err.get("type", "")
         msg = str(err.get("msg", "invalid value"))
         if msg.startswith("Value error, "):
@@ -219,7 +226,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
               api_key: str | None = None) -> FastAPI:
     """The FastAPI app over `engine` (a `flexkv.serve.Engine`), serving it as `model_name`.
     With `start_engine` (default) the app's lifespan runs `engine.start()` at startup and
-    `engine.shutdown()` at shutdown. With `api_key`, requests to `/v1` need it
+    `engine.shutdown()` at shutdown. With `api_key`, requests to the API's paths need it
     (`RequireAPIKey`)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key: an empty key would let anyone in; give a key, or None for none")
@@ -386,30 +393,34 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
                          bool(req.stream_options and req.stream_options.include_usage),
                          echo if req.echo else None, best_of, req.logprobs is not None)
 
-    def prepare_chat(req: ChatCompletionRequest) -> _Prepared:
+    def chat_prompt(req: ChatFields, add_generation_prompt: bool = True) -> list[int]:
+        """The token ids of a conversation's prompt: the chat template over its messages, with
+        its tools as tool_calls.py offers them."""
         check_model(req.model)
         if not getattr(tok, "chat_template", None):
             raise APIError(400, f"the model {model_name} has no chat template; use /v1/completions",
                            param="messages")
         msgs = [m.template_dict() for m in req.messages]
         tools = [t.model_dump(exclude_none=True) for t in req.tools or ()]
-        mode = req.tool_mode()
 
         def render(messages, **kwargs):
-            return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
-                                           **kwargs)
+            return tok.apply_chat_template(messages, tokenize=False,
+                                           add_generation_prompt=add_generation_prompt, **kwargs)
         try:
-            text = tool_messages(render, msgs, tools, mode, req.named_tool())
+            text = tool_messages(render, msgs, tools, req.tool_mode(), req.named_tool())
         except Exception as e:  # noqa: BLE001 - the template rejects these messages (jinja raise_exception, ...)
             raise APIError(400, f"messages: the chat template rejected them: {' '.join(str(e).split())}",
                            param="messages") from None
-        ids = list(tok(text, add_special_tokens=False)["input_ids"])
+        return list(tok(text, add_special_tokens=False)["input_ids"])
+
+    def prepare_chat(req: ChatCompletionRequest) -> _Prepared:
+        ids = chat_prompt(req)
         max_tokens = req.max_completion_tokens or req.max_tokens
         if max_tokens is None:
             max_tokens = engine_limit(len(ids))
         k = (req.top_logprobs or 0) if req.logprobs else None
         params = [sampling(req, max_tokens, j, k) for j in range(req.n)]
-        if mode is not None:        # the reply may call tools: its schema (tool_calls.py)
+        if req.tool_mode() is not None:     # the reply may call tools: its schema (tool_calls.py)
             schema = req.call_schema()
             params = [dataclasses.replace(p, response_format="json_schema", json_schema=schema)
                       for p in params]
@@ -667,6 +678,32 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         check_model(model_id)
         return card()
 
+    @app.post("/tokenize", response_model=TokenizeResponse, responses={
+        400: {**err, "description": "invalid request"}, 404: {**err, "description": "unknown model"}})
+    async def tokenize(req: TokenizeRequest):
+        """A prompt's token ids, or a conversation's as /v1/chat/completions makes its prompt
+        (as vLLM's `/tokenize`), with `max_model_len` to check it against."""
+        if isinstance(req, TokenizeChatRequest):
+            ids = chat_prompt(req, req.add_generation_prompt)
+        else:
+            check_model(req.model)
+            ids = list(tok(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
+        strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
+        return TokenizeResponse(count=len(ids), max_model_len=_context_len(engine), tokens=ids,
+                                token_strs=strs)
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses={
+        400: {**err, "description": "invalid request"}, 404: {**err, "description": "unknown model"}})
+    async def detokenize(req: DetokenizeRequest):
+        """Token ids to text, as /v1/completions decodes them (as vLLM's `/detokenize`)."""
+        check_model(req.model)
+        vocab = len(tok)
+        bad = next((i for i, t in enumerate(req.tokens) if t >= vocab), None)
+        if bad is not None:
+            raise APIError(400, f"tokens[{bad}]: token ids must be in [0, {vocab - 1}], got "
+                           f"{req.tokens[bad]}", param="tokens")
+        return DetokenizeResponse(prompt=IncrementalText.decode_all(tok, req.tokens))
+
     @app.get("/health", response_model=Health)
     async def health():
         return Health(status="ok")
@@ -727,7 +764,7 @@ def _clean_openapi(app: FastAPI, model_name: str, engine, keyed: bool = False) -
                                "description": "the server's --api-key"}}
                 for path, item in schema.get("paths", {}).items():
                     for op in item.values():
-                        if path.startswith("/v1/") and isinstance(op, dict):
+                        if _keyed(path) and isinstance(op, dict):
                             op["security"] = [{"apiKey": []}]
                             op.setdefault("responses", {})["401"] = {
                                 "description": "no API key, or a wrong one",
@@ -783,6 +820,9 @@ def _clean_openapi(app: FastAPI, model_name: str, engine, keyed: bool = False) -
                     elif branch.get("type") == "array":
                         branch["maxItems"] = MAX_STOP
                         branch.setdefault("items", {}).update(minLength=1, maxLength=MAX_STOP_CHARS)
+            tokens = comps.get("DetokenizeRequest", {}).get("properties", {}).get("tokens", {})
+            if "items" in tokens:               # ids the tokenizer decodes
+                tokens["items"]["maximum"] = len(engine.tokenizer) - 1
             app.openapi_schema = schema
         return app.openapi_schema
 
@@ -864,7 +904,8 @@ def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None
           **policy_params) -> None:
     """Load `model` (a known name, provisioned on first use as `flexkv demo` does, or a local HF
     checkpoint dir), build the engine and the app, and serve it with uvicorn until interrupted.
-    With `api_key`, requests to `/v1` need `Authorization: Bearer <api_key>`.
+    With `api_key`, requests to the API (`/v1`, `/tokenize`, `/detokenize`) need
+    `Authorization: Bearer <api_key>`.
 
     `tp=True` (every rank of an initialised process group calls this, e.g. under torchrun):
     each rank loads its shard and builds the same engine; rank 0 listens and schedules, the
@@ -900,7 +941,7 @@ def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None
     shown = f"[{h}]" if ":" in h else h
     print(f"[flexkv] serving {name} at http://{shown}:{p}/v1 (policy {policy}, budget {budget}, "
           f"{engine.max_slots} slots, up to {max_waiting} waiting{where}"
-          f"{'; /v1 needs the API key' if api_key else ''}; Ctrl-C stops)", file=sys.stderr,
+          f"{'; the API needs the --api-key' if api_key else ''}; Ctrl-C stops)", file=sys.stderr,
           flush=True)
     config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
     uvicorn.Server(config).run(sockets=[sock])

@@ -9,7 +9,8 @@ import json
 import re
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator,
+                      model_validator)
 
 from flexkv.serve.json_schema import compile_schema
 from flexkv.serve.request import MAX_LOGPROBS, MAX_REPETITION_PENALTY
@@ -368,18 +369,12 @@ def _rebase(schema, prefix: str):
     return {"$ref": f"#/$defs/{prefix}"}, out_defs
 
 
-class ChatCompletionRequest(SamplingFields):
-    """`POST /v1/chat/completions`."""
+class ChatFields(BaseModel):
+    """The conversation and its tools: what makes a chat prompt (`/v1/chat/completions`,
+    `/tokenize`) and, with tools, the schema its reply is generated under (tool_calls.py)."""
+    model_config = _STRICT
 
     messages: list[ChatMessage] = Field(min_length=1)
-    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="default: as many as fit "
-                                   "(at most the server's --max-new-tokens)")
-    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1,
-                                              description="OpenAI's newer name of max_tokens")
-    logprobs: bool | None = Field(None, description="each token's logprob (the model's "
-                                  "distribution, before temperature, top-k and top-p)")
-    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the k most likely "
-                                     "tokens' logprobs at each token; needs logprobs=true")
     tools: list[Tool] | None = Field(None, max_length=128, description="functions the model may "
                                      "call; the reply's calls always follow their parameters' schemas")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
@@ -389,18 +384,13 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = Field(None, description="with tool_choice 'auto', whether "
                                              "a reply may hold several calls (default true); "
                                              "'required' and a named function give one")
-    functions: list[dict] | None = None
-    function_call: str | dict | None = None
-    modalities: list[str] | None = None
-    store: bool | None = None
-    service_tier: str | None = None
-    metadata: dict[str, str] | None = Field(None, description="ignored")
 
-    @field_validator("top_logprobs")
+    @field_validator("messages")
     @classmethod
-    def _top_needs_logprobs(cls, v, info):
-        if v is not None and not info.data.get("logprobs"):
-            raise ValueError("top_logprobs needs logprobs=true")
+    def _messages(cls, v):
+        total = sum(len(m.text()) for m in v)
+        if total > MAX_PROMPT_CHARS:
+            raise ValueError(f"the messages are too long ({total} characters, at most {MAX_PROMPT_CHARS})")
         return v
 
     @field_validator("tools")
@@ -427,10 +417,6 @@ class ChatCompletionRequest(SamplingFields):
                     t.function.name for t in tools}:
                 raise ValueError(f"tool_choice names {v.function.name!r}, which is not among "
                                  "the tools")
-        if v != "none" and tools and (info.data.get("response_format") or {}).get(
-                "type", "text") != "text":
-            raise ValueError("tools beside a response_format: the reply is a call or the tools' "
-                             "text reply; give tool_choice 'none' or no response_format")
         return v
 
     def tool_mode(self) -> str | None:
@@ -472,18 +458,81 @@ class ChatCompletionRequest(SamplingFields):
             {"type": "object", "properties": {"response": {"type": "string"}},
              "required": ["response"]}]}
 
-    @field_validator("messages")
+
+class ChatCompletionRequest(ChatFields, SamplingFields):
+    """`POST /v1/chat/completions`."""
+
+    max_tokens: int | None = Field(None, ge=1, le=2**31 - 1, description="default: as many as fit "
+                                   "(at most the server's --max-new-tokens)")
+    max_completion_tokens: int | None = Field(None, ge=1, le=2**31 - 1,
+                                              description="OpenAI's newer name of max_tokens")
+    logprobs: bool | None = Field(None, description="each token's logprob (the model's "
+                                  "distribution, before temperature, top-k and top-p)")
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS, description="the k most likely "
+                                     "tokens' logprobs at each token; needs logprobs=true")
+    functions: list[dict] | None = None
+    function_call: str | dict | None = None
+    modalities: list[str] | None = None
+    store: bool | None = None
+    service_tier: str | None = None
+    metadata: dict[str, str] | None = Field(None, description="ignored")
+
+    @field_validator("top_logprobs")
     @classmethod
-    def _messages(cls, v):
-        total = sum(len(m.text()) for m in v)
-        if total > MAX_PROMPT_CHARS:
-            raise ValueError(f"the messages are too long ({total} characters, at most {MAX_PROMPT_CHARS})")
+    def _top_needs_logprobs(cls, v, info):
+        if v is not None and not info.data.get("logprobs"):
+            raise ValueError("top_logprobs needs logprobs=true")
         return v
+
+    @model_validator(mode="after")
+    def _tools_or_format(self):
+        if self.tool_mode() is not None and self.format_type() != "text":
+            raise ValueError("tools beside a response_format: the reply is a call or the tools' "
+                             "text reply; give tool_choice 'none' or no response_format")
+        return self
 
     @field_validator(*Neutral.CHAT)
     @classmethod
     def _neutral(cls, v, info):
         return Neutral.check(Neutral.CHAT, info.field_name, v)
+
+
+class TokenizeCompletionRequest(BaseModel):
+    """`POST /tokenize` of a prompt (as vLLM's): its token ids as /v1/completions takes them."""
+    model_config = _STRICT
+    model: str | None = Field(None, description="the served model's name (optional)")
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
+    add_special_tokens: bool = Field(True, description="the tokenizer's special tokens (its BOS), "
+                                     "as /v1/completions adds them to a string prompt")
+    return_token_strs: bool = Field(False, description="each token's text too")
+
+
+class TokenizeChatRequest(ChatFields):
+    """`POST /tokenize` of a conversation (as vLLM's): the prompt /v1/chat/completions makes of
+    these messages and tools."""
+    model: str | None = Field(None, description="the served model's name (optional)")
+    add_generation_prompt: bool = Field(True, description="end with the assistant turn's header, "
+                                        "as /v1/chat/completions does")
+    return_token_strs: bool = Field(False, description="each token's text too")
+
+
+TOKENIZE_TAGS = ("tokenize-prompt", "tokenize-chat")     # in a validation error's location
+
+
+def _tokenize_kind(body) -> str:
+    return TOKENIZE_TAGS[isinstance(body, dict) and "messages" in body]
+
+
+TokenizeRequest = Annotated[Annotated[TokenizeCompletionRequest, Tag(TOKENIZE_TAGS[0])]
+                            | Annotated[TokenizeChatRequest, Tag(TOKENIZE_TAGS[1])],
+                            Discriminator(_tokenize_kind)]
+
+
+class DetokenizeRequest(BaseModel):
+    """`POST /detokenize` (as vLLM's): token ids to text."""
+    model_config = _STRICT
+    model: str | None = Field(None, description="the served model's name (optional)")
+    tokens: list[Annotated[int, Field(ge=0)]] = Field(max_length=MAX_PROMPT_CHARS)
 
 
 # --------------------------------------------------------------------------- response models
@@ -578,6 +627,17 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int | None
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
 
 
 class Health(BaseModel):
