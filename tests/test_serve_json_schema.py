@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 
 import pytest
 from hypothesis import given, settings
@@ -415,6 +416,73 @@ def test_masks_equal_brute_force(tokens, case, memo):
             want = [bool(bs) and bool(feed(g, state, bs)) for bs in tokens]
             assert mask.tolist() == want, (schema, text[:i])
             assert some == any(want)
+
+
+def ambiguous(depth: int, a=(("maxItems", 3),), b=(("minItems", 1),)) -> dict:
+    """Arrays nested `depth` deep, each level `anyOf` two that read alike up to their item
+    counts (`a` and `b`: by default at most 3 items; at least 1): 2^depth stacks of
+    alternatives after `[` * depth."""
+    defs = {"l0": {"type": "string", "maxLength": 2}}
+    for i in range(1, depth + 1):
+        below = {"$ref": f"#/$defs/l{i - 1}"}
+        defs[f"l{i}"] = {"anyOf": [{"type": "array", "items": below, **dict(a)},
+                                   {"type": "array", "items": below, **dict(b)}]}
+    return {"$defs": defs, "$ref": f"#/$defs/l{depth}"}
+
+
+NESTED = st.recursive(st.text("ab", max_size=3), lambda inner: st.lists(inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None)
+@given(value=NESTED, depth=st.integers(1, 6))
+def test_alike_branches_through_nested_containers_stay_few_threads(value, depth):
+    """A few threads at every byte however deep alike branches nest (the stacks share their
+    parts), and a text is accepted exactly when it is valid, its every prefix live then."""
+    schema = ambiguous(depth)
+    g = compile_schema(schema)
+    text, state, alive = json.dumps(value).encode(), initial(g), True
+    for b in text:
+        state = step(g, state, b)
+        assert len(state) <= 4, (text, state)
+        alive = alive and bool(state)
+    assert is_done(state) == valid(value, schema), text
+    assert alive or not valid(value, schema)
+
+
+NESTED_TOKENS = [b"[", b"]", b"]]", b"]]]", b",", b'"a"', b'"', b"a", b",[", b"],[", b"]],[[",
+                 b"]]]]", b"]],", None]
+ONE_OR_TWO = st.recursive(st.just("a"), lambda inner: st.lists(inner, min_size=1, max_size=2), max_leaves=10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(ONE_OR_TWO, min_size=1, max_size=6), depth=st.integers(2, 4))
+def test_masks_of_forked_stacks_equal_brute_force(values, depth):
+    """Masks memoized across states whose stacks fork (alike branches: one item, or exactly
+    two) equal brute force: what a token can close is keyed by every way below the fork."""
+    g = compile_schema(ambiguous(depth, (("maxItems", 1),), (("minItems", 2), ("maxItems", 2))))
+    vocab = JsonVocab(NESTED_TOKENS)
+    for value in values:
+        text = json.dumps(value, separators=(",", ":")).encode()
+        for i in range(len(text) + 1):
+            state = feed(g, initial(g), text[:i])
+            if not state:
+                break
+            mask, _ = vocab.allowed(g, state)
+            assert mask.tolist() == [bool(bs) and bool(feed(g, state, bs)) for bs in NESTED_TOKENS], text[:i]
+
+
+def test_deeply_nested_alike_branches_cost_little():
+    """A 5 KB schema whose alternatives stay alike 40 arrays deep (2^40 stacks of alternatives
+    spelled out): its states and masks come at once."""
+    g = compile_schema(ambiguous(40))
+    vocab = JsonVocab([b"[", b"]", b'"a"', b",", b"[[", b"]]", b'"', b"a", None])
+    state, start = initial(g), time.perf_counter()
+    for token in [b"[["] * 20 + [b'"a"'] + [b"]]"] * 20:
+        mask, some = vocab.allowed(g, state)
+        assert some and mask[vocab.tokens[[bs for _, bs in vocab.tokens].index(token)][0]]
+        state = feed(g, state, token)
+        assert 0 < len(state) <= 4
+    assert is_done(state) and time.perf_counter() - start < 5
 
 
 # ----------------------------------------------------------------------------- the engine

@@ -9,15 +9,19 @@ come next (`mode`; `extra` holds the value's node, a string's kind, length so fa
 states, a UTF-8 character's or a `\\u` escape's rest, a bounded integer's digits, or the
 candidate keys / literal texts still matching) and the open containers (`stack`: frames
 `(bracket, node, n)`, n the next property's index of an object, the items so far of an array).
-`step` advances a state by one byte; an empty state is a dead end, and every live state can be
-finished. Strings hold well-formed UTF-8 only, so the text always decodes.
+A stack is graph-structured, as a GLR parser's: None (empty) or `(top frame, {the stacks below
+it})`, and threads that differ only below their top frames are one thread (`step` merges them),
+so branches that stay alike through nested containers cost a few threads a level, not one per
+path (2^depth before: a 3 KB schema of nested `anyOf`s could stall the engine). `step` advances a
+state by one byte; an empty state is a dead end, and every live state can be finished. Strings
+hold well-formed UTF-8 only, so the text always decodes.
 
 `JsonVocab` knows every token's bytes and gives, per grammar and state, the tokens that may
 follow (a `[V]` bool mask on the engine's device): a walk of the trie of the tokens' bytes,
 pruned where the state dies; in a string, every token of whole plain characters that fits the
 string's length limit is allowed without a walk. Masks are memoized, keyed by what a token can
 see of each thread's stack (its top `closers + 1` frames, `closers` the most closing brackets any
-one token holds). The serving engine (`flexkv.serve.penalties`) advances a request's state by
+one token holds, and whether it goes deeper). The serving engine (`flexkv.serve.penalties`) advances a request's state by
 each token it produces and bans the tokens outside the mask before choosing. Its stop tokens
 (end of sequence) are allowed once the value is complete, beside what may still continue it (a
 top-level number's digits; nothing after an object: whitespace only while no stop token may be
@@ -60,7 +64,7 @@ UTF8_LEAD = ({b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)}
 
 
 def initial(g: Grammar) -> frozenset:
-    return frozenset({(VALUE, g.root, ())})
+    return frozenset({(VALUE, g.root, None)})
 
 
 def is_done(state: frozenset) -> bool:
@@ -68,9 +72,23 @@ def is_done(state: frozenset) -> bool:
     return any(t[0] == DONE for t in state)
 
 
-def _end(stack: tuple) -> tuple:
-    """The thread after a value ends."""
-    return (AFTER, None, stack) if stack else (DONE, None, ())
+def _push(stack, frame: tuple) -> tuple:
+    return frame, frozenset((stack,))
+
+
+def _retop(stack: tuple, frame: tuple) -> tuple:
+    """The stack with its top frame replaced."""
+    return frame, stack[1]
+
+
+def _end(stack) -> list:
+    """The thread after a value ends, inside the containers of `stack`."""
+    return [(AFTER, None, stack)] if stack is not None else [(DONE, None, None)]
+
+
+def _close(stack: tuple) -> list:
+    """The threads after the container at the top of `stack` closes: one per stack below it."""
+    return [t for below in stack[1] for t in _end(below)]
 
 
 def _number(mode: int, integer: bool, b: int) -> int | None:
@@ -100,7 +118,7 @@ def _in_number(g: Grammar, mode: int, extra: tuple, stack: tuple) -> list:
         return []
     t = (mode, extra, stack)
     ends = mode in NUMBER_ENDS and (text is None or _within(g.nodes[i], int(text)))
-    return [t, _end(stack)] if ends else [t]
+    return [t, *_end(stack)] if ends else [t]
 
 
 def _bounds(node: Num) -> tuple:
@@ -136,7 +154,7 @@ def _literal(texts, b: int, stack: tuple) -> list:
     rests = [t[1:] for t in texts if t[0] == b]
     more = frozenset(r for r in rests if r)
     out = [(LITERAL, more, stack)] if more else []
-    return out + [_end(stack)] if b"" in rests else out
+    return out + _end(stack) if b"" in rests else out
 
 
 def _start(g: Grammar, i: int, b: int, stack: tuple) -> list:
@@ -145,9 +163,9 @@ def _start(g: Grammar, i: int, b: int, stack: tuple) -> list:
     if isinstance(node, Union):
         return [t for o in node.options for t in _start(g, o, b, stack)]
     if isinstance(node, Obj):
-        return [(KEY_FIRST, None, stack + (("{", i, 0),))] if b == ord("{") else []
+        return [(KEY_FIRST, None, _push(stack, ("{", i, 0)))] if b == ord("{") else []
     if isinstance(node, Arr):
-        return [(ARRAY_FIRST, None, stack + (("[", i, 0),))] if b == ord("[") else []
+        return [(ARRAY_FIRST, None, _push(stack, ("[", i, 0)))] if b == ord("[") else []
     if isinstance(node, Str):
         rx = None if node.pattern is None else node.pattern.start
         return [(STRING, (i, 0 if node.counted else None, None, rx), stack)] if b == QUOTE else []
@@ -219,10 +237,10 @@ def _string(g: Grammar, mode: int, extra, stack: tuple, b: int) -> list:
         return [(STRING, (kind, count, (left, 0x80, 0xBF, v) if left else None, rx), stack)]
     if b == QUOTE:
         if kind == MAP_KEY:
-            return [(COLON, g.nodes[stack[-1][1]].values, stack)]
+            return [(COLON, g.nodes[stack[0][1]].values, stack)]
         if rx is not None and not g.nodes[kind].pattern.accepts(rx):
             return []
-        return [_end(stack)] if count is None or count >= g.nodes[kind].min else []
+        return _end(stack) if count is None or count >= g.nodes[kind].min else []
     if b < 0x20:
         return []
     if count is not None:       # a character begins
@@ -251,20 +269,20 @@ def _string(g: Grammar, mode: int, extra, stack: tuple, b: int) -> list:
 
 def _container(g: Grammar, mode: int, stack: tuple, b: int) -> list:
     """ARRAY_FIRST, KEY_FIRST, KEY and AFTER threads: the top frame's brackets, commas and keys."""
-    tag, i, n = stack[-1]
+    tag, i, n = stack[0]
     node = g.nodes[i]
     if tag == "[":
         if b == ord("]") and mode in (ARRAY_FIRST, AFTER) and n >= node.min:
-            return [_end(stack[:-1])]
+            return _close(stack)
         if node.max is not None and n >= node.max:
             return []
         if mode == ARRAY_FIRST:
-            return _start(g, node.item(0), b, stack[:-1] + (("[", i, min(1, node.cap)),))
+            return _start(g, node.item(0), b, _retop(stack, ("[", i, min(1, node.cap))))
         if mode == AFTER and b == COMMA:
-            return [(VALUE, node.item(n), stack[:-1] + (("[", i, min(n + 1, node.cap)),))]
+            return [(VALUE, node.item(n), _retop(stack, ("[", i, min(n + 1, node.cap))))]
         return []
     if b == ord("}") and mode in (KEY_FIRST, AFTER) and not node.need[n]:
-        return [_end(stack[:-1])]
+        return _close(stack)
     if b == COMMA and mode == AFTER and (node.nexts[n] if node.props else node.values is not None):
         return [(KEY, None, stack)]
     if b == QUOTE and mode in (KEY_FIRST, KEY):
@@ -283,8 +301,8 @@ def _step(g: Grammar, thread: tuple, b: int) -> list:
         rests = [(r[1:], j) for r, j in extra if r[0] == b]
         for r, j in rests:
             if not r:           # the key is complete (its closing quote): its value follows
-                _, i, _ = stack[-1]
-                return [(COLON, g.nodes[i].props[j][1], stack[:-1] + (("{", i, j + 1),))]
+                _, i, _ = stack[0]
+                return [(COLON, g.nodes[i].props[j][1], _retop(stack, ("{", i, j + 1)))]
         return [(KEYNAME, frozenset(rests), stack)] if rests else []
     if mode == LITERAL:         # extra: {the texts' bytes still to come}
         return _literal(extra, b, stack)
@@ -304,8 +322,21 @@ def _step(g: Grammar, thread: tuple, b: int) -> list:
 
 
 def step(g: Grammar, state: frozenset, b: int) -> frozenset:
-    """The state after byte `b` (empty where `b` cannot follow)."""
-    return frozenset(t for thread in state for t in _step(g, thread, b))
+    """The state after byte `b` (empty where `b` cannot follow). Threads alike but for what lies
+    below their top frame become one, whose top sits on all of theirs."""
+    out = [t for thread in state for t in _step(g, thread, b)]
+    if len(out) < 2:
+        return frozenset(out)
+    below: dict[tuple, frozenset | None] = {}
+    for mode, extra, stack in out:
+        if stack is None:
+            below[mode, extra, None] = None
+        else:
+            key = (mode, extra, stack[0])
+            seen = below.get(key)
+            below[key] = stack[1] if seen is None else seen | stack[1]
+    return frozenset((mode, extra, None if frame is None else (frame, under))
+                     for (mode, extra, frame), under in below.items())
 
 
 def feed(g: Grammar, state: frozenset, data: bytes) -> frozenset:
@@ -429,8 +460,24 @@ class JsonVocab:
         return len(self._memo)
 
     def _key(self, g: Grammar, state: frozenset) -> tuple:
+        cut: dict[tuple, tuple] = {}
+
+        def top(stack, k: int) -> tuple:
+            """What a token can see of `stack`: its top k frames (where it forks, each way
+            below), and whether it goes on below them."""
+            frames = []
+            while k and stack is not None and len(stack[1]) == 1:
+                frames.append(stack[0])
+                (stack,) = stack[1]
+                k -= 1
+            if not k or stack is None:
+                return tuple(frames), stack is not None
+            hit = cut.get((id(stack), k))
+            if hit is None:
+                hit = cut[id(stack), k] = (stack[0], frozenset(top(s, k - 1) for s in stack[1]))
+            return tuple(frames), hit
         k = self.closers + 1
-        return g, frozenset((mode, extra, stack[-k:], len(stack) > k) for mode, extra, stack in state)
+        return g, frozenset((mode, extra, top(stack, k)) for mode, extra, stack in state)
 
     def allowed(self, g: Grammar, state: frozenset) -> tuple[Tensor, bool]:
         """([V] bool on the device: the tokens whose bytes may follow `state` of grammar `g`,
