@@ -1459,6 +1459,33 @@ def test_tokenize_and_detokenize(client, model_tok):
         "/detokenize", json={"tokens": [1, VOCAB]}).json()["error"]["message"]
 
 
+# ----------------------------------------------------------------------------- body size
+def test_a_body_over_the_limit_is_a_413(model_tok):
+    """`build_app(max_body_bytes=)`: a body over it is a 413 with OpenAI's error body, whether
+    its Content-Length says so (nothing read) or it comes chunked (cut off as it passes the
+    limit); bodies under it work; the server goes on."""
+    model, tok = model_tok
+    engine = Engine(model, tok, policy="h2o", budget=32, max_slots=1, max_new_tokens=4,
+                    max_waiting=4, compile=False)
+    limit = 2000
+    with BackgroundServer(build_app(engine, NAME, max_body_bytes=limit)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        big = json.dumps({"prompt": "x" * limit, "max_tokens": 1}).encode()
+
+        def chunked():
+            for i in range(0, len(big), 256):
+                yield big[i:i + 256]
+        for body in (lambda: big, chunked):          # with a Content-Length; chunked
+            for path in ("/v1/completions", "/tokenize"):
+                r = c.post(path, content=body(), headers={"Content-Type": "application/json"})
+                assert r.status_code == 413, r.text
+                e = r.json()["error"]
+                assert e["code"] == "request_too_large" and f"at most {limit} bytes" in e["message"], e
+        r = c.post("/v1/completions", json={"prompt": "x" * 100, "max_tokens": 1})
+        assert r.status_code == 200, r.text
+        assert c.get("/health").status_code == 200
+
+
 # ----------------------------------------------------------------------------- the API key
 def test_an_api_key_guards_v1(model_tok):
     """`build_app(..., api_key=)` / `flexkv serve --api-key`: every /v1 request without

@@ -39,7 +39,8 @@ fields are a 400 ("Unrecognized request argument supplied: ..."), as OpenAI's AP
 
 Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. Invalid requests
 (malformed JSON, wrong types, values out of range, unknown fields, over-long prompts) are 400
-with type `invalid_request_error`; an unknown model or path 404; a full waiting queue 429
+with type `invalid_request_error`; an unknown model or path 404; a body over `MAX_BODY_BYTES`
+413; a request to the API without the server's `api_key` 401; a full waiting queue 429
 (type `rate_limit_error`, code `queue_full`, a `Retry-After` header); a server shutting down 503.
 A client that disconnects (streaming or not) cancels its request, which frees its slot.
 """
@@ -89,6 +90,42 @@ def error_response(status: int, message: str, type: str = "invalid_request_error
                    headers: dict | None = None) -> JSONResponse:
     body = {"error": {"message": message, "type": type, "param": param, "code": code}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+MAX_BODY_BYTES = 64 << 20   # a request body's bytes, at most (the longest prompt, 4M characters
+                            # escaped in JSON, is ~24 MB)
+
+
+class BodyLimit:
+    """ASGI middleware: a request body over `limit` bytes is a 413 with OpenAI's error body, at
+    once where its Content-Length says so, else as soon as the bytes read pass the limit (a
+    chunked body), so no body is held past it (uvicorn and FastAPI bound none by default)."""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    def _message(self, size: str) -> str:
+        return f"The request body is {size}; this server takes at most {self.limit} bytes."
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            response = error_response(413, self._message(f"{int(length)} bytes"),
+                                      code="request_too_large")
+            return await response(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:          # FastAPI re-raises it from reading the body
+                    raise StarletteHTTPException(413, self._message(f"over {self.limit} bytes"))
+            return message
+        await self.app(scope, counted, send)
 
 
 def _keyed(path: str) -> bool:
@@ -223,11 +260,11 @@ def _context_len(engine) -> int | None:
 
 
 def build_app(engine, model_name: str, *, start_engine: bool = True,
-              api_key: str | None = None) -> FastAPI:
+              api_key: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
     """The FastAPI app over `engine` (a `flexkv.serve.Engine`), serving it as `model_name`.
     With `start_engine` (default) the app's lifespan runs `engine.start()` at startup and
     `engine.shutdown()` at shutdown. With `api_key`, requests to the API's paths need it
-    (`RequireAPIKey`)."""
+    (`RequireAPIKey`). A request body over `max_body_bytes` is a 413 (`BodyLimit`)."""
     if api_key is not None and not api_key.strip():
         raise ValueError("api_key: an empty key would let anyone in; give a key, or None for none")
     tok = engine.tokenizer
@@ -268,7 +305,9 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         msg = {404: f"Not found: {request.method} {request.url.path}",
                405: f"Method {request.method} is not allowed on {request.url.path}"}.get(
                    exc.status_code, str(exc.detail))
-        return error_response(exc.status_code, msg, typ, headers=getattr(exc, "headers", None))
+        code = "request_too_large" if exc.status_code == 413 else None
+        return error_response(exc.status_code, msg, typ, code=code,
+                              headers=getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _internal_error(request, exc: Exception):
@@ -276,8 +315,9 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
                               "server_error")
 
     err = {"model": ErrorResponse}
+    too_large = {413: {**err, "description": "the request body is over the server's limit"}}
     post_errors = {400: {**err, "description": "invalid request"},
-                   404: {**err, "description": "unknown model"},
+                   404: {**err, "description": "unknown model"}, **too_large,
                    429: {**err, "description": "the waiting queue is full"},
                    503: {**err, "description": "the server is shutting down"}}
 
@@ -679,7 +719,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         return card()
 
     @app.post("/tokenize", response_model=TokenizeResponse, responses={
-        400: {**err, "description": "invalid request"}, 404: {**err, "description": "unknown model"}})
+        400: {**err, "description": "invalid request"}, 404: {**err, "description": "unknown model"},
+        **too_large})
     async def tokenize(req: TokenizeRequest):
         """A prompt's token ids, or a conversation's as /v1/chat/completions makes its prompt
         (as vLLM's `/tokenize`), with `max_model_len` to check it against."""
@@ -693,7 +734,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
                                 token_strs=strs)
 
     @app.post("/detokenize", response_model=DetokenizeResponse, responses={
-        400: {**err, "description": "invalid request"}, 404: {**err, "description": "unknown model"}})
+        400: {**err, "description": "invalid request"}, 404: {**err, "description": "unknown model"},
+        **too_large})
     async def detokenize(req: DetokenizeRequest):
         """Token ids to text, as /v1/completions decodes them (as vLLM's `/detokenize`)."""
         check_model(req.model)
@@ -714,7 +756,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         return PlainTextResponse(prometheus_text(engine, model_name, counters),
                                  media_type="text/plain; version=0.0.4; charset=utf-8")
 
-    if api_key is not None:
+    app.add_middleware(BodyLimit, limit=max_body_bytes)
+    if api_key is not None:          # added last: the outer one, before any body is read
         app.add_middleware(RequireAPIKey, key=api_key.strip())
     _clean_openapi(app, model_name, engine, api_key is not None)
     return app
