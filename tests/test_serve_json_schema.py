@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from flexkv.serve import Engine, SamplingParams
 from flexkv.serve.json_mode import JsonRequest, JsonVocab, feed, initial, is_done, step
-from flexkv.serve.json_schema import compile_schema
+from flexkv.serve.json_schema import Obj, compile_schema
 from test_serve_engine import SETTINGS, random_prompt, solo
 from test_serve_json import ByteTokenizer, tiny64  # noqa: F401 (a fixture)
 
@@ -370,11 +370,39 @@ def test_keys_come_in_order_required_ones_present_and_lengths_counted():
     ({"type": "object", "properties": {"a": {"$ref": "#/$defs/n"}}, "$defs": {
         "n": {"type": "array", "items": {"$ref": "#/$defs/n"}, "minItems": 1}}}, "no finite instance"),
     ({"enum": [float("nan")]}, "json_schema must be JSON"),
+    ({"type": "object", "properties": {f"p{i}": {"type": "string", "pattern": f"^a{{4000}}{i}$"}
+                                       for i in range(5)}},
+     "json_schema at /properties/p4/pattern: the schema's patterns need more than 16384 NFA states"),
 ])
 def test_what_is_not_supported_is_a_clear_error(schema, message):
     with pytest.raises(ValueError, match="json_schema") as e:
         compile_schema(schema)
     assert message in str(e.value), str(e.value)
+
+
+@settings(max_examples=200, deadline=None)
+@given(required=st.lists(st.booleans(), max_size=12))
+def test_an_objects_tables_are_its_definition(required):
+    """Obj's derived tables (linear to build), against their definition: need[j], a required
+    key is among props[j:]; nexts[j], the props that may come after props[:j], up to the first
+    required one."""
+    n = len(required)
+    obj = Obj(props=tuple((b'"k%d"' % j, 0, r) for j, r in enumerate(required)))
+    req = [j for j, r in enumerate(required) if r]
+    assert obj.need == tuple(any(r >= j for r in req) for j in range(n + 1))
+    assert [tuple(x) for x in obj.nexts] == [
+        tuple(range(j, next((r for r in req if r >= j), n - 1) + 1)) for j in range(n + 1)]
+
+
+def test_a_wide_object_compiles_in_linear_time():
+    """20,000 optional properties (0.9 MB of schema): 105 s to compile when an object's tables
+    were quadratic; now well under a second or two."""
+    schema = {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(20000)}}
+    start = time.perf_counter()
+    g = compile_schema(schema)
+    assert time.perf_counter() - start < 10
+    assert is_done(feed(g, initial(g), b'{"p3": 1, "p19999": 2}'))
+    assert not feed(g, initial(g), b'{"p3": 1, "p2"')
 
 
 def test_annotations_pass_and_pydantic_schemas_compile():

@@ -40,7 +40,10 @@ import math
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-from flexkv.serve.json_regex import compile_pattern
+from flexkv.serve.json_regex import MAX_STATES, compile_pattern
+
+MAX_PATTERN_STATES = 4 * MAX_STATES   # the NFA states of one schema's distinct patterns, in all
+                                      # (each costs ~10 us to build, while the request waits)
 
 ANNOTATIONS = frozenset({"title", "description", "default", "examples", "format", "$schema", "$id",
                          "$comment", "deprecated", "readOnly", "writeOnly", "discriminator",
@@ -78,12 +81,14 @@ class Obj:
     need: tuple = field(init=False, repr=False, compare=False)
     nexts: tuple = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self):
+    def __post_init__(self):     # linear in the props (ranges, not tuples, for nexts)
         n = len(self.props)
-        required = [j for j, (_, _, req) in enumerate(self.props) if req]
-        object.__setattr__(self, "need", tuple(any(r >= j for r in required) for j in range(n + 1)))
-        object.__setattr__(self, "nexts", tuple(
-            tuple(range(j, next((r for r in required if r >= j), n - 1) + 1)) for j in range(n + 1)))
+        first_required = [n] * (n + 1)    # [j]: the first required prop at or after j (n: none)
+        for j in range(n - 1, -1, -1):
+            first_required[j] = j if self.props[j][2] else first_required[j + 1]
+        object.__setattr__(self, "need", tuple(r < n for r in first_required))
+        object.__setattr__(self, "nexts", tuple(range(j, min(r, n - 1) + 1)
+                                                for j, r in enumerate(first_required)))
 
 
 @dataclass(frozen=True)
@@ -168,6 +173,7 @@ def _type_of(value) -> str:
 class _Compiler:
     def __init__(self, schema):
         self.root_schema, self.nodes, self.refs, self.any_node = schema, [], {}, None
+        self.pattern_states: dict[str, int] = {}     # each distinct pattern's NFA states
 
     def add(self, node) -> int:
         self.nodes.append(node)
@@ -321,9 +327,14 @@ class _Compiler:
                 self.fail(where, f"{key} beside minLength / maxLength is not supported (say the "
                           "length in a pattern: {m,n})")
             try:
-                return self.add(Str(pattern=compile_pattern(pattern)))
+                regex = compile_pattern(pattern)
             except ValueError as e:
                 self.fail(f"{where}/{key}", str(e))
+            self.pattern_states[pattern] = len(regex.edges)
+            if sum(self.pattern_states.values()) > MAX_PATTERN_STATES:
+                self.fail(f"{where}/{key}", f"the schema's patterns need more than "
+                          f"{MAX_PATTERN_STATES} NFA states in all")
+            return self.add(Str(pattern=regex))
         lo, hi = self.count(s, "minLength", where, 0), self.count(s, "maxLength", where, None)
         if hi is not None and hi < lo:
             self.fail(where, f"maxLength {hi} < minLength {lo}: nothing can match")
