@@ -42,6 +42,7 @@ from functools import lru_cache
 
 from flexkv.serve.json_regex import MAX_STATES, compile_pattern
 
+MAX_OPTIONS = 1024                    # an anyOf's alternatives, at most (each a thread)
 MAX_PATTERN_STATES = 4 * MAX_STATES   # the NFA states of one schema's distinct patterns, in all
                                       # (each costs ~10 us to build, while the request waits)
 
@@ -400,10 +401,24 @@ class _Compiler:
                 self.fail("", "anyOf reaches itself without a container in between")
             return [o for a in node[1] for o in options(a, seen + (i,))]
 
+        merged: dict[frozenset, int] = {}   # the literal options of a union, as one Lit
+
+        def one_literal(opts: list) -> list:
+            lits = [o for o in opts if isinstance(self.nodes[o], Lit)]
+            if len(lits) < 2:
+                return opts
+            texts = frozenset().union(*(self.nodes[o].texts for o in lits))
+            at = merged.setdefault(texts, len(self.nodes) + len(merged))
+            rest = set(lits[1:])
+            return [at if o == lits[0] else o for o in opts if o not in rest]
+
         flat = {}
         for i, node in enumerate(self.nodes):
             if isinstance(node, tuple):
-                opts = list(dict.fromkeys(options(i)))
+                opts = one_literal(list(dict.fromkeys(options(i))))
+                if len(opts) > MAX_OPTIONS:
+                    self.fail("", f"an anyOf of more than {MAX_OPTIONS} alternatives (its enum "
+                              "and const values counted as one): each is followed while it fits")
                 flat[i] = opts[0] if len(opts) == 1 else ("union", tuple(opts))
 
         def ref(i):
@@ -422,6 +437,7 @@ class _Compiler:
                 node = replace(node, items=None if node.items is None else ref(node.items),
                                prefix=tuple(ref(p) for p in node.prefix))
             nodes.append(node)
+        nodes += [Lit(texts) for texts in merged]   # (their indices: in order, after the others)
         # a resolved ref or a one-option union points at its target instead of being a node
         g = Grammar(nodes, ref(root))
         self.check_finite(g)
