@@ -524,8 +524,22 @@ def test_deeply_nested_alike_branches_cost_little():
         mask, some = vocab.allowed(g, state)
         assert some and mask[vocab.tokens[[bs for _, bs in vocab.tokens].index(token)][0]]
         state = feed(g, state, token)
-        assert 0 < len(state) <= 4
+        assert 0 < len(state) <= 4 and sum(len(stacks) for _, _, stacks in state) <= 8
     assert is_done(state) and time.perf_counter() - start < 5
+
+
+def test_different_alternatives_nested_add_up_rather_than_multiply():
+    """200 objects, each with a property of 200 alternatives (patterns): a thread per live
+    alternative of the property, on the 200 objects' stacks at once (200 x 111 before)."""
+    schema = {"$defs": {"u": {"anyOf": [{"type": "string", "pattern": f"^x{j}"} for j in range(200)]}},
+              "anyOf": [{"type": "object", "properties": {"p": {"$ref": "#/$defs/u"},
+                                                          f"q{i}": {"type": "integer"}},
+                         "required": ["p"]} for i in range(200)]}
+    g = compile_schema(schema)
+    state = feed(g, initial(g), b'{"p": "x1')
+    assert len(state) == 111                     # x1, x10-x19, x100-x199
+    done = feed(g, state, b'5", "q7": 3}')
+    assert is_done(done) and not feed(g, state, b'5", "q200": 3}')
 
 
 # ----------------------------------------------------------------------------- the engine

@@ -4,24 +4,28 @@ one JSON value of a grammar (`flexkv.serve.json_schema`: JSON mode is the gramma
 
 A byte-level recognizer of RFC 8259 JSON restricted by the grammar. It reads bytes
 nondeterministically (a schema's `anyOf` branches, a number that may end or go on, enum values
-that share a start), so its state is a frozenset of threads `(mode, extra, stack)`: what may
+that share a start), so its state is a frozenset of threads `(mode, extra, stacks)`: what may
 come next (`mode`; `extra` holds the value's node, a string's kind, length so far and pattern
 states, a UTF-8 character's or a `\\u` escape's rest, a bounded integer's digits, or the
-candidate keys / literal texts still matching) and the open containers (`stack`: frames
-`(bracket, node, n)`, n the next property's index of an object, the items so far of an array).
-A stack is graph-structured, as a GLR parser's: None (empty) or `(top frame, {the stacks below
-it})`, and threads that differ only below their top frames are one thread (`step` merges them),
-so branches that stay alike through nested containers cost a few threads a level, not one per
-path (2^depth before: a 3 KB schema of nested `anyOf`s could stall the engine). `step` advances a
-state by one byte; an empty state is a dead end, and every live state can be finished. Strings
-hold well-formed UTF-8 only, so the text always decodes.
+candidate keys / literal texts still matching) and the open containers it may be in (`stacks`).
+The stacks are graph-structured, as a GLR parser's: a frozenset of stacks, each None (empty) or
+`(top frame, {the stacks below it})`, frames `(bracket, node, n)` (n the next property's index
+of an object, the items so far of an array). `step` makes the threads of one `(mode, extra)`
+one thread on all their stacks, and the stacks of one top frame one node on all theirs, so
+alternatives cost threads that add up, not multiply: alike branches through nested containers
+stay one thread (they were 2^depth: a 3 KB schema could stall the engine), and 200 objects each
+with a property of 200 alternatives cost a thread per live alternative, not per alternative and
+object (111 against 22,200 after `{"p": "x1` in the test). Only a container's own bytes
+(brackets, commas, keys) read a top frame, each stack's in turn. `step` advances a state by one
+byte; an empty state is a dead end, and every live state can be finished. Strings hold
+well-formed UTF-8 only, so the text always decodes.
 
 `JsonVocab` knows every token's bytes and gives, per grammar and state, the tokens that may
 follow (a `[V]` bool mask on the engine's device): a walk of the trie of the tokens' bytes,
 pruned where the state dies; in a string, every token of whole plain characters that fits the
 string's length limit is allowed without a walk. Masks are memoized, keyed by what a token can
-see of each thread's stack (its top `closers + 1` frames, `closers` the most closing brackets any
-one token holds, and whether it goes deeper). The serving engine (`flexkv.serve.penalties`) advances a request's state by
+see of each thread's stacks (their top `closers + 1` frames, each way below a fork, `closers`
+the most closing brackets any one token holds, and whether they go deeper). The serving engine (`flexkv.serve.penalties`) advances a request's state by
 each token it produces and bans the tokens outside the mask before choosing. Its stop tokens
 (end of sequence) are allowed once the value is complete, beside what may still continue it (a
 top-level number's digits; nothing after an object: whitespace only while no stop token may be
@@ -63,8 +67,11 @@ UTF8_LEAD = ({b: (1, 0x80, 0xBF) for b in range(0xC2, 0xE0)}
              | {0xF0: (3, 0x90, 0xBF), 0xF4: (3, 0x80, 0x8F)})
 
 
+BOTTOM = frozenset({None})      # the stacks of a top-level value: the empty one
+
+
 def initial(g: Grammar) -> frozenset:
-    return frozenset({(VALUE, g.root, None)})
+    return frozenset({(VALUE, g.root, BOTTOM)})
 
 
 def is_done(state: frozenset) -> bool:
@@ -72,23 +79,25 @@ def is_done(state: frozenset) -> bool:
     return any(t[0] == DONE for t in state)
 
 
-def _push(stack, frame: tuple) -> tuple:
-    return frame, frozenset((stack,))
+def _push(stacks: frozenset, frame: tuple) -> frozenset:
+    """A container opens on each of `stacks`: one node, on all of them."""
+    return frozenset(((frame, stacks),))
 
 
-def _retop(stack: tuple, frame: tuple) -> tuple:
+def _retop(stack: tuple, frame: tuple) -> frozenset:
     """The stack with its top frame replaced."""
-    return frame, stack[1]
+    return frozenset(((frame, stack[1]),))
 
 
-def _end(stack) -> list:
-    """The thread after a value ends, inside the containers of `stack`."""
-    return [(AFTER, None, stack)] if stack is not None else [(DONE, None, None)]
+def _end(stacks: frozenset) -> list:
+    """The threads after a value ends, inside the containers of each of `stacks`."""
+    inside = stacks - BOTTOM
+    return ([(DONE, None, BOTTOM)] if None in stacks else []) + ([(AFTER, None, inside)] if inside else [])
 
 
 def _close(stack: tuple) -> list:
-    """The threads after the container at the top of `stack` closes: one per stack below it."""
-    return [t for below in stack[1] for t in _end(below)]
+    """The threads after the container at the top of `stack` closes."""
+    return _end(stack[1])
 
 
 def _number(mode: int, integer: bool, b: int) -> int | None:
@@ -110,15 +119,15 @@ def _number(mode: int, integer: bool, b: int) -> int | None:
     return None
 
 
-def _in_number(g: Grammar, mode: int, extra: tuple, stack: tuple) -> list:
+def _in_number(g: Grammar, mode: int, extra: tuple, stacks: frozenset) -> list:
     """A number's thread (extra: its node, and a bounded integer's text so far, else None), and
     where it may end, the thread after it; none where a bounded integer cannot meet its bounds."""
     i, text = extra
     if text is not None and not _may_reach(g.nodes[i], text):
         return []
-    t = (mode, extra, stack)
+    t = (mode, extra, stacks)
     ends = mode in NUMBER_ENDS and (text is None or _within(g.nodes[i], int(text)))
-    return [t, *_end(stack)] if ends else [t]
+    return [t, *_end(stacks)] if ends else [t]
 
 
 def _bounds(node: Num) -> tuple:
@@ -150,32 +159,32 @@ def _may_reach(node: Num, text: str) -> bool:
         k *= 10
 
 
-def _literal(texts, b: int, stack: tuple) -> list:
+def _literal(texts, b: int, stacks: frozenset) -> list:
     rests = [t[1:] for t in texts if t[0] == b]
     more = frozenset(r for r in rests if r)
-    out = [(LITERAL, more, stack)] if more else []
-    return out + _end(stack) if b"" in rests else out
+    out = [(LITERAL, more, stacks)] if more else []
+    return out + _end(stacks) if b"" in rests else out
 
 
-def _start(g: Grammar, i: int, b: int, stack: tuple) -> list:
+def _start(g: Grammar, i: int, b: int, stacks: frozenset) -> list:
     """The threads after a value of node `i` begins with byte `b`."""
     node = g.nodes[i]
     if isinstance(node, Union):
-        return [t for o in node.options for t in _start(g, o, b, stack)]
+        return [t for o in node.options for t in _start(g, o, b, stacks)]
     if isinstance(node, Obj):
-        return [(KEY_FIRST, None, _push(stack, ("{", i, 0)))] if b == ord("{") else []
+        return [(KEY_FIRST, None, _push(stacks, ("{", i, 0)))] if b == ord("{") else []
     if isinstance(node, Arr):
-        return [(ARRAY_FIRST, None, _push(stack, ("[", i, 0)))] if b == ord("[") else []
+        return [(ARRAY_FIRST, None, _push(stacks, ("[", i, 0)))] if b == ord("[") else []
     if isinstance(node, Str):
         rx = None if node.pattern is None else node.pattern.start
-        return [(STRING, (i, 0 if node.counted else None, None, rx), stack)] if b == QUOTE else []
+        return [(STRING, (i, 0 if node.counted else None, None, rx), stacks)] if b == QUOTE else []
     if isinstance(node, Num):
         if b != ord("-") and b not in DIGITS:
             return []
         mode = MINUS if b == ord("-") else ZERO if b == ord("0") else INT
-        return _in_number(g, mode, (i, chr(b) if node.bounded else None), stack)
+        return _in_number(g, mode, (i, chr(b) if node.bounded else None), stacks)
     assert isinstance(node, Lit)
-    return _literal(node.texts, b, stack)
+    return _literal(node.texts, b, stacks)
 
 
 def _char(g: Grammar, kind: int, count):
@@ -183,16 +192,16 @@ def _char(g: Grammar, kind: int, count):
     return None if count is None else min(count + 1, g.nodes[kind].cap)
 
 
-def _took(g: Grammar, kind: int, count, rx, cp: int, stack: tuple) -> list:
+def _took(g: Grammar, kind: int, count, rx, cp: int, stacks: frozenset) -> list:
     """A string after a character `cp` that ends an escape or a UTF-8 sequence, or one byte."""
     if rx is not None:
         rx = g.nodes[kind].pattern.step(rx, cp)
         if not rx:
             return []
-    return [(STRING, (kind, count, None, rx), stack)]
+    return [(STRING, (kind, count, None, rx), stacks)]
 
 
-def _string(g: Grammar, mode: int, extra, stack: tuple, b: int) -> list:
+def _string(g: Grammar, mode: int, extra, stacks: frozenset, b: int) -> list:
     """STRING, ESCAPE and UNICODE threads. extra: the string's kind, its characters so far (None:
     not counted), the pattern's NFA states (None: no pattern), and for STRING the bytes a UTF-8
     character still needs (None, or (how many, the next one's range, the code point's bits so far
@@ -202,10 +211,10 @@ def _string(g: Grammar, mode: int, extra, stack: tuple, b: int) -> list:
         kind, count, rx = extra
         if b == ord("u"):
             tracked = count is not None or rx is not None
-            return [(UNICODE, (kind, count, rx, 4, 0 if tracked else None), stack)]
+            return [(UNICODE, (kind, count, rx, 4, 0 if tracked else None), stacks)]
         if b not in ESCAPED:
             return []
-        return _took(g, kind, _char(g, kind, count), rx, ESCAPED[b], stack)
+        return _took(g, kind, _char(g, kind, count), rx, ESCAPED[b], stacks)
     if mode == UNICODE:
         kind, count, rx, left, v = extra
         if b not in HEX:
@@ -220,8 +229,8 @@ def _string(g: Grammar, mode: int, extra, stack: tuple, b: int) -> list:
             if rx is None:      # a counted string only needs to know a lead d
                 v = v if v == 0xD else 0
         if left:
-            return [(UNICODE, (kind, count, rx, left, v), stack)]
-        return _took(g, kind, _char(g, kind, count), rx, v, stack)
+            return [(UNICODE, (kind, count, rx, left, v), stacks)]
+        return _took(g, kind, _char(g, kind, count), rx, v, stacks)
     kind, count, utf, rx = extra
     if utf is not None:         # inside a UTF-8 character: its next byte, in range
         left, lo, hi, v = utf
@@ -231,16 +240,16 @@ def _string(g: Grammar, mode: int, extra, stack: tuple, b: int) -> list:
         if v is not None:       # (a pattern reads the code point)
             v = (v << 6) | (b & 0x3F)
             if not left:
-                return _took(g, kind, count, rx, v, stack)
+                return _took(g, kind, count, rx, v, stacks)
             if not g.nodes[kind].pattern.may_take(rx, v << 6 * left, ((v + 1) << 6 * left) - 1):
                 return []
-        return [(STRING, (kind, count, (left, 0x80, 0xBF, v) if left else None, rx), stack)]
+        return [(STRING, (kind, count, (left, 0x80, 0xBF, v) if left else None, rx), stacks)]
     if b == QUOTE:
         if kind == MAP_KEY:
-            return [(COLON, g.nodes[stack[0][1]].values, stack)]
+            return [(COLON, g.nodes[s[0][1]].values, frozenset((s,))) for s in stacks]
         if rx is not None and not g.nodes[kind].pattern.accepts(rx):
             return []
-        return _end(stack) if count is None or count >= g.nodes[kind].min else []
+        return _end(stacks) if count is None or count >= g.nodes[kind].min else []
     if b < 0x20:
         return []
     if count is not None:       # a character begins
@@ -250,9 +259,9 @@ def _string(g: Grammar, mode: int, extra, stack: tuple, b: int) -> list:
         if b != BACKSLASH:      # (an escape counts when it ends)
             count = _char(g, kind, count)
     if b == BACKSLASH:
-        return [(ESCAPE, (kind, count, rx), stack)]
+        return [(ESCAPE, (kind, count, rx), stacks)]
     if b < 0x80:
-        return _took(g, kind, count, rx, b, stack)
+        return _took(g, kind, count, rx, b, stacks)
     lead = UTF8_LEAD.get(b)     # well-formed UTF-8 only (as `bytes.decode` takes it)
     if lead is None:
         return []
@@ -264,7 +273,7 @@ def _string(g: Grammar, mode: int, extra, stack: tuple, b: int) -> list:
         last = (v << 6 * n) | ((hi & 0x3F) << rest) | ((1 << rest) - 1)
         if not g.nodes[kind].pattern.may_take(rx, first, last):
             return []
-    return [(STRING, (kind, count, (n, lo, hi, v), rx), stack)]
+    return [(STRING, (kind, count, (n, lo, hi, v), rx), stacks)]
 
 
 def _container(g: Grammar, mode: int, stack: tuple, b: int) -> list:
@@ -284,41 +293,42 @@ def _container(g: Grammar, mode: int, stack: tuple, b: int) -> list:
     if b == ord("}") and mode in (KEY_FIRST, AFTER) and not node.need[n]:
         return _close(stack)
     if b == COMMA and mode == AFTER and (node.nexts[n] if node.props else node.values is not None):
-        return [(KEY, None, stack)]
+        return [(KEY, None, frozenset((stack,)))]
     if b == QUOTE and mode in (KEY_FIRST, KEY):
         if node.props:
             keys = frozenset((node.props[j][0][1:], j) for j in node.nexts[n])
-            return [(KEYNAME, keys, stack)] if keys else []
-        return [(STRING, (MAP_KEY, None, None, None), stack)] if node.values is not None else []
+            return [(KEYNAME, keys, frozenset((stack,)))] if keys else []
+        return ([(STRING, (MAP_KEY, None, None, None), frozenset((stack,)))]
+                if node.values is not None else [])
     return []
 
 
 def _step(g: Grammar, thread: tuple, b: int) -> list:
-    mode, extra, stack = thread
+    mode, extra, stacks = thread
     if mode in (STRING, ESCAPE, UNICODE):
-        return _string(g, mode, extra, stack, b)
+        return _string(g, mode, extra, stacks, b)
     if mode == KEYNAME:         # extra: {(the key's bytes still to come, its index)}
         rests = [(r[1:], j) for r, j in extra if r[0] == b]
         for r, j in rests:
             if not r:           # the key is complete (its closing quote): its value follows
-                _, i, _ = stack[0]
-                return [(COLON, g.nodes[i].props[j][1], _retop(stack, ("{", i, j + 1)))]
-        return [(KEYNAME, frozenset(rests), stack)] if rests else []
+                return [(COLON, g.nodes[s[0][1]].props[j][1], _retop(s, ("{", s[0][1], j + 1)))
+                        for s in stacks]
+        return [(KEYNAME, frozenset(rests), stacks)] if rests else []
     if mode == LITERAL:         # extra: {the texts' bytes still to come}
-        return _literal(extra, b, stack)
+        return _literal(extra, b, stacks)
     if mode >= MINUS:           # extra: the number's node, a bounded integer's text so far
         i, text = extra
         nxt = _number(mode, g.nodes[i].integer, b)
         if nxt is None:
             return []
-        return _in_number(g, nxt, (i, None if text is None else text + chr(b)), stack)
+        return _in_number(g, nxt, (i, None if text is None else text + chr(b)), stacks)
     if b in WS:
         return [thread]
     if mode == VALUE:
-        return _start(g, extra, b, stack)
+        return _start(g, extra, b, stacks)
     if mode == COLON:
-        return [(VALUE, extra, stack)] if b == ord(":") else []
-    return [] if mode == DONE else _container(g, mode, stack, b)
+        return [(VALUE, extra, stacks)] if b == ord(":") else []
+    return [] if mode == DONE else [t for s in stacks for t in _container(g, mode, s, b)]
 
 
 def step(g: Grammar, state: frozenset, b: int) -> frozenset:
@@ -327,16 +337,27 @@ def step(g: Grammar, state: frozenset, b: int) -> frozenset:
     out = [t for thread in state for t in _step(g, thread, b)]
     if len(out) < 2:
         return frozenset(out)
-    below: dict[tuple, frozenset | None] = {}
-    for mode, extra, stack in out:
-        if stack is None:
-            below[mode, extra, None] = None
+    merged: dict[tuple, frozenset] = {}
+    for mode, extra, stacks in out:
+        seen = merged.get((mode, extra))
+        merged[mode, extra] = stacks if seen is None or seen is stacks else seen | stacks
+    return frozenset((mode, extra, _by_frame(stacks)) for (mode, extra), stacks in merged.items())
+
+
+def _by_frame(stacks: frozenset) -> frozenset:
+    """`stacks` with those of one top frame as one node, on all the stacks below them."""
+    if len(stacks) < 2:
+        return stacks
+    below: dict = {}
+    for s in stacks:
+        if s is None:
+            below[None] = None
         else:
-            key = (mode, extra, stack[0])
-            seen = below.get(key)
-            below[key] = stack[1] if seen is None else seen | stack[1]
-    return frozenset((mode, extra, None if frame is None else (frame, under))
-                     for (mode, extra, frame), under in below.items())
+            seen = below.get(s[0])
+            below[s[0]] = s[1] if seen is None else seen | s[1]
+    if len(below) == len(stacks):
+        return stacks
+    return frozenset(None if f is None else (f, under) for f, under in below.items())
 
 
 def feed(g: Grammar, state: frozenset, data: bytes) -> frozenset:
@@ -460,11 +481,17 @@ class JsonVocab:
         return len(self._memo)
 
     def _key(self, g: Grammar, state: frozenset) -> tuple:
-        cut: dict[tuple, tuple] = {}
+        seen: dict[tuple, frozenset] = {}
+
+        def view(stacks: frozenset, k: int) -> frozenset:
+            """What a token can see of `stacks`: of each, its top k frames (where it forks, each
+            way below), and whether it goes on below them."""
+            hit = seen.get((id(stacks), k))
+            if hit is None:
+                hit = seen[id(stacks), k] = frozenset(top(s, k) for s in stacks)
+            return hit
 
         def top(stack, k: int) -> tuple:
-            """What a token can see of `stack`: its top k frames (where it forks, each way
-            below), and whether it goes on below them."""
             frames = []
             while k and stack is not None and len(stack[1]) == 1:
                 frames.append(stack[0])
@@ -472,12 +499,9 @@ class JsonVocab:
                 k -= 1
             if not k or stack is None:
                 return tuple(frames), stack is not None
-            hit = cut.get((id(stack), k))
-            if hit is None:
-                hit = cut[id(stack), k] = (stack[0], frozenset(top(s, k - 1) for s in stack[1]))
-            return tuple(frames), hit
+            return tuple(frames), stack[0], view(stack[1], k - 1)
         k = self.closers + 1
-        return g, frozenset((mode, extra, top(stack, k)) for mode, extra, stack in state)
+        return g, frozenset((mode, extra, view(stacks, k)) for mode, extra, stacks in state)
 
     def allowed(self, g: Grammar, state: frozenset) -> tuple[Tensor, bool]:
         """([V] bool on the device: the tokens whose bytes may follow `state` of grammar `g`,
