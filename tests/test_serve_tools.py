@@ -82,6 +82,21 @@ def test_string_prefix_decodes_what_is_known(data):
         assert (known, closed) == (s, True)
 
 
+def assemble(deltas: list) -> list:
+    """A stream's tool calls put together from its deltas, as the openai SDK does."""
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        for tc in d.get("tool_calls") or ():
+            call = calls.setdefault(tc["index"], {"function": {"arguments": ""}})
+            call.update({k: v for k, v in tc.items() if k in ("id", "type")})
+            if "name" in tc["function"]:
+                call["function"]["name"] = tc["function"]["name"]
+            call["function"]["arguments"] += tc["function"].get("arguments", "")
+    return [{"id": c["id"], "type": c["type"], "function": {"name": c["function"]["name"],
+                                                            "arguments": c["function"]["arguments"]}}
+            for _, c in sorted(calls.items())]
+
+
 @settings(max_examples=300, deadline=None)
 @given(data=st.data())
 def test_auto_reply_from_any_text_cut_anywhere(data):
@@ -94,16 +109,18 @@ def test_auto_reply_from_any_text_cut_anywhere(data):
         assert content is None and reason == "tool_calls"
         assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == held
         assert len({c["id"] for c in calls}) == len(calls) and all(c["id"].startswith("call_") for c in calls)
-    # streamed in any pieces: a text reply's characters as they come, calls whole at the end
+    # streamed in any pieces: a text reply's characters as they come; a call once its name is
+    # complete, then its arguments as they grow; put together, the same reply
     stream, pieces = AutoReply(), _pieces(data.draw, text)
     deltas = [stream.delta(p, None) for p in pieces] + [stream.delta("", "stop")]
     assert all(r is None for _, r in deltas[:-1]) and deltas[-1][1] == reason
     if isinstance(held, str):
         assert "".join(d.get("content", "") for d, _ in deltas) == held
     else:
-        assert all(d == {} for d, _ in deltas[:-1])
-        assert [c["function"] for c in deltas[-1][0]["tool_calls"]] == [c["function"] for c in calls]
-        assert [c["index"] for c in deltas[-1][0]["tool_calls"]] == list(range(len(calls)))
+        assert all("content" not in d for d, _ in deltas)
+        streamed = assemble([d for d, _ in deltas])
+        assert [(c["type"], c["function"]) for c in streamed] == [(c["type"], c["function"]) for c in calls]
+        assert [c["id"] for c in streamed] == [c["id"] for c in stream.message(text, "stop")[1]]
     # cut anywhere: never raises; a text reply's known characters, or the calls begun
     k = data.draw(st.integers(0, len(text) - 1))
     content, cut_calls, r = AutoReply().message(text[:k], "length")
@@ -132,11 +149,30 @@ def test_call_reply_from_whole_cut_and_streamed_texts():
     assert s.first_delta()["tool_calls"][0]["function"] == {"name": "pick", "arguments": ""}
     assert s.delta('{"x"', None) == ({"tool_calls": [{"index": 0, "function": {"arguments": '{"x"'}}]}, None)
     assert s.delta(":1}", "stop")[1] == "tool_calls"
-    q = CallReply(None)             # streamed "required": the call whole at the end
+    q = CallReply(None)             # streamed "required": the call once its name is complete
     assert q.first_delta() == {"role": "assistant", "content": None}
     assert q.delta('{"name":"pick",', None) == ({}, None)
-    delta, reason = q.delta('"arguments":{"x":2}}', "stop")
-    assert reason == "tool_calls" and delta["tool_calls"][0]["function"] == {"name": "pick", "arguments": '{"x":2}'}
+    assert q.delta('"arguments":', None) == ({"tool_calls": [{"index": 0, **call(q, "pick", "")[0]}]}, None)
+    assert q.delta('{"x"', None) == ({"tool_calls": [{"index": 0, "function": {"arguments": '{"x"'}}]}, None)
+    assert q.delta(':2}}', "stop") == ({"tool_calls": [{"index": 0, "function": {"arguments": ':2}'}}]},
+                                       "tool_calls")
+
+
+def test_auto_calls_stream_as_their_arguments_grow():
+    """Byte by byte: each call goes out once its name is complete, its arguments as they grow
+    (a number's digits as they come), the next call after it; never text."""
+    text = '{"tool_calls": [{"name": "pick", "arguments": {"x": 12}}, {"name": "no_args", "arguments": {}}]}'
+    reply, seen = AutoReply(), []
+    for i, ch in enumerate(text):
+        delta, reason = reply.delta(ch, "stop" if i == len(text) - 1 else None)
+        seen.append((text[:i + 1], delta))
+    starts = [prefix for prefix, d in seen if any("id" in c for c in d.get("tool_calls", ()))]
+    assert [p[-11:] for p in starts] == ['arguments":', 'arguments":']
+    args = [(p, c["function"]["arguments"]) for p, d in seen for c in d.get("tool_calls", ())
+            if c["index"] == 0 and "id" not in c]
+    pieces = [a for _, a in args]        # (whitespace waits for what follows it)
+    assert "".join(pieces) == '{"x": 12}' and len(pieces) == 8 and reason == "tool_calls"
+    assert all("content" not in d for _, d in seen)
 
 
 # ----------------------------------------------------------------------------- schemas

@@ -16,8 +16,9 @@ is not used there, since it would ask for another format. A forced call keeps th
 rendering (`tools=`), and gets the instruction only where the template ignores the tools.
 
 A reply turns the generated text into OpenAI's message (`content`, `tool_calls`, finish reason
-"tool_calls" once the calls are complete) and, streaming, into deltas: a named call's arguments as
-they come, an "auto" text reply's characters as they come, other calls whole at the end.
+"tool_calls" once the calls are complete) and, streaming, into deltas as OpenAI streams them:
+an "auto" text reply's characters as they come; a call (its id, type and name) once its name is
+complete (a named function's at once), then its arguments as they grow (`_Streamed`).
 """
 from __future__ import annotations
 
@@ -145,12 +146,36 @@ def string_prefix(body: str) -> tuple[str, bool]:
         return body, False
 
 
+class _Streamed:
+    """What of each call a stream has sent: a call goes out with its id and name (and the
+    arguments known so far) once its name is complete, then its arguments as they grow."""
+
+    def __init__(self):
+        self.args: list[str] = []         # per call: its arguments' text sent so far
+
+    def deltas(self, calls: list) -> list:
+        out = []
+        for i, call in enumerate(calls):
+            args = call["function"]["arguments"]
+            if i == len(self.args):
+                self.args.append(args)
+                out.append({"index": i, **call})
+            elif len(args) > len(self.args[i]):     # (the text known grows: args extend)
+                out.append({"index": i, "function": {"arguments": args[len(self.args[i]):]}})
+                self.args[i] = args
+        return out
+
+
+def _tool_delta(entries: list) -> dict:
+    return {"tool_calls": entries} if entries else {}
+
+
 class CallReply:
     """A forced call: `named` is the function's name when the request named it (the text is its
     arguments), else None (the text is `{"name": ..., "arguments": ...}`)."""
 
     def __init__(self, named: str | None):
-        self.named, self.text, self.id = named, "", _call_id()
+        self.named, self.text, self.id, self.streamed = named, "", _call_id(), _Streamed()
 
     def call(self) -> tuple[str | None, str, bool]:
         """(the function's name, None where the text was cut before it; the arguments' text;
@@ -181,21 +206,19 @@ class CallReply:
             delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} if piece else {}
             return delta, (None if reason is None else "tool_calls" if _complete(self.text) else reason)
         if reason is None:
-            return {}, None           # the name is in the text: the call goes out whole at the end
-        return _final_delta(*self.message(self.text, reason))
-
-
-def _final_delta(content: str | None, calls: list | None, reason: str) -> tuple[dict, str]:
-    if calls is None:
-        return {"content": content}, reason
-    return {"tool_calls": [{"index": i, **c} for i, c in enumerate(calls)]}, reason
+            content, calls, _ = self.message(self.text, "")
+            return _tool_delta(self.streamed.deltas(calls or [])), None
+        content, calls, reason = self.message(self.text, reason)
+        if calls is None:
+            return {"content": content}, reason
+        return _tool_delta(self.streamed.deltas(calls)), reason
 
 
 class AutoReply:
     """tool_choice "auto": the text is `{"tool_calls": [calls]}` or `{"response": text}`."""
 
     def __init__(self):
-        self.text, self.sent, self.ids = "", 0, []
+        self.text, self.sent, self.ids, self.streamed = "", 0, [], _Streamed()
 
     def _calls(self, body: str) -> tuple[list, bool]:
         """The calls of the array that `body` begins (after its `[`), and whether it is closed."""
@@ -230,12 +253,18 @@ class AutoReply:
         return {"role": "assistant", "content": None}
 
     def delta(self, piece: str, reason: str | None) -> tuple[dict, str | None]:
-        """A text reply's new characters as they come; calls whole at the end."""
+        """A text reply's new characters as they come; calls as `_Streamed` sends them."""
         self.text += piece
         if (m := _RESPONSE.match(self.text)) is not None:
             known = string_prefix(self.text[m.end():])[0]
             new, self.sent = known[self.sent:], len(known)
             return ({"content": new} if new else {}), reason
+        if (m := _CALLS.match(self.text)) is not None:
+            calls, _ = self._calls(self.text[m.end():])
+            delta = _tool_delta(self.streamed.deltas(calls))
+            if reason is None or calls:
+                return delta, (None if reason is None else
+                               "tool_calls" if _complete(self.text) else reason)
         if reason is None:
             return {}, None
-        return _final_delta(*self.message(self.text, reason))
+        return {"content": self.text}, reason      # cut before its kind is known
