@@ -68,8 +68,8 @@ from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionR
                                    CompletionRequest, CompletionResponse, DetokenizeRequest,
                                    DetokenizeResponse, ErrorResponse, Health, ModelCard, ModelList,
                                    StreamOptions, TextPart, TokenizeChatRequest,
-                                   TokenizeCompletionRequest, TokenizeRequest, TokenizeResponse, TOKENIZE_TAGS,
-                                   Usage, Neutral, SamplingFields, MAX_PROMPT_CHARS, MAX_PROMPTS,
+                                   TokenizeCompletionRequest, TokenizeRequest, TokenizeResponse,
+                                   TOKENIZE_TAGS, Usage, Neutral, SamplingFields, MAX_PROMPT_CHARS, MAX_PROMPTS,
                                    MAX_STOP, MAX_STOP_CHARS)
 from flexkv.serve.tool_calls import reply, tool_messages
 
@@ -315,9 +315,10 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
                               "server_error")
 
     err = {"model": ErrorResponse}
-    too_large = {413: {**err, "description": "the request body is over the server's limit"}}
-    post_errors = {400: {**err, "description": "invalid request"},
-                   404: {**err, "description": "unknown model"}, **too_large,
+    request_errors = {400: {**err, "description": "invalid request"},
+                      404: {**err, "description": "unknown model"},
+                      413: {**err, "description": "the request body is over the server's limit"}}
+    post_errors = {**request_errors,
                    429: {**err, "description": "the waiting queue is full"},
                    503: {**err, "description": "the server is shutting down"}}
 
@@ -718,9 +719,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         check_model(model_id)
         return card()
 
-    @app.post("/tokenize", response_model=TokenizeResponse, responses={
-        400: {**err, "description": "invalid request"}, 404: {**err, "description": "unknown model"},
-        **too_large})
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=request_errors)
     async def tokenize(req: TokenizeRequest):
         """A prompt's token ids, or a conversation's as /v1/chat/completions makes its prompt
         (as vLLM's `/tokenize`), with `max_model_len` to check it against."""
@@ -733,9 +732,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         return TokenizeResponse(count=len(ids), max_model_len=_context_len(engine), tokens=ids,
                                 token_strs=strs)
 
-    @app.post("/detokenize", response_model=DetokenizeResponse, responses={
-        400: {**err, "description": "invalid request"}, 404: {**err, "description": "unknown model"},
-        **too_large})
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=request_errors)
     async def detokenize(req: DetokenizeRequest):
         """Token ids to text, as /v1/completions decodes them (as vLLM's `/detokenize`)."""
         check_model(req.model)
@@ -785,7 +782,8 @@ def _clean_openapi(app: FastAPI, model_name: str, engine, keyed: bool = False) -
     """The app's OpenAPI schema says what this server accepts: the 400 error body instead of
     FastAPI's 422 (never sent here), the served model's name, `max_tokens` up to the engine's
     `max_new_tokens`, token ids below the vocabulary size, the single neutral value accepted
-    for each OpenAI field that is not implemented, and (`keyed`) the bearer key `/v1` needs."""
+    for each OpenAI field that is not implemented, and (`keyed`) the bearer key the API's paths
+    need."""
     original = app.openapi
     vocab = getattr(getattr(getattr(engine, "model", None), "args", None), "vocab_size", None)
 

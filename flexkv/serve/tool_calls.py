@@ -205,13 +205,11 @@ class CallReply:
         if self.named is not None:
             delta = {"tool_calls": [{"index": 0, "function": {"arguments": piece}}]} if piece else {}
             return delta, (None if reason is None else "tool_calls" if _complete(self.text) else reason)
-        if reason is None:
-            content, calls, _ = self.message(self.text, "")
-            return _tool_delta(self.streamed.deltas(calls or [])), None
-        content, calls, reason = self.message(self.text, reason)
-        if calls is None:
-            return {"content": content}, reason
-        return _tool_delta(self.streamed.deltas(calls)), reason
+        name, args, complete = self.call()
+        if name is None:              # cut before the function's name: text, as `message`
+            return ({} if reason is None else {"content": self.text}), reason
+        delta = _tool_delta(self.streamed.deltas([_entry(self.id, name, args)]))
+        return delta, (None if reason is None else "tool_calls" if complete else reason)
 
 
 class AutoReply:
@@ -220,22 +218,22 @@ class AutoReply:
     def __init__(self):
         self.text, self.sent, self.ids, self.streamed = "", 0, [], _Streamed()
 
-    def _calls(self, body: str) -> tuple[list, bool]:
-        """The calls of the array that `body` begins (after its `[`), and whether it is closed."""
+    def _calls(self, body: str) -> list:
+        """The calls (begun) of the array that `body` begins (after its `[`)."""
         calls, pos = [], 0
         while True:
             pos = _SEP.match(body, pos).end()
             if pos == len(body) or body[pos] == "]":
-                return calls, pos < len(body)
+                return calls
             name, args, complete, length = _one_call(body[pos:])
             if name is None:
-                return calls, False
+                return calls
             pos += length
-            while len(self.ids) <= len(calls):
+            if len(self.ids) == len(calls):
                 self.ids.append(_call_id())
             calls.append(_entry(self.ids[len(calls)], name, args))
             if not complete:
-                return calls, False
+                return calls
 
     def message(self, text: str, reason: str) -> tuple[str | None, list | None, str]:
         """The whole reply, as `CallReply.message`; a text cut before its kind is known stays
@@ -244,7 +242,7 @@ class AutoReply:
         if (m := _RESPONSE.match(text)) is not None:
             return string_prefix(text[m.end():])[0], None, reason
         if (m := _CALLS.match(text)) is not None:
-            calls, _ = self._calls(text[m.end():])
+            calls = self._calls(text[m.end():])
             if calls:
                 return None, calls, "tool_calls" if _complete(text) else reason
         return text, None, reason
@@ -260,11 +258,10 @@ class AutoReply:
             new, self.sent = known[self.sent:], len(known)
             return ({"content": new} if new else {}), reason
         if (m := _CALLS.match(self.text)) is not None:
-            calls, _ = self._calls(self.text[m.end():])
-            delta = _tool_delta(self.streamed.deltas(calls))
-            if reason is None or calls:
-                return delta, (None if reason is None else
-                               "tool_calls" if _complete(self.text) else reason)
+            calls = self._calls(self.text[m.end():])
+            if calls or reason is None:
+                return _tool_delta(self.streamed.deltas(calls)), (
+                    None if reason is None else "tool_calls" if _complete(self.text) else reason)
         if reason is None:
             return {}, None
         return {"content": self.text}, reason      # cut before its kind is known
