@@ -25,13 +25,13 @@ follow (a `[V]` bool mask on the engine's device): a walk of the trie of the tok
 pruned where the state dies; in a string, every token of whole plain characters that fits the
 string's length limit is allowed without a walk. Masks are memoized, keyed by what a token can
 see of each thread's stacks (their top `closers + 1` frames, each way below a fork, `closers`
-the most closing brackets any one token holds, and whether they go deeper). The serving engine (`flexkv.serve.penalties`) advances a request's state by
-each token it produces and bans the tokens outside the mask before choosing. Its stop tokens
-(end of sequence) are allowed once the value is complete, beside what may still continue it (a
-top-level number's digits; nothing after an object: whitespace only while no stop token may be
-chosen: none under `ignore_eos`, or `min_tokens` not reached). Outside strings, whitespace tokens
-are banned after `MAX_WS_RUN` whitespace bytes in a row (a model in JSON mode can otherwise emit
-newlines forever).
+the most closing brackets any one token holds, and whether they go deeper). The serving engine
+(`flexkv.serve.penalties`) advances a request's state by each token it produces and bans the
+tokens outside the mask before choosing. Its stop tokens (end of sequence) are allowed once the
+value is complete, beside what may still continue it (a top-level number's digits; nothing
+after an object: whitespace only while no stop token may be chosen: none under `ignore_eos`, or
+`min_tokens` not reached). Outside strings, whitespace tokens are banned after `MAX_WS_RUN`
+whitespace bytes in a row (a model in JSON mode can otherwise emit newlines forever).
 """
 from __future__ import annotations
 
@@ -332,8 +332,8 @@ def _step(g: Grammar, thread: tuple, b: int) -> list:
 
 
 def step(g: Grammar, state: frozenset, b: int) -> frozenset:
-    """The state after byte `b` (empty where `b` cannot follow). Threads alike but for what lies
-    below their top frame become one, whose top sits on all of theirs."""
+    """The state after byte `b` (empty where `b` cannot follow). The threads of one `(mode,
+    extra)` become one, on all their stacks (`_by_frame`)."""
     out = [t for thread in state for t in _step(g, thread, b)]
     if len(out) < 2:
         return frozenset(out)
@@ -345,7 +345,8 @@ def step(g: Grammar, state: frozenset, b: int) -> frozenset:
 
 
 def _by_frame(stacks: frozenset) -> frozenset:
-    """`stacks` with those of one top frame as one node, on all the stacks below them."""
+    """`stacks` with those of one top frame as one node, on all the stacks below them (below it,
+    alike frames merge in turn when they come to the top)."""
     if len(stacks) < 2:
         return stacks
     below: dict = {}
