@@ -382,6 +382,13 @@ def test_the_openai_client_calls_tools(server):
         assert ch.finish_reason == "tool_calls" and ch.message.content is None
         _check_calls([c.model_dump() for c in ch.message.tool_calls],
                      ("pick",) if ch is named else ("pick", "no_args"))
+    # streamed: the SDK's chunk types parse every delta, and the calls put together are whole
+    chunks = list(oc.chat.completions.create(model=NAME, messages=msgs, tools=TOOLS, max_tokens=150,
+                                             parallel_tool_calls=False, temperature=0,
+                                             logit_bias=bias, stream=True))
+    deltas = [c.choices[0].delta.model_dump(exclude_none=True) for c in chunks if c.choices]
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    _check_calls(assemble(deltas))
 
 
 @pytest.mark.parametrize("body, message", [
