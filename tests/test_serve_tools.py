@@ -283,6 +283,7 @@ def _post(c, body: dict) -> tuple[dict, str]:
     for e in events[:-1]:
         (ch,) = e["choices"]
         d = ch["delta"]
+        assert d or ch["finish_reason"], e              # no event that says nothing
         if d.get("content"):
             msg["content"] = (msg["content"] or "") + d["content"]
         for tc in d.get("tool_calls") or ():

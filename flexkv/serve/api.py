@@ -555,8 +555,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
     def stream_response(prep: _Prepared, handles: list, rid: str, kind: str, created: int,
                         choice, first=None) -> StreamingResponse:
         """Server-sent events of one request: `choice(index, piece, reason, logprobs)` makes an
-        event's choice (`first(index)`, if given, is each choice's first event, before any
-        token); every event is the OpenAI envelope of `kind` ("text_completion" /
+        event's choice, or None where a token's piece says nothing (`first(index)`, if given, is
+        each choice's first event, before any token); every event is the OpenAI envelope of `kind` ("text_completion" /
         "chat.completion.chunk"), with `usage` null in each and a last usage-only event when the
         request asked for usage. Several choices (a batch, `n`) stream interleaved, each event
         naming its choice's index; each choice ends with one event carrying its finish reason."""
@@ -614,8 +614,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
                     text = texts[i]
                     if token_id is not None:
                         piece = text.add(token_id)
-                        if piece:
-                            yield _sse(event([choice(i, piece, None, new_logprobs(i))]))
+                        if piece and (c := choice(i, piece, None, new_logprobs(i))) is not None:
+                            yield _sse(event([c]))
                         if not text.stopped:
                             continue
                         handles[i].cancel()
@@ -686,6 +686,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
                 delta = {"content": piece} if delta is None else delta
                 if reason is not None and not piece and calls is None:
                     delta = {}
+                if not delta and reason is None and logprobs is None:
+                    return None           # nothing to say (a tool call's wrapper): no event
                 return {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": reason}
             def first(i):
                 delta = calls[i].first_delta() if calls else {"role": "assistant", "content": ""}
