@@ -3,7 +3,8 @@ with tools), "required" and a named function.
 
 - The reply's text -> OpenAI's message and stream deltas (hypothesis: any calls or text reply,
   any whitespace, cut anywhere, streamed in any pieces): a text reply streams exactly its
-  characters, calls come back with their names and arguments, a cut reply never raises.
+  characters; calls come back with their names and arguments, streamed from the moment a name
+  is complete, put together (as the openai SDK does) the same; a cut reply never raises.
 - The schema each mode generates under accepts what it should and nothing else.
 - The prompt: "auto" states the tools and its format in a system message and shows earlier turns
   in it; a forced call keeps the template's tool rendering, with the instruction only where the
