@@ -324,7 +324,8 @@ def test_forced_tool_calls(server, stream):
                 {"role": "tool", "tool_call_id": msg["tool_calls"][0]["id"], "content": "picked"}]
         for choice in ("none", "auto", "required"):
             msg, reason = _post(c, {"messages": msgs, "tools": TOOLS, "tool_choice": choice,
-                                    "max_tokens": 4, "stream": stream})
+                                    "max_tokens": 4, "stream": stream, "temperature": 0,
+                                    "ignore_eos": True})
             assert reason == "length" and msg["tool_calls"] is None      # the prompt rendered
 
 

@@ -1459,6 +1459,25 @@ def test_tokenize_and_detokenize(client, model_tok):
         "/detokenize", json={"tokens": [1, VOCAB]}).json()["error"]["message"]
 
 
+def test_a_schema_over_its_mask_time_is_a_400_or_an_error_event(client, monkeypatch):
+    """A structured request ended by the engine for its masks' time (`MAX_MASK_SECONDS`): a 400
+    with code `schema_too_costly` that says why, or streamed, an error event and then [DONE];
+    the server answers the next request."""
+    import flexkv.serve.penalties as penalties
+
+    monkeypatch.setattr(penalties, "MAX_MASK_SECONDS", -1.0)
+    body = {"prompt": "hi", "max_tokens": 8, "response_format": {"type": "json_object"}}
+    r = client.post("/v1/completions", json=body)
+    assert r.status_code == 400, r.text
+    e = r.json()["error"]
+    assert e["code"] == "schema_too_costly" and e["message"].startswith("structured output: "), e
+    with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "schema_too_costly"
+    monkeypatch.setattr(penalties, "MAX_MASK_SECONDS", 10.0)
+    assert client.post("/v1/completions", json=body).status_code == 200
+
+
 # ----------------------------------------------------------------------------- body size
 def test_a_body_over_the_limit_is_a_413(model_tok):
     """`build_app(max_body_bytes=)`: a body over it is a 413 with OpenAI's error body, whether

@@ -71,6 +71,7 @@ from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionR
                                    TokenizeCompletionRequest, TokenizeRequest, TokenizeResponse,
                                    TOKENIZE_TAGS, Usage, Neutral, SamplingFields, MAX_PROMPT_CHARS, MAX_PROMPTS,
                                    MAX_STOP, MAX_STOP_CHARS)
+from flexkv.serve.penalties import OVER_BUDGET
 from flexkv.serve.tool_calls import reply, tool_messages
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -477,6 +478,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         if r == "cancelled":
             raise APIError(503, "the request was cancelled: the server is shutting down",
                            "server_error", code="cancelled")
+        if (handle.error or "").startswith(OVER_BUDGET):      # the schema cost too much
+            raise APIError(400, handle.error, code="schema_too_costly")
         raise APIError(500, f"the engine failed on this request (finish_reason {r!r})", "server_error")
 
     def usage(prep: _Prepared, handles: list, texts: list) -> dict:

@@ -57,7 +57,7 @@ from flexkv.generate import (Prefill, compiled_decode, compiled_prefill, cuda_gr
 from flexkv.policies import make_policy
 from flexkv.serve.json_mode import JsonVocab
 from flexkv.serve.metrics import RequestLatency
-from flexkv.serve.penalties import SlotAdjustments
+from flexkv.serve.penalties import SlotAdjustments, over_budget_error
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
 from flexkv.serve.sampling import cut_hint, sample_slots
 
@@ -791,8 +791,12 @@ class Engine:
             self._counters["tokens_generated_total"] += 1
             if req.generated >= h.params.max_tokens:
                 h._finish("length")
-                self._latency.finished(h)
-                self._free(slot)
+            elif self._adjust.over_budget(slot):      # its schema's masks took too long
+                h._finish("error", over_budget_error())
+            else:
+                continue
+            self._latency.finished(h)
+            self._free(slot)
 
     def _free(self, slot: int) -> None:
         """The request in `slot` is done: the row is emptied and the slot is free at once."""

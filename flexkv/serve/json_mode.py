@@ -395,12 +395,13 @@ def _string_room(g: Grammar, state: frozenset):
 
 
 class JsonRequest:
-    """One request's recognizer: its grammar, its state and the run of structural whitespace
-    bytes (outside strings) its text ends with (models in JSON mode can otherwise emit newlines
-    forever)."""
+    """One request's recognizer: its grammar, its state, the run of structural whitespace bytes
+    (outside strings) its text ends with (models in JSON mode can otherwise emit newlines
+    forever), and the engine's seconds spent on it (`flexkv.serve.penalties` bounds them)."""
 
     def __init__(self, grammar: Grammar = JSON_OBJECT):
         self.grammar, self.state, self.ws_run = grammar, initial(grammar), 0
+        self.seconds = 0.0      # the engine's time on this request's states and masks so far
 
     @property
     def done(self) -> bool:

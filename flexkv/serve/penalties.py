@@ -23,10 +23,23 @@ Logprobs (`SamplingParams.logprobs`) stay those of the raw logits, as vLLM repor
 """
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import Tensor
 
 from flexkv.serve.json_mode import MAX_WS_RUN, JsonRequest
+
+MAX_MASK_SECONDS = 10.0   # the engine's time one structured request may take for its recognizer
+                          # and masks, all told (the other requests wait on that thread)
+OVER_BUDGET = "structured output: "   # how the error of a request ended for it begins
+
+
+def over_budget_error() -> str:
+    return (f"{OVER_BUDGET}the schema's token masks took more than {MAX_MASK_SECONDS:g} s of the "
+            "engine's time for this request (its patterns or alternatives kept reaching new "
+            "states), so it was ended, for the other requests to go on; a simpler schema, or "
+            "fewer distinct patterns, stays within it")
 
 
 class SlotAdjustments:
@@ -88,18 +101,26 @@ class SlotAdjustments:
         be chosen (none under `ignore_eos`, or `min_tokens` not reached); whitespace tokens are
         banned after a run of `MAX_WS_RUN` structural whitespace bytes."""
         req, stops = self._json[slot]
+        start = time.perf_counter()
         allow = self._tensor("allow", True, torch.bool)
         if req.done and len(stops) and slot not in self._ban:
             rest = req.open_threads
             allow[slot] = self._json_vocab().allowed(req.grammar, rest)[0] if rest else False
             allow[slot, stops] = True
-            return
-        mask, some = self._json_vocab().allowed(req.grammar, req.state)
-        if not req.done and req.ws_run >= MAX_WS_RUN:
-            mask = mask & ~self._json_vocab().ws_start
-        allow[slot] = mask
-        if req.done or not some:
-            allow[slot, stops] = True
+        else:
+            mask, some = self._json_vocab().allowed(req.grammar, req.state)
+            if not req.done and req.ws_run >= MAX_WS_RUN:
+                mask = mask & ~self._json_vocab().ws_start
+            allow[slot] = mask
+            if req.done or not some:
+                allow[slot, stops] = True
+        req.seconds += time.perf_counter() - start
+
+    def over_budget(self, slot: int) -> bool:
+        """Whether `slot`'s structured request has taken more than `MAX_MASK_SECONDS` of the
+        engine's time for its recognizer and masks (a schema whose states keep needing new
+        masks: the engine ends it, so that the other requests go on)."""
+        return slot in self._json and self._json[slot][0].seconds > MAX_MASK_SECONDS
 
     def admit(self, slot: int, params, prompt: list[int], stop_ids) -> None:
         """Write `slot`'s rows for a request with `params` (a `SamplingParams`), its prompt ids and
@@ -184,7 +205,10 @@ class SlotAdjustments:
         if slot not in self._json:
             return
         data = self._json_vocab().bytes_of.get(token)
-        if data and self._json[slot][0].advance(data):   # (the mask let only such tokens through)
+        req, start = self._json[slot][0], time.perf_counter()
+        moved = bool(data) and req.advance(data)         # (the mask let only such tokens through)
+        req.seconds += time.perf_counter() - start
+        if moved:
             self._write_allow(slot)
 
     def produced(self, slot: int, n: int) -> None:
