@@ -4,7 +4,9 @@ First, structured output (`response_format` "json_object" or "json_schema"): eve
 cannot continue the request's JSON value is banned (-inf; `flexkv.serve.json_mode`; once the
 value is complete, everything but its stop tokens and what may still continue it); the host
 advances the request's recognizer by each token it produces (the engine reads the tokens
-anyway) and writes its row of the mask. Then:
+anyway) and writes its row of the mask, counting the time that takes: past `MAX_MASK_SECONDS`
+the engine ends the request (`over_budget`), since every other request waits on that thread.
+Then:
 
 1. `min_tokens` (vLLM's): the request's stop token ids (end-of-sequence included unless
    `ignore_eos`) are banned (-inf) until it has produced `min_tokens` tokens;
