@@ -1,11 +1,12 @@
 """The OpenAI-compatible server (`flexkv serve`, flexkv/serve/api.py) over the real Engine.
 
 A tiny random llama (tests/helpers.py, 256-token context) with a byte-level tokenizer built in
-code (one token per byte, a chat template) is served by uvicorn in a background thread on a free
-loopback port; the tests talk to it over real HTTP with httpx (sync and async) and the `openai`
-client (when installed). Engines: `main` (4 slots) for the API tests, `fuzz` (at most 4 new
-tokens) for schemathesis, `aux` (1 slot, 200 new tokens) for the disconnect tests, and `held`
-(an engine the test itself starts) for the queue-full test.
+code (`helpers.byte_tokenizer`: one token per byte, a chat template) is served by uvicorn in a
+background thread on a free loopback port; the tests talk to it over real HTTP with httpx (sync
+and async) and the `openai` client (when installed). Engines: `main` (4 slots) for the API
+tests, `fuzz` (at most 4 new tokens) for schemathesis, `aux` (1 slot, 200 new tokens) for the
+disconnect tests, `held` (an engine the test itself starts) for the queue-full test, and apps
+of their own for the API key and the body limit. Tool calls: tests/test_serve_tools.py.
 """
 from __future__ import annotations
 
