@@ -637,6 +637,7 @@ def test_a_request_over_its_mask_time_is_ended_and_the_others_go_on(tiny64, monk
     assert costly.finish_reason == "error" and len(costly.tokens) == 1
     assert costly.error.startswith(penalties.OVER_BUDGET) and "more than -1 s" in costly.error
     assert plain.tokens == solo(tiny64, prompt, 12, 8, "full", {})[0]
+    assert eng.metrics()["structured_over_budget_total"] == 1
     monkeypatch.setattr(penalties, "MAX_MASK_SECONDS", 10.0)
     again = eng.generate([prompt], SamplingParams(max_tokens=12, response_format="json_object"))[0]
     assert again and bytes(again)[:1] in (b"{", b" ", b"\n", b"\t", b"\r")

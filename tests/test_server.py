@@ -1477,6 +1477,7 @@ def test_a_schema_over_its_mask_time_is_a_400_or_an_error_event(client, monkeypa
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "schema_too_costly"
     monkeypatch.setattr(penalties, "MAX_MASK_SECONDS", 10.0)
     assert client.post("/v1/completions", json=body).status_code == 200
+    assert _metrics(client)["flexkv_structured_over_budget_total"] >= 2
 
 
 # ----------------------------------------------------------------------------- body size

@@ -324,6 +324,7 @@ class Engine:
                               requests_finished_total=0, requests_submitted_total=0,
                               decode_steps_total=0, prefill_chunks_total=0, prefills_shared_total=0,
                               prefix_cache_hits_total=0, prefix_cache_tokens_total=0,
+                              structured_over_budget_total=0,
                               prefill_seconds_total=0.0, decode_seconds_total=0.0)
 
     # ------------------------------------------------------------------ public API
@@ -399,7 +400,8 @@ class Engine:
         chunk is synchronized before its time is read, so its kernels are not counted as the
         next decode step's). Their sum against elapsed time is how busy the engine was. Once a
         request asked for structured output: the masks computed, their seconds (the token
-        tables' build included) and the masks kept."""
+        tables' build included) and the masks kept; and always the structured requests ended
+        for their masks' time (`structured_over_budget_total`)."""
         with self._lock:
             used = sum(r is not None for r in self._slots)
             out = dict(running=len(self._decoding), prefilling=len(self._prefilling),
@@ -793,6 +795,7 @@ class Engine:
                 h._finish("length")
             elif self._adjust.over_budget(slot):      # its schema's masks took too long
                 h._finish("error", over_budget_error())
+                self._counters["structured_over_budget_total"] += 1
             else:
                 continue
             self._latency.finished(h)
