@@ -103,16 +103,17 @@ class SlotAdjustments:
         be chosen (none under `ignore_eos`, or `min_tokens` not reached); whitespace tokens are
         banned after a run of `MAX_WS_RUN` structural whitespace bytes."""
         req, stops = self._json[slot]
+        vocab = self._json_vocab()         # (its tables, built once, are not this request's time)
         start = time.perf_counter()
         allow = self._tensor("allow", True, torch.bool)
         if req.done and len(stops) and slot not in self._ban:
             rest = req.open_threads
-            allow[slot] = self._json_vocab().allowed(req.grammar, rest)[0] if rest else False
+            allow[slot] = vocab.allowed(req.grammar, rest)[0] if rest else False
             allow[slot, stops] = True
         else:
-            mask, some = self._json_vocab().allowed(req.grammar, req.state)
+            mask, some = vocab.allowed(req.grammar, req.state)
             if not req.done and req.ws_run >= MAX_WS_RUN:
-                mask = mask & ~self._json_vocab().ws_start
+                mask = mask & ~vocab.ws_start
             allow[slot] = mask
             if req.done or not some:
                 allow[slot, stops] = True
