@@ -97,8 +97,8 @@ class _Parser:
         if c in ("*", "+", "?"):
             self.i += 1
             lo, hi = {"*": (0, None), "+": (1, None), "?": (0, 1)}[c]
-        elif c == "{" and self._counted():
-            lo, hi = self._counted()
+        elif c == "{" and (counted := self._counted()):
+            lo, hi = counted
             self.i = self.s.index("}", self.i) + 1
         else:
             return atom
