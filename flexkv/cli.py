@@ -53,6 +53,16 @@ def _positive_int(text: str) -> int:
     return v
 
 
+def _positive_seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not v > 0:      # (NaN fails this too; "inf" is no bound)
+        raise argparse.ArgumentTypeError(f"expected a number of seconds > 0 (inf: no bound), got {text!r}")
+    return v
+
+
 def _device(name: str | None) -> str:
     import torch
 
@@ -388,7 +398,7 @@ def cmd_serve(args) -> int:
           max_waiting=args.max_waiting, host=args.host, port=args.port, device=device,
           dtype=args.dtype, compile=args.compile, compile_prefill=args.compile_prefill,
           prefix_cache_memory=args.prefix_cache_memory, served_model_name=args.served_model_name,
-          sock=sock, tp=tp, api_key=api_key, **params)
+          sock=sock, tp=tp, api_key=api_key, max_mask_seconds=args.max_mask_seconds, **params)
     return 0
 
 
@@ -524,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "Bearer KEY' (the openai client's api_key), else 401; default: the "
                    "FLEXKV_API_KEY environment variable, else no key (/health and /metrics stay "
                    "open)")
+    s.add_argument("--max-mask-seconds", type=_positive_seconds, default=10.0, metavar="S",
+                   help="the engine's time one structured-output request (response_format, "
+                   "tools) may take for its token masks in all; past it the request ends with a "
+                   "400 (schema_too_costly), as every other request waits on that thread "
+                   "(default 10; inf: no bound)")
     s.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                    help="compile the decode step (default: the engine's choice)")
     s.add_argument("--compile-prefill", action=argparse.BooleanOptionalAction, default=False,

@@ -620,27 +620,41 @@ def test_an_enum_and_a_number_end_where_they_should(tiny64):  # noqa: F811 (the 
     assert bytes(digits) == b"77777"
 
 
-def test_a_request_over_its_mask_time_is_ended_and_the_others_go_on(tiny64, monkeypatch):  # noqa: F811
-    """A structured request whose recognizer and masks take more than `MAX_MASK_SECONDS` of the
-    engine's time ends with finish reason "error" and a message that says why; a plain request
-    beside it still equals `flexkv.generate`, and the engine takes the next structured one."""
+def test_a_request_over_its_mask_time_is_ended_and_the_others_go_on(tiny64):  # noqa: F811
+    """A structured request whose recognizer and masks take more than the engine's
+    `max_mask_seconds` ends with finish reason "error" and a message that says why; a plain
+    request beside it still equals `flexkv.generate`, and its freed slot serves the next
+    request as a fresh one; the default bound lets the same request through."""
     import flexkv.serve.penalties as penalties
 
-    eng = Engine(tiny64, ByteTokenizer(), "full", max_slots=2, max_new_tokens=12, max_prompt_tokens=30,
-                 prefill_chunk=8)
     prompt = random_prompt(10, 5, tiny64.args.vocab_size)
-    monkeypatch.setattr(penalties, "MAX_MASK_SECONDS", -1.0)      # every request is over it
-    costly = eng.submit(prompt, SamplingParams(max_tokens=12, response_format="json_object"))
+    structured = SamplingParams(max_tokens=12, response_format="json_object")
+    eng = Engine(tiny64, ByteTokenizer(), "full", max_slots=2, max_new_tokens=12, max_prompt_tokens=30,
+                 prefill_chunk=8, max_mask_seconds=1e-9)    # every structured request is over it
+    costly = eng.submit(prompt, structured)
     plain = eng.submit(prompt, SamplingParams(max_tokens=12, ignore_eos=True))
     while eng.has_work():
         eng.step()
     assert costly.finish_reason == "error" and len(costly.tokens) == 1
-    assert costly.error.startswith(penalties.OVER_BUDGET) and "more than -1 s" in costly.error
-    assert plain.tokens == solo(tiny64, prompt, 12, 8, "full", {})[0]
+    assert costly.error.startswith(penalties.OVER_BUDGET) and "more than 1e-09 s" in costly.error
+    solo_tokens = solo(tiny64, prompt, 12, 8, "full", {})[0]
+    assert plain.tokens == solo_tokens
     assert eng.metrics()["structured_over_budget_total"] == 1
-    monkeypatch.setattr(penalties, "MAX_MASK_SECONDS", 10.0)
-    again = eng.generate([prompt], SamplingParams(max_tokens=12, response_format="json_object"))[0]
-    assert again and bytes(again)[:1] in (b"{", b" ", b"\n", b"\t", b"\r")
+    again = eng.generate([prompt, prompt], SamplingParams(max_tokens=12, ignore_eos=True))
+    assert again == [solo_tokens, solo_tokens]                # both slots as fresh ones
+    free = Engine(tiny64, ByteTokenizer(), "full", max_slots=1, max_new_tokens=12,
+                  max_prompt_tokens=30, prefill_chunk=8)     # the default bound, 10 s
+    out = free.submit(prompt, structured)
+    while free.has_work():
+        free.step()
+    assert out.finish_reason != "error" and bytes(out.tokens)[:1] in (b"{", b" ", b"\n", b"\t", b"\r")
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), True, "5", None])
+def test_max_mask_seconds_is_checked(tiny64, bad):  # noqa: F811 (the fixture)
+    with pytest.raises(ValueError, match=r"max_mask_seconds must be a number of seconds > 0"):
+        Engine(tiny64, ByteTokenizer(), "full", max_slots=1, max_new_tokens=4,
+               max_prompt_tokens=30, max_mask_seconds=bad)
 
 
 def test_sampling_params_check_the_schema(tiny64):  # noqa: F811 (the fixture)

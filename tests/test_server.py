@@ -1460,24 +1460,27 @@ def test_tokenize_and_detokenize(client, model_tok):
         "/detokenize", json={"tokens": [1, VOCAB]}).json()["error"]["message"]
 
 
-def test_a_schema_over_its_mask_time_is_a_400_or_an_error_event(client, monkeypatch):
-    """A structured request ended by the engine for its masks' time (`MAX_MASK_SECONDS`): a 400
+def test_a_schema_over_its_mask_time_is_a_400_or_an_error_event(model_tok):
+    """A structured request ended by the engine for its masks' time (`max_mask_seconds`): a 400
     with code `schema_too_costly` that says why, or streamed, an error event and then [DONE];
     the server answers the next request."""
-    import flexkv.serve.penalties as penalties
-
-    monkeypatch.setattr(penalties, "MAX_MASK_SECONDS", -1.0)
+    model, tok = model_tok
+    engine = Engine(model, tok, policy="h2o", budget=32, max_slots=1, max_new_tokens=8,
+                    max_waiting=4, compile=False, max_mask_seconds=1e-9)  # every one is over it
     body = {"prompt": "hi", "max_tokens": 8, "response_format": {"type": "json_object"}}
-    r = client.post("/v1/completions", json=body)
-    assert r.status_code == 400, r.text
-    e = r.json()["error"]
-    assert e["code"] == "schema_too_costly" and e["message"].startswith("structured output: "), e
-    with client.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
-        events = sse_events(r)
-    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "schema_too_costly"
-    monkeypatch.setattr(penalties, "MAX_MASK_SECONDS", 10.0)
-    assert client.post("/v1/completions", json=body).status_code == 200
-    assert _metrics(client)["flexkv_structured_over_budget_total"] >= 2
+    with BackgroundServer(build_app(engine, NAME)) as srv, \
+            httpx.Client(base_url=srv.url, timeout=60) as c:
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 400, r.text
+        e = r.json()["error"]
+        assert e["code"] == "schema_too_costly" and e["message"].startswith("structured output: ")
+        assert "more than 1e-09 s" in e["message"], e
+        with c.stream("POST", "/v1/completions", json=body | {"stream": True}) as r:
+            events = sse_events(r)
+        assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "schema_too_costly"
+        plain = {"prompt": "hi", "max_tokens": 3}
+        assert c.post("/v1/completions", json=plain).status_code == 200
+        assert _metrics(c)["flexkv_structured_over_budget_total"] == 2
 
 
 # ----------------------------------------------------------------------------- body size
@@ -1565,7 +1568,10 @@ def test_cli_serve_bad_arguments_exit_2(tiny_chat_dir, capsys):
                           (["--policy", "nope"], "nope"), (["--max-waiting", "0"], "--max-waiting"),
                           (["--kv-memory", "lots"], "kv_memory"),
                           (["--prefix-cache-memory", "0"], "--prefix-cache-memory"),
-                          (["--api-key", " "], "--api-key")]:
+                          (["--api-key", " "], "--api-key"),
+                          (["--max-mask-seconds", "0"], "--max-mask-seconds"),
+                          (["--max-mask-seconds", "nan"], "--max-mask-seconds"),
+                          (["--max-mask-seconds", "soon"], "--max-mask-seconds")]:
         assert cli(base + extra) == 2, extra
         err = capsys.readouterr().err
         assert needle in err, (extra, err)
@@ -1587,15 +1593,17 @@ def test_cli_serve_passes_its_engine_options(tiny_chat_dir):
                     "--budget", "16", "--param", "recent=4", "--max-slots", "3",
                     "--max-new-tokens", "8", "--max-prompt-tokens", "64", "--prefill-chunk", "8",
                     "--compile-prefill", "--no-compile", "--max-waiting", "5",
-                    "--prefix-cache-memory", "1GiB", "--api-key", "s3cret"]) == 0
+                    "--prefix-cache-memory", "1GiB", "--api-key", "s3cret",
+                    "--max-mask-seconds", "2.5"]) == 0
     (model,), kw = serve.call_args
     assert model == str(tiny_chat_dir)
     assert {k: kw[k] for k in ("policy", "budget", "recent", "max_slots", "max_new_tokens",
                                "max_prompt_tokens", "prefill_chunk", "compile_prefill",
-                               "compile", "max_waiting", "prefix_cache_memory")} == dict(
+                               "compile", "max_waiting", "prefix_cache_memory",
+                               "max_mask_seconds")} == dict(
         policy="h2o", budget=16, recent=4, max_slots=3, max_new_tokens=8, max_prompt_tokens=64,
         prefill_chunk=8, compile_prefill=True, compile=False, max_waiting=5,
-        prefix_cache_memory="1GiB")
+        prefix_cache_memory="1GiB", max_mask_seconds=2.5)
     assert kw["api_key"] == "s3cret"
     kw["sock"].close()
     for env, want in (({"FLEXKV_API_KEY": "from-env"}, "from-env"), ({}, None)):
@@ -1604,6 +1612,7 @@ def test_cli_serve_passes_its_engine_options(tiny_chat_dir):
                 __import__("os").environ.pop("FLEXKV_API_KEY", None)
             assert cli(["serve", "--model", str(tiny_chat_dir), "--port", "0"]) == 0
         assert serve.call_args[1]["api_key"] == want
+        assert serve.call_args[1]["max_mask_seconds"] == 10.0
         serve.call_args[1]["sock"].close()
 
 

@@ -947,11 +947,12 @@ def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None
           compile: bool | None = None, compile_prefill: bool = False,
           prefix_cache_memory: str | int | None = None, served_model_name: str | None = None, log_level: str = "info",
           sock: socket.socket | None = None, tp: bool = False, api_key: str | None = None,
-          **policy_params) -> None:
+          max_mask_seconds: float = 10.0, **policy_params) -> None:
     """Load `model` (a known name, provisioned on first use as `flexkv demo` does, or a local HF
     checkpoint dir), build the engine and the app, and serve it with uvicorn until interrupted.
     With `api_key`, requests to the API (`/v1`, `/tokenize`, `/detokenize`) need
-    `Authorization: Bearer <api_key>`.
+    `Authorization: Bearer <api_key>`. `max_mask_seconds`: the engine's time one structured-output
+    request may take for its token masks (`Engine`).
 
     `tp=True` (every rank of an initialised process group calls this, e.g. under torchrun):
     each rank loads its shard and builds the same engine; rank 0 listens and schedules, the
@@ -973,7 +974,8 @@ def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None
     engine = Engine(m, tok, policy=policy, budget=budget, max_new_tokens=max_new_tokens,
                     prefill_chunk=prefill_chunk, max_prompt_tokens=max_prompt_tokens,
                     max_waiting=max_waiting, compile=compile, compile_prefill=compile_prefill,
-                    prefix_cache_memory=prefix_cache_memory, **slots, **policy_params)
+                    prefix_cache_memory=prefix_cache_memory, max_mask_seconds=max_mask_seconds,
+                    **slots, **policy_params)
     shard = shard_of(m)
     if shard.rank != 0:
         engine.follow()

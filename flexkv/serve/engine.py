@@ -57,7 +57,7 @@ from flexkv.generate import (Prefill, compiled_decode, compiled_prefill, cuda_gr
 from flexkv.policies import make_policy
 from flexkv.serve.json_mode import JsonVocab
 from flexkv.serve.metrics import RequestLatency
-from flexkv.serve.penalties import SlotAdjustments, over_budget_error
+from flexkv.serve.penalties import MAX_MASK_SECONDS, SlotAdjustments, over_budget_error
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
 from flexkv.serve.sampling import cut_hint, sample_slots
 
@@ -202,7 +202,10 @@ class Engine:
     prefill's cache after every chunk that is not a prompt's last, within that memory, so a
     prompt that begins with the same chunk-aligned tokens as an earlier one (a shared system
     prompt or document, a chat's earlier turns) skips those chunks; its tokens are the same.
-    Extra keyword arguments are the policy's parameters, as in `flexkv.generate`.
+    `max_mask_seconds` (default 10) is the engine's time a structured-output request (JSON mode,
+    a JSON Schema) may take for its recognizer and token masks in all, since every other request
+    waits on that thread: past it the request ends with finish reason "error" (`math.inf`: no
+    bound). Extra keyword arguments are the policy's parameters, as in `flexkv.generate`.
 
     On a tensor-parallel model (`flexkv.load_model(..., tp=True)`) build the engine on every rank
     with the same arguments; then either call the same `generate` on every rank, or submit on
@@ -214,7 +217,8 @@ class Engine:
     def __init__(self, model, tokenizer=None, policy="full", budget=None, *, max_slots: int | None = None,
                  kv_memory=None, max_new_tokens: int = 256, max_prompt_tokens: int | None = None,
                  prefill_chunk: int | None = 512, max_waiting: int = 256, compile: bool | None = None,
-                 compile_prefill: bool = False, prefix_cache_memory=None, **policy_params):
+                 compile_prefill: bool = False, prefix_cache_memory=None,
+                 max_mask_seconds: float = MAX_MASK_SECONDS, **policy_params):
         a = model.args
         ctx = a.max_position_embeddings
         if not _is_int(max_new_tokens) or not 1 <= max_new_tokens < ctx:
@@ -245,6 +249,10 @@ class Engine:
                                  "(every rank would have to keep the same entries); leave it None")
         if not _is_int(max_waiting) or max_waiting < 1:
             raise ValueError(f"max_waiting must be an int >= 1, got {max_waiting!r}")
+        if (isinstance(max_mask_seconds, bool) or not isinstance(max_mask_seconds, (int, float))
+                or not max_mask_seconds > 0):
+            raise ValueError("max_mask_seconds must be a number of seconds > 0 (math.inf: no "
+                             f"bound), got {max_mask_seconds!r}")
         if max_slots is not None and kv_memory is not None:
             raise ValueError("give max_slots or kv_memory, not both")
         self.model, self.tokenizer = model, tokenizer
@@ -307,7 +315,8 @@ class Engine:
         self._logprob_slots: set[int] = set()  # decoding slots whose request wants logprobs
         self._adjust = SlotAdjustments(S, a.vocab_size, dev,  # penalties, logit_bias, min_tokens,
                                        next(model.parameters()).dtype,  # JSON mode
-                                       json_vocab=self._json_vocab)
+                                       json_vocab=self._json_vocab,
+                                       max_mask_seconds=float(max_mask_seconds))
         self._json: JsonVocab | None = None
         self._latency = RequestLatency()
         self._prefilling: deque[int] = deque()  # slots whose prompt is being prefilled, oldest first
@@ -794,7 +803,7 @@ class Engine:
             if req.generated >= h.params.max_tokens:
                 h._finish("length")
             elif self._adjust.over_budget(slot):      # its schema's masks took too long
-                h._finish("error", over_budget_error())
+                h._finish("error", over_budget_error(self._adjust.max_mask_seconds))
                 self._counters["structured_over_budget_total"] += 1
             else:
                 continue

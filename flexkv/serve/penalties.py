@@ -4,8 +4,9 @@ First, structured output (`response_format` "json_object" or "json_schema"): eve
 cannot continue the request's JSON value is banned (-inf; `flexkv.serve.json_mode`; once the
 value is complete, everything but its stop tokens and what may still continue it); the host
 advances the request's recognizer by each token it produces (the engine reads the tokens
-anyway) and writes its row of the mask, counting the time that takes: past `MAX_MASK_SECONDS`
-the engine ends the request (`over_budget`), since every other request waits on that thread.
+anyway) and writes its row of the mask, counting the time that takes: past the engine's
+`max_mask_seconds` (default `MAX_MASK_SECONDS`) it ends the request (`over_budget`), since every
+other request waits on that thread.
 Then:
 
 1. `min_tokens` (vLLM's): the request's stop token ids (end-of-sequence included unless
@@ -32,13 +33,13 @@ from torch import Tensor
 
 from flexkv.serve.json_mode import MAX_WS_RUN, JsonRequest
 
-MAX_MASK_SECONDS = 10.0   # the engine's time one structured request may take for its recognizer
-                          # and masks, all told (the other requests wait on that thread)
+MAX_MASK_SECONDS = 10.0   # the default of the engine's time one structured request may take for
+                          # its recognizer and masks, all told (the other requests wait on it)
 OVER_BUDGET = "structured output: "   # how the error of a request ended for it begins
 
 
-def over_budget_error() -> str:
-    return (f"{OVER_BUDGET}the schema's token masks took more than {MAX_MASK_SECONDS:g} s of the "
+def over_budget_error(seconds: float = MAX_MASK_SECONDS) -> str:
+    return (f"{OVER_BUDGET}the schema's token masks took more than {seconds:g} s of the "
             "engine's time for this request (its patterns or alternatives kept reaching new "
             "states), so it was ended, for the other requests to go on; a simpler schema, or "
             "fewer distinct patterns, stays within it")
@@ -55,8 +56,10 @@ class SlotAdjustments:
     `choose_logits` / `choose_first` give the logits to choose from, `record` counts the tokens
     chosen, `produced` lifts the `min_tokens` ban, `free` makes the rows neutral again."""
 
-    def __init__(self, slots: int, vocab: int, device, dtype=torch.float32, json_vocab=None):
+    def __init__(self, slots: int, vocab: int, device, dtype=torch.float32, json_vocab=None,
+                 max_mask_seconds: float = MAX_MASK_SECONDS):
         self.S, self.V, self.device = slots, vocab, device
+        self.max_mask_seconds = max_mask_seconds
         self._json_vocab = json_vocab       # () -> JsonVocab, for JSON mode (built once, lazily)
         self._json: dict[int, tuple] = {}   # slot -> (its JsonRequest, its stop ids)
         self.dtype = torch.promote_types(dtype, torch.float32)
@@ -120,10 +123,10 @@ class SlotAdjustments:
         req.seconds += time.perf_counter() - start
 
     def over_budget(self, slot: int) -> bool:
-        """Whether `slot`'s structured request has taken more than `MAX_MASK_SECONDS` of the
+        """Whether `slot`'s structured request has taken more than `max_mask_seconds` of the
         engine's time for its recognizer and masks (a schema whose states keep needing new
         masks: the engine ends it, so that the other requests go on)."""
-        return slot in self._json and self._json[slot][0].seconds > MAX_MASK_SECONDS
+        return slot in self._json and self._json[slot][0].seconds > self.max_mask_seconds
 
     def admit(self, slot: int, params, prompt: list[int], stop_ids) -> None:
         """Write `slot`'s rows for a request with `params` (a `SamplingParams`), its prompt ids and
