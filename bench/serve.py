@@ -230,7 +230,8 @@ def run_server(model, tok, cfg, policy, budget, reqs, warm) -> tuple[dict, list]
                  prefill_chunk=cfg["prefill_chunk"], max_waiting=len(reqs) + 8,
                  compile=cfg["compile"], compile_prefill=cfg["compile_prefill"])
     print(f"[serve] {name}: {eng.max_slots} slots of {eng.slot_kv_bytes / 2**20:.2f} MiB", flush=True)
-    from flexkv.serve.api import BackgroundServer, build_app
+    from flexkv.serve.api import build_app
+    from flexkv.serve.server import BackgroundServer
 
     with BackgroundServer(build_app(eng, "bench")) as srv:
         t = time.perf_counter()       # warm-up through the engine thread (compiles, CUDA graphs)

@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_MODEL = "smollm2-135m-instruct"
+from flexkv.models.provision import DEFAULT_MODEL
+
 DEMO_POLICIES = ("streaming", "h2o", "snapkv", "weightedkv", "h2o+vam")
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -367,7 +368,7 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise CLIError(f"flexkv serve needs FastAPI and uvicorn ({e.name} is missing): "
                        "pip install 'flexkv[serve]'") from None
-    from flexkv.serve.api import bind_socket, serve
+    from flexkv.serve.server import bind_socket, serve
 
     params = dict(args.param or [])
     budget = args.budget if args.budget is not None else (None if args.policy == "full" else 256)

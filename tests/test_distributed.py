@@ -272,7 +272,8 @@ def test_torchrun_cli_serve(tmp_path):
     httpx = pytest.importorskip("httpx")
     pytest.importorskip("uvicorn")
     from flexkv.serve import Engine
-    from flexkv.serve.api import BackgroundServer, build_app
+    from flexkv.serve.api import build_app
+    from flexkv.serve.server import BackgroundServer
 
     d = _cli_checkpoint(tmp_path / "m")
     serve = ["serve", "--model", str(d), "--served-model-name", "tiny", "--policy", "tova",

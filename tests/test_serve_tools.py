@@ -244,7 +244,8 @@ def server(tmp_path_factory):
     pytest.importorskip("uvicorn")
     import flexkv
     from flexkv.serve import Engine
-    from flexkv.serve.api import BackgroundServer, build_app
+    from flexkv.serve.api import build_app
+    from flexkv.serve.server import BackgroundServer
     from helpers import make_checkpoint
 
     tok = byte_tokenizer()

@@ -30,7 +30,8 @@ httpx = pytest.importorskip("httpx")
 
 from flexkv.serve import Engine  # noqa: E402
 from helpers import BYTE_VOCAB, byte_tokenizer, no_whitespace_bias, sse_events  # noqa: E402
-from flexkv.serve.api import BackgroundServer, build_app  # noqa: E402
+from flexkv.serve.api import build_app  # noqa: E402
+from flexkv.serve.server import BackgroundServer  # noqa: E402
 from flexkv.serve.detokenize import IncrementalText  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # the engine thread, uvicorn and the clients share 2 cores
@@ -1584,11 +1585,11 @@ def test_cli_serve_bad_arguments_exit_2(tiny_chat_dir, capsys):
 
 
 def test_cli_serve_passes_its_engine_options(tiny_chat_dir):
-    """`flexkv serve`'s engine flags reach `flexkv.serve.api.serve` (the compiled chunk prefill
+    """`flexkv serve`'s engine flags reach `flexkv.serve.server.serve` (the compiled chunk prefill
     itself is tested in test_serve_engine.py; compiling it again here cost ~30 s of CI)."""
     from flexkv.cli import main as cli
 
-    with mock.patch("flexkv.serve.api.serve") as serve:
+    with mock.patch("flexkv.serve.server.serve") as serve:
         assert cli(["serve", "--model", str(tiny_chat_dir), "--port", "0", "--policy", "h2o",
                     "--budget", "16", "--param", "recent=4", "--max-slots", "3",
                     "--max-new-tokens", "8", "--max-prompt-tokens", "64", "--prefill-chunk", "8",
@@ -1607,7 +1608,7 @@ def test_cli_serve_passes_its_engine_options(tiny_chat_dir):
     assert kw["api_key"] == "s3cret"
     kw["sock"].close()
     for env, want in (({"FLEXKV_API_KEY": "from-env"}, "from-env"), ({}, None)):
-        with mock.patch("flexkv.serve.api.serve") as serve, mock.patch.dict("os.environ", env):
+        with mock.patch("flexkv.serve.server.serve") as serve, mock.patch.dict("os.environ", env):
             if not env:
                 __import__("os").environ.pop("FLEXKV_API_KEY", None)
             assert cli(["serve", "--model", str(tiny_chat_dir), "--port", "0"]) == 0

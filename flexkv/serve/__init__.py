@@ -1,5 +1,6 @@
 """Serving: `Engine` (continuous batching over static request slots, one compiled decode step)
-and, in `flexkv.serve.api`, the OpenAI-compatible HTTP server (needs the `serve` extra)."""
+and, in `flexkv.serve.api` (run by `flexkv.serve.server`), the OpenAI-compatible HTTP server
+(needs the `serve` extra)."""
 from flexkv.serve.engine import Engine, parse_bytes
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams
 

@@ -1,7 +1,9 @@
 """The OpenAI-compatible HTTP server over `flexkv.serve.Engine` (FastAPI + uvicorn).
 
-`build_app(engine, model_name)` returns the FastAPI app; `serve(...)` loads a model, builds the
-engine and the app and runs uvicorn (what `flexkv serve` calls).
+`build_app(engine, model_name)` returns the FastAPI app; `flexkv.serve.server.serve(...)` loads a
+model, builds the engine and the app and runs uvicorn (what `flexkv serve` calls). Beside it:
+`errors` (OpenAI-shaped error bodies), `middleware` (body limit, API key), `openapi` (the schema),
+`protocol` (the pydantic request and response models).
 
 The HTTP layer only translates (as vLLM's entrypoints do): a JSON body -> token ids (the
 tokenizer, the chat template) + `SamplingParams` -> `engine.submit` -> token ids -> text (stop
@@ -39,8 +41,8 @@ fields are a 400 ("Unrecognized request argument supplied: ..."), as OpenAI's AP
 
 Errors are OpenAI-shaped: `{"error": {"message", "type", "param", "code"}}`. Invalid requests
 (malformed JSON, wrong types, values out of range, unknown fields, over-long prompts) are 400
-with type `invalid_request_error`; an unknown model or path 404; a body over `MAX_BODY_BYTES`
-413; a request to the API without the server's `api_key` 401; a full waiting queue 429
+with type `invalid_request_error`; an unknown model or path 404; a body over
+`middleware.MAX_BODY_BYTES` 413; a request to the API without the server's `api_key` 401; a full waiting queue 429
 (type `rate_limit_error`, code `queue_full`, a `Retry-After` header); a server shutting down 503.
 A client that disconnects (streaming or not) cancels its request, which frees its slot.
 """
@@ -49,183 +51,28 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import secrets
-import socket
-import sys
 import time
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from fastapi.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from flexkv.serve import QueueFull, SamplingParams
 from flexkv.serve.detokenize import IncrementalText, TokenPieces
+from flexkv.serve.errors import APIError, engine_error_param, error_response, validation_message
 from flexkv.serve.metrics import prometheus_text
+from flexkv.serve.middleware import MAX_BODY_BYTES, BodyLimit, RequireAPIKey
+from flexkv.serve.openapi import clean_openapi, version
+from flexkv.serve.penalties import OVER_BUDGET
 from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionRequest,
-                                   ChatCompletionResponse, ChatFields, ChatMessage, CompletionChoice,
+                                   ChatCompletionResponse, ChatFields, CompletionChoice,
                                    CompletionRequest, CompletionResponse, DetokenizeRequest,
                                    DetokenizeResponse, ErrorResponse, Health, ModelCard, ModelList,
-                                   StreamOptions, TextPart, TokenizeChatRequest,
-                                   TokenizeCompletionRequest, TokenizeRequest, TokenizeResponse,
-                                   TOKENIZE_TAGS, Usage, Neutral, SamplingFields, MAX_PROMPT_CHARS, MAX_PROMPTS,
-                                   MAX_STOP, MAX_STOP_CHARS)
-from flexkv.serve.penalties import OVER_BUDGET
+                                   TokenizeChatRequest, TokenizeRequest, TokenizeResponse, Usage,
+                                   SamplingFields, MAX_PROMPTS)
 from flexkv.serve.tool_calls import reply, tool_messages
-
-DEFAULT_MODEL = "smollm2-135m-instruct"
-
-
-# --------------------------------------------------------------------------- errors
-class APIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict | None = None):
-        super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
-        self.headers = headers
-
-
-def error_response(status: int, message: str, type: str = "invalid_request_error",
-                   param: str | None = None, code: str | None = None,
-                   headers: dict | None = None) -> JSONResponse:
-    body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
-MAX_BODY_BYTES = 64 << 20   # a request body's bytes, at most (the longest prompt, 4M characters
-                            # escaped in JSON, is ~24 MB)
-
-
-class BodyLimit:
-    """ASGI middleware: a request body over `limit` bytes is a 413 with OpenAI's error body, at
-    once where its Content-Length says so, else as soon as the bytes read pass the limit (a
-    chunked body), so no body is held past it (uvicorn and FastAPI bound none by default)."""
-
-    def __init__(self, app, limit: int):
-        self.app, self.limit = app, limit
-
-    def _message(self, size: str) -> str:
-        return f"The request body is {size}; this server takes at most {self.limit} bytes."
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.limit:
-            response = error_response(413, self._message(f"{int(length)} bytes"),
-                                      code="request_too_large")
-            return await response(scope, receive, send)
-        seen = 0
-
-        async def counted():
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.limit:          # FastAPI re-raises it from reading the body
-                    raise StarletteHTTPException(413, self._message(f"over {self.limit} bytes"))
-            return message
-        await self.app(scope, counted, send)
-
-
-def _keyed(path: str) -> bool:
-    """The paths an API key guards: the API's (`/v1` and below, `/tokenize`, `/detokenize`)."""
-    return path in ("/v1", "/tokenize", "/detokenize") or path.startswith("/v1/")
-
-
-class RequireAPIKey:
-    """ASGI middleware: every request to the API's paths (`_keyed`) needs `Authorization:
-    Bearer <key>` (as OpenAI's API, and vLLM's `--api-key`), else a 401 with OpenAI's error
-    body, before anything of the request is read; `/health`, `/metrics` and the docs stay open.
-    It wraps neither `receive` nor `send`, so streaming and disconnects are as without it."""
-
-    def __init__(self, app, key: str):
-        self.app, self.key = app, key.encode()
-
-    def _allowed(self, scope) -> str | None:
-        """None when the request may go on, else why not."""
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not _keyed(scope["path"]):
-            return None
-        given = dict(scope["headers"]).get(b"authorization", b"")
-        scheme, _, token = given.partition(b" ")
-        if scheme.lower() != b"bearer" or not token.strip():
-            return ("You didn't provide an API key: this server needs one in an Authorization "
-                    "header (Authorization: Bearer YOUR_KEY).")
-        if not secrets.compare_digest(token.strip(), self.key):
-            return "Incorrect API key provided."
-        return None
-
-    async def __call__(self, scope, receive, send):
-        why = self._allowed(scope)
-        if why is None:
-            return await self.app(scope, receive, send)
-        response = error_response(401, why, code="invalid_api_key",
-                                  headers={"WWW-Authenticate": "Bearer"})
-        await response(scope, receive, send)
-
-
-def _field_names() -> set[str]:
-    names = set()
-    for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextPart, StreamOptions,
-              TokenizeCompletionRequest, TokenizeChatRequest, DetokenizeRequest):
-        names.update(m.model_fields)
-    return names
-
-
-_FIELDS = _field_names()
-
-
-def _validation_message(errors) -> tuple[str, str | None]:
-    """pydantic errors -> (one readable message, the top-level field) for the 400 body."""
-    parts, param = [], None
-    for err in errors:
-        loc = [x for x in err.get("loc", ()) if x != "body" and x not in TOKENIZE_TAGS]
-        typ = err.get("type", "")
-        msg = str(err.get("msg", "invalid value"))
-        if msg.startswith("Value error, "):
-            msg = msg[len("Value error, "):]
-        if typ == "json_invalid":
-            ctx = (err.get("ctx") or {}).get("error", "")
-            pos = loc[0] if loc and isinstance(loc[0], int) else None
-            return (f"Malformed JSON in the request body: {ctx or 'could not parse'}"
-                    + (f" (at character {pos})" if pos is not None else ""), None)
-        if typ == "missing" and not loc:
-            return "The request body must be a JSON object (got an empty body)", None
-        if typ in ("model_attributes_type", "model_type", "dict_type") and not loc:
-            return "The request body must be a JSON object", None
-        if typ == "extra_forbidden" and loc:
-            parts.append(f"Unrecognized request argument supplied: {loc[-1]}")
-            param = param or str(loc[0])
-            continue
-        # keep real field names and list indices; drop pydantic's union-member tags
-        path = [x for x in loc if isinstance(x, int) or x in _FIELDS]
-        name = "".join(f"[{x}]" if isinstance(x, int) else (f".{x}" if i else x)
-                       for i, x in enumerate(path))
-        parts.append(f"{name}: {msg}" if name else msg)
-        if param is None and path and isinstance(path[0], str):
-            param = path[0]
-        elif param is None and not path and msg.split(" ", 1)[0] in _FIELDS:
-            param = msg.split(" ", 1)[0]   # a check of several fields names the first one
-    seen = []
-    for p in parts:
-        if p not in seen:
-            seen.append(p)
-    if len(seen) > 4:
-        seen = seen[:4] + [f"... ({len(seen) - 4} more)"]
-    return "; ".join(seen) or "invalid request", param
-
-
-_ENGINE_PARAMS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "prompt", "n",
-                  "stop_token_ids", "logprobs", "presence_penalty", "frequency_penalty",
-                  "repetition_penalty", "logit_bias", "min_tokens")
-
-
-def _engine_error_param(message: str, chat: bool) -> str | None:
-    head = message.split(maxsplit=1)[0].rstrip(":,") if message else ""
-    if head.startswith("prompt"):
-        return "messages" if chat else "prompt"
-    return head if head in _ENGINE_PARAMS else None
 
 
 # --------------------------------------------------------------------------- the app
@@ -283,7 +130,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
             if start_engine:
                 await asyncio.to_thread(engine.shutdown)
 
-    app = FastAPI(title="flexkv", version=_version(), lifespan=lifespan,
+    app = FastAPI(title="flexkv", version=version(), lifespan=lifespan,
                   description="OpenAI-compatible completions over a flexkv engine "
                   f"(policy {getattr(engine, 'policy_name', '?')}).")
     app.state.engine = engine
@@ -297,7 +144,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc: RequestValidationError):
-        message, param = _validation_message(exc.errors())
+        message, param = validation_message(exc.errors())
         return error_response(400, message, param=param)
 
     @app.exception_handler(StarletteHTTPException)
@@ -400,7 +247,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
                            "rate_limit_error", code="queue_full", headers={"Retry-After": "1"}) from None
         except ValueError as e:
             msg = " ".join(str(e).split()) or "invalid request"
-            raise APIError(400, msg, param=_engine_error_param(msg, chat)) from None
+            raise APIError(400, msg, param=engine_error_param(msg, chat)) from None
         except RuntimeError as e:          # the engine is shutting down
             raise APIError(503, f"The server cannot take requests now: {e}", "server_error",
                            code="unavailable") from None
@@ -761,7 +608,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
     app.add_middleware(BodyLimit, limit=max_body_bytes)
     if api_key is not None:          # added last: the outer one, before any body is read
         app.add_middleware(RequireAPIKey, key=api_key.strip())
-    _clean_openapi(app, model_name, engine, api_key is not None)
+    clean_openapi(app, model_name, engine, api_key is not None)
     return app
 
 
@@ -783,213 +630,3 @@ class _SSEResponse(StreamingResponse):
                     h.cancel()
 
 
-def _clean_openapi(app: FastAPI, model_name: str, engine, keyed: bool = False) -> None:
-    """The app's OpenAPI schema says what this server accepts: the 400 error body instead of
-    FastAPI's 422 (never sent here), the served model's name, `max_tokens` up to the engine's
-    `max_new_tokens`, token ids below the vocabulary size, the single neutral value accepted
-    for each OpenAI field that is not implemented, and (`keyed`) the bearer key the API's paths
-    need."""
-    original = app.openapi
-    vocab = getattr(getattr(getattr(engine, "model", None), "args", None), "vocab_size", None)
-
-    def limit(prop: dict, **bounds):
-        for branch in prop.get("anyOf", [prop]):
-            if branch.get("type") == "integer":
-                branch.update(bounds)
-
-    def openapi():
-        if app.openapi_schema is None:
-            schema = original()
-            for item in schema.get("paths", {}).values():
-                for op in item.values():
-                    if isinstance(op, dict):
-                        op.get("responses", {}).pop("422", None)
-            if keyed:
-                schema.setdefault("components", {})["securitySchemes"] = {
-                    "apiKey": {"type": "http", "scheme": "bearer",
-                               "description": "the server's --api-key"}}
-                for path, item in schema.get("paths", {}).items():
-                    for op in item.values():
-                        if _keyed(path) and isinstance(op, dict):
-                            op["security"] = [{"apiKey": []}]
-                            op.setdefault("responses", {})["401"] = {
-                                "description": "no API key, or a wrong one",
-                                "content": {"application/json": {"schema": {
-                                    "$ref": "#/components/schemas/ErrorResponse"}}}}
-            comps = schema.get("components", {}).get("schemas", {})
-            comps.pop("HTTPValidationError", None)
-            comps.pop("ValidationError", None)
-            batch = min(MAX_PROMPTS, int(engine.max_waiting))   # choices (n x prompts) per request
-            for comp, table in (("CompletionRequest", Neutral.COMPLETION),
-                                ("ChatCompletionRequest", Neutral.CHAT)):
-                props = comps.get(comp, {}).get("properties", {})
-                if "model" in props:
-                    props["model"] = {"title": "Model", "enum": [model_name, None],
-                                      "description": "the served model's name (optional)"}
-                for key in ("max_tokens", "max_completion_tokens"):
-                    if key in props:
-                        limit(props[key], maximum=int(engine.max_new_tokens))
-                for name, allowed in table.items():
-                    if name in props:
-                        props[name] = {"title": props[name].get("title", name), "enum": list(allowed),
-                                       "description": "not implemented: only this neutral value"}
-                if "n" in props:
-                    props["n"]["maximum"] = batch
-                for branch in props.get("prompt", {}).get("anyOf", []):
-                    if branch.get("type") == "string":
-                        branch.update(minLength=1, maxLength=MAX_PROMPT_CHARS)
-                    elif branch.get("type") == "array":
-                        branch["minItems"] = 1
-                        items = branch.setdefault("items", {})
-                        if items.get("type") == "string":       # a batch of strings
-                            branch["maxItems"] = batch
-                            items.update(minLength=1, maxLength=MAX_PROMPT_CHARS // batch)
-                            continue
-                        if items.get("type") == "array":        # a batch of token-id lists
-                            branch["maxItems"] = batch
-                            items["minItems"] = 1
-                            items = items.setdefault("items", {})
-                        items["minimum"] = 0
-                        if vocab:
-                            items["maximum"] = int(vocab) - 1
-                for branch in props.get("logit_bias", {}).get("anyOf", []):
-                    if branch.get("type") == "object":
-                        branch["propertyNames"] = {"pattern": "^[0-9]{1,12}$"}
-                for branch in props.get("stop_token_ids", {}).get("anyOf", []):
-                    if branch.get("type") == "array":
-                        branch.setdefault("items", {})["minimum"] = 0
-                        if vocab:
-                            branch["items"]["maximum"] = int(vocab) - 1
-                for branch in props.get("stop", {}).get("anyOf", []):
-                    if branch.get("type") == "string":
-                        branch.update(minLength=1, maxLength=MAX_STOP_CHARS)
-                    elif branch.get("type") == "array":
-                        branch["maxItems"] = MAX_STOP
-                        branch.setdefault("items", {}).update(minLength=1, maxLength=MAX_STOP_CHARS)
-            tokens = comps.get("DetokenizeRequest", {}).get("properties", {}).get("tokens", {})
-            if "items" in tokens:               # ids the tokenizer decodes
-                tokens["items"]["maximum"] = len(engine.tokenizer) - 1
-            app.openapi_schema = schema
-        return app.openapi_schema
-
-    app.openapi = openapi
-
-
-def _version() -> str:
-    try:
-        from flexkv import __version__
-        return __version__
-    except Exception:  # noqa: BLE001
-        return "0"
-
-
-# --------------------------------------------------------------------------- running it
-def bind_socket(host: str, port: int) -> socket.socket:
-    """A bound (not yet listening) TCP socket for uvicorn; OSError if the address is unusable.
-    Binding before the model loads turns a taken port into an error at once."""
-    infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    family, type_, proto, _, addr = infos[0]
-    sock = socket.socket(family, type_, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(addr)
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
-
-
-class BackgroundServer:
-    """Context manager: uvicorn serving `app` in a daemon thread on `host`:<a free port> (tests,
-    benchmarks, notebooks). `url` is set once constructed; entering waits until it accepts."""
-
-    def __init__(self, app, host: str = "127.0.0.1", start_timeout_s: float = 120.0,
-                 shutdown_timeout_s: float = 30.0):
-        import threading
-
-        import uvicorn
-
-        self.sock = bind_socket(host, 0)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://{host}:{self.port}"
-        self.start_timeout_s, self.shutdown_timeout_s = start_timeout_s, shutdown_timeout_s
-        cfg = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=3)
-        self.server = uvicorn.Server(cfg)
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]},
-                                       daemon=True)
-
-    def __enter__(self):
-        import time
-
-        self.thread.start()
-        deadline = time.monotonic() + self.start_timeout_s
-        while not self.server.started:
-            if not self.thread.is_alive():
-                raise RuntimeError("uvicorn stopped before it started (see its log above)")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"uvicorn did not start in {self.start_timeout_s:g} s")
-            time.sleep(0.02)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(self.shutdown_timeout_s)
-        self.sock.close()
-
-
-def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None = 256,
-          max_slots: int | None = None, kv_memory: str | int | None = None, max_new_tokens: int = 512,
-          max_prompt_tokens: int | None = None, prefill_chunk: int = 512, max_waiting: int = 64,
-          host: str = "127.0.0.1", port: int = 8000, device: str = "cpu", dtype: str = "float32",
-          compile: bool | None = None, compile_prefill: bool = False,
-          prefix_cache_memory: str | int | None = None, served_model_name: str | None = None, log_level: str = "info",
-          sock: socket.socket | None = None, tp: bool = False, api_key: str | None = None,
-          max_mask_seconds: float = 10.0, **policy_params) -> None:
-    """Load `model` (a known name, provisioned on first use as `flexkv demo` does, or a local HF
-    checkpoint dir), build the engine and the app, and serve it with uvicorn until interrupted.
-    With `api_key`, requests to the API (`/v1`, `/tokenize`, `/detokenize`) need
-    `Authorization: Bearer <api_key>`. `max_mask_seconds`: the engine's time one structured-output
-    request may take for its token masks (`Engine`).
-
-    `tp=True` (every rank of an initialised process group calls this, e.g. under torchrun):
-    each rank loads its shard and builds the same engine; rank 0 listens and schedules, the
-    other ranks follow its plans (`Engine.follow`) until rank 0 shuts down."""
-    import torch
-    import uvicorn
-
-    import flexkv
-    from flexkv.distributed import shard_of
-    from flexkv.serve import Engine
-
-    t0 = time.perf_counter()
-    print(f"[flexkv] loading {model} ({device}, {dtype}) ...", file=sys.stderr, flush=True)
-    m, tok = flexkv.load_model(model, device=device, dtype=getattr(torch, dtype), tp=tp)
-    if tok is None:
-        raise ValueError(f"model {model}: the checkpoint has no tokenizer (tokenizer.json or tokenizer.model)")
-    print(f"[flexkv] loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
-    slots = {"kv_memory": kv_memory} if kv_memory is not None else {"max_slots": max_slots or 8}
-    engine = Engine(m, tok, policy=policy, budget=budget, max_new_tokens=max_new_tokens,
-                    prefill_chunk=prefill_chunk, max_prompt_tokens=max_prompt_tokens,
-                    max_waiting=max_waiting, compile=compile, compile_prefill=compile_prefill,
-                    prefix_cache_memory=prefix_cache_memory, max_mask_seconds=max_mask_seconds,
-                    **slots, **policy_params)
-    shard = shard_of(m)
-    if shard.rank != 0:
-        engine.follow()
-        return
-    if sock is None:
-        sock = bind_socket(host, port)
-    name = served_model_name or model
-    where = f", tensor parallel over {shard.world} ranks" if shard.active else ""
-    app = build_app(engine, name, api_key=api_key)
-    h, p = sock.getsockname()[:2]
-    shown = f"[{h}]" if ":" in h else h
-    print(f"[flexkv] serving {name} at http://{shown}:{p}/v1 (policy {policy}, budget {budget}, "
-          f"{engine.max_slots} slots, up to {max_waiting} waiting{where}"
-          f"{'; the API needs the --api-key' if api_key else ''}; Ctrl-C stops)", file=sys.stderr,
-          flush=True)
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run(sockets=[sock])
