@@ -15,7 +15,7 @@ iteration:
    prompt logprobs (`_Prefilled`) instead of prefilling again; requests behind them start
    meanwhile. With `prefix_cache_memory`, the cache after each chunk that is not a prompt's last
    is kept (least recently used first out); a prompt that begins with a kept chunk-aligned
-   prefix resumes from the longest one instead of running those chunks (`_PrefixCache`);
+   prefix resumes from the longest one instead of running those chunks (`flexkv.serve.prefix_cache`);
 3. one decode step for every slot (`decode_one_token`: compiled, `fullgraph=True`, CUDA graphs on
    CUDA) with an `active` mask: idle slots write, score and evict nothing; per-slot sampling
    parameters are tensors (`flexkv.serve.sampling`), so nothing recompiles as requests come
@@ -44,7 +44,7 @@ import secrets
 import threading
 import time
 import traceback
-from collections import OrderedDict, deque
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -58,6 +58,7 @@ from flexkv.policies import make_policy
 from flexkv.serve.json_mode import JsonVocab
 from flexkv.serve.metrics import RequestLatency
 from flexkv.serve.penalties import MAX_MASK_SECONDS, SlotAdjustments, over_budget_error
+from flexkv.serve.prefix_cache import PrefixCache
 from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
 from flexkv.serve.sampling import cut_hint, sample_slots
 
@@ -115,58 +116,6 @@ class _Prefilled:
 
     def serves(self, req: _Running) -> bool:
         return req.prefill_key == self.key and req.handle.prompt == self.prompt
-
-
-class _PrefixCache:
-    """Prefill states kept for later prompts that begin with the same tokens (a long system
-    prompt, a shared document, the earlier turns of a chat), within `limit` bytes, least
-    recently used first out.
-
-    An entry is the state a prefill left after a chunk that was not its prompt's last (its
-    one-row cache's `snapshot_row`: each layer's slots up to its last held one), with the tokens
-    it holds (a multiple of the chunk length) and the policy's
-    `prefix_key` of the request that made it: a request with an equal key whose prompt begins
-    with those tokens holds exactly that cache at that point of its own prefill (the policy's
-    contract, tests/test_prefix_cache.py), so it resumes there and gives the tokens it would
-    have given from scratch."""
-
-    def __init__(self, limit: int):
-        self.limit, self.bytes = limit, 0
-        self.entries: OrderedDict[tuple, tuple[tuple, list, int]] = OrderedDict()
-
-    @staticmethod
-    def _key(policy_key: tuple, tokens: tuple) -> tuple:
-        return (policy_key, len(tokens), hash(tokens))
-
-    def longest(self, prompt: list[int], chunk: int, policy_key: tuple) -> tuple[int, list] | None:
-        """The longest kept prefix of `prompt` (chunk-aligned, shorter than the prompt) under
-        `policy_key`: (its length, its cache's `snapshot_row`), or None."""
-        for end in range((len(prompt) - 1) // chunk * chunk, 0, -chunk):
-            tokens = tuple(prompt[:end])
-            key = self._key(policy_key, tokens)
-            hit = self.entries.get(key)
-            if hit is not None and hit[0] == tokens:
-                self.entries.move_to_end(key)
-                return end, hit[1]
-        return None
-
-    def keep(self, prompt: list[int], end: int, policy_key: tuple, cache: KVCache) -> None:
-        """Keep `cache`'s state (its one row), the state after `prompt[:end]`, unless it is
-        kept already."""
-        tokens = tuple(prompt[:end])
-        key = self._key(policy_key, tokens)
-        if key in self.entries and self.entries[key][0] == tokens:
-            self.entries.move_to_end(key)
-            return
-        snap = cache.snapshot_row(0)
-        size = sum(t.numel() * t.element_size() for layer in snap for t in layer.values())
-        if size > self.limit:
-            return
-        while self.bytes + size > self.limit:
-            _, (_, _, gone) = self.entries.popitem(last=False)
-            self.bytes -= gone
-        self.entries[key] = (tokens, snap, size)   # (a colliding key is replaced)
-        self.bytes = sum(e[2] for e in self.entries.values())
 
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9,
@@ -322,7 +271,7 @@ class Engine:
         self._prefilling: deque[int] = deque()  # slots whose prompt is being prefilled, oldest first
         self._waiting: deque[_Running] = deque()
         self._shared: _Prefilled | None = None  # a finished prefill that waiting requests share
-        self._prefix = None if prefix_cache_memory is None else _PrefixCache(prefix_limit)
+        self._prefix = None if prefix_cache_memory is None else PrefixCache(prefix_limit)
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._ids = itertools.count()
