@@ -1658,3 +1658,25 @@ def _ok(c) -> bool:
         return c.get("/health").status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_readme_server_over_an_own_engine_runs(model_tok):
+    """The README's "engine in Python" example of the HTTP server over an engine of one's own
+    (its imports, `build_app`, `BackgroundServer`) runs as written, and the server it starts
+    answers; it shuts the engine down on leaving."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("### The engine in Python"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    code = block[block.index("# the HTTP server over an engine of your own"):]
+    assert "BackgroundServer(build_app(engine" in code
+    model, tok = model_tok
+    engine = Engine(model, tok, policy="h2o", budget=32, max_slots=1, max_new_tokens=4,
+                    max_waiting=4, compile=False)
+    code = code.replace("    ...", "    answers.append(httpx.get(srv.url + '/health').json())")
+    answers: list = []
+    exec(compile(code, "README.md", "exec", dont_inherit=True),
+         {"engine": engine, "httpx": httpx, "answers": answers})
+    assert answers == [{"status": "ok"}]
+    assert engine._thread is None             # stopped with the server
