@@ -368,6 +368,7 @@ def cmd_serve(args) -> int:
     except ImportError as e:
         raise CLIError(f"flexkv serve needs FastAPI and uvicorn ({e.name} is missing): "
                        "pip install 'flexkv[serve]'") from None
+    from flexkv.serve.penalties import MAX_MASK_SECONDS
     from flexkv.serve.server import bind_socket, serve
 
     params = dict(args.param or [])
@@ -382,6 +383,7 @@ def cmd_serve(args) -> int:
     if api_key is not None and not api_key.strip():
         raise CLIError("--api-key (or FLEXKV_API_KEY) is empty: give a key, or leave both unset "
                        "for a server without one")
+    mask_seconds = MAX_MASK_SECONDS if args.max_mask_seconds is None else args.max_mask_seconds
     device = _device(args.device)
     sock = None
     if os.environ.get("RANK", "0") == "0":  # under torchrun rank 0 listens, the others follow it
@@ -399,7 +401,7 @@ def cmd_serve(args) -> int:
           max_waiting=args.max_waiting, host=args.host, port=args.port, device=device,
           dtype=args.dtype, compile=args.compile, compile_prefill=args.compile_prefill,
           prefix_cache_memory=args.prefix_cache_memory, served_model_name=args.served_model_name,
-          sock=sock, tp=tp, api_key=api_key, max_mask_seconds=args.max_mask_seconds, **params)
+          sock=sock, tp=tp, api_key=api_key, max_mask_seconds=mask_seconds, **params)
     return 0
 
 
@@ -535,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "Bearer KEY' (the openai client's api_key), else 401; default: the "
                    "FLEXKV_API_KEY environment variable, else no key (/health and /metrics stay "
                    "open)")
-    s.add_argument("--max-mask-seconds", type=_positive_seconds, default=10.0, metavar="S",
+    s.add_argument("--max-mask-seconds", type=_positive_seconds, default=None, metavar="S",
                    help="the engine's time one structured-output request (response_format, "
                    "tools) may take for its token masks in all; past it the request ends with a "
                    "400 (schema_too_costly), as every other request waits on that thread "

@@ -13,6 +13,7 @@ import uvicorn
 
 from flexkv.models.provision import DEFAULT_MODEL
 from flexkv.serve.api import build_app
+from flexkv.serve.penalties import MAX_MASK_SECONDS
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -73,7 +74,7 @@ def serve(model: str = DEFAULT_MODEL, *, policy: str = "h2o", budget: int | None
           prefix_cache_memory: str | int | None = None, served_model_name: str | None = None,
           log_level: str = "info",
           sock: socket.socket | None = None, tp: bool = False, api_key: str | None = None,
-          max_mask_seconds: float = 10.0, **policy_params) -> None:
+          max_mask_seconds: float = MAX_MASK_SECONDS, **policy_params) -> None:
     """Load `model` (a known name, provisioned on first use as `flexkv demo` does, or a local HF
     checkpoint dir), build the engine and the app, and serve it with uvicorn until interrupted.
     With `api_key`, requests to the API (`/v1`, `/tokenize`, `/detokenize`) need
