@@ -231,6 +231,34 @@ def test_a_finished_object_ends_with_eos_and_a_slot_is_fresh_after(tiny64):
     assert eng.generate([prompt], SamplingParams(max_tokens=10))[0] == solo(tiny64, prompt, 10, 8, "full", {})[0]
 
 
+def test_a_new_states_mask_is_computed_after_the_next_step_is_launched(tiny64):
+    """A token's new recognizer state has its mask written when logits are next chosen from,
+    after the engine has called the next decode step (on a GPU the host's walk then overlaps
+    the step's kernels), never while the tokens are delivered; the tokens stay valid JSON."""
+    eng = Engine(tiny64, ByteTokenizer(), "full", max_slots=2, max_new_tokens=24,
+                 max_prompt_tokens=30, prefill_chunk=8)
+    events: list[str] = []
+    step, deliver = eng._step_fn, eng._deliver
+    eng._step_fn = lambda *a: (events.append("step"), step(*a))[1]
+    eng._deliver = lambda *a: (events.append("deliver"), deliver(*a))[1]
+    vocab = eng._json_vocab()
+    allowed = vocab.allowed
+    vocab.allowed = lambda *a: (events.append("mask"), allowed(*a))[1]
+    h = eng.submit(random_prompt(12, 5, tiny64.args.vocab_size),
+                   SamplingParams(max_tokens=24, response_format="json_object", seed=1,
+                                  temperature=1.0))
+    while eng.has_work():
+        eng.step()
+    check_json_tokens(h.tokens, h.finish_reason)
+    assert events.count("step") >= 3 and events.count("mask") >= 3
+    first = events.index("step")
+    assert "mask" in events[:first]                       # the prompt's state, at admission
+    for i, e in enumerate(events[first:], first):         # then: step, its masks, deliver
+        if e == "mask":
+            before = [x for x in events[:i] if x != "mask"]
+            assert before[-1] == "step", events
+
+
 def test_json_mode_needs_a_tokenizer_and_a_known_format(tiny64):
     eng = Engine(tiny64, None, "full", max_slots=1, max_new_tokens=4, max_prompt_tokens=30)
     with pytest.raises(ValueError, match="needs the engine's tokenizer"):

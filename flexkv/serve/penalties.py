@@ -4,9 +4,11 @@ First, structured output (`response_format` "json_object" or "json_schema"): eve
 cannot continue the request's JSON value is banned (-inf; `flexkv.serve.json_mode`; once the
 value is complete, everything but its stop tokens and what may still continue it); the host
 advances the request's recognizer by each token it produces (the engine reads the tokens
-anyway) and writes its row of the mask, counting the time that takes: past the engine's
-`max_mask_seconds` (default `MAX_MASK_SECONDS`) it ends the request (`over_budget`), since every
-other request waits on that thread.
+anyway) and marks its row of the mask stale; the row is written when logits are next chosen
+from (`choose_logits`, after the engine has launched the next decode step: on a GPU the host's
+walk for a new state overlaps the step's kernels instead of delaying their launch), counting the
+time that takes: past the engine's `max_mask_seconds` (default `MAX_MASK_SECONDS`) it ends the
+request (`over_budget`), since every other request waits on that thread.
 Then:
 
 1. `min_tokens` (vLLM's): the request's stop token ids (end-of-sequence included unless
@@ -62,6 +64,7 @@ class SlotAdjustments:
         self.max_mask_seconds = max_mask_seconds
         self._json_vocab = json_vocab       # () -> JsonVocab, for JSON mode (built once, lazily)
         self._json: dict[int, tuple] = {}   # slot -> (its JsonRequest, its stop ids)
+        self._stale: set[int] = set()       # JSON slots whose mask row trails their state
         self.dtype = torch.promote_types(dtype, torch.float32)
         self._state: dict[str, Tensor] = {}
         self._ban: dict[int, tuple] = {}    # slot -> (min_tokens, its stop ids) while banned
@@ -122,6 +125,12 @@ class SlotAdjustments:
                 allow[slot, stops] = True
         req.seconds += time.perf_counter() - start
 
+    def _refresh(self, slots) -> None:
+        """Write the stale JSON mask rows among `slots`."""
+        for slot in sorted(self._stale.intersection(slots)):
+            self._stale.discard(slot)
+            self._write_allow(slot)
+
     def over_budget(self, slot: int) -> bool:
         """Whether `slot`'s structured request has taken more than `max_mask_seconds` of the
         engine's time for its recognizer and masks (a schema whose states keep needing new
@@ -170,15 +179,18 @@ class SlotAdjustments:
 
     def choose_logits(self, logits: Tensor) -> Tensor:
         """The logits [S, V] to choose every slot's token from: `logits` itself where no slot has
-        an adjustment, else an adjusted copy (at least float32)."""
+        an adjustment, else an adjusted copy (at least float32). Stale mask rows are written
+        first (the engine calls this after launching the step that made `logits`)."""
         if not self.slots:
             return logits
+        self._refresh(self._stale)
         return self._apply(logits.to(self.dtype, copy=True), slice(None))
 
     def choose_first(self, logits: Tensor, slot: int) -> Tensor:
         """The logits [1, V] to choose `slot`'s first token from (its prompt's last logits)."""
         if slot not in self.slots:
             return logits
+        self._refresh((slot,))
         return self._apply(logits.to(self.dtype, copy=True), slice(slot, slot + 1))
 
     def record(self, tokens: Tensor, slot: int | None = None) -> None:
@@ -207,7 +219,8 @@ class SlotAdjustments:
 
     def advance(self, slot: int, token: int) -> None:
         """`slot` produced `token` (not a stop token): its JSON recognizer takes the token's
-        bytes and its mask row follows (a token without bytes, a special one, changes nothing)."""
+        bytes, and its mask row is written at the next choice (`choose_logits`); a token without
+        bytes (a special one) changes nothing."""
         if slot not in self._json:
             return
         data = self._json_vocab().bytes_of.get(token)
@@ -215,7 +228,7 @@ class SlotAdjustments:
         moved = bool(data) and req.advance(data)         # (the mask let only such tokens through)
         req.seconds += time.perf_counter() - start
         if moved:
-            self._write_allow(slot)
+            self._stale.add(slot)
 
     def produced(self, slot: int, n: int) -> None:
         """`slot`'s request has produced `n` tokens: its `min_tokens` ban ends once n reaches it."""
@@ -223,13 +236,14 @@ class SlotAdjustments:
             del self._ban[slot]
             self._write_add(slot)
             if slot in self._json:    # a complete object may end now
-                self._write_allow(slot)
+                self._stale.add(slot)
 
     def free(self, slot: int) -> None:
         """`slot`'s request is done: its rows go back to neutral (a later request in the slot
         is adjusted beside others from them)."""
         if self._json.pop(slot, None) is not None:
             self._state["allow"][slot] = True
+            self._stale.discard(slot)
         had_add = slot in self._ban or slot in self._bias
         self._ban.pop(slot, None)
         self._bias.pop(slot, None)
