@@ -63,20 +63,47 @@ class ModelArgs:
         scaling = kw.get("rope_scaling") or rope_params
         rope_type = scaling.get("rope_type", scaling.get("type", "default")) if scaling else "default"
         kw["rope_scaling"] = dict(scaling) if rope_type not in ("default", None) else None
+        if rope_type in ("llama3", "yarn"):   # the pretraining context, where a config omits it,
+            kw["rope_scaling"].setdefault(    # as transformers reads it
+                "original_max_position_embeddings",
+                cfg.get("original_max_position_embeddings", cfg.get("max_position_embeddings")))
         return cls(**kw)
 
 
+ROPE_TYPES = ("default", "linear", "llama3", "yarn")   # rope_scaling types, as transformers'
+
+
+def _rope_setting(sc: dict, name: str, kind: str):
+    if sc.get(name) is None:
+        raise ValueError(f"rope_scaling of type {kind!r} needs {name!r}, got {sc}")
+    return sc[name]
+
+
 def rope_inv_freq(args: ModelArgs) -> Tensor:
+    """The RoPE frequencies [head_dim / 2] (fp32) of `args.rope_theta` and `args.rope_scaling`,
+    computed as transformers' `modeling_rope_utils` computes them: default, `linear` (positions
+    divided by `factor`), `llama3` (Llama 3.1's per-band scaling), `yarn` (YaRN's ramp between
+    interpolated and extrapolated bands; its cos/sin factor is `rope_attention_factor`). Others
+    (`dynamic`, whose frequencies change with the sequence's length, `longrope`) are a
+    ValueError."""
     d = args.head_dim
     inv = 1.0 / (args.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64) / d))
     sc = args.rope_scaling
     if sc is None:
         return inv.float()
     kind = sc.get("rope_type", sc.get("type"))
-    if kind != "llama3":
-        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: default, llama3)")
-    factor, lo, hi = sc["factor"], sc["low_freq_factor"], sc["high_freq_factor"]
-    old_ctx = sc["original_max_position_embeddings"]
+    if kind not in ROPE_TYPES:
+        raise ValueError(f"rope_scaling type {kind!r} is not supported (supported: "
+                         f"{', '.join(ROPE_TYPES)})")
+    if kind == "default":
+        return inv.float()
+    if kind == "linear":
+        return (inv / _rope_setting(sc, "factor", kind)).float()
+    if kind == "yarn":
+        return _yarn_inv_freq(args, inv, sc)
+    factor = _rope_setting(sc, "factor", kind)
+    lo, hi = _rope_setting(sc, "low_freq_factor", kind), _rope_setting(sc, "high_freq_factor", kind)
+    old_ctx = _rope_setting(sc, "original_max_position_embeddings", kind)
     low_wl, high_wl = old_ctx / lo, old_ctx / hi
     wavelen = 2 * math.pi / inv
     scaled = torch.where(wavelen > low_wl, inv / factor, inv)
@@ -86,12 +113,61 @@ def rope_inv_freq(args: ModelArgs) -> Tensor:
     return torch.where(is_mid, mid, scaled).float()
 
 
-def rope_cos_sin(pos: Tensor, inv_freq: Tensor) -> tuple[Tensor, Tensor]:
+def _yarn_factor(args: ModelArgs, sc: dict) -> float:
+    old_ctx = _rope_setting(sc, "original_max_position_embeddings", "yarn")
+    factor = sc.get("factor")
+    return args.max_position_embeddings / old_ctx if factor is None else factor
+
+
+def _yarn_inv_freq(args: ModelArgs, inv: Tensor, sc: dict) -> Tensor:
+    """YaRN (arXiv 2309.00071): dimensions that turn fewer than `beta_slow` times over the
+    original context are interpolated (divided by `factor`), those that turn more than
+    `beta_fast` times kept, a linear ramp between."""
+    d, base = args.head_dim, args.rope_theta
+    factor = _yarn_factor(args, sc)
+    old_ctx = sc["original_max_position_embeddings"]
+    beta_fast, beta_slow = sc.get("beta_fast") or 32, sc.get("beta_slow") or 1
+
+    def dim_of(rotations: float) -> float:   # the dimension that turns `rotations` times
+        return d * math.log(old_ctx / (rotations * 2 * math.pi)) / (2 * math.log(base))
+    low, high = dim_of(beta_fast), dim_of(beta_slow)
+    if sc.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, d - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(d // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp          # 1: extrapolated (kept), 0: interpolated
+    return (inv / factor * (1 - keep) + inv * keep).float()
+
+
+def rope_attention_factor(args: ModelArgs) -> float:
+    """The factor RoPE's cos and sin are scaled by (so every score by its square): YaRN's
+    `attention_factor` (given, else 0.1 ln(factor) + 1, or the ratio of the two `mscale` terms
+    where both are given, as transformers computes it); 1 for the other types."""
+    sc = args.rope_scaling
+    if not sc or sc.get("rope_type", sc.get("type")) != "yarn":
+        return 1.0
+    if sc.get("attention_factor") is not None:
+        return float(sc["attention_factor"])
+    factor = _yarn_factor(args, sc)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+    if sc.get("mscale") and sc.get("mscale_all_dim"):
+        return float(mscale(factor, sc["mscale"]) / mscale(factor, sc["mscale_all_dim"]))
+    return float(mscale(factor))
+
+
+def rope_cos_sin(pos: Tensor, inv_freq: Tensor, scale: float = 1.0) -> tuple[Tensor, Tensor]:
     """pos: [B, T] (int) -> (cos, sin), each [B, 1, T, D] fp32, laid out for `apply_rope`:
-    `cos` is (cos, cos), `sin` is (-sin, sin) over the two halves. Made once per forward and
-    shared by every layer (eager decode on CPU pays per op: bench/NOTES.md, entries 12-13)."""
+    `cos` is (cos, cos), `sin` is (-sin, sin) over the two halves, both times `scale`
+    (`rope_attention_factor`). Made once per forward and shared by every layer (eager decode on
+    CPU pays per op: bench/NOTES.md, entries 12-13)."""
     freqs = pos.clamp(min=0).to(torch.float32)[:, None, :, None] * inv_freq
     cos, sin = freqs.cos(), freqs.sin()
+    if scale != 1.0:
+        cos, sin = cos * scale, sin * scale
     return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
@@ -312,6 +388,7 @@ class Transformer(nn.Module):
         if args.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(args), persistent=False)
+        self.rope_scale = rope_attention_factor(args)   # YaRN's cos/sin factor (else 1)
 
     @property
     def layers(self):
@@ -320,7 +397,7 @@ class Transformer(nn.Module):
     def _run(self, input_ids: Tensor, pos: Tensor, mode: str, cache=None, policy=None, extra=None,
              last_only: bool = False) -> Tensor:
         x = self.embed(input_ids)
-        rope = rope_cos_sin(pos, self.inv_freq)
+        rope = rope_cos_sin(pos, self.inv_freq, self.rope_scale)
         call = _call_layer
         if (mode == "decode" and torch.compiler.is_compiling() and layer_regions_on(x.device)
                 and uniform_layers(cache)):

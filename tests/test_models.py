@@ -31,6 +31,23 @@ def _logits_match(path, ids, atol=ATOL):
 
 
 @st.composite
+def yarn_scaling(draw, factor: float):
+    """A YaRN `rope_scaling` with each optional setting given or not, as configs carry them."""
+    sc = {"rope_type": "yarn", "factor": factor,
+          "original_max_position_embeddings": draw(st.sampled_from([16, 32, 64]))}
+    if draw(st.booleans()):
+        sc.update(beta_fast=draw(st.sampled_from([8.0, 32.0])), beta_slow=draw(st.sampled_from([1.0, 2.0])))
+    extra = draw(st.sampled_from(["none", "attention_factor", "mscale", "truncate"]))
+    if extra == "attention_factor":
+        sc["attention_factor"] = draw(st.sampled_from([0.9, 1.3]))
+    elif extra == "mscale":
+        sc.update(mscale=0.8, mscale_all_dim=0.5)
+    elif extra == "truncate":
+        sc["truncate"] = False
+    return sc
+
+
+@st.composite
 def configs(draw):
     model_type = draw(st.sampled_from(["llama", "mistral"]))
     n_kv = draw(st.sampled_from([1, 2]))
@@ -46,8 +63,14 @@ def configs(draw):
         tie_word_embeddings=draw(st.booleans()),
         rope_theta=draw(st.sampled_from([10000.0, 500000.0, 1e6, 123.0])),
     )
-    if draw(st.booleans()):
-        cfg["rope_scaling"] = dict(LLAMA3_SCALING, factor=draw(st.sampled_from([2.0, 8.0, 32.0])))
+    kind = draw(st.sampled_from(["default", "llama3", "linear", "yarn"]))
+    factor = draw(st.sampled_from([2.0, 8.0, 32.0]))
+    if kind == "llama3":
+        cfg["rope_scaling"] = dict(LLAMA3_SCALING, factor=factor)
+    elif kind == "linear":
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+    elif kind == "yarn":
+        cfg["rope_scaling"] = draw(yarn_scaling(factor))
     if model_type == "mistral":
         cfg["sliding_window"] = draw(st.integers(1, seq - 1))  # shorter than the sequence
     return model_type, cfg, seq, draw(st.integers(1, 2)), draw(st.integers(0, 2**16))
@@ -65,6 +88,15 @@ def configs(draw):
 @example(("mistral", dict(num_key_value_heads=2, num_attention_heads=2, head_dim=32,
                           hidden_size=64, intermediate_size=64, num_hidden_layers=2,
                           tie_word_embeddings=False, rope_theta=1e6, sliding_window=7), 30, 2, 3))
+@example(("llama", dict(num_key_value_heads=2, num_attention_heads=4, head_dim=32, hidden_size=64,
+                        intermediate_size=64, num_hidden_layers=2, tie_word_embeddings=False,
+                        rope_theta=10000.0, rope_scaling={"rope_type": "linear", "factor": 4.0}),
+          40, 2, 4))
+@example(("mistral", dict(num_key_value_heads=1, num_attention_heads=2, head_dim=32,
+                          hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                          tie_word_embeddings=False, rope_theta=10000.0, sliding_window=9,
+                          rope_scaling={"rope_type": "yarn", "factor": 4.0,
+                                        "original_max_position_embeddings": 32}), 40, 2, 5))
 def test_logits_match_transformers(case):
     model_type, cfg, seq, batch, seed = case
     with tempfile.TemporaryDirectory() as d:
@@ -117,3 +149,41 @@ def test_unsupported_model_type_raises(tmp_path):
 def test_missing_config_raises(tmp_path):
     with pytest.raises(ValueError, match="config.json"):
         flexkv.load_model(tmp_path)
+
+
+@pytest.mark.parametrize("scaling, needle", [
+    ({"rope_type": "dynamic", "factor": 2.0}, "'dynamic' is not supported (supported: default, linear, llama3, yarn)"),
+    ({"rope_type": "longrope", "short_factor": [1.0], "long_factor": [1.0]}, "'longrope' is not supported"),
+    ({"rope_type": "linear"}, "'linear' needs 'factor'"),
+])
+def test_unsupported_or_incomplete_rope_scaling_raises(tmp_path, scaling, needle):
+    """A checkpoint whose RoPE flexkv does not compute as transformers does is refused at load
+    with the type (or the missing setting) named, never run with other frequencies."""
+    path = make_checkpoint(tmp_path / "rope", "llama", seed=1)
+    cfg_file = path / "config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg.pop("rope_parameters", None)
+    cfg.update(rope_theta=10000.0, rope_scaling=scaling)
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="rope_scaling") as e:
+        flexkv.load_model(path)
+    assert needle in str(e.value), str(e.value)
+
+
+def test_yarn_without_its_original_context_reads_it_as_transformers_does(tmp_path):
+    """A YaRN config that leaves out `original_max_position_embeddings` takes the config's
+    top-level one, else `max_position_embeddings`, as transformers does: the same logits."""
+    for top in (None, 32):
+        path = make_checkpoint(tmp_path / f"yarn{top}", "llama", seed=2,
+                               rope_scaling={"rope_type": "yarn", "factor": 4.0})
+        cfg_file = path / "config.json"
+        cfg = json.loads(cfg_file.read_text())
+        for key in ("rope_parameters", "rope_scaling"):
+            if cfg.get(key):
+                cfg[key].pop("original_max_position_embeddings", None)
+        if top is not None:
+            cfg["original_max_position_embeddings"] = top
+        cfg_file.write_text(json.dumps(cfg))
+        model = _logits_match(path, random_ids(2, 40, 101, seed=2))
+        want = top or cfg["max_position_embeddings"]
+        assert model.args.rope_scaling["original_max_position_embeddings"] == want
