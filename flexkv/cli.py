@@ -450,7 +450,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(sp, model_default):
         sp.add_argument("--model", default=model_default,
-                        help=f"known model name or local HF checkpoint dir (default: {model_default})")
+                        help="known model name, local HF checkpoint dir, or a Hugging Face repo "
+                        f"id already in the local HF cache (default: {model_default})")
         sp.add_argument("--device", default="auto", help="cpu, cuda, cuda:N (default: cuda if "
                         "available, else cpu)")
         sp.add_argument("--dtype", default="float32", choices=DTYPES)

@@ -1,8 +1,10 @@
 """Load a Hugging Face checkpoint directory (config.json + safetensors, sharded or not, tokenizer
-files) or the packaged default model into flexkv's standalone implementation."""
+files), one in the local Hugging Face cache by its repo id, or the packaged default model into
+flexkv's standalone implementation."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -15,15 +17,32 @@ SUPPORTED_MODEL_TYPES = {"llama": Transformer, "mistral": Mistral}
 KNOWN_MODELS = ("smollm2-135m-instruct",)
 
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
 def _resolve(name_or_path) -> Path:
+    """A checkpoint directory; a known name (provisioned on first use); or a Hugging Face repo
+    id ("org/name") already in the local Hugging Face cache (`hf download org/name` fills it;
+    nothing is fetched here)."""
     p = Path(str(name_or_path)).expanduser()
     if p.is_dir():
         return p
-    if str(name_or_path).lower() in KNOWN_MODELS:
+    name = str(name_or_path)
+    if name.lower() in KNOWN_MODELS:
         from .provision import provision_default_model
         return provision_default_model()
-    raise ValueError(f"model must be a known name {list(KNOWN_MODELS)} or a local Hugging Face "
-                     f"checkpoint directory, got {str(name_or_path)!r} (no such directory)")
+    what = (f"model must be a known name {list(KNOWN_MODELS)}, a local Hugging Face checkpoint "
+            f"directory, or a Hugging Face repo id in the local Hugging Face cache, got {name!r}")
+    if _REPO_ID.fullmatch(name):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+        try:
+            return Path(snapshot_download(name, local_files_only=True))
+        except (LocalEntryNotFoundError, FileNotFoundError, ValueError):
+            raise ValueError(f"{what}: no such directory, and {name!r} is not in the local Hugging "
+                             "Face cache (flexkv fetches nothing from the Hub: `hf download "
+                             f"{name}` first, or pass a directory)") from None
+    raise ValueError(f"{what} (no such directory)")
 
 
 def _state_dict(path: Path) -> dict[str, torch.Tensor]:

@@ -187,3 +187,25 @@ def test_yarn_without_its_original_context_reads_it_as_transformers_does(tmp_pat
         model = _logits_match(path, random_ids(2, 40, 101, seed=2))
         want = top or cfg["max_position_embeddings"]
         assert model.args.rope_scaling["original_max_position_embeddings"] == want
+
+
+def test_a_repo_id_in_the_local_hugging_face_cache_loads(tmp_path, monkeypatch):
+    """`load_model("org/name")` takes the snapshot the local Hugging Face cache holds (as `hf
+    download` leaves it), fetching nothing; a repo id not in it is a ValueError that says how
+    to get it."""
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--some-org--tiny.llama"
+    make_checkpoint(repo / "snapshots" / "0123abcd", "llama", seed=4)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    model = _logits_match(repo / "snapshots" / "0123abcd", random_ids(1, 9, 101, seed=4))
+    ours, _ = flexkv.load_model("some-org/tiny.llama")
+    ids = random_ids(2, 12, 101, seed=5)
+    with torch.no_grad():
+        assert torch.equal(ours(ids), model(ids))
+    with pytest.raises(ValueError, match=r"not in the local Hugging Face cache .*hf download some-org/other"):
+        flexkv.load_model("some-org/other")
+    with pytest.raises(ValueError, match="no such directory"):
+        flexkv.load_model("./not/a/dir/at/all")
