@@ -1680,3 +1680,37 @@ def test_readme_server_over_an_own_engine_runs(model_tok):
          {"engine": engine, "httpx": httpx, "answers": answers})
     assert answers == [{"status": "ok"}]
     assert engine._thread is None             # stopped with the server
+
+
+def test_a_schemas_compile_does_not_hold_the_event_loop(main, monkeypatch):
+    """A request's JSON Schema compiles in a worker thread: while a slow one compiles (here 2 s,
+    made so), the server answers /health at once and another request streams; then the slow
+    request is answered. Its errors are still 400s naming the field."""
+    import flexkv.serve.protocol as protocol
+
+    real = protocol.compile_schema
+
+    def slow(schema):
+        if isinstance(schema, dict) and schema.get("description") == "slow":
+            time.sleep(2.0)
+        return real(schema)
+    monkeypatch.setattr(protocol, "compile_schema", slow)
+    body = {"prompt": "hi", "max_tokens": 2, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "s", "schema": {"type": "object", "description": "slow"}}}}
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=httpx.post(f"{main.url}/v1/completions",
+                                                                json=body, timeout=60)))
+    t.start()
+    time.sleep(0.3)                              # the slow compile has begun
+    start = time.perf_counter()
+    assert httpx.get(f"{main.url}/health", timeout=60).status_code == 200
+    with httpx.stream("POST", f"{main.url}/v1/completions", timeout=60,
+                      json={"prompt": "hi", "max_tokens": 2, "stream": True}) as r:
+        assert sse_events(r)[-1] == "[DONE]"
+    assert time.perf_counter() - start < 1.5      # not behind the 2 s compile
+    t.join()
+    assert out["r"].status_code == 200, out["r"].text
+    bad = body["response_format"]["json_schema"] | {"schema": {"type": "integer", "multipleOf": 2}}
+    e = httpx.post(f"{main.url}/v1/completions", timeout=60,
+                   json=body | {"response_format": {"type": "json_schema", "json_schema": bad}}).json()
+    assert e["error"]["param"] == "response_format" and "multipleOf" in e["error"]["message"]

@@ -70,8 +70,9 @@ from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionR
                                    ChatCompletionResponse, ChatFields, CompletionChoice,
                                    CompletionRequest, CompletionResponse, DetokenizeRequest,
                                    DetokenizeResponse, ErrorResponse, Health, ModelCard, ModelList,
-                                   TokenizeChatRequest, TokenizeRequest, TokenizeResponse, Usage,
-                                   SamplingFields, MAX_PROMPTS)
+                                   SchemaError, TokenizeChatRequest, TokenizeRequest,
+                                   TokenizeResponse, Usage, SamplingFields, MAX_PROMPTS,
+                                   compile_schemas)
 from flexkv.serve.tool_calls import reply, tool_messages
 
 
@@ -171,6 +172,14 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
                    503: {**err, "description": "the server is shutting down"}}
 
     # ------------------------------------------------------------------ translation helpers
+    async def schemas_compiled(req) -> None:
+        """The request's JSON Schemas compiled in a worker thread (`compile_schemas`), so that
+        the event loop goes on streaming meanwhile; one that cannot be is a 400."""
+        try:
+            await asyncio.to_thread(compile_schemas, req)
+        except SchemaError as e:
+            raise APIError(400, str(e), param=e.param) from None
+
     def check_model(name):
         if name is not None and name != model_name:
             raise APIError(404, f"The model `{name}` does not exist; this server serves "
@@ -499,6 +508,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         **post_errors, 200: {"content": {"text/event-stream": {}},
                              "description": "the completion (JSON, or events when stream=true)"}})
     async def completions(req: CompletionRequest, request: Request):
+        await schemas_compiled(req)
         prep = prepare_completion(req)
         handles = submit(prep, chat=False)
         rid, t = f"cmpl-{handles[0].request_id}", _now()
@@ -524,6 +534,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         **post_errors, 200: {"content": {"text/event-stream": {}},
                              "description": "the completion (JSON, or events when stream=true)"}})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
+        await schemas_compiled(req)
         prep = prepare_chat(req)
         handles = submit(prep, chat=True)
         rid, t = f"chatcmpl-{handles[0].request_id}", _now()
@@ -576,6 +587,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         """A prompt's token ids, or a conversation's as /v1/chat/completions makes its prompt
         (as vLLM's `/tokenize`), with `max_model_len` to check it against."""
         if isinstance(req, TokenizeChatRequest):
+            await schemas_compiled(req)
             ids = chat_prompt(req, req.add_generation_prompt)
         else:
             check_model(req.model)

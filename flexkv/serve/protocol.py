@@ -129,8 +129,7 @@ class SamplingFields(BaseModel):
             if not isinstance(spec.get("strict", False), (bool, type(None))):
                 raise ValueError("response_format.json_schema.strict must be a bool or null "
                                  "(flexkv always holds the text to the schema)")
-            compile_schema(spec["schema"])   # a ValueError naming what it holds that is not supported
-            return v
+            return v        # (its schema is compiled off the event loop: `compile_schemas`)
         if set(v) != {"type"} or kind not in ("text", "json_object"):
             more = f" ({kind!r} is not supported)" if isinstance(kind, str) else ""
             raise ValueError('response_format must be {"type": "text"}, {"type": "json_object"} or '
@@ -399,12 +398,7 @@ class ChatFields(BaseModel):
         names = [t.function.name for t in v or ()]
         if len(set(names)) != len(names):
             raise ValueError("tools: each function needs a name of its own")
-        for t in v or ():
-            try:
-                compile_schema(t.function.schema())
-            except ValueError as e:
-                raise ValueError(f"function {t.function.name!r}: parameters: {e}") from None
-        return v
+        return v            # (their schemas are compiled off the event loop: `compile_schemas`)
 
     @field_validator("tool_choice")
     @classmethod
@@ -495,6 +489,42 @@ class ChatCompletionRequest(ChatFields, SamplingFields):
     @classmethod
     def _neutral(cls, v, info):
         return Neutral.check(Neutral.CHAT, info.field_name, v)
+
+
+class SchemaError(ValueError):
+    """A request's schema that cannot be compiled: the message, and the field it is in."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
+def compile_schemas(req) -> None:
+    """Compile every JSON Schema a request holds (its `response_format`'s; each tool's
+    parameters and, where the reply may call them, the reply's schema), as the engine will
+    (`compile_schema` keeps them, so the engine's compile is a lookup), or raise `SchemaError`
+    naming the field. The server runs this in a worker thread: a schema's compile (up to ~0.1 s)
+    never holds the event loop that streams the other requests."""
+    schema = req.schema() if isinstance(req, SamplingFields) else None
+    if schema is not None:
+        try:
+            compile_schema(schema)
+        except ValueError as e:
+            raise SchemaError(f"response_format: {e}", "response_format") from None
+    if not isinstance(req, ChatFields) or not req.tools:
+        return
+    for t in req.tools:
+        try:
+            compile_schema(t.function.schema())
+        except ValueError as e:
+            raise SchemaError(f"tools: function {t.function.name!r}: parameters: {e}",
+                              "tools") from None
+    if req.tool_mode() is not None:
+        try:
+            compile_schema(req.call_schema())
+        except ValueError as e:
+            raise SchemaError(f"tools: the reply's schema (every function's parameters, with "
+                              f"the call format): {e}", "tools") from None
 
 
 class TokenizeCompletionRequest(BaseModel):
