@@ -1714,3 +1714,34 @@ def test_a_schemas_compile_does_not_hold_the_event_loop(main, monkeypatch):
     e = httpx.post(f"{main.url}/v1/completions", timeout=60,
                    json=body | {"response_format": {"type": "json_schema", "json_schema": bad}}).json()
     assert e["error"]["param"] == "response_format" and "multipleOf" in e["error"]["message"]
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/tokenize"])
+def test_tokenizing_a_prompt_does_not_hold_the_event_loop(main, model_tok, monkeypatch, path):
+    """A request's tokenizer work (its chat template, encoding a prompt of up to 4M characters,
+    ~3 s with the default model's tokenizer) runs in the tokenizer's worker thread: while a slow
+    one runs (here 2 s, made so), the event loop answers at once (new requests' tokenizer work
+    queues behind it in that one thread, as in vLLM)."""
+    _, tok = model_tok
+    real = type(tok).__call__
+
+    def slow(self, text, *a, **kw):
+        if "slow-marker" in str(text):
+            time.sleep(2.0)
+        return real(self, text, *a, **kw)
+    monkeypatch.setattr(type(tok), "__call__", slow)
+    body = ({"messages": [{"role": "user", "content": "slow-marker"}], "max_tokens": 2}
+            if "chat" in path else {"prompt": "slow-marker", "max_tokens": 2})
+    if path == "/tokenize":
+        body.pop("max_tokens")
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=httpx.post(f"{main.url}{path}", json=body,
+                                                                timeout=60)))
+    t.start()
+    time.sleep(0.3)
+    start = time.perf_counter()
+    assert httpx.get(f"{main.url}/health", timeout=60).status_code == 200
+    assert httpx.get(f"{main.url}/v1/models", timeout=60).status_code == 200
+    assert time.perf_counter() - start < 1.0
+    t.join()
+    assert out["r"].status_code == 200, out["r"].text

@@ -52,6 +52,7 @@ import asyncio
 import dataclasses
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -120,6 +121,15 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
     pieces = TokenPieces(tok)
     created = _now()
     counters = {"queue_full": 0, "disconnects": 0}
+    # the tokenizer's work on a request (its chat template, encoding a prompt of up to 4M
+    # characters: ~3 s) runs in one worker thread, as vLLM's does, so the event loop goes on
+    # streaming; one thread, so the tokenizer is never called from two at once
+    worker: dict[str, ThreadPoolExecutor] = {}     # made on first use, shut down with the app
+
+    async def in_tokenizer_thread(fn, *args):
+        if "tokenizer" not in worker:
+            worker["tokenizer"] = ThreadPoolExecutor(1, thread_name_prefix="flexkv-tokenizer")
+        return await asyncio.get_running_loop().run_in_executor(worker["tokenizer"], fn, *args)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -128,6 +138,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         try:
             yield
         finally:
+            if "tokenizer" in worker:
+                worker.pop("tokenizer").shutdown(wait=False, cancel_futures=True)
             if start_engine:
                 await asyncio.to_thread(engine.shutdown)
 
@@ -509,7 +521,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
                              "description": "the completion (JSON, or events when stream=true)"}})
     async def completions(req: CompletionRequest, request: Request):
         await schemas_compiled(req)
-        prep = prepare_completion(req)
+        prep = await in_tokenizer_thread(prepare_completion, req)
         handles = submit(prep, chat=False)
         rid, t = f"cmpl-{handles[0].request_id}", _now()
         if prep.stream:
@@ -535,7 +547,7 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
                              "description": "the completion (JSON, or events when stream=true)"}})
     async def chat_completions(req: ChatCompletionRequest, request: Request):
         await schemas_compiled(req)
-        prep = prepare_chat(req)
+        prep = await in_tokenizer_thread(prepare_chat, req)
         handles = submit(prep, chat=True)
         rid, t = f"chatcmpl-{handles[0].request_id}", _now()
         mode = req.tool_mode()       # the reply may call tools (tool_calls.py)
@@ -588,9 +600,14 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         (as vLLM's `/tokenize`), with `max_model_len` to check it against."""
         if isinstance(req, TokenizeChatRequest):
             await schemas_compiled(req)
-            ids = chat_prompt(req, req.add_generation_prompt)
         else:
             check_model(req.model)
+        return await in_tokenizer_thread(tokenized, req)
+
+    def tokenized(req: TokenizeRequest) -> TokenizeResponse:
+        if isinstance(req, TokenizeChatRequest):
+            ids = chat_prompt(req, req.add_generation_prompt)
+        else:
             ids = list(tok(req.prompt, add_special_tokens=req.add_special_tokens)["input_ids"])
         strs = tok.convert_ids_to_tokens(ids) if req.return_token_strs else None
         return TokenizeResponse(count=len(ids), max_model_len=_context_len(engine), tokens=ids,
@@ -605,7 +622,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         if bad is not None:
             raise APIError(400, f"tokens[{bad}]: token ids must be in [0, {vocab - 1}], got "
                            f"{req.tokens[bad]}", param="tokens")
-        return DetokenizeResponse(prompt=IncrementalText.decode_all(tok, req.tokens))
+        text = await in_tokenizer_thread(IncrementalText.decode_all, tok, req.tokens)
+        return DetokenizeResponse(prompt=text)
 
     @app.get("/health", response_model=Health)
     async def health():
