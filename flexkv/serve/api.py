@@ -125,6 +125,8 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
     # characters: ~3 s) runs in one worker thread, as vLLM's does, so the event loop goes on
     # streaming; one thread, so the tokenizer is never called from two at once
     worker: dict[str, ThreadPoolExecutor] = {}     # made on first use, shut down with the app
+    if tok is not None:   # a fast tokenizer whose file enables truncation or padding has it
+        tok("")           # switched off by its first call (a write): here, before any thread
 
     async def in_tokenizer_thread(fn, *args):
         if "tokenizer" not in worker:
