@@ -1745,3 +1745,31 @@ def test_tokenizing_a_prompt_does_not_hold_the_event_loop(main, model_tok, monke
     assert time.perf_counter() - start < 1.0
     t.join()
     assert out["r"].status_code == 200, out["r"].text
+
+
+def test_oversized_lists_are_refused_before_their_items_are_validated(client, monkeypatch):
+    """A conversation of more than `MAX_MESSAGES` messages, a logit_bias of more than
+    `MAX_LOGIT_BIAS` entries, a prompt of more token ids than `MAX_PROMPT_CHARS`: a 400 naming
+    the field, counted before any item is validated (2,000,000 messages took 8.6 s to validate,
+    holding the event loop); the OpenAPI schema states the bounds."""
+    import flexkv.serve.protocol as protocol
+
+    n = protocol.MAX_MESSAGES + 1
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}] * n})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert f"at most {protocol.MAX_MESSAGES} messages, got {n}" in r.json()["error"]["message"]
+    bias = {str(i): 1 for i in range(protocol.MAX_LOGIT_BIAS + 1)}
+    r = client.post("/v1/completions", json={"prompt": "hi", "logit_bias": bias})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text
+    assert "at most 131072 logit_bias entries" in r.json()["error"]["message"]
+    monkeypatch.setattr(protocol, "MAX_PROMPT_CHARS", 100)
+    r = client.post("/v1/completions", json={"prompt": list(range(101))})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert "at most 100 token ids (or prompts) in prompt" in r.json()["error"]["message"]
+    r = client.post("/detokenize", json={"tokens": list(range(101))})
+    assert r.status_code == 400 and "at most 100 token ids" in r.text, r.text
+    props = client.get("/openapi.json").json()["components"]["schemas"]
+    chat = props["ChatCompletionRequest"]["properties"]
+    assert chat["messages"]["maxItems"] == protocol.MAX_MESSAGES
+    bias_schema = next(b for b in chat["logit_bias"]["anyOf"] if b.get("type") == "object")
+    assert bias_schema["maxProperties"] == protocol.MAX_LOGIT_BIAS
