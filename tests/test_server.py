@@ -1758,6 +1758,13 @@ def test_oversized_lists_are_refused_before_their_items_are_validated(client, mo
     r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}] * n})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
     assert f"at most {protocol.MAX_MESSAGES} messages, got {n}" in r.json()["error"]["message"]
+    parts = [{"type": "text", "text": "x"}] * (n // 2)
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    r = client.post("/v1/chat/completions", json={"messages": [
+        {"role": "user", "content": parts}, {"role": "assistant", "tool_calls": [call] * (n // 2 + 1)}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages", r.text
+    assert f"at most {protocol.MAX_MESSAGES} content parts and tool calls in all the messages, " \
+        f"got {n}" in r.json()["error"]["message"]
     bias = {str(i): 1 for i in range(protocol.MAX_LOGIT_BIAS + 1)}
     r = client.post("/v1/completions", json={"prompt": "hi", "logit_bias": bias})
     assert r.status_code == 400 and r.json()["error"]["param"] == "logit_bias", r.text

@@ -408,7 +408,14 @@ class ChatFields(BaseModel):
     @field_validator("messages", mode="before")
     @classmethod
     def _message_count(cls, v):
-        return _at_most(v, MAX_MESSAGES, "messages")
+        _at_most(v, MAX_MESSAGES, "messages")
+        if isinstance(v, list):   # the items inside them too: text parts and tool calls, in all
+            inner = sum(len(m.get(k) or ()) for m in v if isinstance(m, dict)
+                        for k in ("content", "tool_calls") if isinstance(m.get(k), list))
+            if inner > MAX_MESSAGES:
+                raise ValueError(f"at most {MAX_MESSAGES} content parts and tool calls in all "
+                                 f"the messages, got {inner}")
+        return v
 
     @field_validator("messages")
     @classmethod
