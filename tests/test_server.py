@@ -1773,6 +1773,16 @@ def test_oversized_lists_are_refused_before_their_items_are_validated(client, mo
     r = client.post("/v1/completions", json={"prompt": list(range(101))})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
     assert "at most 100 token ids (or prompts) in prompt" in r.json()["error"]["message"]
+    r = client.post("/v1/completions", json={"prompt": [[1] * 60, [2] * 41]})
+    assert r.status_code == 400 and "at most 100 token ids in the batch's prompts in all, got 101" \
+        in r.json()["error"]["message"], r.text
+    for field, value, what in (("stop", ["a"] * 17, "stop strings"),
+                               ("stop_token_ids", [1] * 17, "stop_token_ids")):
+        r = client.post("/v1/completions", json={"prompt": "hi", field: value})
+        assert r.status_code == 400 and f"at most 16 {what}, got 17" in r.text, r.text
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x"}],
+                                                  "tools": [{"type": "function"}] * 129})
+    assert r.status_code == 400 and "at most 128 tools, got 129" in r.text, r.text
     r = client.post("/detokenize", json={"tokens": list(range(101))})
     assert r.status_code == 400 and "at most 100 token ids" in r.text, r.text
     props = client.get("/openapi.json").json()["components"]["schemas"]

@@ -22,6 +22,7 @@ MAX_STOP = 16                    # stop strings per request
 MAX_STOP_CHARS = 1024
 MAX_MESSAGES = 16384             # a conversation's messages (validating each costs ~4 us)
 MAX_LOGIT_BIAS = 131072          # logit_bias entries (at least any LLaMA / Mistral vocabulary)
+MAX_TOOLS = 128                  # functions a chat request may offer (as OpenAI's API)
 # Lists and maps are counted before their items are validated ("before" validators), so an
 # oversized body is refused at once instead of holding the event loop (2,000,000 messages,
 # 66 MB, took 8.6 s to validate)
@@ -172,6 +173,12 @@ class SamplingFields(BaseModel):
     def logit_bias_ids(self) -> dict[int, float] | None:
         return {int(k): float(b) for k, b in self.logit_bias.items()} if self.logit_bias else None
 
+    @field_validator("stop", "stop_token_ids", mode="before")
+    @classmethod
+    def _stop_count(cls, v, info):
+        return _at_most(v, MAX_STOP, "stop strings" if info.field_name == "stop" else
+                        "stop_token_ids")
+
     @field_validator("stop")
     @classmethod
     def _stops(cls, v):
@@ -217,8 +224,14 @@ class CompletionRequest(SamplingFields):
 
     @field_validator("prompt", mode="before")
     @classmethod
-    def _prompt_count(cls, v):   # token ids, or a batch's prompts
-        return _at_most(v, MAX_PROMPT_CHARS, "token ids (or prompts) in prompt")
+    def _prompt_count(cls, v):   # token ids, or a batch's prompts and the token ids in them
+        _at_most(v, MAX_PROMPT_CHARS, "token ids (or prompts) in prompt")
+        if isinstance(v, list):
+            inner = sum(len(p) for p in v if isinstance(p, list))
+            if inner > MAX_PROMPT_CHARS:
+                raise ValueError(f"at most {MAX_PROMPT_CHARS} token ids in the batch's prompts "
+                                 f"in all, got {inner}")
+        return v
 
     @field_validator("prompt")
     @classmethod
@@ -395,7 +408,7 @@ class ChatFields(BaseModel):
     model_config = _STRICT
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    tools: list[Tool] | None = Field(None, max_length=128, description="functions the model may "
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS, description="functions the model may "
                                      "call; the reply's calls always follow their parameters' schemas")
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, validate_default=True, description="'auto' (the default with tools: a call or a "
@@ -424,6 +437,11 @@ class ChatFields(BaseModel):
         if total > MAX_PROMPT_CHARS:
             raise ValueError(f"the messages are too long ({total} characters, at most {MAX_PROMPT_CHARS})")
         return v
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _tool_count(cls, v):
+        return _at_most(v, MAX_TOOLS, "tools")
 
     @field_validator("tools")
     @classmethod
