@@ -209,3 +209,18 @@ def test_a_repo_id_in_the_local_hugging_face_cache_loads(tmp_path, monkeypatch):
         flexkv.load_model("some-org/other")
     with pytest.raises(ValueError, match="no such directory"):
         flexkv.load_model("./not/a/dir/at/all")
+
+
+@pytest.mark.parametrize("scaling", [{"rope_type": "linear", "factor": 4.0},
+                                     {"rope_type": "yarn", "factor": 16.0,
+                                      "original_max_position_embeddings": 32}])
+def test_scaled_rope_greedy_equals_transformers(tmp_path, scaling):
+    """With a scaled RoPE the cached decode path (the frequencies and YaRN's factor applied to
+    each new token's query and key) gives transformers' greedy tokens."""
+    from helpers import hf_greedy
+
+    path = make_checkpoint(tmp_path / "rope", "llama", seed=3, rope_scaling=scaling)
+    model, _ = flexkv.load_model(path)
+    ids = random_ids(2, 20, 101, seed=1)
+    want = hf_greedy(hf_model(path), ids, 12)
+    assert torch.equal(flexkv.generate(model, ids, max_new_tokens=12).tokens, want)
