@@ -408,8 +408,8 @@ class ChatFields(BaseModel):
     model_config = _STRICT
 
     messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
-    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS, description="functions the model may "
-                                     "call; the reply's calls always follow their parameters' schemas")
+    tools: list[Tool] | None = Field(None, max_length=MAX_TOOLS, description=(
+        "functions the model may call; the reply's calls always follow their parameters' schemas"))
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
         None, validate_default=True, description="'auto' (the default with tools: a call or a "
         "text reply, the model's choice), 'none', 'required' or {\"type\": \"function\", "
@@ -423,7 +423,7 @@ class ChatFields(BaseModel):
     def _message_count(cls, v):
         _at_most(v, MAX_MESSAGES, "messages")
         if isinstance(v, list):   # the items inside them too: text parts and tool calls, in all
-            inner = sum(len(m.get(k) or ()) for m in v if isinstance(m, dict)
+            inner = sum(len(m[k]) for m in v if isinstance(m, dict)
                         for k in ("content", "tool_calls") if isinstance(m.get(k), list))
             if inner > MAX_MESSAGES:
                 raise ValueError(f"at most {MAX_MESSAGES} content parts and tool calls in all "
@@ -550,32 +550,29 @@ class SchemaError(ValueError):
         self.param = param
 
 
+def _schemas(req):
+    """(schema, where it is, its field) for each JSON Schema a request holds, in order."""
+    if isinstance(req, SamplingFields) and req.schema() is not None:
+        yield req.schema(), "response_format", "response_format"
+    if isinstance(req, ChatFields) and req.tools:
+        for t in req.tools:
+            yield t.function.schema(), f"tools: function {t.function.name!r}: parameters", "tools"
+        if req.tool_mode() is not None:
+            yield (req.call_schema(), "tools: the reply's schema (every function's parameters, "
+                   "with the call format)", "tools")
+
+
 def compile_schemas(req) -> None:
     """Compile every JSON Schema a request holds (its `response_format`'s; each tool's
     parameters and, where the reply may call them, the reply's schema), as the engine will
     (`compile_schema` keeps them, so the engine's compile is a lookup), or raise `SchemaError`
     naming the field. The server runs this in a worker thread: a schema's compile (up to ~0.1 s)
     never holds the event loop that streams the other requests."""
-    schema = req.schema() if isinstance(req, SamplingFields) else None
-    if schema is not None:
+    for schema, where, param in _schemas(req):
         try:
             compile_schema(schema)
         except ValueError as e:
-            raise SchemaError(f"response_format: {e}", "response_format") from None
-    if not isinstance(req, ChatFields) or not req.tools:
-        return
-    for t in req.tools:
-        try:
-            compile_schema(t.function.schema())
-        except ValueError as e:
-            raise SchemaError(f"tools: function {t.function.name!r}: parameters: {e}",
-                              "tools") from None
-    if req.tool_mode() is not None:
-        try:
-            compile_schema(req.call_schema())
-        except ValueError as e:
-            raise SchemaError(f"tools: the reply's schema (every function's parameters, with "
-                              f"the call format): {e}", "tools") from None
+            raise SchemaError(f"{where}: {e}", param) from None
 
 
 class TokenizeCompletionRequest(BaseModel):
