@@ -1790,3 +1790,34 @@ def test_oversized_lists_are_refused_before_their_items_are_validated(client, mo
     assert chat["messages"]["maxItems"] == protocol.MAX_MESSAGES
     bias_schema = next(b for b in chat["logit_bias"]["anyOf"] if b.get("type") == "object")
     assert bias_schema["maxProperties"] == protocol.MAX_LOGIT_BIAS
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_building_a_whole_response_does_not_hold_the_event_loop(main, monkeypatch, path):
+    """A non-streamed completion's body (64 choices of 512 tokens with 20 logprobs each took
+    ~6 s to build, and FastAPI would validate and render it again) is built and rendered in a
+    worker thread: while one is made to take 2 s, the server answers at once; the body is what
+    FastAPI would have sent."""
+    from flexkv.serve import protocol
+
+    model = protocol.ChatCompletionResponse if "chat" in path else protocol.CompletionResponse
+    real = model.model_dump
+
+    def slow(self, *a, **kw):
+        time.sleep(2.0)
+        return real(self, *a, **kw)
+    monkeypatch.setattr(model, "model_dump", slow)
+    body = ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else
+            {"prompt": "hi", "logprobs": 2}) | {"max_tokens": 3}
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=httpx.post(f"{main.url}{path}", json=body,
+                                                                timeout=60)))
+    t.start()
+    time.sleep(0.5)
+    start = time.perf_counter()
+    assert httpx.get(f"{main.url}/health", timeout=60).status_code == 200
+    assert time.perf_counter() - start < 1.0
+    t.join()
+    r = out["r"]
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    assert model.model_validate(r.json()).usage.completion_tokens == 3
