@@ -1682,6 +1682,24 @@ def test_readme_server_over_an_own_engine_runs(model_tok):
     assert engine._thread is None             # stopped with the server
 
 
+def _answered_meanwhile(url: str, path: str, body, meanwhile=None, within: float = 1.0):
+    """POST `body` to `path` in a thread (a request whose work a test made take 2 s) and, while
+    it runs, check that the server answers /health (and `meanwhile(url)`, if given) within
+    `within` seconds; then the slow request's response."""
+    out = {}
+    t = threading.Thread(target=lambda: out.update(r=httpx.post(f"{url}{path}", json=body,
+                                                                timeout=60)))
+    t.start()
+    time.sleep(0.4)                               # the slow work has begun
+    start = time.perf_counter()
+    assert httpx.get(f"{url}/health", timeout=60).status_code == 200
+    if meanwhile is not None:
+        meanwhile(url)
+    assert time.perf_counter() - start < within   # not behind the slow work
+    t.join()
+    return out["r"]
+
+
 def test_a_schemas_compile_does_not_hold_the_event_loop(main, monkeypatch):
     """A request's JSON Schema compiles in a worker thread: while a slow one compiles (here 2 s,
     made so), the server answers /health at once and another request streams; then the slow
@@ -1697,19 +1715,12 @@ def test_a_schemas_compile_does_not_hold_the_event_loop(main, monkeypatch):
     monkeypatch.setattr(protocol, "compile_schema", slow)
     body = {"prompt": "hi", "max_tokens": 2, "response_format": {"type": "json_schema", "json_schema": {
         "name": "s", "schema": {"type": "object", "description": "slow"}}}}
-    out = {}
-    t = threading.Thread(target=lambda: out.update(r=httpx.post(f"{main.url}/v1/completions",
-                                                                json=body, timeout=60)))
-    t.start()
-    time.sleep(0.3)                              # the slow compile has begun
-    start = time.perf_counter()
-    assert httpx.get(f"{main.url}/health", timeout=60).status_code == 200
-    with httpx.stream("POST", f"{main.url}/v1/completions", timeout=60,
-                      json={"prompt": "hi", "max_tokens": 2, "stream": True}) as r:
-        assert sse_events(r)[-1] == "[DONE]"
-    assert time.perf_counter() - start < 1.5      # not behind the 2 s compile
-    t.join()
-    assert out["r"].status_code == 200, out["r"].text
+    def streams(url):
+        with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                          json={"prompt": "hi", "max_tokens": 2, "stream": True}) as r:
+            assert sse_events(r)[-1] == "[DONE]"
+    r = _answered_meanwhile(main.url, "/v1/completions", body, streams, within=1.5)
+    assert r.status_code == 200, r.text
     bad = body["response_format"]["json_schema"] | {"schema": {"type": "integer", "multipleOf": 2}}
     e = httpx.post(f"{main.url}/v1/completions", timeout=60,
                    json=body | {"response_format": {"type": "json_schema", "json_schema": bad}}).json()
@@ -1734,17 +1745,9 @@ def test_tokenizing_a_prompt_does_not_hold_the_event_loop(main, model_tok, monke
             if "chat" in path else {"prompt": "slow-marker", "max_tokens": 2})
     if path == "/tokenize":
         body.pop("max_tokens")
-    out = {}
-    t = threading.Thread(target=lambda: out.update(r=httpx.post(f"{main.url}{path}", json=body,
-                                                                timeout=60)))
-    t.start()
-    time.sleep(0.3)
-    start = time.perf_counter()
-    assert httpx.get(f"{main.url}/health", timeout=60).status_code == 200
-    assert httpx.get(f"{main.url}/v1/models", timeout=60).status_code == 200
-    assert time.perf_counter() - start < 1.0
-    t.join()
-    assert out["r"].status_code == 200, out["r"].text
+    r = _answered_meanwhile(main.url, path, body, lambda url: httpx.get(f"{url}/v1/models",
+                                                                        timeout=60))
+    assert r.status_code == 200, r.text
 
 
 def test_oversized_lists_are_refused_before_their_items_are_validated(client, monkeypatch):
@@ -1809,16 +1812,7 @@ def test_building_a_whole_response_does_not_hold_the_event_loop(main, monkeypatc
     monkeypatch.setattr(model, "model_dump", slow)
     body = ({"messages": [{"role": "user", "content": "hi"}]} if "chat" in path else
             {"prompt": "hi", "logprobs": 2}) | {"max_tokens": 3}
-    out = {}
-    t = threading.Thread(target=lambda: out.update(r=httpx.post(f"{main.url}{path}", json=body,
-                                                                timeout=60)))
-    t.start()
-    time.sleep(0.5)
-    start = time.perf_counter()
-    assert httpx.get(f"{main.url}/health", timeout=60).status_code == 200
-    assert time.perf_counter() - start < 1.0
-    t.join()
-    r = out["r"]
+    r = _answered_meanwhile(main.url, path, body)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
     assert model.model_validate(r.json()).usage.completion_tokens == 3
 
@@ -1837,16 +1831,8 @@ def test_parsing_a_body_does_not_hold_the_event_loop(main, monkeypatch):
             time.sleep(2.0)
         return real(body)
     monkeypatch.setattr(api, "parse_json", slow)
-    out = {}
-    t = threading.Thread(target=lambda: out.update(r=httpx.post(
-        f"{main.url}/v1/completions", json={"prompt": "slow-marker", "max_tokens": 1}, timeout=60)))
-    t.start()
-    time.sleep(0.5)
-    start = time.perf_counter()
-    assert httpx.get(f"{main.url}/health", timeout=60).status_code == 200
-    assert time.perf_counter() - start < 1.0
-    t.join()
-    assert out["r"].status_code == 200, out["r"].text
+    r = _answered_meanwhile(main.url, "/v1/completions", {"prompt": "slow-marker", "max_tokens": 1})
+    assert r.status_code == 200, r.text
     assert len(parsed) == 1                       # the body went through the threaded parse
     r = httpx.post(f"{main.url}/v1/completions", content=b'{"prompt": "x",',
                    headers={"content-type": "application/json"}, timeout=60)
