@@ -1815,25 +1815,3 @@ def test_building_a_whole_response_does_not_hold_the_event_loop(main, monkeypatc
     r = _answered_meanwhile(main.url, path, body)
     assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
     assert model.model_validate(r.json()).usage.completion_tokens == 3
-
-
-def test_parsing_a_body_does_not_hold_the_event_loop(main, monkeypatch):
-    """A request's JSON body is parsed in a worker thread (a 64 MiB body takes up to ~0.7 s):
-    while one parse is made to take 2 s, the server answers at once; malformed JSON is still
-    a 400 that says so."""
-    import flexkv.serve.api as api
-
-    real, parsed = api.parse_json, []
-
-    def slow(body):
-        if b"slow-marker" in body:
-            parsed.append(body)
-            time.sleep(2.0)
-        return real(body)
-    monkeypatch.setattr(api, "parse_json", slow)
-    r = _answered_meanwhile(main.url, "/v1/completions", {"prompt": "slow-marker", "max_tokens": 1})
-    assert r.status_code == 200, r.text
-    assert len(parsed) == 1                       # the body went through the threaded parse
-    r = httpx.post(f"{main.url}/v1/completions", content=b'{"prompt": "x",',
-                   headers={"content-type": "application/json"}, timeout=60)
-    assert r.status_code == 400 and r.json()["error"]["message"].startswith("Malformed JSON")

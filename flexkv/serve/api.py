@@ -56,7 +56,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.routing import APIRoute
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -85,9 +84,11 @@ def _now() -> int:
 
 def json_body(model) -> JSONResponse:
     """`model` as FastAPI sends a route's response model (`model_dump(mode="json")`, rendered
-    by `JSONResponse`), done by the caller: a whole completion's body (64 choices of 512 tokens
-    with 20 logprobs each: ~6 s to build and render) is made in a worker thread, off the event
-    loop, where FastAPI would validate and render it again on the loop."""
+    by `JSONResponse`), done by the caller, in a worker thread: a whole completion's body (32
+    choices of 512 tokens with 20 logprobs each: 4.5 s to build and render on the event loop,
+    which FastAPI then validated and rendered again there) holds the loop at most 2.1 s at a
+    time (pydantic's validation and the render are single calls that keep the interpreter
+    lock; the Python that builds the logprobs lets the loop in)."""
     return JSONResponse(model.model_dump(mode="json"))
 
 
@@ -158,7 +159,6 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
     app = FastAPI(title="flexkv", version=version(), lifespan=lifespan,
                   description="OpenAI-compatible completions over a flexkv engine "
                   f"(policy {getattr(engine, 'policy_name', '?')}).")
-    app.router.route_class = _OffLoopJSONRoute
     app.state.engine = engine
     app.state.model_name = model_name
     app.state.counters = counters
@@ -660,32 +660,6 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
         app.add_middleware(RequireAPIKey, key=api_key.strip())
     clean_openapi(app, model_name, engine, api_key is not None)
     return app
-
-
-def parse_json(body: bytes):
-    return json.loads(body)
-
-
-class _OffLoopJSONRequest(Request):
-    """A request whose JSON body is parsed in a worker thread (a 64 MiB body takes up to ~0.7 s
-    to parse; FastAPI would parse it on the event loop)."""
-
-    async def json(self):
-        if not hasattr(self, "_json"):
-            self._json = await asyncio.to_thread(parse_json, await self.body())
-        return self._json
-
-
-class _OffLoopJSONRoute(APIRoute):
-    """FastAPI's route with `_OffLoopJSONRequest` (FastAPI's documented way to change the
-    request class)."""
-
-    def get_route_handler(self):
-        handler = super().get_route_handler()
-
-        async def route_handler(request: Request):
-            return await handler(_OffLoopJSONRequest(request.scope, request.receive))
-        return route_handler
 
 
 class _SSEResponse(StreamingResponse):
