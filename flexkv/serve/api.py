@@ -73,7 +73,7 @@ from flexkv.serve.protocol import (AssistantMessage, ChatChoice, ChatCompletionR
                                    DetokenizeResponse, ErrorResponse, Health, ModelCard, ModelList,
                                    SchemaError, TokenizeChatRequest, TokenizeRequest,
                                    TokenizeResponse, Usage, SamplingFields, MAX_PROMPTS,
-                                   compile_schemas)
+                                   compile_schemas, schemas)
 from flexkv.serve.tool_calls import reply, tool_messages
 
 
@@ -199,7 +199,10 @@ def build_app(engine, model_name: str, *, start_engine: bool = True,
     # ------------------------------------------------------------------ translation helpers
     async def schemas_compiled(req) -> None:
         """The request's JSON Schemas compiled in a worker thread (`compile_schemas`), so that
-        the event loop goes on streaming meanwhile; one that cannot be is a 400."""
+        the event loop goes on streaming meanwhile; one that cannot be is a 400. A request
+        without a schema (most) does not go to the thread."""
+        if next(schemas(req), None) is None:
+            return
         try:
             await asyncio.to_thread(compile_schemas, req)
         except SchemaError as e:

@@ -39,6 +39,7 @@ decode-step code, and rows never interact (tests/test_serve_engine.py).
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import secrets
 import threading
@@ -59,7 +60,7 @@ from flexkv.serve.json_mode import JsonVocab
 from flexkv.serve.metrics import RequestLatency
 from flexkv.serve.penalties import MAX_MASK_SECONDS, SlotAdjustments, over_budget_error
 from flexkv.serve.prefix_cache import PrefixCache
-from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int
+from flexkv.serve.request import QueueFull, RequestHandle, SamplingParams, _is_int, _is_number
 from flexkv.serve.sampling import cut_hint, sample_slots
 
 
@@ -198,8 +199,8 @@ class Engine:
                                  "(every rank would have to keep the same entries); leave it None")
         if not _is_int(max_waiting) or max_waiting < 1:
             raise ValueError(f"max_waiting must be an int >= 1, got {max_waiting!r}")
-        if (isinstance(max_mask_seconds, bool) or not isinstance(max_mask_seconds, (int, float))
-                or not max_mask_seconds > 0):
+        if not ((_is_number(max_mask_seconds) and max_mask_seconds > 0)
+                or max_mask_seconds == math.inf):
             raise ValueError("max_mask_seconds must be a number of seconds > 0 (math.inf: no "
                              f"bound), got {max_mask_seconds!r}")
         if max_slots is not None and kv_memory is not None:

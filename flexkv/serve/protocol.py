@@ -550,8 +550,9 @@ class SchemaError(ValueError):
         self.param = param
 
 
-def _schemas(req):
-    """(schema, where it is, its field) for each JSON Schema a request holds, in order."""
+def schemas(req):
+    """(schema, where it is, its field) for each JSON Schema a request holds, in order (lazily:
+    the reply's schema of a tool call is made only when the tools' own have been taken)."""
     if isinstance(req, SamplingFields) and req.schema() is not None:
         yield req.schema(), "response_format", "response_format"
     if isinstance(req, ChatFields) and req.tools:
@@ -568,7 +569,7 @@ def compile_schemas(req) -> None:
     (`compile_schema` keeps them, so the engine's compile is a lookup), or raise `SchemaError`
     naming the field. The server runs this in a worker thread: a schema's compile (up to ~0.1 s)
     never holds the event loop that streams the other requests."""
-    for schema, where, param in _schemas(req):
+    for schema, where, param in schemas(req):
         try:
             compile_schema(schema)
         except ValueError as e:
