@@ -5,7 +5,7 @@
 The real server (`build_app` + uvicorn in a thread) over the default model streams one request
 (the victim: greedy, `--tokens` tokens, ignore_eos) while one heavy request arrives, a case at a
 time: a 4M-character prompt (tokenized, then refused for its length), 2,000,000 messages, a
-body of 7,000,000 token ids (63 MB), a 3 MB JSON Schema, and a legal answer of many logprobs
+body of 7,000,000 token ids (62 MB), a 3 MB JSON Schema, and a legal answer of many logprobs
 (`--n` choices of `--heavy-tokens` tokens with 20 logprobs each). Meanwhile a probe asks
 `/health` every 50 ms. Reported per case: the heavy request's status and seconds, the victim's
 longest gap between two streamed events while it ran against its median gap, and the longest
